@@ -65,6 +65,8 @@ class TrainConfig:
     early_stopping_patience: int | None = None
     keep_checkpoints: int = 2
     cache: str | None = "memory"
+    #: Train a head-only phase on base outputs computed once, when there is no augmentation.
+    cache_features: bool = True
 
     def __post_init__(self):
         self.phases = [p if isinstance(p, PhaseConfig) else PhaseConfig(**p) for p in self.phases]

@@ -206,18 +206,32 @@ class VGG(nnx.Module):
                 f"this model flattens the feature map and was built for input_shape "
                 f"{self.input_shape}; got images of shape {tuple(images.shape[1:])}"
             )
+        return self.head(self.pool(x), dropout_key=dropout_key)
+
+    def pool(self, features: jax.Array) -> jax.Array:
+        """The ``block5_pool`` map ``[N, h, w, 512]`` -> what the head reads: ``[N, 512]`` with
+        ``pooling`` avg/max, the flattened map (row-major over h, w, c, as Keras's ``Flatten``)
+        when the model has a top or a head without pooling, else the map unchanged."""
         if self.include_top:
-            x = x.reshape(x.shape[0], -1)  # Keras Flatten: row-major over (H, W, C)
+            return features.reshape(features.shape[0], -1)
+        if self.pooling == "avg":
+            return jnp.mean(features.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
+        if self.pooling == "max":
+            return jnp.max(features, axis=(1, 2))
+        if self.num_classes is not None:
+            return features.reshape(features.shape[0], -1)
+        return features
+
+    def head(self, pooled: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Logits ``float32[N, K]`` from :meth:`pool`'s output (the identity, as float32, for a
+        model without a head). Training a head on cached features calls this alone."""
+        x = pooled.astype(self.dtype)
+        if self.include_top:
             x = nnx.relu(self.fc1(x))
             x = nnx.relu(self.fc2(x))
             return self.predictions(x).astype(jnp.float32)
-        if self.pooling == "avg":
-            x = jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
-        elif self.pooling == "max":
-            x = jnp.max(x, axis=(1, 2))
         if self.num_classes is None:
             return x.astype(jnp.float32)
-        x = x.reshape(x.shape[0], -1)
 
         def dropout(x, i):
             key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import logging
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,8 +31,16 @@ import optax
 from flax import nnx
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.train.features import FeatureBatches, compute_features
 from imgcls_jax.train.optim import make_optimizer, make_schedule, trainable_layers
-from imgcls_jax.train.steps import init_state, make_eval_step, make_train_step, split_model
+from imgcls_jax.train.steps import (
+    head_forward,
+    image_forward,
+    init_state,
+    make_eval_step,
+    make_train_step,
+    split_model,
+)
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +100,11 @@ def _data(config: TrainConfig, run_dir: Path):
     return found.class_names, train, evals
 
 
-def evaluate_pipeline(split, params, frozen, pipeline) -> dict[str, float]:
+def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) -> dict[str, float]:
     """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked)."""
     from imgcls_jax.data import prefetch_to_device
 
-    step = make_eval_step(split)
+    step = make_eval_step(split, forward)
     loss, correct, count = 0.0, 0, 0
     for batch in prefetch_to_device(pipeline.epoch(0)):
         out = step(params, frozen, batch)
@@ -171,8 +180,13 @@ def _better(score, best, mode_max: bool) -> bool:
     return best is None or (score > best if mode_max else score < best)
 
 
-def fit(config: TrainConfig, *, resume: bool = True) -> FitResult:
-    """Train ``config``'s model on its data, phase by phase; see the module docstring."""
+def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callable] = ()) -> FitResult:
+    """Train ``config``'s model on its data, phase by phase; see the module docstring.
+
+    ``callbacks``: called as ``callback(epoch, row)`` after each epoch is checkpointed and
+    logged (``row``: that epoch's ``metrics.csv`` values). An exception raised by a callback
+    (e.g. ``optuna.TrialPruned``) stops the run and propagates; checkpoints stay consistent.
+    """
     import orbax.checkpoint as ocp
 
     from imgcls_jax.models import create_model
@@ -208,7 +222,9 @@ def fit(config: TrainConfig, *, resume: bool = True) -> FitResult:
         log.info("resuming %s after epoch %d", run_dir, latest)
     board = _TensorBoard(run_dir / "tensorboard")
     try:
-        _train_phases(config, model, train, evals, manager, best_manager, board, result, latest, mode_max)
+        _train_phases(
+            config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
+        )
     finally:
         manager.wait_until_finished()
         best_manager.wait_until_finished()
@@ -218,7 +234,29 @@ def fit(config: TrainConfig, *, resume: bool = True) -> FitResult:
     return result
 
 
-def _train_phases(config, model, train, evals, manager, best_manager, board, result, latest, mode_max):
+def _feature_data(config, model, train, evals):
+    """The frozen base's outputs for the train and evaluation images (see ``train/features.py``)."""
+    from imgcls_jax.data import Pipeline
+
+    start = time.perf_counter()
+    bs = config.eval_batch_size or config.batch_size
+    ordered = Pipeline(train.source, image_size=train.image_size, batch_size=bs, training=False, cache=None)
+    feats, labels = compute_features(model, ordered)
+    phase_train = FeatureBatches(feats, labels, batch_size=config.batch_size, training=True, seed=config.seed)
+    phase_evals = {}
+    for name, pipeline in evals.items():
+        f, y = compute_features(model, pipeline)
+        phase_evals[name] = FeatureBatches(f, y, batch_size=pipeline.batch_size, training=False)
+    log.info(
+        "frozen base, no augmentation: base outputs %s computed once in %.1f s; the head trains on them",
+        feats.shape[1:], time.perf_counter() - start,
+    )  # fmt: skip
+    return phase_train, phase_evals
+
+
+def _train_phases(
+    config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
+):
     import orbax.checkpoint as ocp
 
     steps_per_epoch = len(train)
@@ -249,9 +287,14 @@ def _train_phases(config, model, train, evals, manager, best_manager, board, res
             nnx.update(model, params_state)
             split = split_model(model, names)
             state = restored["state"] if "state" in items else init_state(split, optimizer)
+        phase_train, phase_evals, forward = train, evals, image_forward
+        if config.cache_features and set(names) == set(model.head_layers) and train.augment is None:
+            phase_train, phase_evals = _feature_data(config, model, train, evals)
+            forward = head_forward
         step_fn = make_train_step(
             split, optimizer, label_smoothing=config.label_smoothing,
             dropout_key=jax.random.fold_in(jax.random.key(config.seed), phase_index), schedule=schedule,
+            forward=forward,
         )  # fmt: skip
         log.info(
             "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s)", phase_index, phase.trainable,
@@ -261,8 +304,9 @@ def _train_phases(config, model, train, evals, manager, best_manager, board, res
             if latest is not None and epoch <= latest:
                 continue
             state, row = _train_epoch(
-                config, train, evals, split, step_fn, state, schedule, epoch, phase_index, manager, board
-            )
+                config, phase_train, phase_evals, split, step_fn, forward, state, schedule, epoch,
+                phase_index, manager, board,
+            )  # fmt: skip
             history[epoch] = row
             if phase.schedule == "plateau" and row["val_loss"] != "":  # before saving: resume keeps it
                 phase_scores = [float(history[e][config.monitor]) for e in phase_epochs if e in history]
@@ -298,6 +342,8 @@ def _train_phases(config, model, train, evals, manager, best_manager, board, res
             board.scalars(
                 epoch, {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "phase", "step")}
             )
+            for callback in callbacks:
+                callback(epoch, dict(row))
             log.info(
                 "epoch %d (phase %d): %s", epoch, phase_index,
                 ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)),
@@ -317,7 +363,9 @@ def _train_phases(config, model, train, evals, manager, best_manager, board, res
         latest = None
 
 
-def _train_epoch(config, train, evals, split, step_fn, state, schedule, epoch, phase_index, manager, board):
+def _train_epoch(
+    config, train, evals, split, step_fn, forward, state, schedule, epoch, phase_index, manager, board
+):
     from imgcls_jax.data import prefetch_to_device
 
     steps = len(train)
@@ -355,6 +403,6 @@ def _train_epoch(config, train, evals, split, step_fn, state, schedule, epoch, p
         "val_loss": "", "val_accuracy": "",
     }  # fmt: skip
     if "val" in evals:
-        val = evaluate_pipeline(split, state.params, split.frozen, evals["val"])
+        val = evaluate_pipeline(split, state.params, split.frozen, evals["val"], forward)
         row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
     return state, row

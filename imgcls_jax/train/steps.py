@@ -79,6 +79,17 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
 
 
+def image_forward(model, batch, dropout_key=None):
+    """The default forward pass of a step: logits of ``batch["image"]`` (raw uint8 pixels)."""
+    return model(batch["image"], dropout_key=dropout_key)
+
+
+def head_forward(model, batch, dropout_key=None):
+    """Forward pass over cached base outputs: logits of ``batch["features"]`` (what
+    ``model.pool(model.features(images))`` gives), for training a head on a frozen base."""
+    return model.head(batch["features"], dropout_key=dropout_key)
+
+
 def _hard_labels(labels):
     return labels if labels.ndim == 1 else jnp.argmax(labels, axis=-1)
 
@@ -90,10 +101,12 @@ def make_train_step(
     label_smoothing=0.0,
     dropout_key=None,
     schedule=None,
+    forward=image_forward,
 ):
     """A jitted ``(state, frozen, batch) -> (state, metrics)``.
 
-    ``batch``: ``{"image": uint8[B, H, W, 3], "label": int[B] or float[B, K]}``.
+    ``batch``: ``{"image": uint8[B, H, W, 3], "label": int[B] or float[B, K]}`` (or
+    ``"features"`` in place of ``"image"`` with ``forward=head_forward``).
     ``metrics``: float32 ``loss``, ``accuracy`` (against the argmax of soft labels),
     ``grad_norm`` and ``learning_rate`` (when ``schedule`` is given) of this step.
     """
@@ -103,7 +116,7 @@ def make_train_step(
         key = jax.random.fold_in(dropout_key, state.step)
 
         def loss_fn(params):
-            logits = split.merge(params, frozen, train=True)(batch["image"], dropout_key=key)
+            logits = forward(split.merge(params, frozen, train=True), batch, key)
             return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
 
         (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -122,7 +135,7 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-def make_eval_step(split: SplitModel):
+def make_eval_step(split: SplitModel, forward=image_forward):
     """A jitted ``(params, frozen, batch) -> outputs`` on a padded, masked batch.
 
     ``batch``: ``{"image", "label": int[B], "mask": bool[B]}``. Returns ``logits`` float32[B, K],
@@ -130,7 +143,7 @@ def make_eval_step(split: SplitModel):
     """
 
     def step(params, frozen, batch):
-        logits = split.merge(params, frozen, train=False)(batch["image"])
+        logits = forward(split.merge(params, frozen, train=False), batch)
         mask = batch["mask"]
         losses = cross_entropy(logits, batch["label"])
         correct = (jnp.argmax(logits, -1) == batch["label"]) & mask

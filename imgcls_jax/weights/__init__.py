@@ -15,6 +15,7 @@ from imgcls_jax.weights.keras import (
     validate,
     write_legacy_h5,
 )
+from imgcls_jax.weights.ported import is_ported_dir, read_ported, save_ported
 from imgcls_jax.weights.store import (
     IMAGENET,
     ChecksumError,
@@ -39,6 +40,7 @@ __all__ = [
     "load_weights",
     "read_keras_weights",
     "resolve_imagenet",
+    "save_ported",
     "write_legacy_h5",
 ]
 
@@ -58,8 +60,9 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
 
     Args:
       model: the model; its ``layer_specs()`` say which Keras layers the file must provide.
-      weights: ``"imagenet"`` (resolved as :func:`resolve_imagenet` describes) or a path to a
-        legacy ``.h5`` or Keras 3 ``.weights.h5`` file.
+      weights: ``"imagenet"`` (resolved as :func:`resolve_imagenet` describes), a path to a
+        legacy ``.h5`` or Keras 3 ``.weights.h5`` file, or a folder written by
+        ``imgcls-jax port-weights`` (:func:`save_ported`; its preprocessing is recorded in it).
       preprocessing: the input normalisation the file's weights were trained with, for a
         path (Keras's VGG files: ``"caffe"``). For ``"imagenet"`` the published mode is used.
       use_cache: read/write converted parameters from/to the cache (see
@@ -77,6 +80,8 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         preprocessing = published.preprocessing
     else:
         path = Path(weights).expanduser()
+        if is_ported_dir(path):
+            return _load_ported(model, path)
         if not path.is_file():
             raise WeightFileError(
                 f"{path}: no such file (weights must be None, 'imagenet' or a path to a Keras weight file)"
@@ -104,11 +109,7 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
             except OSError as exc:  # a read-only cache must not stop a load
                 log.warning("could not cache converted weights of %s: %s", path, exc)
 
-    for spec in specs:
-        layer = getattr(model, spec.name)
-        kernel, bias = layers[spec.name]
-        layer.kernel.set_value(jnp.asarray(kernel, dtype=jnp.float32))
-        layer.bias.set_value(jnp.asarray(bias, dtype=jnp.float32))
+    _assign(model, layers)
     log.info(
         "loaded %s weights (%s layout%s) from %s",
         model.arch,
@@ -117,3 +118,24 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         path,
     )
     return LoadedWeights(path, layout, preprocessing, cached is not None)
+
+
+def _load_ported(model, path: Path) -> LoadedWeights:
+    layers, meta = read_ported(path, model.layer_specs(), model.arch)
+    if model.preprocessing != meta["preprocessing"]:
+        raise ValueError(
+            f"{path}: these weights were trained with {meta['preprocessing']!r} preprocessing but the "
+            f"model applies {model.preprocessing!r}; build the model with "
+            f"preprocessing={meta['preprocessing']!r}"
+        )
+    _assign(model, layers)
+    log.info("loaded %s weights from the ported folder %s (source %s)", model.arch, path, meta["source"])
+    return LoadedWeights(path, "ported", meta["preprocessing"], False)
+
+
+def _assign(model, layers) -> None:
+    for spec in model.layer_specs():
+        layer = getattr(model, spec.name)
+        kernel, bias = layers[spec.name]
+        layer.kernel.set_value(jnp.asarray(kernel, dtype=jnp.float32))
+        layer.bias.set_value(jnp.asarray(bias, dtype=jnp.float32))

@@ -1,0 +1,149 @@
+"""The imgcls-jax CLI end to end on tiny data: train -> evaluate -> predict; audit; port-weights."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgcls_jax import cli
+from imgcls_jax.config import PhaseConfig, TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny_cli")
+    rng = np.random.default_rng(1)
+    for name, color in (("blue", (30, 30, 200)), ("green", (30, 200, 30)), ("red", (200, 30, 30))):
+        (root / name).mkdir()
+        for i in range(10):
+            pixels = np.clip(rng.normal(color, 40, (36, 44, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained_run(tiny_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli_run")
+    cfg = TrainConfig(
+        data=str(tiny_data), run_dir=str(out / "run"), splits={"train": 0.6, "val": 0.2, "test": 0.2},
+        image_size=32, batch_size=6, head_units=(8,), seed=0, augment={"flip": "horizontal"},
+        phases=[PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2)],
+    )  # fmt: skip
+    cfg.to_json(out / "config.json")
+    assert cli.main(["train", "--config", str(out / "config.json")]) == 0
+    return out / "run"
+
+
+def test_every_flag_of_every_command_is_explained():
+    parser = cli.build_parser()
+    commands = parser._subparsers._group_actions[0].choices
+    assert {"train", "evaluate", "predict", "audit", "port-weights"} <= set(commands)
+    for name, sub in commands.items():
+        for action in sub._actions:
+            if action.dest == "help":
+                continue
+            assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest}"
+
+
+def test_train_writes_report_consistent_with_the_confusion_matrix(trained_run, capsys):
+    assert (trained_run / "config.json").is_file() and (trained_run / "metrics.csv").is_file()
+    out = trained_run / "eval_test"  # a test split exists, so train evaluates it
+    for name in ("report.txt", "metrics.json", "confusion_matrix.png", "learning_curves.png"):
+        assert (out / name).is_file(), name
+    for png in out.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((out / "metrics.json").read_text())
+    cm = np.asarray(metrics["confusion_matrix"])
+    assert cm.sum() == metrics["count"] == 6  # 20% of 30 images, each counted once
+    assert metrics["top1"] == pytest.approx(np.trace(cm) / cm.sum())
+    assert "Classification Report" in (out / "report.txt").read_text()
+
+
+def test_evaluate_command_on_another_split(trained_run, capsys):
+    assert cli.main(["evaluate", str(trained_run), "--split", "val", "--checkpoint", "latest"]) == 0
+    assert "Confusion Matrix" in capsys.readouterr().out
+    metrics = json.loads((trained_run / "eval_val" / "metrics.json").read_text())
+    assert metrics["count"] == 6 and metrics["checkpoint"] == "latest" and metrics["epoch"] == 1
+
+
+def test_predict_files_folders_and_arrays_agree(trained_run, tiny_data, capsys):
+    from imgcls_jax.predict import load_run, predict
+
+    assert cli.main(["predict", str(trained_run), str(tiny_data / "red"), "--top-k", "2", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert len(printed) == 10 and all(len(p["top_k"]) == 2 for p in printed)
+    for p in printed:
+        probs = [prob for _, prob in p["top_k"]]
+        assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    loaded = load_run(trained_run, "best")
+    files = sorted(str(p) for p in (tiny_data / "red").iterdir())
+    from_files = predict(loaded, files, top_k=3, batch_size=4)
+    pixels = np.stack([np.asarray(Image.open(f)) for f in files])
+    from_arrays = predict(loaded, pixels, top_k=3, batch_size=4)
+    assert [p.source for p in from_files] == files
+    for a, b in zip(from_files, from_arrays):
+        assert [n for n, _ in a.top_k] == [n for n, _ in b.top_k]
+        np.testing.assert_allclose([v for _, v in a.top_k], [v for _, v in b.top_k], rtol=1e-5, atol=1e-6)
+    assert {n for n, _ in from_files[0].top_k} <= {"blue", "green", "red"}
+
+
+def test_predict_bad_inputs_are_clear_errors(trained_run, tmp_path):
+    from imgcls_jax.predict import load_run, predict
+
+    loaded = load_run(trained_run, "latest")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        predict(loaded, tmp_path / "missing.jpg")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no image files"):
+        predict(loaded, tmp_path / "empty")
+    (tmp_path / "bad.jpg").write_text("not an image")
+    with pytest.raises(ValueError, match="bad.jpg"):
+        predict(loaded, tmp_path / "bad.jpg")
+    with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
+        predict(loaded, np.zeros((2, 32, 32), np.uint8))
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_run(tmp_path)
+    with pytest.raises(ValueError, match="which"):
+        load_run(trained_run, "newest")
+
+
+def test_audit_command(tiny_data, tmp_path, capsys):
+    assert cli.main(["audit", str(tiny_data), "--json", str(tmp_path / "a.json")]) == 0
+    assert "red" in capsys.readouterr().out
+    assert json.loads((tmp_path / "a.json").read_text())
+    messy = tmp_path / "messy"
+    for name in ("a", "b"):
+        (messy / name).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((40, 40, 3), 40 * i + (name == "b") * 5, np.uint8)).save(
+                messy / name / f"{i}.png"
+            )
+    (messy / "a" / "broken.jpg").write_bytes(b"\xff\xd8\xff garbage")
+    assert cli.main(["audit", str(messy)]) == 0
+    assert "broken.jpg" in capsys.readouterr().out
+    assert cli.main(["audit", str(messy), "--strict"]) == 1
+
+
+def test_port_weights_round_trip(tmp_path, capsys):
+    from flax import nnx
+
+    from imgcls_jax import create_model
+    from imgcls_jax.weights import WeightFileError
+    from tests.helpers import write_random_legacy
+
+    h5 = tmp_path / "vgg16_notop.h5"
+    write_random_legacy(h5, "vgg16", include_top=False, seed=5)
+    assert cli.main(["port-weights", str(h5), str(tmp_path / "ported")]) == 0
+    assert "ported" in capsys.readouterr().out
+    kw = dict(num_classes=3, head_units=(4,), input_shape=(32, 32, 3))
+    direct = create_model("vgg16", weights=str(h5), **kw)
+    ported = create_model("vgg16", weights=str(tmp_path / "ported"), **kw)
+    for name in direct.base_layers:
+        a, b = nnx.state(getattr(direct, name)), nnx.state(getattr(ported, name))
+        for x, y in zip(nnx.to_flat_state(a), nnx.to_flat_state(b)):
+            np.testing.assert_array_equal(np.asarray(x[1].get_value()), np.asarray(y[1].get_value()))
+    with pytest.raises(WeightFileError, match="vgg16"):
+        create_model("vgg19", weights=str(tmp_path / "ported"), **kw)
+    with pytest.raises(FileExistsError, match="not empty"):
+        cli.main(["port-weights", str(h5), str(tmp_path / "ported")])
