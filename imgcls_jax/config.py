@@ -47,6 +47,8 @@ class TrainConfig:
     data: str = ""
     run_dir: str = "runs/run"
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.75, "val": 0.25})
+    #: Folder-name glob patterns left out of ``data`` (e.g. ``["* GT"]``: segmentation masks).
+    exclude: list[str] = field(default_factory=list)
     image_size: int = 224
     batch_size: int = 32
     eval_batch_size: int | None = None

@@ -16,7 +16,9 @@ import logging
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -176,7 +178,13 @@ def _norm(name: str) -> str:
 
 
 def audit(
-    root, *, tiny: int = 32, mask_threshold: float = 0.95, sample_per_class: int = 20, seed: int = 0
+    root,
+    *,
+    tiny: int = 32,
+    mask_threshold: float = 0.95,
+    sample_per_class: int = 20,
+    seed: int = 0,
+    exclude: Sequence[str] = (),
 ) -> AuditReport:
     """Audit the image folder ``root`` (every file is decoded once) and log each warning.
 
@@ -188,12 +196,18 @@ def audit(
       sample_per_class: images decoded per class (a seeded random sample) for the mask check;
         0 skips it (the check by class name still runs).
       seed: seed of that sample.
+      exclude: folder-name glob patterns left out, as in
+        :func:`~imgcls_jax.data.folders.scan_folder`.
+
+    A class whose images lie in several subfolders (e.g. the Fish dataset's
+    ``<species>/<species>`` photos beside ``<species>/<species> GT`` masks) is also checked
+    subfolder by subfolder, and a subfolder of masks is flagged as ``"<class>/<subfolder>"``.
 
     Raises:
       DatasetError: from :func:`~imgcls_jax.data.folders.scan_folder` (no such folder, fewer
         than two classes, no image files at all).
     """
-    found = scan_folder(root, verify=False)
+    found = scan_folder(root, verify=False, exclude=exclude)
     root_s, names = str(found.root), found.class_names
 
     def rel(path: str) -> str:
@@ -268,25 +282,34 @@ def audit(
     by_class: dict[int, list[str]] = defaultdict(list)
     for r in sorted(good, key=lambda r: r.path):
         by_class[r.label].append(r.path)
+    groups: list[tuple[str, list[str], int]] = []  # (name, paths, sample seed)
     for label, paths in sorted(by_class.items()):
-        rng = np.random.default_rng([seed, label])  # each class's sample is independent of the others
+        groups.append((names[label], paths, label))
+        subfolders = _by_subfolder(paths, names[label], root_s, found.presplit)
+        if len(subfolders) > 1:  # photos and masks side by side inside one class folder
+            groups += [(f"{names[label]}/{sub}", ps, 1000 + 100 * label + i) for i, (sub, ps) in
+                       enumerate(sorted(subfolders.items())) if sub]  # fmt: skip
+    for name, paths, sample_seed in groups:
+        rng = np.random.default_rng([seed, sample_seed])  # each class's sample is independent
         picked = [paths[i] for i in sorted(rng.choice(len(paths), min(len(paths), sample_per_class), False))]
         if not picked:  # sample_per_class=0 turns the pixel check off
             continue
         score = float(np.median([two_value_fraction(load_image(p)) for p in picked]))
-        report.mask_scores[names[label]] = round(score, 4)
+        report.mask_scores[name] = round(score, 4)
         if score >= mask_threshold:
             detail = (
                 f"median {score:.1%} of pixels on its 2 most frequent grey levels (>= {mask_threshold:.0%}) "
                 f"in {len(picked)} sampled images, e.g. {_listing([rel(p) for p in picked[:3]])}"
             )
-            report.mask_like.append(MaskFlag(names[label], "pixels", detail))
-    normalised = {_norm(n): n for n in names}
-    for name in names:
-        match = _MASK_NAME.match(name)
+            report.mask_like.append(MaskFlag(name, "pixels", detail))
+    group_names = [g[0] for g in groups]
+    normalised = {_norm(n.rsplit("/", 1)[-1]): n for n in group_names}
+    for name in group_names:
+        match = _MASK_NAME.match(name.rsplit("/", 1)[-1])
         partner = normalised.get(_norm(match["base"])) if match else None
         if partner is not None and partner != name:
-            detail = f"named like the mask folder of class {partner!r}"
+            what = "folder" if "/" in partner else "class"
+            detail = f"named like the mask folder of {what} {partner!r}"
             report.mask_like.append(MaskFlag(name, "name", detail))
     for flag in report.mask_like:
         warn(
@@ -297,3 +320,14 @@ def audit(
     for w in report.warnings:
         log.warning("%s: %s", root_s, w)
     return report
+
+
+def _by_subfolder(paths: list[str], class_name: str, root: str, presplit: bool) -> dict[str, list[str]]:
+    """A class's images grouped by their first subfolder inside the class folder (``""``: the
+    class folder itself)."""
+    out: dict[str, list[str]] = defaultdict(list)
+    depth = 2 if presplit else 1  # root/[split/]class/...
+    for p in paths:
+        parts = Path(os.path.relpath(p, root)).parts
+        out[parts[depth] if len(parts) > depth + 1 else ""].append(p)
+    return dict(out)

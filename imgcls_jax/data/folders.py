@@ -12,6 +12,7 @@ No TensorFlow here except through :func:`imgcls_jax.data.decode.check_images`.
 from __future__ import annotations
 
 import csv
+import fnmatch
 import logging
 import os
 from collections import Counter
@@ -83,8 +84,18 @@ def _walk_images(folder: Path, extensions: Sequence[str], follow_links: bool, lo
     return found
 
 
-def _class_dirs(folder: Path) -> list[str]:
-    return sorted(d.name for d in folder.iterdir() if d.is_dir() and not d.name.startswith("."))
+def _class_dirs(folder: Path, exclude: Sequence[str] = ()) -> list[str]:
+    return sorted(
+        d.name
+        for d in folder.iterdir()
+        if d.is_dir() and not d.name.startswith(".") and not _excluded(d.name, exclude)
+    )
+
+
+def _excluded(relpath: str, exclude: Sequence[str]) -> bool:
+    """Whether a folder of ``relpath`` (relative to the class folder's parent, the file name
+    excluded) matches a glob pattern of ``exclude`` (e.g. ``"* GT"``)."""
+    return any(fnmatch.fnmatchcase(part, pat) for part in Path(relpath).parts for pat in exclude)
 
 
 def scan_folder(
@@ -94,6 +105,7 @@ def scan_folder(
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     verify: bool = True,
     follow_links: bool = True,
+    exclude: Sequence[str] = (),
 ) -> ImageFolder:
     """Find the classes and images under ``root`` (see module docstring for layouts).
 
@@ -106,6 +118,10 @@ def scan_folder(
         not an image despite the extension), listing them in one warning. Without it a bad
         file stops the input pipeline mid-epoch.
       follow_links: follow symbolic links to folders (loops are detected and skipped).
+      exclude: glob patterns of folder names to leave out, at any depth below the split
+        folder: a matching class folder is not a class, a matching subfolder of a class is not
+        read (e.g. ``["* GT"]`` drops the segmentation-mask folders of the Fish dataset's
+        ``<species>/<species> GT`` layout). Each excluded folder is logged.
 
     Raises:
       DatasetError: no such folder, no class folders, fewer than two classes, no images.
@@ -127,7 +143,14 @@ def scan_folder(
                 len(loose),
                 ", ".join(loose[:10]) + (" ..." if len(loose) > 10 else ""),
             )
-    per_split = {s: _class_dirs(p) for s, p in split_dirs.items()}
+    per_split = {s: _class_dirs(p, exclude) for s, p in split_dirs.items()}
+    if exclude:
+        dropped = sorted(
+            {str(d.relative_to(root)) for f in split_dirs.values() for d in f.rglob("*") if d.is_dir()
+             if _excluded(d.name, exclude)}
+        )  # fmt: skip
+        if dropped:
+            log.info("%s: excluded %d folder(s) matching %s: %s", root, len(dropped), list(exclude), dropped)
     names = list(class_names) if class_names is not None else sorted(set().union(*per_split.values()))
     if not names:
         loose = [p for p in root.iterdir() if p.suffix.lower() in extensions]
@@ -145,6 +168,10 @@ def scan_folder(
             if not (folder / name).is_dir():
                 continue
             files = _walk_images(folder / name, extensions, follow_links, loops)
+            if exclude:
+                files = [
+                    f for f in files if not _excluded(os.path.relpath(os.path.dirname(f), folder), exclude)
+                ]
             records += [Record(p, label, split) for p in files]
     if loops:
         log.warning("%s: skipped %d symlink loop(s): %s", root, len(loops), ", ".join(loops[:10]))

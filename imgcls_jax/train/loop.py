@@ -73,7 +73,7 @@ def _data(config: TrainConfig, run_dir: Path):
         write_manifest,
     )
 
-    found = scan_folder(config.data)
+    found = scan_folder(config.data, exclude=config.exclude)
     records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
     write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
     by_split: dict[str, list] = {}
