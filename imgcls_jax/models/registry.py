@@ -52,6 +52,7 @@ def create_model(
     dtype="float32",
     preprocessing: str | None = None,
     seed: int = 0,
+    conv_impl: str = "auto",
 ):
     """Build a registered model, optionally with Keras weights.
 
@@ -69,6 +70,8 @@ def create_model(
         (``"caffe"`` for Keras's VGG files, also the default without weights). Setting one that
         contradicts the published weights is an error.
       seed: seeds parameter init (head and random weights) and the dropout stream.
+      conv_impl: how 3x3 convolutions compute: ``"auto"`` (per backend and shape, see
+        :mod:`imgcls_jax.models.conv`), ``"xla"`` or ``"im2col"``; same parameters and outputs.
 
     Returns:
       The model, in inference mode (``model.train()`` turns dropout on).
@@ -92,6 +95,7 @@ def create_model(
         dtype=jnp.dtype(dtype),
         preprocessing=preprocessing or "caffe",
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+        conv_impl=conv_impl,
     )
     if weights is not None:
         from imgcls_jax.weights import load_weights
