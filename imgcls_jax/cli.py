@@ -12,6 +12,8 @@ import logging
 import sys
 from pathlib import Path
 
+from imgcls_jax.hpo import add_tune_parser
+
 log = logging.getLogger("imgcls_jax.cli")
 
 
@@ -172,12 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     )  # fmt: skip
     p.set_defaults(func=cmd_port_weights)
 
-    try:
-        from imgcls_jax.hpo import add_tune_parser
-    except ImportError:  # pragma: no cover - hpo lands separately
-        add_tune_parser = None
-    if add_tune_parser is not None:
-        add_tune_parser(sub)
+    add_tune_parser(sub)  # "tune": imgcls_jax.hpo (Optuna is imported only when it runs)
     return parser
 
 

@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imgcls_jax.train.steps import cached_jit
+
 
 def compute_features(model, pipeline) -> tuple[np.ndarray, np.ndarray]:
     """``(features float32[N, ...], labels int32[N])`` for every image of an evaluation pipeline
@@ -27,10 +29,14 @@ def compute_features(model, pipeline) -> tuple[np.ndarray, np.ndarray]:
         raise ValueError("compute_features needs an evaluation pipeline (training=False): every image once")
     graphdef, state = nnx.split(model)
 
-    @jax.jit
-    def base(state, images):
-        m = nnx.merge(graphdef, state)
-        return m.pool(m.features(images)).astype(jnp.float32)
+    def build():
+        def base(state, images):
+            m = nnx.merge(graphdef, state)
+            return m.pool(m.features(images)).astype(jnp.float32)
+
+        return jax.jit(base)
+
+    base = cached_jit(("base_features", graphdef), build)  # compiled once per model graph and shape
 
     feats, labels = [], []
     for batch in prefetch_to_device(pipeline.epoch(0)):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 import jax
@@ -163,3 +164,88 @@ def multiplier_labels(layer_names: Sequence[str], head: Sequence[str]) -> Callab
     """Label function for ``optax.multi_transform``: ``"head"`` or ``"base"`` by layer name."""
     head = set(head)
     return lambda name: "head" if name in head else "base"
+
+
+#: The numbers a phase's optimizer takes as traced inputs (float32 scalars), see OptimizerSpec.
+HYPER_KEYS = ("learning_rate", "momentum", "weight_decay", "base_lr_multiplier", "grad_clip")
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """The static structure of a phase's optimizer; its numbers come separately, as ``hyper``.
+
+    Two phases with equal specs (hashable) share one compiled train step even when their
+    learning rates, momentum, weight decay, base multiplier or clip norm differ: those are
+    float32 inputs of the step (``hyper``, keys :data:`HYPER_KEYS`), not constants baked into
+    it. What changes the compiled program is here: optimizer and schedule names, steps, warmup
+    steps, Nesterov, whether momentum / weight decay / a separate base rate / clipping are on.
+
+    The schedule is ``hyper["learning_rate"] * unit(step)`` with ``unit`` the schedule of peak 1
+    (every schedule of :func:`make_schedule` is linear in its peak rate). The base layers (not
+    in ``head_layers``) get ``hyper["base_lr_multiplier"]`` times it when ``base_multiplier``.
+    A final injectable ``scale`` (1.0) carries the reduce-on-plateau factor in the state.
+    """
+
+    name: str
+    schedule: str
+    total_steps: int
+    warmup_steps: int = 0
+    nesterov: bool = False
+    momentum: bool = True
+    weight_decay: bool = False
+    base_multiplier: bool = False
+    head_layers: tuple[str, ...] = ()
+    grad_clip: bool = False
+
+    def __post_init__(self):
+        if self.name not in OPTIMIZERS:
+            raise ValueError(f"unknown optimizer {self.name!r}; expected one of {OPTIMIZERS}")
+        self.unit_schedule()  # checks the schedule name and steps now, not inside a trace
+
+    def unit_schedule(self) -> optax.Schedule:
+        return make_schedule(self.schedule, 1.0, self.total_steps, warmup_steps=self.warmup_steps)
+
+    def build(self, hyper: dict) -> optax.GradientTransformation:
+        """The optimizer for ``hyper`` (floats or traced float32 scalars; see the class docstring)."""
+        unit = self.unit_schedule()
+
+        def head_lr(step):
+            return hyper["learning_rate"] * unit(step)
+
+        def base_lr(step):
+            return hyper["learning_rate"] * hyper["base_lr_multiplier"] * unit(step)
+
+        if self.base_multiplier:
+            head = set(self.head_layers)
+
+            def labels(params):
+                return jax.tree_util.tree_map_with_path(
+                    lambda path, _: "head" if _first_key(path) in head else "base", params
+                )
+
+            inner = optax.multi_transform(
+                {"head": self._core(head_lr, hyper), "base": self._core(base_lr, hyper)}, labels
+            )
+        else:
+            inner = self._core(head_lr, hyper)
+        parts = [optax.clip_by_global_norm(hyper["grad_clip"])] if self.grad_clip else []
+        return optax.chain(*parts, inner, optax.inject_hyperparams(optax.scale)(step_size=1.0))
+
+    def _core(self, lr, hyper) -> optax.GradientTransformation:
+        parts = []
+        if self.weight_decay and self.name != "adamw":
+            parts.append(optax.add_decayed_weights(hyper["weight_decay"]))
+        if self.name == "sgd":
+            momentum = hyper["momentum"] if self.momentum else None
+            parts.append(optax.sgd(lr, momentum=momentum, nesterov=self.nesterov))
+        else:
+            parts.append(scale_by_keras_adam())
+            if self.name == "adamw":
+                parts.append(optax.add_decayed_weights(hyper["weight_decay"]))
+            parts.append(optax.scale_by_learning_rate(lr))
+        return optax.chain(*parts)
+
+
+def _first_key(path) -> str:
+    entry = path[0]
+    return str(getattr(entry, "key", getattr(entry, "name", entry)))

@@ -11,7 +11,8 @@ seed and the step number (a resumed run replays the same masks).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -164,3 +165,100 @@ def init_state(split: SplitModel, optimizer: optax.GradientTransformation) -> Tr
     """
     params = jax.tree.map(jnp.copy, split.trainable)
     return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+
+
+# Compiled steps shared across runs in one process (e.g. the trials of a search): keyed on
+# everything that shapes the program, least recently used dropped beyond _CACHE_SIZE.
+_CACHE_SIZE = 32
+_JIT_CACHE: OrderedDict = OrderedDict()
+
+
+def cached_jit(key, build: Callable[[], Callable]) -> Callable:
+    """``build()`` (a jitted function) once per hashable ``key`` in this process; jax then
+    compiles it once per input shape. A new key compiles anew; equal keys share executables."""
+    fn = _JIT_CACHE.get(key)
+    if fn is None:
+        fn = _JIT_CACHE[key] = build()
+        while len(_JIT_CACHE) > _CACHE_SIZE:
+            _JIT_CACHE.popitem(last=False)
+    else:
+        _JIT_CACHE.move_to_end(key)
+    return fn
+
+
+def _soft_cross_entropy(logits, labels, label_smoothing):
+    """:func:`cross_entropy` with a traced ``label_smoothing`` (0 leaves the targets exact)."""
+    num_classes = logits.shape[-1]
+    if labels.ndim == 1:
+        labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+    return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
+
+
+def cached_train_step(split: SplitModel, spec, hyper: dict, *, dropout_key, forward=image_forward):
+    """A ``(state, frozen, batch) -> (state, metrics)`` step like :func:`make_train_step`, but
+    compiled once per (train graph, optimizer ``spec``, ``forward``, input shapes) in a process:
+    runs that differ only in the numbers of ``hyper`` reuse the executable.
+
+    ``spec``: an :class:`imgcls_jax.train.optim.OptimizerSpec`. ``hyper``: its numbers
+    (:data:`~imgcls_jax.train.optim.HYPER_KEYS`) plus ``label_smoothing``; all become float32
+    inputs. ``dropout_key``: the base key (folded with the step number). ``metrics`` as
+    :func:`make_train_step` with ``learning_rate``: the scheduled rate of this step.
+    """
+    graph = split.train_graph
+
+    def build():
+        def step(state: TrainState, frozen, rest, batch, hyper, dropout_key):
+            key = jax.random.fold_in(dropout_key, state.step)
+            optimizer = spec.build(hyper)
+
+            def loss_fn(params):
+                logits = forward(nnx.merge(graph, params, frozen, rest), batch, key)
+                return _soft_cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean(), logits
+
+            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+            params = optax.apply_updates(state.params, updates)
+            correct = jnp.argmax(logits, -1) == _hard_labels(batch["label"])
+            metrics = {
+                "loss": loss,
+                "accuracy": correct.mean(dtype=jnp.float32),
+                "grad_norm": optax.tree.norm(grads),
+                "learning_rate": hyper["learning_rate"] * spec.unit_schedule()(state.step),
+            }
+            return TrainState(state.step + 1, params, opt_state), metrics
+
+        return jax.jit(step, donate_argnums=0)
+
+    jitted = cached_jit(("train", graph, spec, forward), build)
+    hyper = {k: jnp.asarray(v, jnp.float32) for k, v in hyper.items()}
+    rest = split.rest
+
+    def train_step(state, frozen, batch):
+        return jitted(state, frozen, rest, batch, hyper, dropout_key)
+
+    return train_step
+
+
+def cached_eval_step(split: SplitModel, forward=image_forward):
+    """:func:`make_eval_step`, compiled once per (eval graph, ``forward``, shapes) in a process."""
+    graph = split.eval_graph
+
+    def build():
+        def step(params, frozen, rest, batch):
+            logits = forward(nnx.merge(graph, params, frozen, rest), batch)
+            mask = batch["mask"]
+            losses = cross_entropy(logits, batch["label"])
+            correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+            return {
+                "logits": logits,
+                "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+                "correct": jnp.sum(correct, dtype=jnp.int32),
+                "count": jnp.sum(mask, dtype=jnp.int32),
+            }
+
+        return jax.jit(step)
+
+    jitted = cached_jit(("eval", graph, forward), build)
+    rest = split.rest
+    return lambda params, frozen, batch: jitted(params, frozen, rest, batch)
