@@ -32,13 +32,13 @@ from flax import nnx
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.train.features import FeatureBatches, compute_features
-from imgcls_jax.train.optim import make_optimizer, make_schedule, trainable_layers
+from imgcls_jax.train.optim import OptimizerSpec, trainable_layers
 from imgcls_jax.train.steps import (
+    cached_eval_step,
+    cached_train_step,
     head_forward,
     image_forward,
     init_state,
-    make_eval_step,
-    make_train_step,
     split_model,
 )
 
@@ -104,7 +104,7 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
     """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked)."""
     from imgcls_jax.data import prefetch_to_device
 
-    step = make_eval_step(split, forward)
+    step = cached_eval_step(split, forward)
     loss, correct, count = 0.0, 0, 0
     for batch in prefetch_to_device(pipeline.epoch(0)):
         out = step(params, frozen, batch)
@@ -114,31 +114,34 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
     return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
 
 
-def phase_optimizer(phase: PhaseConfig, schedule, params, head_layers, grad_clip=None):
-    """The phase's optimizer; the base gets ``base_lr_multiplier`` times the head's rate, and a
-    final injectable ``scale`` (1.0) carries the reduce-on-plateau factor in the optimizer state."""
+def phase_optimizer(
+    phase: PhaseConfig, steps_per_epoch: int, head_layers, grad_clip=None, label_smoothing: float = 0.0
+) -> tuple[OptimizerSpec, dict[str, float], optax.Schedule]:
+    """The phase's optimizer as ``(spec, hyper, schedule)``: the static structure, its numbers
+    (``hyper``, passed to the compiled step as float32 inputs, so phases and runs that differ only
+    in these numbers share one executable) and the learning-rate schedule (per step, for logs).
 
-    def make(lr):
-        return make_optimizer(
-            phase.optimizer, lr, momentum=phase.momentum, nesterov=phase.nesterov,
-            weight_decay=phase.weight_decay,
-        )  # fmt: skip
-
-    if phase.base_lr_multiplier == 1.0:
-        inner = make(schedule)
-    else:
-        head = set(head_layers)
-        labels = jax.tree_util.tree_map_with_path(
-            lambda path, _: "head" if _key(path[0]) in head else "base", params
-        )
-        base_schedule = lambda step: schedule(step) * phase.base_lr_multiplier  # noqa: E731
-        inner = optax.multi_transform({"head": make(schedule), "base": make(base_schedule)}, labels)
-    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
-    return optax.chain(*parts, inner, optax.inject_hyperparams(optax.scale)(step_size=1.0))
-
-
-def _key(entry) -> str:
-    return str(getattr(entry, "key", getattr(entry, "name", entry)))
+    The base gets ``base_lr_multiplier`` times the head's rate; a final injectable ``scale`` (1.0)
+    carries the reduce-on-plateau factor in the optimizer state.
+    """
+    if not phase.learning_rate > 0:
+        raise ValueError(f"PhaseConfig.learning_rate must be > 0, got {phase.learning_rate}")
+    total, sgd = phase.epochs * steps_per_epoch, phase.optimizer == "sgd"
+    spec = OptimizerSpec(
+        name=phase.optimizer, schedule="constant" if phase.schedule == "plateau" else phase.schedule,
+        total_steps=total, warmup_steps=int(round(phase.warmup_epochs * steps_per_epoch)),
+        nesterov=sgd and bool(phase.nesterov), momentum=sgd and bool(phase.momentum),
+        weight_decay=bool(phase.weight_decay),
+        base_multiplier=phase.base_lr_multiplier != 1.0, head_layers=tuple(head_layers),
+        grad_clip=bool(grad_clip),
+    )  # fmt: skip
+    hyper = {
+        "learning_rate": phase.learning_rate, "momentum": phase.momentum, "weight_decay": phase.weight_decay,
+        "base_lr_multiplier": phase.base_lr_multiplier, "grad_clip": grad_clip or 0.0,
+        "label_smoothing": label_smoothing,
+    }  # fmt: skip
+    unit = spec.unit_schedule()
+    return spec, hyper, lambda step: phase.learning_rate * unit(step)
 
 
 def _plateau_scale(state) -> float:
@@ -191,6 +194,7 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
 
     from imgcls_jax.models import create_model
 
+    _check_devices(config)
     run_dir = Path(config.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
     config.to_json(run_dir / "config.json")
@@ -234,6 +238,34 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     return result
 
 
+def _check_devices(config: TrainConfig) -> None:
+    """``fit`` runs data-parallel over every device of this host; batches must divide over them."""
+    if jax.process_count() > 1:
+        raise NotImplementedError(
+            f"fit() runs on one host (all of its {jax.local_device_count()} devices); this is process "
+            f"{jax.process_index()} of {jax.process_count()}. For several hosts, build the steps with "
+            "imgcls_jax.parallel (make_parallel_steps, shard_records, to_global): see README"
+        )
+    devices = jax.local_device_count()
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(config, name)
+        if value is not None and value % devices:
+            raise ValueError(
+                f"TrainConfig.{name}={value} does not divide over the {devices} devices; "
+                f"use a multiple of {devices} (it is the global batch, split over the devices)"
+            )
+
+
+def _replicate(tree):
+    """Put ``tree`` on every device (replicated), so jitted steps run data-parallel over all of
+    them with the batch sharded on its leading axis (see :mod:`imgcls_jax.parallel`)."""
+    if jax.device_count() == 1:
+        return tree
+    from imgcls_jax import parallel
+
+    return parallel.place(tree, parallel.replicated(parallel.make_mesh()))
+
+
 def _feature_data(config, model, train, evals):
     """The frozen base's outputs for the train and evaluation images (see ``train/features.py``)."""
     from imgcls_jax.data import Pipeline
@@ -269,13 +301,10 @@ def _train_phases(
             continue  # finished before the interruption; its parameters come with the restore below
         names = trainable_layers(model, phase.trainable)
         split = split_model(model, names)
-        total = phase.epochs * steps_per_epoch
-        warmup = int(round(phase.warmup_epochs * steps_per_epoch))
-        schedule = make_schedule(
-            "constant" if phase.schedule == "plateau" else phase.schedule, phase.learning_rate, total,
-            warmup_steps=warmup,
-        )  # fmt: skip
-        optimizer = phase_optimizer(phase, schedule, split.trainable, model.head_layers, config.grad_clip)
+        spec, hyper, schedule = phase_optimizer(
+            phase, steps_per_epoch, model.head_layers, config.grad_clip, config.label_smoothing
+        )
+        optimizer = spec.build(hyper)
         state = init_state(split, optimizer)
         if latest is not None:  # resume: parameters, and the optimizer state inside this phase
             items = {"params": ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
@@ -287,14 +316,14 @@ def _train_phases(
             nnx.update(model, params_state)
             split = split_model(model, names)
             state = restored["state"] if "state" in items else init_state(split, optimizer)
+        state, split.frozen = _replicate(state), _replicate(split.frozen)
         phase_train, phase_evals, forward = train, evals, image_forward
         if config.cache_features and set(names) == set(model.head_layers) and train.augment is None:
             phase_train, phase_evals = _feature_data(config, model, train, evals)
             forward = head_forward
-        step_fn = make_train_step(
-            split, optimizer, label_smoothing=config.label_smoothing,
-            dropout_key=jax.random.fold_in(jax.random.key(config.seed), phase_index), schedule=schedule,
-            forward=forward,
+        step_fn = cached_train_step(
+            split, spec, hyper, forward=forward,
+            dropout_key=jax.random.fold_in(jax.random.key(config.seed), phase_index),
         )  # fmt: skip
         log.info(
             "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s)", phase_index, phase.trainable,
