@@ -144,18 +144,23 @@ def make_eval_step(split: SplitModel, forward=image_forward):
     """
 
     def step(params, frozen, batch):
-        logits = forward(split.merge(params, frozen, train=False), batch)
-        mask = batch["mask"]
-        losses = cross_entropy(logits, batch["label"])
-        correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
-        return {
-            "logits": logits,
-            "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-            "correct": jnp.sum(correct, dtype=jnp.int32),
-            "count": jnp.sum(mask, dtype=jnp.int32),
-        }
+        return eval_outputs(forward(split.merge(params, frozen, train=False), batch), batch)
 
     return jax.jit(step)
+
+
+def eval_outputs(logits: jax.Array, batch) -> dict:
+    """What an eval step returns for ``logits`` float32[B, K] of a padded batch: the logits, and
+    sums over the real examples (``batch["mask"]``): ``loss_sum``, ``correct`` (top-1), ``count``."""
+    mask = batch["mask"]
+    losses = cross_entropy(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
+    return {
+        "logits": logits,
+        "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
+        "correct": jnp.sum(correct, dtype=jnp.int32),
+        "count": jnp.sum(mask, dtype=jnp.int32),
+    }
 
 
 def init_state(split: SplitModel, optimizer: optax.GradientTransformation) -> TrainState:
@@ -246,16 +251,7 @@ def cached_eval_step(split: SplitModel, forward=image_forward):
 
     def build():
         def step(params, frozen, rest, batch):
-            logits = forward(nnx.merge(graph, params, frozen, rest), batch)
-            mask = batch["mask"]
-            losses = cross_entropy(logits, batch["label"])
-            correct = (jnp.argmax(logits, -1) == batch["label"]) & mask
-            return {
-                "logits": logits,
-                "loss_sum": jnp.sum(jnp.where(mask, losses, 0.0)),
-                "correct": jnp.sum(correct, dtype=jnp.int32),
-                "count": jnp.sum(mask, dtype=jnp.int32),
-            }
+            return eval_outputs(forward(nnx.merge(graph, params, frozen, rest), batch), batch)
 
         return jax.jit(step)
 
