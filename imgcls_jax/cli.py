@@ -37,10 +37,14 @@ def _default_split(run_dir: Path) -> str:
 
 
 def cmd_train(args) -> int:
+    from imgcls_jax import parallel
     from imgcls_jax.config import TrainConfig
     from imgcls_jax.runs import evaluate_run
     from imgcls_jax.train.loop import fit
 
+    # Several hosts: IMGCLS_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or a cluster manager
+    # JAX detects (SLURM, ...); a plain single-process run otherwise.
+    parallel.initialize_distributed()
     config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
     overrides = {
         "data": args.data, "run_dir": args.run_dir, "model": args.model, "image_size": args.image_size,
@@ -55,6 +59,11 @@ def cmd_train(args) -> int:
         raise SystemExit("no data: pass --data DIR or a --config whose 'data' names an image folder")
     result = fit(config, resume=not args.restart)
     if args.no_eval:
+        return 0
+    import jax
+
+    if jax.process_index() != 0:  # several processes trained together: process 0 reports
+        log.info("process %d: training done; process 0 evaluates %s", jax.process_index(), result.run_dir)
         return 0
     split = _default_split(result.run_dir)
     has_best = (result.run_dir / "best").is_dir() and any((result.run_dir / "best").iterdir())

@@ -13,11 +13,19 @@ Resuming (``resume=True``, the default) restores the latest checkpoint and conti
 next epoch. Epoch ``e``'s data order and augmentation and every step's dropout mask depend
 only on the seed, ``e`` and the step, so a run killed at any point and resumed ends with the
 same parameters as an uninterrupted one.
+
+Several processes (``jax.distributed``, see :mod:`imgcls_jax.parallel`): every process runs the
+same ``fit(config)``. ``batch_size`` is the global batch; each process reads a disjoint, equal
+share of the train images and a share of each evaluation split (every image counted once, the
+numbers identical on all processes). Parameters stay replicated over one mesh of all devices.
+Process 0 alone writes ``config.json``, the manifest, ``metrics.csv``, TensorBoard events and the
+progress bar; every process takes part in the orbax checkpoint saves and restores.
 """
 
 from __future__ import annotations
 
 import csv
+import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -63,7 +71,21 @@ class FitResult:
     stopped_early: bool = False
 
 
-def _data(config: TrainConfig, run_dir: Path):
+def _multi() -> bool:
+    return jax.process_count() > 1
+
+
+def _batch_sharding():
+    """Batches' sharding over the mesh of every process's devices; None on one process (the
+    default sharding of ``prefetch_to_device``)."""
+    if not _multi():
+        return None
+    from imgcls_jax import parallel
+
+    return parallel.batch_sharding(parallel.make_mesh())
+
+
+def _data(config: TrainConfig, run_dir: Path, write: bool = True):
     from imgcls_jax.data import (
         AugmentConfig,
         Pipeline,
@@ -75,22 +97,26 @@ def _data(config: TrainConfig, run_dir: Path):
 
     found = scan_folder(config.data, exclude=config.exclude)
     records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
-    write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
+    if write:
+        write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
     by_split: dict[str, list] = {}
     for r in records:
         by_split.setdefault(r.split, []).append(r)
     if "train" not in by_split:
         raise ValueError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
+    batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
+    if _multi():
+        by_split, batch, eval_batch = _process_share(config, by_split, batch, eval_batch)
     size = (config.image_size, config.image_size)
     train = Pipeline(
-        from_records(by_split["train"], found.class_names), image_size=size, batch_size=config.batch_size,
+        from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
         training=True, augment=AugmentConfig(**config.augment), cache=config.cache, seed=config.seed,
     )  # fmt: skip
     evals = {
         name: Pipeline(
             from_records(rs, found.class_names),
             image_size=size,
-            batch_size=config.eval_batch_size or config.batch_size,
+            batch_size=eval_batch,
             training=False,
             cache=config.cache,
         )  # fmt: skip
@@ -100,13 +126,66 @@ def _data(config: TrainConfig, run_dir: Path):
     return found.class_names, train, evals
 
 
+def _process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: int):
+    """This process's records of each split and its per-step batch sizes (of the global ones).
+
+    Train shares are equal (a few images left out) so that every process runs the same number of
+    steps; evaluation shares may differ by one image and together hold every image once."""
+    from imgcls_jax import parallel
+
+    mesh = parallel.make_mesh()
+    batch, eval_batch = (
+        parallel.process_batch_size(batch, mesh),
+        parallel.process_batch_size(eval_batch, mesh),
+    )
+    shares = {
+        name: parallel.shard_records(rs, seed=config.seed, equal_sizes=name == "train")
+        for name, rs in by_split.items()
+    }
+    index, count, train = jax.process_index(), jax.process_count(), shares["train"]
+    if len(train) < batch:
+        raise ValueError(
+            f"process {index} of {count}: its share of the train split has {len(train)} images "
+            f"({len(by_split['train'])} in all), fewer than its batch of {batch} (global batch_size="
+            f"{config.batch_size}); lower batch_size or add images"
+        )
+    log.info(
+        "process %d of %d reads %d of %d train images, %d per step (global batch %d)",
+        index, count, len(train), len(by_split["train"]), batch, config.batch_size,
+    )  # fmt: skip
+    log.debug("process %d train share: %s", index, json.dumps(sorted(str(r.path) for r in train)))
+    return shares, batch, eval_batch
+
+
+def _masked_tail(batches, total: int):
+    """``batches``, then fully masked copies of the last one up to ``total`` batches in all (a
+    process with a smaller share of an evaluation split keeps stepping with the others)."""
+    seen, last = 0, None
+    for last in batches:
+        seen += 1
+        yield last
+    if seen < total:
+        if last is None:
+            raise ValueError("evaluation: this process has no batch to take the batch shape from")
+        for _ in range(total - seen):
+            yield {k: np.zeros_like(v) for k, v in last.items()}
+
+
 def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked)."""
+    """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked).
+
+    With several processes, ``pipeline`` is this process's share; every process must call this,
+    and all return the totals over every process's images."""
     from imgcls_jax.data import prefetch_to_device
 
     step = cached_eval_step(split, forward)
     loss, correct, count = 0.0, 0, 0
-    for batch in prefetch_to_device(pipeline.epoch(0)):
+    batches = pipeline.epoch(0)
+    if _multi():
+        from imgcls_jax.parallel import max_over_processes
+
+        batches = _masked_tail(batches, max_over_processes(len(pipeline)))
+    for batch in prefetch_to_device(batches, sharding=_batch_sharding()):
         out = step(params, frozen, batch)
         loss += float(out["loss_sum"])
         correct += int(out["correct"])
@@ -154,6 +233,16 @@ def _set_plateau_scale(state, value: float):
     return state.replace(opt_state=(*state.opt_state[:-1], inj._replace(hyperparams=hyper)))
 
 
+class _NoBoard:
+    """Stands in for :class:`_TensorBoard` on processes other than 0 (they write no events)."""
+
+    def scalars(self, step: int, values: dict):
+        pass
+
+    def close(self):
+        pass
+
+
 class _TensorBoard:
     """Scalars as TensorBoard event files in ``path`` (tensorboardX: no TensorFlow needed)."""
 
@@ -195,36 +284,45 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     from imgcls_jax.models import create_model
 
     _check_devices(config)
+    main = jax.process_index() == 0
     run_dir = Path(config.run_dir).absolute()
     run_dir.mkdir(parents=True, exist_ok=True)
-    config.to_json(run_dir / "config.json")
-    class_names, train, evals = _data(config, run_dir)
+    if main:
+        config.to_json(run_dir / "config.json")
+    class_names, train, evals = _data(config, run_dir, write=main)
     model = create_model(
         config.model, num_classes=len(class_names), weights=config.weights, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
         input_shape=(config.image_size, config.image_size, 3),
     )  # fmt: skip
+    if _multi():  # every array a global one on the mesh: steps and orbax see only those
+        nnx.update(model, _replicate(nnx.state(model)))
     mode_max = config.monitor == "val_accuracy"
+    # Several processes: synchronous saves. Two managers finalizing in background threads at once
+    # collide on orbax's multi-host barrier names ("... is already ongoing").
+    sync = {"enable_async_checkpointing": False} if _multi() else {}
     manager = ocp.CheckpointManager(
-        run_dir / "checkpoints", options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints)
+        run_dir / "checkpoints",
+        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, **sync),
     )
     best_manager = ocp.CheckpointManager(
         run_dir / "best",
         options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[config.monitor], best_mode="max" if mode_max else "min"
+            max_to_keep=1, best_fn=lambda m: m[config.monitor], best_mode="max" if mode_max else "min", **sync
         ),
     )
     result = FitResult(run_dir, class_names=class_names, model=model)
     metrics_path = run_dir / "metrics.csv"
     latest = manager.latest_step() if resume else None
     if latest is None:
-        with open(metrics_path, "w", newline="") as f:
-            csv.writer(f).writerow(METRIC_FIELDS)
+        if main:
+            with open(metrics_path, "w", newline="") as f:
+                csv.writer(f).writerow(METRIC_FIELDS)
     else:
         with open(metrics_path, newline="") as f:
             result.history = [row for row in csv.DictReader(f) if int(row["epoch"]) <= latest]
         log.info("resuming %s after epoch %d", run_dir, latest)
-    board = _TensorBoard(run_dir / "tensorboard")
+    board = _TensorBoard(run_dir / "tensorboard") if main else _NoBoard()
     try:
         _train_phases(
             config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
@@ -239,19 +337,16 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
 
 
 def _check_devices(config: TrainConfig) -> None:
-    """``fit`` runs data-parallel over every device of this host; batches must divide over them."""
-    if jax.process_count() > 1:
-        raise NotImplementedError(
-            f"fit() runs on one host (all of its {jax.local_device_count()} devices); this is process "
-            f"{jax.process_index()} of {jax.process_count()}. For several hosts, build the steps with "
-            "imgcls_jax.parallel (make_parallel_steps, shard_records, to_global): see README"
-        )
-    devices = jax.local_device_count()
+    """``fit`` runs data-parallel over every device of every process; the (global) batches must
+    divide over them. Each process then feeds ``batch / devices x its devices`` images a step,
+    which divides over its own devices."""
+    devices, processes = jax.device_count(), jax.process_count()
+    where = f" of {processes} processes" if processes > 1 else ""
     for name in ("batch_size", "eval_batch_size"):
         value = getattr(config, name)
         if value is not None and value % devices:
             raise ValueError(
-                f"TrainConfig.{name}={value} does not divide over the {devices} devices; "
+                f"TrainConfig.{name}={value} does not divide over the {devices} devices{where}; "
                 f"use a multiple of {devices} (it is the global batch, split over the devices)"
             )
 
@@ -264,6 +359,16 @@ def _replicate(tree):
     from imgcls_jax import parallel
 
     return parallel.place(tree, parallel.replicated(parallel.make_mesh()))
+
+
+def _restore_target(tree):
+    """What orbax restores ``tree`` as: ``tree`` itself on one process, else abstract arrays
+    replicated over the mesh of every process's devices."""
+    if not _multi():
+        return tree
+    from imgcls_jax import parallel
+
+    return parallel.restore_target(tree, parallel.replicated(parallel.make_mesh()))
 
 
 def _feature_data(config, model, train, evals):
@@ -307,9 +412,10 @@ def _train_phases(
         optimizer = spec.build(hyper)
         state = init_state(split, optimizer)
         if latest is not None:  # resume: parameters, and the optimizer state inside this phase
-            items = {"params": ocp.args.StandardRestore(nnx.to_pure_dict(nnx.state(model, nnx.Param)))}
+            params_target = _restore_target(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+            items = {"params": ocp.args.StandardRestore(params_target)}
             if latest >= phase_epochs[0]:
-                items["state"] = ocp.args.StandardRestore(state)
+                items["state"] = ocp.args.StandardRestore(_restore_target(state))
             restored = manager.restore(latest, args=ocp.args.Composite(**items))
             params_state = nnx.state(model, nnx.Param)
             nnx.replace_by_pure_dict(params_state, restored["params"])
@@ -318,7 +424,13 @@ def _train_phases(
             state = restored["state"] if "state" in items else init_state(split, optimizer)
         state, split.frozen = _replicate(state), _replicate(split.frozen)
         phase_train, phase_evals, forward = train, evals, image_forward
-        if config.cache_features and set(names) == set(model.head_layers) and train.augment is None:
+        features = config.cache_features and set(names) == set(model.head_layers) and train.augment is None
+        if features and _multi():
+            log.info(
+                "phase %d: cache_features is off with several processes (the head trains on images)",
+                phase_index,
+            )
+        elif features:
             phase_train, phase_evals = _feature_data(config, model, train, evals)
             forward = head_forward
         step_fn = cached_train_step(
@@ -365,8 +477,9 @@ def _train_phases(
                     epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(full)),
                     metrics={"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]},
                 )  # fmt: skip
-            with open(result.run_dir / "metrics.csv", "a", newline="") as f:
-                csv.writer(f).writerow([row[k] for k in METRIC_FIELDS])
+            if jax.process_index() == 0:
+                with open(result.run_dir / "metrics.csv", "a", newline="") as f:
+                    csv.writer(f).writerow([row[k] for k in METRIC_FIELDS])
             result.history.append(row)
             board.scalars(
                 epoch, {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "phase", "step")}
@@ -399,9 +512,9 @@ def _train_epoch(
 
     steps = len(train)
     start, losses, accs = time.perf_counter(), [], []
-    bar = _progress(steps * config.batch_size, f"epoch {epoch}")
+    bar = _progress(steps * config.batch_size, f"epoch {epoch}") if jax.process_index() == 0 else None
     first_step = int(state.step)
-    for batch in prefetch_to_device(train.epoch(epoch)):
+    for batch in prefetch_to_device(train.epoch(epoch), sharding=_batch_sharding()):
         state, m = step_fn(state, split.frozen, batch)
         losses.append(m["loss"])
         accs.append(m["accuracy"])
@@ -434,4 +547,5 @@ def _train_epoch(
     if "val" in evals:
         val = evaluate_pipeline(split, state.params, split.frozen, evals["val"], forward)
         row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
+        log.debug("epoch %d: validation on %d images", epoch, val["count"])
     return state, row
