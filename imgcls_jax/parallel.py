@@ -378,6 +378,14 @@ def initialize_distributed(
             return False
         try:
             jax.distributed.initialize(local_device_ids=local_device_ids)
+        except RuntimeError as err:  # JAX already computed something in this process
+            if "must be called before" not in str(err):
+                raise
+            log.warning(
+                "JAX is already running in this process, so cluster auto-detection was skipped: "
+                "single-process run (call initialize_distributed() before any JAX computation)"
+            )
+            return False
         except ValueError as err:  # raised before anything starts when no cluster is detected
             if "coordinator_address should be defined" not in str(err):
                 raise ValueError(f"jax.distributed auto-detection failed: {err}") from err

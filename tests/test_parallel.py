@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import NamedTuple
 
+import jax
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -399,6 +400,16 @@ def test_initialize_distributed_argument_errors_and_single_process(monkeypatch):
     monkeypatch.setenv("IMGCLS_JAX_LOCAL_DEVICE_IDS", "0;1")
     with pytest.raises(ValueError, match="IMGCLS_JAX_LOCAL_DEVICE_IDS='0;1'"):
         parallel.initialize_distributed()
+
+
+def test_auto_detection_after_jax_started_is_a_single_process_run(monkeypatch, caplog):
+    for name in ("IMGCLS_JAX_COORDINATOR", "IMGCLS_JAX_NUM_PROCESSES", "IMGCLS_JAX_PROCESS_ID"):
+        monkeypatch.delenv(name, raising=False)
+    jax.devices()  # the backend is up, as in a test run or a notebook
+    with caplog.at_level("WARNING", logger="imgcls_jax.parallel"):
+        assert parallel.initialize_distributed() is False
+    assert "auto-detection was skipped" in caplog.text
+    assert jax.process_count() == 1
 
 
 # ------------------------------------------------------------------------------------ fixtures
