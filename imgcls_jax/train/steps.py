@@ -116,24 +116,36 @@ def make_train_step(
     def step(state: TrainState, frozen, batch):
         key = jax.random.fold_in(dropout_key, state.step)
 
-        def loss_fn(params):
-            logits = forward(split.merge(params, frozen, train=True), batch, key)
-            return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
+        def logits_of(params):
+            return forward(split.merge(params, frozen, train=True), batch, key)
 
-        (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        correct = jnp.argmax(logits, -1) == _hard_labels(batch["label"])
-        metrics = {
-            "loss": loss,
-            "accuracy": correct.mean(dtype=jnp.float32),
-            "grad_norm": optax.tree.norm(grads),
-        }
+        state, metrics = optimizer_step(state, optimizer, batch, logits_of, label_smoothing)
         if schedule is not None:
-            metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        return TrainState(state.step + 1, params, opt_state), metrics
+            metrics["learning_rate"] = jnp.asarray(schedule(state.step - 1), jnp.float32)
+        return state, metrics
 
     return jax.jit(step, donate_argnums=0)
+
+
+def optimizer_step(state: TrainState, optimizer, batch, logits_of, label_smoothing=0.0):
+    """One step of ``optimizer`` on the cross-entropy of ``logits_of(params)`` against
+    ``batch["label"]``: ``(next state, {"loss", "accuracy", "grad_norm"})``, float32 scalars.
+    ``label_smoothing`` may be a traced value (0 leaves the targets exact)."""
+
+    def loss_fn(params):
+        logits = logits_of(params)
+        return _soft_cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
+
+    (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    correct = jnp.argmax(logits, -1) == _hard_labels(batch["label"])
+    metrics = {
+        "loss": loss,
+        "accuracy": correct.mean(dtype=jnp.float32),
+        "grad_norm": optax.tree.norm(grads),
+    }
+    return TrainState(state.step + 1, params, opt_state), metrics
 
 
 def make_eval_step(split: SplitModel, forward=image_forward):
@@ -215,23 +227,15 @@ def cached_train_step(split: SplitModel, spec, hyper: dict, *, dropout_key, forw
     def build():
         def step(state: TrainState, frozen, rest, batch, hyper, dropout_key):
             key = jax.random.fold_in(dropout_key, state.step)
-            optimizer = spec.build(hyper)
 
-            def loss_fn(params):
-                logits = forward(nnx.merge(graph, params, frozen, rest), batch, key)
-                return _soft_cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean(), logits
+            def logits_of(params):
+                return forward(nnx.merge(graph, params, frozen, rest), batch, key)
 
-            (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-            updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-            params = optax.apply_updates(state.params, updates)
-            correct = jnp.argmax(logits, -1) == _hard_labels(batch["label"])
-            metrics = {
-                "loss": loss,
-                "accuracy": correct.mean(dtype=jnp.float32),
-                "grad_norm": optax.tree.norm(grads),
-                "learning_rate": hyper["learning_rate"] * spec.unit_schedule()(state.step),
-            }
-            return TrainState(state.step + 1, params, opt_state), metrics
+            lr = hyper["learning_rate"] * spec.unit_schedule()(state.step)
+            state, metrics = optimizer_step(
+                state, spec.build(hyper), batch, logits_of, hyper["label_smoothing"]
+            )
+            return state, {**metrics, "learning_rate": lr}
 
         return jax.jit(step, donate_argnums=0)
 
