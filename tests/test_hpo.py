@@ -16,7 +16,14 @@ import pytest
 from PIL import Image
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
-from imgcls_jax.hpo import SearchSpaceError, apply_params, is_trial_fault, parse_space, search
+from imgcls_jax.hpo import (
+    SearchSpaceError,
+    apply_params,
+    is_trial_fault,
+    load_tune_config,
+    parse_space,
+    search,
+)
 
 optuna = pytest.importorskip("optuna")
 ROOT = Path(__file__).resolve().parents[1]
@@ -329,3 +336,9 @@ def test_import_needs_neither_tensorflow_nor_optuna():
     code = "import sys, imgcls_jax.hpo; print('tensorflow' in sys.modules, 'optuna' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_quick_example_tune_file_is_valid():
+    quick = load_tune_config(ROOT / "examples" / "configs" / "tune_flowers_quick.json")
+    parse_space(quick.space, quick.base)
+    assert quick.base.weights is None  # runs without network
