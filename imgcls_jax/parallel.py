@@ -24,7 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -272,6 +272,24 @@ def max_over_processes(value: int) -> int:
     return int(np.max(multihost_utils.process_allgather(np.asarray(value, np.int64))))
 
 
+def masked_tail(
+    batches: Iterable[dict[str, np.ndarray]], total: int | None
+) -> Iterator[dict[str, np.ndarray]]:
+    """``batches``, then fully masked (all-zero) copies of the last one up to ``total`` batches in
+    all, so a process with a smaller share of an evaluation split keeps stepping with the others.
+    ``total=None``: ``batches`` unchanged. Raises ``ValueError`` if padding is needed and there
+    was no batch to copy the shapes from."""
+    seen, last = 0, None
+    for last in batches:
+        seen += 1
+        yield last
+    if total is not None and seen < total:
+        if last is None:
+            raise ValueError("evaluation: this process has no batch to take the batch shape from")
+        for _ in range(total - seen):
+            yield {k: np.zeros_like(v) for k, v in last.items()}
+
+
 def evaluate(
     steps: ParallelSteps,
     params: Any,
@@ -295,24 +313,12 @@ def evaluate(
             raise ValueError("evaluate: with several processes pass num_batches or batches with a len()")
         num_batches = max_over_processes(len(batches))  # type: ignore[arg-type]
     totals = {"loss_sum": 0.0, "correct": 0, "count": 0}
-    seen, last = 0, None
-
-    def run(batch):
-        out = steps.evaluate(params, frozen, to_global(batch, steps.mesh))
+    for seen, batch in enumerate(masked_tail(batches, num_batches), start=1):
+        if num_batches is not None and seen > num_batches:
+            raise ValueError(f"evaluate: more batches than num_batches={num_batches}")
+        out = steps.evaluate(params, frozen, to_global(pad_batch(batch, local), steps.mesh))
         for key, value in jax.device_get({k: out[k] for k in totals}).items():
             totals[key] += value.item()
-
-    for batch in batches:
-        if num_batches is not None and seen == num_batches:
-            raise ValueError(f"evaluate: more batches than num_batches={num_batches}")
-        last = pad_batch(batch, local)
-        run(last)
-        seen += 1
-    if num_batches is not None and seen < num_batches:
-        if last is None:
-            raise ValueError("evaluate: this process has no batches to take the batch shape from")
-        for _ in range(num_batches - seen):
-            run({k: np.zeros_like(v) for k, v in last.items()})
     count = totals["count"]
     return {
         "loss": totals["loss_sum"] / max(count, 1),

@@ -532,3 +532,15 @@ if __name__ == "__main__":  # MODE ARGS... [-- MODE ARGS...]: one JAX start-up f
         end = words.index("--") if "--" in words else len(words)
         CHILDREN[words[0]](*words[1:end])
         words = words[end + 1 :]
+
+
+def test_masked_tail_pads_a_short_share_with_masked_batches():
+    batches = [{"image": np.full((2, 1), i + 1), "mask": np.ones(2, bool)} for i in range(2)]
+    out = list(parallel.masked_tail(iter(batches), 4))
+    assert len(out) == 4 and out[:2] == batches
+    for extra in out[2:]:
+        assert extra["image"].shape == (2, 1) and not extra["image"].any() and not extra["mask"].any()
+    assert list(parallel.masked_tail(iter(batches), None)) == batches
+    assert list(parallel.masked_tail(iter(batches), 1)) == batches  # never drops a batch
+    with pytest.raises(ValueError, match="no batch to take the batch shape from"):
+        list(parallel.masked_tail(iter([]), 1))

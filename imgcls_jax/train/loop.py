@@ -157,20 +157,6 @@ def _process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: 
     return shares, batch, eval_batch
 
 
-def _masked_tail(batches, total: int):
-    """``batches``, then fully masked copies of the last one up to ``total`` batches in all (a
-    process with a smaller share of an evaluation split keeps stepping with the others)."""
-    seen, last = 0, None
-    for last in batches:
-        seen += 1
-        yield last
-    if seen < total:
-        if last is None:
-            raise ValueError("evaluation: this process has no batch to take the batch shape from")
-        for _ in range(total - seen):
-            yield {k: np.zeros_like(v) for k, v in last.items()}
-
-
 def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) -> dict[str, float]:
     """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked).
 
@@ -182,9 +168,9 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
     loss, correct, count = 0.0, 0, 0
     batches = pipeline.epoch(0)
     if _multi():
-        from imgcls_jax.parallel import max_over_processes
+        from imgcls_jax.parallel import masked_tail, max_over_processes
 
-        batches = _masked_tail(batches, max_over_processes(len(pipeline)))
+        batches = masked_tail(batches, max_over_processes(len(pipeline)))
     for batch in prefetch_to_device(batches, sharding=_batch_sharding()):
         out = step(params, frozen, batch)
         loss += float(out["loss_sum"])
