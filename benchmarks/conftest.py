@@ -1,4 +1,12 @@
+import importlib.util
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# Keras peers: TensorFlow's backend where TF is installed (its oneDNN kernels on CPU), else JAX's
+# (the GPU machine has no TensorFlow).
+os.environ.setdefault(
+    "KERAS_BACKEND", "tensorflow" if importlib.util.find_spec("tensorflow") is not None else "jax"
+)
+# JAX would otherwise reserve 75% of a GPU's memory up front, leaving the PyTorch and Keras peers
+# of the same run a quarter of it.
+os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")

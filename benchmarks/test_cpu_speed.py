@@ -2,11 +2,12 @@
 vs PyTorch (a plain ``torch.nn`` VGG16, channels_last).
 
 Every model is VGG16 without top + global average pooling + Dense(5) logits, float32, random
-weights. Two modes: ``forward`` (inference, logits of one batch) and ``train`` (one full step:
-forward, cross-entropy, backward through all layers, Adam update). Images are float32 in
-[0, 255], made once per shape and already on the framework's side; imgcls_jax also applies its
-caffe preprocessing inside the model (an elementwise op, negligible). Compile/trace time is
-excluded (one warm-up round); medians of warm rounds.
+weights (the runners of ``benchmarks/peers.py``). Two modes: ``forward`` (inference on one batch;
+imgcls_jax: its eval step) and ``train`` (one full step: forward, cross-entropy, backward
+through all layers, Adam update). Images in [0, 255] are made once per shape and already on
+the framework's side (imgcls_jax: uint8, as its pipeline delivers them, with the caffe
+preprocessing inside the step; the peers: float32). Compile/trace time is excluded (one warm-up
+round); medians of warm rounds.
 
 Cases run grouped by shape, the frameworks one after another, so load from other processes
 hits them alike; rerun (``--benchmark-...`` options as usual) to see the spread.
@@ -23,141 +24,32 @@ from __future__ import annotations
 
 import os
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
-from flax import nnx
 
-from imgcls_jax.models.vgg import VGG
-from imgcls_jax.train import init_state, make_optimizer, make_train_step, split_model, trainable_layers
+from benchmarks import peers
 
-NUM_CLASSES = 5
-LR = 1e-4
 ROUNDS = float(os.environ.get("IMGCLS_BENCH_ROUNDS", "1"))
 FRAMEWORKS = ("jax-xla", "jax-im2col", "jax-auto", "keras-tf", "torch")
 PEERS = ("keras-tf", "torch")
-# (mode, image size, batch, rounds): the test and example shapes, plus one 224 forward.
+# (mode, image size, batch, rounds): the tests' shape (32 px) and the example's (64 px, batch 16);
+# IMGCLS_BENCH_FULL=1 adds batch 16/32 variants and one 224 forward (about 3x the time).
 CASES = [
-    ("forward", 32, 16, 8),
     ("forward", 32, 32, 6),
-    ("forward", 64, 16, 5),
-    ("forward", 64, 32, 4),
-    ("train", 32, 16, 5),
     ("train", 32, 32, 4),
+    ("forward", 64, 16, 5),
     ("train", 64, 16, 3),
-    ("train", 64, 32, 3),
-    ("forward", 224, 4, 2),
 ]
+if os.environ.get("IMGCLS_BENCH_FULL"):
+    CASES += [
+        ("forward", 32, 16, 8),
+        ("forward", 64, 32, 4),
+        ("train", 32, 16, 5),
+        ("train", 64, 32, 3),
+        ("forward", 224, 4, 2),
+    ]
 
 RESULTS: dict[tuple[str, int, int, str], float] = {}  # (mode, size, batch, framework) -> img/s
 _RUNNERS: dict[tuple, object] = {}
-
-
-def _data(size: int, batch: int):
-    rng = np.random.default_rng(0)
-    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
-    labels = (np.arange(batch) % NUM_CLASSES).astype(np.int32)
-    return images, labels
-
-
-# ---------------------------------------------------------------- imgcls_jax
-
-
-def _jax_runner(impl: str, mode: str, size: int, batch: int):
-    images, labels = _data(size, batch)
-    model = VGG(
-        "vgg16",
-        include_top=False,
-        pooling="avg",
-        num_classes=NUM_CLASSES,
-        input_shape=(size, size, 3),
-        conv_impl=impl,
-        rngs=nnx.Rngs(params=0, dropout=1),
-    )
-    x = jnp.asarray(images)
-    if mode == "forward":
-        graph, state = nnx.split(model)
-        forward = jax.jit(lambda state, x: nnx.merge(graph, state)(x))
-        return lambda: forward(state, x).block_until_ready()
-    split = split_model(model, trainable_layers(model, "all"))
-    optimizer = make_optimizer("adam", LR)
-    step = make_train_step(split, optimizer)
-    holder = {"state": init_state(split, optimizer)}
-    batch_ = {"image": x, "label": jnp.asarray(labels)}
-
-    def run():
-        holder["state"], metrics = step(holder["state"], split.frozen, batch_)
-        jax.block_until_ready(metrics["loss"])
-
-    return run
-
-
-# ---------------------------------------------------------------- Keras 3, TF backend
-
-
-def _keras_runner(mode: str, size: int, batch: int):
-    keras = pytest.importorskip("keras")
-    if keras.backend.backend() != "tensorflow":
-        pytest.skip(f"Keras backend is {keras.backend.backend()!r}; set KERAS_BACKEND=tensorflow")
-    images, labels = _data(size, batch)
-    keras.utils.set_random_seed(0)
-    base = keras.applications.VGG16(
-        weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
-    )
-    model = keras.Sequential([base, keras.layers.Dense(NUM_CLASSES)])
-    # jit_compile=False: TF's own (oneDNN) kernels, Keras's default on a CPU-only machine.
-    model.compile(
-        optimizer=keras.optimizers.Adam(LR),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-        jit_compile=False,
-    )
-    import tensorflow as tf
-
-    x, y = tf.constant(images), tf.constant(labels)
-    if mode == "forward":
-        return lambda: model.predict_on_batch(x)
-    return lambda: model.train_on_batch(x, y)
-
-
-# ---------------------------------------------------------------- PyTorch
-
-
-def _torch_runner(mode: str, size: int, batch: int):
-    torch = pytest.importorskip("torch")
-    nn = torch.nn
-    images, labels = _data(size, batch)
-    torch.manual_seed(0)
-    layers, cin = [], 3
-    for n_conv, filters in zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512)):
-        for _ in range(n_conv):
-            layers += [nn.Conv2d(cin, filters, 3, padding=1), nn.ReLU(inplace=True)]
-            cin = filters
-        layers.append(nn.MaxPool2d(2, 2))
-    model = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, NUM_CLASSES))
-    model = model.to(memory_format=torch.channels_last)
-    x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(memory_format=torch.channels_last)
-    y = torch.from_numpy(labels).long()
-    if mode == "forward":
-        model.eval()
-
-        def forward():
-            with torch.inference_mode():
-                return model(x)
-
-        return forward
-    model.train()
-    optimizer = torch.optim.Adam(model.parameters(), lr=LR)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step():
-        optimizer.zero_grad(set_to_none=True)
-        loss = loss_fn(model(x), y)
-        loss.backward()
-        optimizer.step()
-        return loss.item()
-
-    return step
 
 
 def _runner(framework: str, mode: str, size: int, batch: int):
@@ -165,11 +57,13 @@ def _runner(framework: str, mode: str, size: int, batch: int):
     if key not in _RUNNERS:
         _RUNNERS.clear()  # keep one model alive at a time (memory)
         if framework.startswith("jax-"):
-            _RUNNERS[key] = _jax_runner(framework[4:], mode, size, batch)
+            _RUNNERS[key] = peers.jax_runner(mode, size, batch, impl=framework[4:])[0]
         elif framework == "keras-tf":
-            _RUNNERS[key] = _keras_runner(mode, size, batch)
+            if os.environ.get("KERAS_BACKEND") != "tensorflow":
+                pytest.skip("the Keras peer here is the TensorFlow backend (TensorFlow not installed)")
+            _RUNNERS[key] = peers.keras_runner(mode, size, batch)
         else:
-            _RUNNERS[key] = _torch_runner(mode, size, batch)
+            _RUNNERS[key] = peers.torch_runner(mode, size, batch)
     return _RUNNERS[key]
 
 

@@ -92,7 +92,7 @@ def _keras(dataset: str):
 )
 def test_pipeline_throughput(benchmark, dataset, pipeline):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    benchmark.group = f"input pipeline: {dataset}, 224x224, batch {BATCH}"
+    benchmark.group = f"input-pipeline {dataset} 224px batch {BATCH}"
     if pipeline == "keras":
         pytest.importorskip("keras")
         make, images = _keras(dataset)

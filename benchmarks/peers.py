@@ -1,0 +1,183 @@
+"""VGG16 step runners for the speed benchmarks: imgcls_jax and its peers (PyTorch, Keras 3).
+
+Every runner builds VGG16 without top + global average pooling + Dense(``NUM_CLASSES``) logits
+with random weights, makes one synthetic batch already on the framework's device (images in
+[0, 255], labels ``i % NUM_CLASSES``), and returns a zero-argument callable that runs one step and
+waits for it. Modes:
+
+* ``forward``: inference logits of the batch (imgcls_jax: its jitted eval step, which also
+  masks, sums the loss and counts correct predictions).
+* ``train``: one full step: forward, cross-entropy, backward through every layer, Adam update.
+* ``frozen``: the transfer-learning first phase: base frozen (no backward through it, no
+  optimizer state), the Dense head trained with Adam.
+
+Peers that are not installed raise ``pytest.skip`` with the reason; nothing is faked. Only the
+imgcls_jax runner is imported by default: torch and keras load when their runner is built.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+NUM_CLASSES = 5
+LR = 1e-4
+MODES = ("forward", "train", "frozen")
+
+
+def synthetic_batch(size: int, batch: int):
+    """``(images float32[B, size, size, 3] in [0, 255], labels int32[B])``, the same every call."""
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 255, (batch, size, size, 3)).astype(np.float32)
+    labels = (np.arange(batch) % NUM_CLASSES).astype(np.int32)
+    return images, labels
+
+
+# ---------------------------------------------------------------- imgcls_jax
+
+
+def jax_runner(mode: str, size: int, batch: int, *, impl: str = "auto", dtype: str = "float32"):
+    """``(run, step, args)``: ``run()`` does one step; ``step(*args)`` is the jitted function it
+    calls (for XLA's cost analysis). Images are uint8 on the default device, as the pipeline
+    delivers them; the model's caffe preprocessing runs inside the step."""
+    import jax
+    import jax.numpy as jnp
+
+    from imgcls_jax.models import create_model
+    from imgcls_jax.train import (
+        init_state,
+        make_eval_step,
+        make_optimizer,
+        make_train_step,
+        split_model,
+        trainable_layers,
+    )
+
+    images, labels = synthetic_batch(size, batch)
+    model = create_model(
+        "vgg16", num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3),
+        dtype=dtype, conv_impl=impl,
+    )  # fmt: skip
+    x = jax.device_put(jnp.asarray(np.round(images).astype(np.uint8)))
+    y = jax.device_put(jnp.asarray(labels))
+    if mode == "forward":
+        split = split_model(model, trainable_layers(model, "all"))
+        step = make_eval_step(split)
+        args = (split.trainable, split.frozen, {"image": x, "label": y, "mask": jnp.ones((batch,), bool)})
+        return (lambda: jax.block_until_ready(step(*args)["correct"])), step, args
+    split = split_model(model, trainable_layers(model, "all" if mode == "train" else "head"))
+    optimizer = make_optimizer("adam", LR)
+    step = make_train_step(split, optimizer)
+    holder = {"state": init_state(split, optimizer)}
+    data = {"image": x, "label": y}
+
+    def run():
+        holder["state"], metrics = step(holder["state"], split.frozen, data)
+        jax.block_until_ready(metrics["loss"])
+
+    # the cost analysis lowers with a state of the same shapes (the live one is donated)
+    return run, step, (init_state(split, optimizer), split.frozen, data)
+
+
+# ---------------------------------------------------------------- PyTorch
+
+
+def torch_runner(mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False):
+    """PyTorch eager (or ``torch.compile``d) VGG16, channels_last, on CUDA when available.
+    ``bf16``: ``torch.autocast`` to bfloat16 (GPU), parameters float32."""
+    torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
+    nn = torch.nn
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if bf16 and device == "cpu":
+        pytest.skip("bf16 autocast peer only on GPU")
+    images, labels = synthetic_batch(size, batch)
+    torch.manual_seed(0)
+    layers, cin = [], 3
+    for n_conv, filters in zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512)):
+        for _ in range(n_conv):
+            layers += [nn.Conv2d(cin, filters, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = filters
+        layers.append(nn.MaxPool2d(2, 2))
+    base = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    head = nn.Linear(512, NUM_CLASSES)
+    model = nn.Sequential(base, head).to(device=device, memory_format=torch.channels_last)
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).contiguous(memory_format=torch.channels_last)
+    y = torch.from_numpy(labels).long().to(device)
+    autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+
+    if mode == "forward":
+        model.eval()
+        forward = torch.compile(model) if compile else model
+
+        def run():
+            with torch.inference_mode(), autocast:
+                forward(x)
+            sync()
+
+        return run
+    if mode == "frozen":
+        base.requires_grad_(False)
+        base.eval()
+    else:
+        model.train()
+    trained = head if mode == "frozen" else model
+    optimizer = torch.optim.Adam(trained.parameters(), lr=LR)
+    loss_fn = nn.CrossEntropyLoss()
+    features_of = torch.compile(base) if compile and mode == "frozen" else base
+    logits_of = torch.compile(model) if compile and mode == "train" else model
+
+    def run():
+        optimizer.zero_grad(set_to_none=True)
+        with autocast:
+            if mode == "frozen":
+                with torch.no_grad():
+                    features = features_of(x)
+                logits = head(features)
+            else:
+                logits = logits_of(x)
+            loss = loss_fn(logits.float(), y)
+        loss.backward()
+        optimizer.step()
+        sync()
+
+    return run
+
+
+# ---------------------------------------------------------------- Keras 3
+
+
+def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False):
+    """Keras 3 ``applications.VGG16`` + Dense on the configured backend (``KERAS_BACKEND``;
+    the benchmarks' conftest picks tensorflow when TF is installed, else jax). TF backend:
+    ``jit_compile=False`` (TF's oneDNN kernels, Keras's default on CPU); JAX backend: jitted.
+    ``bf16``: the ``mixed_bfloat16`` policy."""
+    keras = pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
+    backend = keras.backend.backend()
+    images, labels = synthetic_batch(size, batch)
+    keras.utils.set_random_seed(0)
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy("mixed_bfloat16" if bf16 else "float32")
+    try:
+        base = keras.applications.VGG16(
+            weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
+        )
+        model = keras.Sequential([base, keras.layers.Dense(NUM_CLASSES, dtype="float32")])
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+    if mode == "frozen":
+        base.trainable = False
+    model.compile(
+        optimizer=keras.optimizers.Adam(LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=backend != "tensorflow",
+    )
+    if backend == "tensorflow":
+        import tensorflow as tf
+
+        x, y = tf.constant(images), tf.constant(labels)
+    else:  # already on the backend's default device
+        x, y = keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)
+    if mode == "forward":
+        return lambda: np.asarray(model.predict_on_batch(x))
+    return lambda: np.asarray(model.train_on_batch(x, y))
