@@ -9,8 +9,10 @@ Groups (pytest-benchmark ``group``):
 * ``train-full``: one step training every layer (Adam), vs PyTorch and Keras ``train_on_batch``.
 * ``train-frozen``: the frozen-base phase (base forward only, head trained), vs the same in
   PyTorch (``no_grad`` base) and Keras (``base.trainable = False``).
-* ``e2e-epoch``: one epoch of ``imgcls_jax.fit`` on real photos (tf.data decode, augmentation,
-  host-to-device, steps, validation), the epoch after compilation; needs TensorFlow and
+* ``e2e-epoch``: ``imgcls_jax.fit`` for two epochs on real photos; the row is the second
+  epoch's training images/s as the loop measures it (cached decoded images, augmentation,
+  host-to-device copies and steps sharing the machine; compilation and the cache fill fall in
+  the first epoch), and ``fit_wall_s`` the whole call. Needs TensorFlow and
   ``../shared/data/flowers5``.
 * the input pipeline alone is ``benchmarks/test_input_pipeline.py`` (group ``input-pipeline``).
 

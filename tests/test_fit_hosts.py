@@ -9,12 +9,8 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 import re
-import signal
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,10 +18,10 @@ import pytest
 from PIL import Image
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT = 240
-CLUSTER_ENV = ("SLURM_", "OMPI_", "PMI_", "JAX_", "XLA_", "IMGCLS_JAX_")
 
 CHILD = """
 import logging, sys
@@ -48,53 +44,25 @@ jax.distributed.shutdown()
 """
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_two_processes(cfg_path: Path, outs: list[Path], cache: Path) -> list[str]:
     """Run :data:`CHILD` as processes 0 and 1; both must exit 0 within ``TIMEOUT`` s."""
-    port, procs = free_port(), []
-    for pid, out in enumerate(outs):
-        env = {k: v for k, v in os.environ.items() if not k.startswith(CLUSTER_ENV)}
-        env.update(
-            PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-            IMGCLS_JAX_COORDINATOR=f"127.0.0.1:{port}", IMGCLS_JAX_NUM_PROCESSES="2",
-            IMGCLS_JAX_PROCESS_ID=str(pid), JAX_COMPILATION_CACHE_DIR=str(cache),
-            JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", TQDM_DISABLE="1",
-        )  # fmt: skip
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-c", CHILD, str(cfg_path), str(out)],
-                env=env,
-                start_new_session=True,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                text=True,
-            )  # fmt: skip
+    port = helpers.free_port()
+    envs = [
+        helpers.child_env(
+            ROOT,
+            {
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+                "IMGCLS_JAX_COORDINATOR": f"127.0.0.1:{port}",
+                "IMGCLS_JAX_NUM_PROCESSES": "2",
+                "IMGCLS_JAX_PROCESS_ID": str(pid),
+                "TQDM_DISABLE": "1",
+            },
+            cache,
         )
-    deadline = time.time() + TIMEOUT
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.time() > deadline or any(p.poll() not in (None, 0) for p in procs):
-                break  # timed out, or one failed: the other may wait on it forever
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-    outputs = [p.stdout.read() for p in procs]
-    codes = [p.returncode for p in procs]
-    tails = "\n".join(
-        f"--- process {pid} exited {c}:\n{out[-4000:]}" for pid, (c, out) in enumerate(zip(codes, outputs))
-    )
-    assert codes == [0, 0], f"timeout {TIMEOUT} s\n{tails}"
-    return outputs
+        for pid in range(len(outs))
+    ]
+    argvs = [[sys.executable, "-c", CHILD, str(cfg_path), str(out)] for out in outs]
+    return helpers.run_children(argvs, envs, TIMEOUT)
 
 
 @pytest.fixture(scope="module")

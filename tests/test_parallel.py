@@ -12,10 +12,6 @@ Measured tolerances (max |difference| / max |parameter change|, after 5 steps): 
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imgcls_jax import parallel
+from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 GLOBAL_BATCH, STEPS, SAVE_AT, SIZE, K = 8, 5, 3, 32, 3
@@ -37,68 +34,24 @@ EVAL_IMAGES, EVAL_BATCH = 21, 6  # 21 % 8 != 0 and 6 % 4 != 0: both paddings are
 # adds the per-device partial sums in another order than one device does.
 TOL = 1e-5
 TIMEOUT = 300
-CLUSTER_ENV = (
-    "SLURM_",
-    "OMPI_",
-    "PMI_",
-    "JAX_COORDINATOR",
-    "IMGCLS_JAX_COORDINATOR",
-    "IMGCLS_JAX_NUM",
-    "IMGCLS_JAX_PROC",
-)
 
 
 # ------------------------------------------------------------------------- child-process helpers
 def run_children(
     cmds: list[list[str]], env_extra: list[dict], cache: Path, timeout: float = TIMEOUT
 ) -> list[str]:
-    """Run children concurrently; all must exit 0 within ``timeout`` s, else all are killed.
+    """Run this file as children (``cmds[i]`` its arguments, ``env_extra[i]`` on top of the
+    cleaned environment), concurrently; all must exit 0 within ``timeout`` s.
 
     ``cache``: a JAX compilation cache shared by the children (model initialisers compile once).
     """
-    procs = []
-    for args, extra in zip(cmds, env_extra):
-        env = {**os.environ, "PYTHONPATH": str(ROOT), "JAX_PLATFORMS": "cpu", **extra}
-        env.update(JAX_COMPILATION_CACHE_DIR=str(cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-        for name in [n for n in env if n.startswith(CLUSTER_ENV) and n not in extra]:
-            del env[name]  # a child must not join (or wait for) a cluster the test runner is in
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, __file__, *args],
-                env=env,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-                text=True,
-            )
-        )
-    deadline, outputs = time.time() + timeout, [None] * len(procs)
-    try:
-        while any(p.poll() is None for p in procs):
-            if time.time() > deadline:
-                raise TimeoutError(f"children {cmds} still running after {timeout} s")
-            if any(p.poll() not in (None, 0) for p in procs):
-                break  # one failed: do not wait for the others (they may block on it)
-            time.sleep(0.2)
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                os.killpg(p.pid, signal.SIGKILL)
-            p.wait()
-        outputs = [p.stdout.read() for p in procs]
-    for p, args, out in zip(procs, cmds, outputs):
-        assert p.returncode == 0, f"child {args} exited {p.returncode}:\n{out[-4000:]}"
-    return outputs
+    argvs = [[sys.executable, __file__, *args] for args in cmds]
+    envs = [helpers.child_env(ROOT, extra, cache) for extra in env_extra]
+    return helpers.run_children(argvs, envs, timeout)
 
 
 def devices_env(n: int) -> dict:
     return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={n}"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def max_rel_diff(a: dict, b: dict, start: dict) -> float:
@@ -484,7 +437,7 @@ def test_checkpoint_from_4_devices_continues_on_1_and_2(runs):
 
 def test_two_processes_jax_distributed(tiny_folder, tmp_path, cache):
     steps = "3"
-    port = free_port()
+    port = helpers.free_port()
     envs = [
         {
             **devices_env(2),
@@ -544,3 +497,14 @@ def test_masked_tail_pads_a_short_share_with_masked_batches():
     assert list(parallel.masked_tail(iter(batches), 1)) == batches  # never drops a batch
     with pytest.raises(ValueError, match="no batch to take the batch shape from"):
         list(parallel.masked_tail(iter([]), 1))
+
+
+def test_run_children_kills_the_rest_when_one_fails_or_time_runs_out():
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    env = helpers.child_env(ROOT, {})
+    start = time.time()
+    with pytest.raises(AssertionError, match=r"a child failed[\s\S]*exited 3"):
+        helpers.run_children([[sys.executable, "-c", "raise SystemExit(3)"], sleeper], [env, env], timeout=60)
+    with pytest.raises(AssertionError, match="timed out after 1 s"):
+        helpers.run_children([sleeper], [env], timeout=1)
+    assert time.time() - start < 30  # neither waited for the sleepers
