@@ -76,12 +76,9 @@ def child(devices: int, per_device: int) -> None:
 
 
 def run_child(devices: int, per_device: int) -> dict:
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "JAX_PLATFORMS": "cpu",
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
-    }
+    from tests import helpers
+
+    env = helpers.child_env(ROOT, {"XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
     proc = subprocess.run(
         [sys.executable, __file__, str(devices), str(per_device)],
         env=env,

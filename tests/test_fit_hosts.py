@@ -34,7 +34,7 @@ from imgcls_jax.config import TrainConfig
 from imgcls_jax.train.loop import fit
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format=FORMAT)
-logging.getLogger("imgcls_jax.train.loop").setLevel(logging.DEBUG)
+logging.getLogger("imgcls_jax.train").setLevel(logging.DEBUG)
 assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
 result = fit(TrainConfig.from_json(sys.argv[1]))
 leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(result.model, nnx.Param)))

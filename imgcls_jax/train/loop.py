@@ -25,7 +25,6 @@ progress bar; every process takes part in the orbax checkpoint saves and restore
 from __future__ import annotations
 
 import csv
-import json
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -39,7 +38,8 @@ import optax
 from flax import nnx
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
-from imgcls_jax.train.features import FeatureBatches, compute_features
+from imgcls_jax.train.inputs import batch_sharding, feature_inputs, multi_process, run_inputs
+from imgcls_jax.train.monitor import NoBoard, TensorBoard, progress
 from imgcls_jax.train.optim import OptimizerSpec, trainable_layers
 from imgcls_jax.train.steps import (
     cached_eval_step,
@@ -71,92 +71,6 @@ class FitResult:
     stopped_early: bool = False
 
 
-def _multi() -> bool:
-    return jax.process_count() > 1
-
-
-def _batch_sharding():
-    """Batches' sharding over the mesh of every process's devices; None on one process (the
-    default sharding of ``prefetch_to_device``)."""
-    if not _multi():
-        return None
-    from imgcls_jax import parallel
-
-    return parallel.batch_sharding(parallel.make_mesh())
-
-
-def _data(config: TrainConfig, run_dir: Path, write: bool = True):
-    from imgcls_jax.data import (
-        AugmentConfig,
-        Pipeline,
-        from_records,
-        scan_folder,
-        split_records,
-        write_manifest,
-    )
-
-    found = scan_folder(config.data, exclude=config.exclude)
-    records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
-    if write:
-        write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
-    by_split: dict[str, list] = {}
-    for r in records:
-        by_split.setdefault(r.split, []).append(r)
-    if "train" not in by_split:
-        raise ValueError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
-    batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
-    if _multi():
-        by_split, batch, eval_batch = _process_share(config, by_split, batch, eval_batch)
-    size = (config.image_size, config.image_size)
-    train = Pipeline(
-        from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
-        training=True, augment=AugmentConfig(**config.augment), cache=config.cache, seed=config.seed,
-    )  # fmt: skip
-    evals = {
-        name: Pipeline(
-            from_records(rs, found.class_names),
-            image_size=size,
-            batch_size=eval_batch,
-            training=False,
-            cache=config.cache,
-        )  # fmt: skip
-        for name, rs in by_split.items()
-        if name != "train"
-    }
-    return found.class_names, train, evals
-
-
-def _process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: int):
-    """This process's records of each split and its per-step batch sizes (of the global ones).
-
-    Train shares are equal (a few images left out) so that every process runs the same number of
-    steps; evaluation shares may differ by one image and together hold every image once."""
-    from imgcls_jax import parallel
-
-    mesh = parallel.make_mesh()
-    batch, eval_batch = (
-        parallel.process_batch_size(batch, mesh),
-        parallel.process_batch_size(eval_batch, mesh),
-    )
-    shares = {
-        name: parallel.shard_records(rs, seed=config.seed, equal_sizes=name == "train")
-        for name, rs in by_split.items()
-    }
-    index, count, train = jax.process_index(), jax.process_count(), shares["train"]
-    if len(train) < batch:
-        raise ValueError(
-            f"process {index} of {count}: its share of the train split has {len(train)} images "
-            f"({len(by_split['train'])} in all), fewer than its batch of {batch} (global batch_size="
-            f"{config.batch_size}); lower batch_size or add images"
-        )
-    log.info(
-        "process %d of %d reads %d of %d train images, %d per step (global batch %d)",
-        index, count, len(train), len(by_split["train"]), batch, config.batch_size,
-    )  # fmt: skip
-    log.debug("process %d train share: %s", index, json.dumps(sorted(str(r.path) for r in train)))
-    return shares, batch, eval_batch
-
-
 def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) -> dict[str, float]:
     """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked).
 
@@ -167,11 +81,11 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
     step = cached_eval_step(split, forward)
     loss, correct, count = 0.0, 0, 0
     batches = pipeline.epoch(0)
-    if _multi():
+    if multi_process():
         from imgcls_jax.parallel import masked_tail, max_over_processes
 
         batches = masked_tail(batches, max_over_processes(len(pipeline)))
-    for batch in prefetch_to_device(batches, sharding=_batch_sharding()):
+    for batch in prefetch_to_device(batches, sharding=batch_sharding()):
         out = step(params, frozen, batch)
         loss += float(out["loss_sum"])
         correct += int(out["correct"])
@@ -219,41 +133,6 @@ def _set_plateau_scale(state, value: float):
     return state.replace(opt_state=(*state.opt_state[:-1], inj._replace(hyperparams=hyper)))
 
 
-class _NoBoard:
-    """Stands in for :class:`_TensorBoard` on processes other than 0 (they write no events)."""
-
-    def scalars(self, step: int, values: dict):
-        pass
-
-    def close(self):
-        pass
-
-
-class _TensorBoard:
-    """Scalars as TensorBoard event files in ``path`` (tensorboardX: no TensorFlow needed)."""
-
-    def __init__(self, path: Path):
-        from tensorboardX import SummaryWriter
-
-        self._writer = SummaryWriter(str(path))
-
-    def scalars(self, step: int, values: dict):
-        for name, value in values.items():
-            if value not in ("", None):
-                self._writer.add_scalar(name, float(value), step)
-
-    def close(self):
-        self._writer.close()
-
-
-def _progress(total_images: int, desc: str):
-    try:
-        from tqdm.auto import tqdm
-    except ImportError:  # pragma: no cover - tqdm comes with tensorflow-datasets
-        return None
-    return tqdm(total=total_images, desc=desc, unit="img", unit_scale=True, leave=False, disable=None)
-
-
 def _better(score, best, mode_max: bool) -> bool:
     return best is None or (score > best if mode_max else score < best)
 
@@ -275,18 +154,18 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     run_dir.mkdir(parents=True, exist_ok=True)
     if main:
         config.to_json(run_dir / "config.json")
-    class_names, train, evals = _data(config, run_dir, write=main)
+    class_names, train, evals = run_inputs(config, run_dir, write=main)
     model = create_model(
         config.model, num_classes=len(class_names), weights=config.weights, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
         input_shape=(config.image_size, config.image_size, 3),
     )  # fmt: skip
-    if _multi():  # every array a global one on the mesh: steps and orbax see only those
+    if multi_process():  # every array a global one on the mesh: steps and orbax see only those
         nnx.update(model, _replicate(nnx.state(model)))
     mode_max = config.monitor == "val_accuracy"
     # Several processes: synchronous saves. Two managers finalizing in background threads at once
     # collide on orbax's multi-host barrier names ("... is already ongoing").
-    sync = {"enable_async_checkpointing": False} if _multi() else {}
+    sync = {"enable_async_checkpointing": False} if multi_process() else {}
     manager = ocp.CheckpointManager(
         run_dir / "checkpoints",
         options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, **sync),
@@ -308,7 +187,7 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
         with open(metrics_path, newline="") as f:
             result.history = [row for row in csv.DictReader(f) if int(row["epoch"]) <= latest]
         log.info("resuming %s after epoch %d", run_dir, latest)
-    board = _TensorBoard(run_dir / "tensorboard") if main else _NoBoard()
+    board = TensorBoard(run_dir / "tensorboard") if main else NoBoard()
     try:
         _train_phases(
             config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
@@ -350,31 +229,11 @@ def _replicate(tree):
 def _restore_target(tree):
     """What orbax restores ``tree`` as: ``tree`` itself on one process, else abstract arrays
     replicated over the mesh of every process's devices."""
-    if not _multi():
+    if not multi_process():
         return tree
     from imgcls_jax import parallel
 
     return parallel.restore_target(tree, parallel.replicated(parallel.make_mesh()))
-
-
-def _feature_data(config, model, train, evals):
-    """The frozen base's outputs for the train and evaluation images (see ``train/features.py``)."""
-    from imgcls_jax.data import Pipeline
-
-    start = time.perf_counter()
-    bs = config.eval_batch_size or config.batch_size
-    ordered = Pipeline(train.source, image_size=train.image_size, batch_size=bs, training=False, cache=None)
-    feats, labels = compute_features(model, ordered)
-    phase_train = FeatureBatches(feats, labels, batch_size=config.batch_size, training=True, seed=config.seed)
-    phase_evals = {}
-    for name, pipeline in evals.items():
-        f, y = compute_features(model, pipeline)
-        phase_evals[name] = FeatureBatches(f, y, batch_size=pipeline.batch_size, training=False)
-    log.info(
-        "frozen base, no augmentation: base outputs %s computed once in %.1f s; the head trains on them",
-        feats.shape[1:], time.perf_counter() - start,
-    )  # fmt: skip
-    return phase_train, phase_evals
 
 
 def _train_phases(
@@ -411,13 +270,13 @@ def _train_phases(
         state, split.frozen = _replicate(state), _replicate(split.frozen)
         phase_train, phase_evals, forward = train, evals, image_forward
         features = config.cache_features and set(names) == set(model.head_layers) and train.augment is None
-        if features and _multi():
+        if features and multi_process():
             log.info(
                 "phase %d: cache_features is off with several processes (the head trains on images)",
                 phase_index,
             )
         elif features:
-            phase_train, phase_evals = _feature_data(config, model, train, evals)
+            phase_train, phase_evals = feature_inputs(config, model, train, evals)
             forward = head_forward
         step_fn = cached_train_step(
             split, spec, hyper, forward=forward,
@@ -498,9 +357,9 @@ def _train_epoch(
 
     steps = len(train)
     start, losses, accs = time.perf_counter(), [], []
-    bar = _progress(steps * config.batch_size, f"epoch {epoch}") if jax.process_index() == 0 else None
+    bar = progress(steps * config.batch_size, f"epoch {epoch}") if jax.process_index() == 0 else None
     first_step = int(state.step)
-    for batch in prefetch_to_device(train.epoch(epoch), sharding=_batch_sharding()):
+    for batch in prefetch_to_device(train.epoch(epoch), sharding=batch_sharding()):
         state, m = step_fn(state, split.frozen, batch)
         losses.append(m["loss"])
         accs.append(m["accuracy"])

@@ -1,0 +1,131 @@
+"""A run's inputs: splits, each process's share, the tf.data pipelines, cached base features.
+
+TensorFlow (through :mod:`imgcls_jax.data`) is imported only when these functions run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import jax
+
+from imgcls_jax.config import TrainConfig
+from imgcls_jax.train.features import FeatureBatches, compute_features
+
+log = logging.getLogger(__name__)
+
+
+def multi_process() -> bool:
+    """True when ``jax.distributed`` runs several processes."""
+    return jax.process_count() > 1
+
+
+def batch_sharding():
+    """Batches' sharding over the mesh of every process's devices; None on one process (the
+    default sharding of ``prefetch_to_device``)."""
+    if not multi_process():
+        return None
+    from imgcls_jax import parallel
+
+    return parallel.batch_sharding(parallel.make_mesh())
+
+
+def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
+    """The class names, the train ``Pipeline`` and one ``Pipeline`` per evaluation split of a run.
+
+    Splits come from the folder (presplit) or ``split_records`` with ``config.seed``; ``write``
+    saves them as ``run_dir/manifest.csv``. With several processes each pipeline holds this
+    process's share (see :func:`process_share`) and batches of its per-process size."""
+    from imgcls_jax.data import (
+        AugmentConfig,
+        Pipeline,
+        from_records,
+        scan_folder,
+        split_records,
+        write_manifest,
+    )
+
+    found = scan_folder(config.data, exclude=config.exclude)
+    records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
+    if write:
+        write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
+    by_split: dict[str, list] = {}
+    for r in records:
+        by_split.setdefault(r.split, []).append(r)
+    if "train" not in by_split:
+        raise ValueError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
+    batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
+    if multi_process():
+        by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
+    size = (config.image_size, config.image_size)
+    train = Pipeline(
+        from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
+        training=True, augment=AugmentConfig(**config.augment), cache=config.cache, seed=config.seed,
+    )  # fmt: skip
+    evals = {
+        name: Pipeline(
+            from_records(rs, found.class_names),
+            image_size=size,
+            batch_size=eval_batch,
+            training=False,
+            cache=config.cache,
+        )  # fmt: skip
+        for name, rs in by_split.items()
+        if name != "train"
+    }
+    return found.class_names, train, evals
+
+
+def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: int):
+    """This process's records of each split and its per-step batch sizes (of the global ones).
+
+    Train shares are equal (a few images left out) so that every process runs the same number of
+    steps; evaluation shares may differ by one image and together hold every image once."""
+    from imgcls_jax import parallel
+
+    mesh = parallel.make_mesh()
+    batch, eval_batch = (
+        parallel.process_batch_size(batch, mesh),
+        parallel.process_batch_size(eval_batch, mesh),
+    )
+    shares = {
+        name: parallel.shard_records(rs, seed=config.seed, equal_sizes=name == "train")
+        for name, rs in by_split.items()
+    }
+    index, count, train = jax.process_index(), jax.process_count(), shares["train"]
+    if len(train) < batch:
+        raise ValueError(
+            f"process {index} of {count}: its share of the train split has {len(train)} images "
+            f"({len(by_split['train'])} in all), fewer than its batch of {batch} (global batch_size="
+            f"{config.batch_size}); lower batch_size or add images"
+        )
+    log.info(
+        "process %d of %d reads %d of %d train images, %d per step (global batch %d)",
+        index, count, len(train), len(by_split["train"]), batch, config.batch_size,
+    )  # fmt: skip
+    log.debug("process %d train share: %s", index, json.dumps(sorted(str(r.path) for r in train)))
+    return shares, batch, eval_batch
+
+
+def feature_inputs(config: TrainConfig, model, train, evals: dict):
+    """The frozen base's outputs for the train and evaluation images, as ``FeatureBatches`` with
+    the batch sizes of ``train`` and ``evals`` (see :mod:`imgcls_jax.train.features`)."""
+    from imgcls_jax.data import Pipeline
+
+    start = time.perf_counter()
+    bs = config.eval_batch_size or config.batch_size
+    ordered = Pipeline(train.source, image_size=train.image_size, batch_size=bs, training=False, cache=None)
+    feats, labels = compute_features(model, ordered)
+    phase_train = FeatureBatches(feats, labels, batch_size=config.batch_size, training=True, seed=config.seed)
+    phase_evals = {}
+    for name, pipeline in evals.items():
+        f, y = compute_features(model, pipeline)
+        phase_evals[name] = FeatureBatches(f, y, batch_size=pipeline.batch_size, training=False)
+    log.info(
+        "frozen base, no augmentation: base outputs %s computed once in %.1f s; the head trains on them",
+        feats.shape[1:], time.perf_counter() - start,
+    )  # fmt: skip
+    return phase_train, phase_evals
