@@ -58,6 +58,9 @@ class TrainConfig:
     head_units: tuple[int, ...] = (256,)
     dropout: float = 0.5
     dtype: str = "float32"
+    #: Initializer of the kernels not loaded from ``weights`` (see ``imgcls_jax.models.VGG``):
+    #: ``glorot_uniform`` (Keras's default), ``he_normal``, ``he_uniform``.
+    kernel_init: str = "glorot_uniform"
     augment: dict = field(default_factory=lambda: {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1})
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
     label_smoothing: float = 0.0

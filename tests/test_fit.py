@@ -84,9 +84,11 @@ def test_fit_writes_run_directory(tiny_data, tmp_path):
     from imgcls_jax.train.loop import fit
 
     cfg = config(
-        tiny_data, tmp_path / "run", phases=[PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2)]
-    )
+        tiny_data, tmp_path / "run", phases=[PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2)],
+        kernel_init="he_normal",
+    )  # fmt: skip
     result = fit(cfg)
+    assert result.model.kernel_init == "he_normal"
     run = tmp_path / "run"
     assert TrainConfig.from_json(run / "config.json") == cfg
     assert len((run / "manifest.csv").read_text().splitlines()) == 33  # header + 32 images

@@ -88,6 +88,10 @@ def base_config(data, run_dir, epochs=3, **kw):
             "'top:9' is invalid",
         ),
         ({"dropout": {"type": "float", "low": 0.0, "high": 1.5}}, "value 1.5 is invalid"),
+        (
+            {"kernel_init": {"type": "categorical", "choices": ["he_normal", "kaiming"]}},
+            "'kaiming' is invalid",
+        ),
         ({}, "non-empty mapping"),
     ],
 )

@@ -110,6 +110,21 @@ def test_seeded_init_is_reproducible():
 
 
 @pytest.mark.parametrize(
+    "init, std_times_sqrt_fan_in",
+    # glorot_uniform: variance 2 / (fan_in + fan_out) = 1 / fan_in when fan_in == fan_out;
+    # he_*: 2 / fan_in (Keras's he_normal is a normal truncated at 2 std, rescaled to that variance)
+    [("glorot_uniform", 1.0), ("he_normal", 2**0.5), ("he_uniform", 2**0.5)],
+)
+def test_kernel_init_scale(init, std_times_sqrt_fan_in):
+    model = imgcls_jax.create_model("vgg16", num_classes=3, input_shape=(32, 32, 3), kernel_init=init)
+    kernel = np.asarray(model.block4_conv2.kernel[...])  # 3x3x512x512: fan_in == fan_out
+    fan_in = np.prod(kernel.shape[:-1])
+    np.testing.assert_allclose(kernel.std() * fan_in**0.5, std_times_sqrt_fan_in, rtol=0.01)
+    assert np.all(np.asarray(model.block4_conv2.bias[...]) == 0)
+    assert model.kernel_init == init
+
+
+@pytest.mark.parametrize(
     "kwargs, match",
     [
         (dict(input_shape=(30, 30, 3)), "multiples of 32"),
@@ -122,6 +137,7 @@ def test_seeded_init_is_reproducible():
         (dict(preprocessing="imagenet"), "unknown preprocessing mode"),
         (dict(weights="imagenet", include_top=True, num_classes=18), "1000 classes"),
         (dict(weights="/nonexistent/vgg.h5"), "no such file"),
+        (dict(kernel_init="kaiming"), "unknown kernel_init"),
     ],
 )
 def test_bad_options(kwargs, match):

@@ -247,6 +247,7 @@ def _scaled_augment(augment: dict, strength) -> dict:
 def _validate(config: TrainConfig) -> None:
     """What ``TrainConfig`` itself leaves to training time: names, ranges, augmentation."""
     from imgcls_jax.data.augment import AugmentConfig
+    from imgcls_jax.models.vgg import KERNEL_INITS
     from imgcls_jax.train.optim import OPTIMIZERS, SCHEDULES
 
     AugmentConfig(**config.augment)
@@ -258,6 +259,8 @@ def _validate(config: TrainConfig) -> None:
         raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
     if not 0 <= config.label_smoothing < 1:
         raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
+    if config.kernel_init not in KERNEL_INITS:
+        raise ValueError(f"kernel_init must be one of {sorted(KERNEL_INITS)}, got {config.kernel_init!r}")
     if any(not isinstance(u, int) or u < 1 for u in config.head_units):
         raise ValueError(f"head_units must be positive integers, got {config.head_units}")
     for i, p in enumerate(config.phases):

@@ -53,6 +53,7 @@ def create_model(
     preprocessing: str | None = None,
     seed: int = 0,
     conv_impl: str = "auto",
+    kernel_init: str = "glorot_uniform",
 ):
     """Build a registered model, optionally with Keras weights.
 
@@ -72,6 +73,8 @@ def create_model(
       seed: seeds parameter init (head and random weights) and the dropout stream.
       conv_impl: how 3x3 convolutions compute: ``"auto"`` (per backend and shape, see
         :mod:`imgcls_jax.models.conv`), ``"xla"`` or ``"im2col"``; same parameters and outputs.
+      kernel_init: initializer of the kernels that ``weights`` does not set: ``"glorot_uniform"``
+        (Keras's default), ``"he_normal"`` or ``"he_uniform"`` (see :class:`VGG`).
 
     Returns:
       The model, in inference mode (``model.train()`` turns dropout on).
@@ -96,6 +99,7 @@ def create_model(
         preprocessing=preprocessing or "caffe",
         rngs=nnx.Rngs(params=seed, dropout=seed + 1),
         conv_impl=conv_impl,
+        kernel_init=kernel_init,
     )
     if weights is not None:
         from imgcls_jax.weights import load_weights

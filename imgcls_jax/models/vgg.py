@@ -23,7 +23,14 @@ BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 FILTERS = (64, 128, 256, 512, 512)
 POOLINGS = (None, "avg", "max")
 
-_glorot = nnx.initializers.glorot_uniform()  # Keras's default kernel initializer
+#: Kernel initializers by their Keras names. ``glorot_uniform`` is Keras's default (and what
+#: Keras's VGG16 uses); ``he_normal`` (truncated normal, variance 2 / fan_in, as Keras's) keeps
+#: the activations' scale through the ReLU stack and is the usual choice to train from scratch.
+KERNEL_INITS = {
+    "glorot_uniform": nnx.initializers.glorot_uniform(),
+    "he_normal": nnx.initializers.he_normal(),
+    "he_uniform": nnx.initializers.he_uniform(),
+}
 _zeros = nnx.initializers.zeros_init()
 
 
@@ -75,6 +82,9 @@ class VGG(nnx.Module):
     wrong normalisation. Computation runs in ``dtype`` (float32 or bfloat16); parameters are
     always float32 and outputs are float32.
 
+    ``kernel_init`` names the initializer of every kernel (see :data:`KERNEL_INITS`; biases start
+    at zero); it matters only for layers that are not loaded from a weight file.
+
     ``conv_impl`` picks how the 3x3 convolutions compute (see :mod:`imgcls_jax.models.conv`):
     ``"auto"`` (default: im2col + matmul for small maps on CPU, XLA's convolution otherwise),
     ``"xla"`` or ``"im2col"``. All give the same parameters and, to float rounding, the same
@@ -98,6 +108,7 @@ class VGG(nnx.Module):
         dtype=jnp.float32,
         preprocessing: str = "caffe",
         conv_impl: str = "auto",
+        kernel_init: str = "glorot_uniform",
         rngs: nnx.Rngs,
     ):
         if arch not in BLOCKS:
@@ -115,6 +126,8 @@ class VGG(nnx.Module):
             num_classes = 1000
         if num_classes is not None and num_classes < 1:
             raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+        if kernel_init not in KERNEL_INITS:
+            raise ValueError(f"unknown kernel_init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
         dtype = jnp.dtype(dtype)
         if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
             raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
@@ -129,6 +142,7 @@ class VGG(nnx.Module):
         self.dtype = dtype
         self.preprocessing = check_mode(preprocessing)
         self.conv_impl = check_impl(conv_impl)
+        self.kernel_init = kernel_init
         conv_fn = ConvGeneralDilated(conv_impl)
 
         for spec in base_layer_specs(arch):
@@ -140,7 +154,7 @@ class VGG(nnx.Module):
                 padding="SAME",
                 dtype=dtype,
                 param_dtype=jnp.float32,
-                kernel_init=_glorot,
+                kernel_init=KERNEL_INITS[kernel_init],
                 bias_init=_zeros,
                 conv_general_dilated=conv_fn,
                 rngs=rngs,
@@ -174,7 +188,7 @@ class VGG(nnx.Module):
             fout,
             dtype=self.dtype,
             param_dtype=jnp.float32,
-            kernel_init=_glorot,
+            kernel_init=KERNEL_INITS[self.kernel_init],
             bias_init=_zeros,
             rngs=rngs,
         )

@@ -158,7 +158,7 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     model = create_model(
         config.model, num_classes=len(class_names), weights=config.weights, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size, config.image_size, 3),
+        input_shape=(config.image_size, config.image_size, 3), kernel_init=config.kernel_init,
     )  # fmt: skip
     if multi_process():  # every array a global one on the mesh: steps and orbax see only those
         nnx.update(model, _replicate(nnx.state(model)))
