@@ -25,7 +25,10 @@ POOLINGS = (None, "avg", "max")
 
 #: Kernel initializers by their Keras names. ``glorot_uniform`` is Keras's default (and what
 #: Keras's VGG16 uses); ``he_normal`` (truncated normal, variance 2 / fan_in, as Keras's) keeps
-#: the activations' scale through the ReLU stack and is the usual choice to train from scratch.
+#: the activations' scale through the ReLU stack, which suits inputs of unit scale
+#: (``preprocessing="tf"`` or ``"torch"``). With ``"caffe"`` inputs (pixels minus the mean,
+#: about +-128) it starts with very large logits: measured on flowers5 at 32x32 (Adam 2e-4),
+#: 35% train accuracy after 6 epochs against glorot_uniform's 51%.
 KERNEL_INITS = {
     "glorot_uniform": nnx.initializers.glorot_uniform(),
     "he_normal": nnx.initializers.he_normal(),
