@@ -70,13 +70,13 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
     """Per-example softmax cross-entropy, float32[B].
 
     ``labels``: int[B] class indices, or float[B, K] probabilities (mixup/cutmix).
-    ``label_smoothing``: mix the targets with the uniform distribution (Keras's meaning).
+    ``label_smoothing``: mix the targets with the uniform distribution (Keras's meaning); a
+    Python float or a traced scalar (0 leaves the targets exact).
     """
     num_classes = logits.shape[-1]
     if labels.ndim == 1:
         labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    if label_smoothing:
-        labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
+    labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
     return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
 
 
@@ -134,7 +134,7 @@ def optimizer_step(state: TrainState, optimizer, batch, logits_of, label_smoothi
 
     def loss_fn(params):
         logits = logits_of(params)
-        return _soft_cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
+        return cross_entropy(logits, batch["label"], label_smoothing).mean(), logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
@@ -201,15 +201,6 @@ def cached_jit(key, build: Callable[[], Callable]) -> Callable:
     else:
         _JIT_CACHE.move_to_end(key)
     return fn
-
-
-def _soft_cross_entropy(logits, labels, label_smoothing):
-    """:func:`cross_entropy` with a traced ``label_smoothing`` (0 leaves the targets exact)."""
-    num_classes = logits.shape[-1]
-    if labels.ndim == 1:
-        labels = jax.nn.one_hot(labels, num_classes, dtype=jnp.float32)
-    labels = labels * (1.0 - label_smoothing) + label_smoothing / num_classes
-    return optax.softmax_cross_entropy(logits.astype(jnp.float32), labels)
 
 
 def cached_train_step(split: SplitModel, spec, hyper: dict, *, dropout_key, forward=image_forward):
