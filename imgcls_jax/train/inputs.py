@@ -23,7 +23,7 @@ def multi_process() -> bool:
     return jax.process_count() > 1
 
 
-def batch_sharding():
+def run_batch_sharding():
     """Batches' sharding over the mesh of every process's devices; None on one process (the
     default sharding of ``prefetch_to_device``)."""
     if not multi_process():

@@ -38,7 +38,7 @@ import optax
 from flax import nnx
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
-from imgcls_jax.train.inputs import batch_sharding, feature_inputs, multi_process, run_inputs
+from imgcls_jax.train.inputs import feature_inputs, multi_process, run_batch_sharding, run_inputs
 from imgcls_jax.train.monitor import NoBoard, TensorBoard, progress
 from imgcls_jax.train.optim import OptimizerSpec, trainable_layers
 from imgcls_jax.train.steps import (
@@ -85,7 +85,7 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
         from imgcls_jax.parallel import masked_tail, max_over_processes
 
         batches = masked_tail(batches, max_over_processes(len(pipeline)))
-    for batch in prefetch_to_device(batches, sharding=batch_sharding()):
+    for batch in prefetch_to_device(batches, sharding=run_batch_sharding()):
         out = step(params, frozen, batch)
         loss += float(out["loss_sum"])
         correct += int(out["correct"])
@@ -359,7 +359,7 @@ def _train_epoch(
     start, losses, accs = time.perf_counter(), [], []
     bar = progress(steps * config.batch_size, f"epoch {epoch}") if jax.process_index() == 0 else None
     first_step = int(state.step)
-    for batch in prefetch_to_device(train.epoch(epoch), sharding=batch_sharding()):
+    for batch in prefetch_to_device(train.epoch(epoch), sharding=run_batch_sharding()):
         state, m = step_fn(state, split.frozen, batch)
         losses.append(m["loss"])
         accs.append(m["accuracy"])
