@@ -18,6 +18,10 @@ class PhaseConfig:
     monitored validation metric has not improved for ``plateau_patience`` epochs).
     ``base_lr_multiplier`` scales the learning rate of the convolutional base relative to the
     head (e.g. 0.1 when fine-tuning).
+    ``image_size``: the phase's input size (default: ``TrainConfig.image_size``). Phases of
+    growing sizes train at low resolution first and adapt at a higher one (progressive resizing);
+    it needs a pooled head (``TrainConfig.pooling`` "avg" or "max"), whose weights do not depend
+    on the input size.
     """
 
     epochs: int = 1
@@ -32,10 +36,13 @@ class PhaseConfig:
     base_lr_multiplier: float = 1.0
     plateau_factor: float = 0.1
     plateau_patience: int = 2
+    image_size: int | None = None
 
     def __post_init__(self):
         if self.epochs < 1:
             raise ValueError(f"PhaseConfig.epochs must be >= 1, got {self.epochs}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ValueError(f"PhaseConfig.image_size must be >= 1 or None, got {self.image_size}")
 
 
 @dataclass
@@ -82,6 +89,32 @@ class TrainConfig:
             )
         if not self.phases:
             raise ValueError("TrainConfig.phases must hold at least one phase")
+        sizes = sorted({self.phase_image_size(i) for i in range(len(self.phases))})
+        if len(sizes) > 1 and self.pooling is None:
+            raise ValueError(
+                f"phases of different image sizes {sizes} need a pooled head (pooling 'avg' or "
+                "'max'): with pooling None the head's first kernel depends on the input size"
+            )
+
+    def phase_image_size(self, phase_index: int) -> int:
+        """Input height and width of phase ``phase_index``."""
+        return self.phases[phase_index].image_size or self.image_size
+
+    def phase_of_epoch(self, epoch: int) -> int:
+        """Index of the phase that trains (0-based, run-wide) ``epoch``; the last phase for
+        epochs past the end."""
+        end = 0
+        for index, phase in enumerate(self.phases):
+            end += phase.epochs
+            if epoch < end:
+                return index
+        return len(self.phases) - 1
+
+    def image_size_at(self, epoch: int | None = None) -> int:
+        """Input size the model had at ``epoch`` (default: the end of the run), the size at
+        which a checkpoint of that epoch is evaluated and predicts."""
+        phase = len(self.phases) - 1 if epoch is None else self.phase_of_epoch(epoch)
+        return self.phase_image_size(phase)
 
     def to_json(self, path=None) -> str:
         text = json.dumps(asdict(self), indent=2, sort_keys=True)

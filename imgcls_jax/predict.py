@@ -36,6 +36,12 @@ class LoadedRun:
     epoch: int
     which: str
 
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input size of the restored epoch (its phase's ``image_size``)."""
+        size = self.config.image_size_at(self.epoch)
+        return size, size
+
 
 @dataclass
 class Prediction:
@@ -75,7 +81,7 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     model = create_model(
         config.model, num_classes=len(class_names), weights=None, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size, config.image_size, 3), kernel_init=config.kernel_init,
+        input_shape=(config.image_size_at(), config.image_size_at(), 3), kernel_init=config.kernel_init,
     )  # fmt: skip
     directory = run_dir / ("best" if which == "best" else "checkpoints")
     if not directory.is_dir():
@@ -136,7 +142,7 @@ def predict(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
-    size = (loaded.config.image_size, loaded.config.image_size)
+    size = loaded.image_size
     if isinstance(inputs, np.ndarray | jax.Array):
         images = np.asarray(inputs)
         if images.ndim == 3:

@@ -131,7 +131,7 @@ def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResu
         raise ValueError(
             f"{run_dir}: the manifest has no '{split}' split (splits: {sorted({r.split for r in records})})"
         )
-    size = (loaded.config.image_size, loaded.config.image_size)
+    size = loaded.image_size
     pipeline = Pipeline(
         from_records(chosen, class_names),
         image_size=size,

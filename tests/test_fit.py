@@ -100,8 +100,13 @@ def test_fit_writes_run_directory(tiny_data, tmp_path):
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_data, tmp_path):
-    run_fit(config(tiny_data, tmp_path / "straight"), tmp_path / "straight.npz")
-    interrupted = config(tiny_data, tmp_path / "killed")
+    # The second phase also grows the images (32 -> 64): the resumed run rebuilds its pipelines.
+    phases = [
+        PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2),
+        PhaseConfig(epochs=2, trainable="top:1", optimizer="sgd", learning_rate=1e-3, image_size=64),
+    ]
+    run_fit(config(tiny_data, tmp_path / "straight", phases=phases), tmp_path / "straight.npz")
+    interrupted = config(tiny_data, tmp_path / "killed", phases=phases)
     run_fit(interrupted, tmp_path / "killed.npz", kill_after_checkpoint=1)  # dies in phase 2
     assert not (tmp_path / "killed.npz").exists()
     run_fit(interrupted, tmp_path / "killed.npz")  # resumes from the latest checkpoint
@@ -135,3 +140,44 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tiny_
     assert manager.all_steps() == [0]
     restored = manager.restore(0, args=ocp.args.Composite(params=ocp.args.StandardRestore()))
     assert all(np.isfinite(np.asarray(x)).all() for x in __import__("jax").tree.leaves(restored["params"]))
+
+
+def test_phases_of_growing_image_sizes(tiny_data, tmp_path, caplog):
+    from imgcls_jax.predict import load_run, predict
+    from imgcls_jax.runs import evaluate_run
+    from imgcls_jax.train.loop import fit
+
+    cfg = config(
+        tiny_data, tmp_path / "grow", augment={},
+        phases=[
+            PhaseConfig(epochs=1, trainable="head", learning_rate=1e-2),
+            PhaseConfig(epochs=1, trainable="all", learning_rate=1e-4, image_size=64),
+        ],
+    )  # fmt: skip
+    with caplog.at_level("INFO", logger="imgcls_jax.train"):
+        fit(cfg)
+    text = caplog.text
+    assert "phase 0: head trainable" in text and "32x32 images" in text
+    assert "phase 1: all trainable" in text and "64x64 images" in text
+    loaded = load_run(tmp_path / "grow", "latest")
+    assert loaded.epoch == 1 and loaded.image_size == (64, 64)
+    report = evaluate_run(tmp_path / "grow", split="val", which="latest")
+    assert report.count == 8
+    # predict resizes any input to the checkpoint's size
+    (pred,) = predict(loaded, np.zeros((20, 30, 3), np.uint8), top_k=1)
+    assert pred.label in ("blue", "red")
+
+
+def test_image_size_by_phase_and_epoch():
+    cfg = TrainConfig(
+        image_size=64,
+        phases=[PhaseConfig(epochs=2), PhaseConfig(epochs=3, image_size=96), PhaseConfig(epochs=1)],
+    )
+    assert [cfg.phase_of_epoch(e) for e in range(7)] == [0, 0, 1, 1, 1, 2, 2]
+    assert [cfg.image_size_at(e) for e in range(6)] == [64, 64, 96, 96, 96, 64]
+    assert cfg.image_size_at() == 64 and cfg.phase_image_size(1) == 96
+    with pytest.raises(ValueError, match="need a pooled head"):
+        TrainConfig(pooling=None, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
+    TrainConfig(pooling=None, image_size=96, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
+    with pytest.raises(ValueError, match="image_size must be >= 1"):
+        PhaseConfig(image_size=0)

@@ -134,20 +134,117 @@ def test_files_split_manifest_and_batches(tmp_path, resize):
         assert batches[0]["image"][0, 0].max() == 0
 
 
-def test_file_cache(tmp_path):
+def test_file_cache_is_reused_for_the_same_images(tmp_path):
     images, labels = arrays(6)
     prefix = tmp_path / "cache" / "train"
-    prefix.parent.mkdir()
     pipe = Pipeline(
         from_arrays(images, labels), image_size=(32, 32), batch_size=3, training=False, cache=str(prefix)
     )
     first = collect(pipe)
-    assert list(prefix.parent.iterdir())  # tf.data wrote its cache files
-    again = Pipeline(
-        from_arrays(images, labels), image_size=(32, 32), batch_size=3, training=False, cache=str(prefix)
-    )
-    for a, b in zip(first, collect(again)):
+    assert pipe.cache_files.parent == prefix.parent and pipe.cache_files.name.startswith("train-32x32-")
+    assert Path(f"{pipe.cache_files}.index").is_file()  # a finished tf.data cache
+    # Same fingerprint, other pixels behind it: the batches come from the cache files.
+    source = from_arrays(images, labels)
+    other = from_arrays(255 - images, labels)
+    source.make = other.make
+    again = collect(Pipeline(source, image_size=(32, 32), batch_size=3, training=False, cache=str(prefix)))
+    for a, b in zip(first, again):
         np.testing.assert_array_equal(a["image"], b["image"])
+
+
+def test_file_caches_sharing_a_prefix_keep_their_own_images(tmp_path):
+    # Regression: train and validation pipelines of a run share TrainConfig.cache; the second
+    # one used to read the first one's files (its images, labels and count).
+    prefix = str(tmp_path / "cache" / "run")
+    (a, ya), (b, yb) = arrays(6, seed=1), arrays(4, seed=2)
+    yb = (yb + 1) % 3
+    for size in [(32, 32), (32, 32), (64, 64)]:
+        for images, labels in ((a, ya), (b, yb)):
+            pipe = Pipeline(
+                from_arrays(images, labels), image_size=size, batch_size=2, training=False, cache=prefix
+            )
+            reference = Pipeline(from_arrays(images, labels), image_size=size, batch_size=2, training=False)
+            got, want = collect(pipe), collect(reference)
+            assert len(got) == len(want)
+            for x, y in zip(got, want):
+                np.testing.assert_array_equal(x["image"], y["image"])
+                np.testing.assert_array_equal(x["label"], y["label"])
+    assert len(list((tmp_path / "cache").glob("*.index"))) == 4  # 2 sources x 2 sizes
+
+
+def test_file_cache_key_follows_the_files(tmp_path):
+    root = tmp_path / "images"
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True)
+        for i in range(2):
+            Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(root / name / f"{i}.png")
+    found = scan_folder(root)
+    prefix = tmp_path / "cache" / "c"
+    before = Pipeline(from_records(found.records, found.class_names), image_size=(8, 8), batch_size=4,
+                      training=False, cache=str(prefix))  # fmt: skip
+    collect(before)
+    Image.fromarray(np.full((8, 8, 3), 250, np.uint8)).save(root / "a" / "0.png")
+    os.utime(root / "a" / "0.png", ns=(1, 1))  # a new mtime even on coarse clocks
+    after = Pipeline(from_records(found.records, found.class_names), image_size=(8, 8), batch_size=4,
+                     training=False, cache=str(prefix))  # fmt: skip
+    assert after.cache_files != before.cache_files
+    (batch,) = collect(after)
+    first = [str(r.path) for r in found.records].index(str(root / "a" / "0.png"))
+    assert batch["image"][first].min() == 250  # the rewritten file, not the stale cache
+
+
+CACHE_CHILD = """
+import os, signal, sys
+import numpy as np
+from imgcls_jax.data import Pipeline, from_arrays
+images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+pipe = Pipeline(from_arrays(images, np.arange(64) % 3), image_size=(32, 32), batch_size=4,
+                training=False, cache=sys.argv[1])
+for i, _ in enumerate(pipe.epoch(0)):
+    if i == 2:
+        os.kill(os.getpid(), signal.SIGKILL)  # dies while tf.data writes the cache
+"""
+
+
+def test_file_cache_left_unfinished_by_a_killed_run_is_rebuilt(tmp_path, caplog):
+    from tests.helpers import child_env
+
+    prefix = tmp_path / "cache" / "train"
+    proc = subprocess.run(
+        [sys.executable, "-c", CACHE_CHILD, str(prefix)],
+        env=child_env(Path(__file__).resolve().parents[1], {"TF_CPP_MIN_LOG_LEVEL": "2"}),
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == -9, proc.stderr[-2000:]
+    assert list(prefix.parent.glob("*.lockfile")), sorted(p.name for p in prefix.parent.iterdir())
+    images = np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8)
+    with caplog.at_level("WARNING", logger="imgcls_jax.data.pipeline"):
+        pipe = Pipeline(from_arrays(images, np.arange(64) % 3), image_size=(32, 32), batch_size=4,
+                        training=False, cache=str(prefix))  # fmt: skip
+    assert "removing the unfinished tf.data cache" in caplog.text
+    batches = collect(pipe)  # tf.data would refuse: "cache lockfile already exists"
+    np.testing.assert_array_equal(np.concatenate([b["image"] for b in batches]), images)
+    assert Path(f"{pipe.cache_files}.index").is_file()
+
+
+def test_file_cache_needs_a_fingerprint(tmp_path):
+    source = from_arrays(*arrays(4))
+    source.fingerprint = None
+    with pytest.raises(ValueError, match="cannot be cached in files"):
+        Pipeline(source, image_size=(32, 32), batch_size=2, training=False, cache=str(tmp_path / "c"))
+    Pipeline(source, image_size=(32, 32), batch_size=2, training=False, cache="memory")
+
+
+def test_resized_keeps_the_pipeline_settings():
+    images, labels = arrays(8)
+    pipe = Pipeline(from_arrays(images, labels), image_size=(32, 32), batch_size=4, training=True,
+                    augment=AugmentConfig(flip="horizontal"), seed=5)  # fmt: skip
+    assert pipe.resized((32, 32)) is pipe
+    big = pipe.resized((64, 64))
+    assert big.image_size == (64, 64) and big.source is pipe.source
+    assert (big.batch_size, big.training, big.augment, big.seed) == (4, True, pipe.augment, 5)
+    (batch, *_) = collect(big)
+    assert batch["image"].shape == (4, 64, 64, 3)
 
 
 def test_tfds_source_with_mock_data():

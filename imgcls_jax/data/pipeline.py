@@ -17,10 +17,14 @@ rebuilt exactly (for resuming) and augmentation seeds are ``(seed, e * N + i)`` 
 
 from __future__ import annotations
 
+import glob
+import hashlib
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
@@ -40,6 +44,9 @@ class Source:
     class_names: list[str]
     make: object = field(repr=False)  # () -> tf.data.Dataset of (uint8[H, W, 3], int32)
     description: str = ""
+    #: () -> a hex digest of the images and labels (the key of a file cache); ``None``: the
+    #: source cannot be cached in files.
+    fingerprint: Callable[[], str] | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -64,7 +71,18 @@ def from_records(records: Sequence[Record], class_names: Sequence[str]) -> Sourc
             deterministic=True,
         )
 
-    return Source(len(paths), list(class_names), make, f"{len(paths)} files")
+    def fingerprint():
+        digest = hashlib.sha256()
+        for path, label in zip(paths, labels.tolist()):
+            try:
+                stat = os.stat(path)
+                when = f"{stat.st_size}:{stat.st_mtime_ns}"
+            except OSError:
+                when = "missing"  # reading it fails later, naming the file
+            digest.update(f"{path}\0{label}\0{when}\n".encode())
+        return digest.hexdigest()
+
+    return Source(len(paths), list(class_names), make, f"{len(paths)} files", fingerprint)
 
 
 def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = None) -> Source:
@@ -92,7 +110,13 @@ def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = 
         tf = _tf()
         return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
 
-    return Source(len(images), names, make, f"{len(images)} arrays")
+    def fingerprint():
+        digest = hashlib.sha256(str(images.shape).encode())
+        digest.update(np.ascontiguousarray(images).data)
+        digest.update(labels.astype(np.int64).tobytes())
+        return digest.hexdigest()
+
+    return Source(len(images), names, make, f"{len(images)} arrays", fingerprint)
 
 
 def from_tfds(name: str, split: str, *, data_dir=None, image_key="image", label_key="label") -> Source:
@@ -134,7 +158,42 @@ def from_tfds(name: str, split: str, *, data_dir=None, image_key="image", label_
 
         return ds.map(to_pair, num_parallel_calls=tf.data.AUTOTUNE)
 
-    return Source(num, names, make, f"tfds {name}[{split}]")
+    def fingerprint():
+        key = f"{name}\0{split}\0{builder.data_dir}\0{info.version}\0{image_key}\0{label_key}"
+        return hashlib.sha256(key.encode()).hexdigest()
+
+    return Source(num, names, make, f"tfds {name}[{split}]", fingerprint)
+
+
+def cache_prefix(prefix, source: Source, image_size: tuple[int, int], resize: str) -> Path:
+    """The file prefix under which a pipeline caches ``source`` at ``image_size``: ``prefix``
+    plus a key of the images, labels, size and resize mode, so that pipelines of different
+    splits, sizes or folder contents sharing one ``prefix`` never read each other's files."""
+    if source.fingerprint is None:
+        raise ValueError(
+            f"{source.description or 'this source'}: no fingerprint, so it cannot be cached in files "
+            "(use cache='memory' or None, or give the Source a fingerprint)"
+        )
+    key = hashlib.sha256(f"{source.fingerprint()}\0{tuple(image_size)}\0{resize}".encode()).hexdigest()
+    prefix = Path(prefix)
+    return prefix.with_name(f"{prefix.name}-{image_size[0]}x{image_size[1]}-{key[:16]}")
+
+
+def _clear_unfinished_cache(prefix: Path) -> None:
+    """Delete the partial files of a cache whose writer died (tf.data leaves a lockfile, and
+    then refuses to write it again); a finished cache (its ``.index`` file) is kept."""
+    partial = sorted(prefix.parent.glob(glob.escape(prefix.name) + "*"))
+    if not any(p.name.endswith(".lockfile") for p in partial):
+        return
+    if any(p.name.endswith(".index") for p in partial):
+        return
+    log.warning(
+        "removing the unfinished tf.data cache %s* left by an interrupted run (%d files); if another "
+        "process is writing this cache right now, give each run its own cache path",
+        prefix, len(partial),
+    )  # fmt: skip
+    for p in partial:
+        p.unlink(missing_ok=True)
 
 
 class Pipeline:
@@ -149,7 +208,9 @@ class Pipeline:
       augment: augmentation for training (ignored otherwise).
       resize: ``"squash"``, ``"center_crop"`` or ``"pad"`` (see ``decode.resize_image``).
       cache: ``"memory"``, a file path prefix (for datasets that do not fit in memory) or
-        ``None``: decoded-and-resized uint8 images are cached after the first epoch.
+        ``None``: decoded-and-resized uint8 images are cached after the first epoch. File
+        caches are named by :func:`cache_prefix` (one per source, size and resize mode); the
+        partial files of an interrupted first epoch are removed when the pipeline is built.
       shuffle_buffer: default: the whole dataset (exact shuffle of the cached uint8 images).
       seed: shuffling and augmentation seed.
     """
@@ -181,6 +242,8 @@ class Pipeline:
         self.augment = augment if (training and augment is not None and not augment.is_identity) else None
         self.resize = resize
         self.seed = seed
+        self.cache = cache
+        self.cache_files: Path | None = None  # the file prefix of a file cache
         self.shuffle_buffer = shuffle_buffer or source.num_examples
         tf = _tf()
         size = self.image_size
@@ -192,12 +255,26 @@ class Pipeline:
         if cache == "memory":
             base = base.cache()
         elif cache:
-            base = base.cache(str(cache))
+            self.cache_files = cache_prefix(cache, source, size, resize)
+            self.cache_files.parent.mkdir(parents=True, exist_ok=True)
+            _clear_unfinished_cache(self.cache_files)
+            base = base.cache(str(self.cache_files))
         self._base = base
 
     @property
     def num_examples(self) -> int:
         return self.source.num_examples
+
+    def resized(self, image_size: tuple[int, int]) -> Pipeline:
+        """The same pipeline (source, batches, augmentation, cache kind, seed) at another
+        ``image_size``; ``self`` when the size is unchanged."""
+        if tuple(image_size) == self.image_size:
+            return self
+        return Pipeline(
+            self.source, image_size=image_size, batch_size=self.batch_size, training=self.training,
+            augment=self.augment, resize=self.resize, cache=self.cache,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+        )  # fmt: skip
 
     def __len__(self) -> int:
         """Batches per epoch."""

@@ -158,7 +158,7 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     model = create_model(
         config.model, num_classes=len(class_names), weights=config.weights, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size, config.image_size, 3), kernel_init=config.kernel_init,
+        input_shape=(config.image_size_at(0),) * 2 + (3,), kernel_init=config.kernel_init,
     )  # fmt: skip
     if multi_process():  # every array a global one on the mesh: steps and orbax see only those
         nnx.update(model, _replicate(nnx.state(model)))
@@ -268,6 +268,8 @@ def _train_phases(
             split = split_model(model, names)
             state = restored["state"] if "state" in items else init_state(split, optimizer)
         state, split.frozen = _replicate(state), _replicate(split.frozen)
+        size = (config.phase_image_size(phase_index),) * 2
+        train, evals = train.resized(size), {name: p.resized(size) for name, p in evals.items()}
         phase_train, phase_evals, forward = train, evals, image_forward
         features = config.cache_features and set(names) == set(model.head_layers) and train.augment is None
         if features and multi_process():
@@ -283,8 +285,9 @@ def _train_phases(
             dropout_key=jax.random.fold_in(jax.random.key(config.seed), phase_index),
         )  # fmt: skip
         log.info(
-            "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s)", phase_index, phase.trainable,
-            len(names), phase.epochs, phase.optimizer, phase.learning_rate, phase.schedule,
+            "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", phase_index,
+            phase.trainable, len(names), phase.epochs, phase.optimizer, phase.learning_rate,
+            phase.schedule, *size,
         )  # fmt: skip
         for epoch in phase_epochs:
             if latest is not None and epoch <= latest:
