@@ -136,7 +136,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--weights", help="'imagenet', 'none' or a Keras .h5 / ported folder (default from config)"
     )
-    p.add_argument("--image-size", type=int, help="square input size in pixels, a multiple of 32")
+    p.add_argument(
+        "--image-size", type=int,
+        help="square input size in pixels, a multiple of 32 (phases with their own image_size keep it)",
+    )  # fmt: skip
     p.add_argument("--batch-size", type=int, help="training batch size (global, over all devices)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype; parameters stay float32")
     p.add_argument("--seed", type=int, help="seed for the split, init, shuffling, augmentation, dropout")
