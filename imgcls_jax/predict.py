@@ -81,7 +81,7 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     model = create_model(
         config.model, num_classes=len(class_names), weights=None, pooling=config.pooling,
         head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size_at(), config.image_size_at(), 3), kernel_init=config.kernel_init,
+        input_shape=(config.image_size_at(),) * 2 + (3,), kernel_init=config.kernel_init,
     )  # fmt: skip
     directory = run_dir / ("best" if which == "best" else "checkpoints")
     if not directory.is_dir():

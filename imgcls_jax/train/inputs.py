@@ -60,7 +60,7 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
     if multi_process():
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
-    size = (config.image_size, config.image_size)
+    size = (config.image_size_at(0),) * 2  # the first phase's; fit resizes for later phases
     train = Pipeline(
         from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
         training=True, augment=AugmentConfig(**config.augment), cache=config.cache, seed=config.seed,
