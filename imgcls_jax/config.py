@@ -72,6 +72,10 @@ class TrainConfig:
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
     label_smoothing: float = 0.0
     grad_clip: float | None = None
+    #: Keep an exponential moving average of the weights with this decay per step (e.g. 0.999;
+    #: timm's ``--model-ema``, Keras's ``use_ema``) and validate, checkpoint and evaluate it
+    #: instead of the raw weights. Each phase starts its average afresh. None: no average.
+    ema_decay: float | None = None
     seed: int = 0
     monitor: str = "val_accuracy"
     early_stopping_patience: int | None = None
@@ -89,6 +93,8 @@ class TrainConfig:
             )
         if not self.phases:
             raise ValueError("TrainConfig.phases must hold at least one phase")
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
         sizes = sorted({self.phase_image_size(i) for i in range(len(self.phases))})
         if len(sizes) > 1 and self.pooling is None:
             raise ValueError(

@@ -72,7 +72,8 @@ def test_base_multiplier_scales_only_the_base():
     np.testing.assert_allclose(updates["base"]["w"], -0.025 * grads["base"]["w"], rtol=1e-6)
 
 
-def test_cached_train_step_equals_make_train_step():
+@pytest.mark.parametrize("ema_decay", [None, 0.5])
+def test_cached_train_step_equals_make_train_step(ema_decay):
     model = create_model(
         "vgg16", num_classes=3, head_units=(8,), dropout=0.5, input_shape=(32, 32, 3), seed=2
     )
@@ -80,18 +81,23 @@ def test_cached_train_step_equals_make_train_step():
     spec = OptimizerSpec(name="sgd", schedule="cosine", total_steps=4, nesterov=True)
     numbers = dict(learning_rate=0.02, momentum=0.9, weight_decay=0.0, base_lr_multiplier=1.0, grad_clip=0.0)
     key = jax.random.key(7)
-    cached = cached_train_step(split, spec, {**numbers, "label_smoothing": 0.1}, dropout_key=key)
+    hyper = {**numbers, "label_smoothing": 0.1, "ema_decay": ema_decay or 0.0}
+    cached = cached_train_step(split, spec, hyper, dropout_key=key)
     plain_opt = make_optimizer("sgd", make_schedule("cosine", 0.02, 4), momentum=0.9, nesterov=True)
-    plain = make_train_step(split, plain_opt, label_smoothing=0.1, dropout_key=key)
+    plain = make_train_step(split, plain_opt, label_smoothing=0.1, dropout_key=key, ema_decay=ema_decay)
     rng = np.random.default_rng(0)
     batches = [
         {"image": rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8), "label": rng.integers(0, 3, 4)}
         for _ in range(3)
     ]
-    a, b = init_state(split, spec.build(numbers)), init_state(split, plain_opt)
+    ema = ema_decay is not None
+    a, b = init_state(split, spec.build(numbers), ema=ema), init_state(split, plain_opt, ema=ema)
     for batch in batches:
         a, ma = cached(a, split.frozen, batch)
         b, mb = plain(b, split.frozen, batch)
         np.testing.assert_allclose(ma["loss"], mb["loss"], rtol=1e-5)
     for x, y in zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    assert (a.ema is None) == (b.ema is None) == (not ema)
+    for x, y in zip(jax.tree.leaves(a.ema), jax.tree.leaves(b.ema)):
         np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)

@@ -168,6 +168,71 @@ def test_phases_of_growing_image_sizes(tiny_data, tmp_path, caplog):
     assert pred.label in ("blue", "red")
 
 
+class _Stop(Exception):
+    pass
+
+
+def _stop_after(last_epoch):
+    def callback(epoch, row):
+        if epoch == last_epoch:
+            raise _Stop
+
+    return callback
+
+
+def _params(model):
+    import jax
+    from flax import nnx
+
+    return jax.tree.leaves(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
+
+
+def test_ema_is_validated_saved_and_resumed_exactly(tiny_data, tmp_path):
+    import orbax.checkpoint as ocp
+
+    from imgcls_jax.train.loop import fit
+
+    phases = [PhaseConfig(epochs=3, trainable="top:1", learning_rate=1e-3)]
+    straight = fit(config(tiny_data, tmp_path / "straight", phases=phases, ema_decay=0.9))
+    stopped = config(tiny_data, tmp_path / "stopped", phases=phases, ema_decay=0.9)
+    with pytest.raises(_Stop):
+        fit(stopped, callbacks=[_stop_after(0)])  # after epoch 0 is checkpointed
+    resumed = fit(stopped)
+    for a, b in zip(_params(straight.model), _params(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    # The saved model is the average; the raw weights are saved beside it to resume with.
+    manager = ocp.CheckpointManager((tmp_path / "stopped" / "checkpoints").absolute())
+    items = ("params", "state", "ema")
+    saved = manager.restore(2, args=ocp.args.Composite(**{k: ocp.args.StandardRestore() for k in items}))
+    trainable = {name: saved["params"][name] for name in saved["ema"]}
+    assert sorted(trainable) == ["block5_conv1", "block5_conv2", "block5_conv3", "head_fc1", "head_logits"]
+    average, model, raw = (jax_leaves(t) for t in (saved["ema"], trainable, saved["state"]["params"]))
+    for a, m in zip(average, model):
+        np.testing.assert_array_equal(a, m)
+    assert any(not np.array_equal(a, r) for a, r in zip(average, raw))
+    assert int(saved["state"]["step"]) == straight.history[-1]["step"]
+
+
+def jax_leaves(tree):
+    import jax
+
+    return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def test_ema_added_to_a_run_without_one_starts_at_its_weights(tiny_data, tmp_path, caplog):
+    from imgcls_jax.train.loop import fit
+
+    cfg = config(tiny_data, tmp_path / "late", augment={}, phases=[PhaseConfig(epochs=2, learning_rate=1e-2)])
+    with pytest.raises(_Stop):
+        fit(cfg, callbacks=[_stop_after(0)])
+    with caplog.at_level("INFO", logger="imgcls_jax.train"):
+        result = fit(TrainConfig(**{**cfg.__dict__, "ema_decay": 0.5}))
+    assert "epoch 0's checkpoint has no weight average: it starts there" in caplog.text
+    assert [h["epoch"] for h in result.history] == [0, 1]
+    with pytest.raises(ValueError, match=r"ema_decay must be in \(0, 1\)"):
+        TrainConfig(ema_decay=1.0)
+
+
 def test_image_size_by_phase_and_epoch():
     cfg = TrainConfig(
         image_size=64,

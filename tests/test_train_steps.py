@@ -247,3 +247,26 @@ def test_label_smoothing_and_soft_labels():
     hard = cross_entropy(logits, jnp.array([0]), label_smoothing=0.3)
     soft = cross_entropy(logits, jnp.array([[0.8, 0.1, 0.1]]))
     np.testing.assert_allclose(hard, soft, rtol=1e-6)
+
+
+def test_ema_follows_its_recurrence_and_is_what_evaluates():
+    model = small_model(head_units=(8,))
+    split = split_model(model, trainable_layers(model, "head"))
+    optimizer = make_optimizer("sgd", 0.1, momentum=0.0)
+    step = make_train_step(split, optimizer, ema_decay=0.15)
+    state, plain = init_state(split, optimizer, ema=True), init_state(split, optimizer)
+    assert plain.ema is None and plain.eval_params is plain.params
+    expected = jax.tree.map(np.asarray, state.params)
+    for t in range(3):
+        state, _ = step(state, split.frozen, batch(seed=t))
+        plain, _ = step(plain, split.frozen, batch(seed=t))
+        d = min(0.15, (1 + t) / (10 + t))  # 0.1, then the cap 0.15
+        expected = jax.tree.map(lambda e, p, d=d: d * e + (1 - d) * np.asarray(p), expected, state.params)
+    assert state.eval_params is state.ema
+    for want, got, raw, other in zip(
+        *map(jax.tree.leaves, (expected, state.ema, state.params, plain.params))
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-7)
+        np.testing.assert_array_equal(raw, other)  # the average does not touch the raw weights
+    moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.params))]
+    assert any(moved)

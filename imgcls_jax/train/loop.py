@@ -9,6 +9,11 @@ Run directory layout::
     run_dir/checkpoints/     orbax: the latest ``keep_checkpoints`` epochs (params + optimizer state)
     run_dir/best/            orbax: the parameters of the best epoch by ``config.monitor``
 
+With ``config.ema_decay`` set, each phase keeps an exponential moving average of its trainable
+weights (:func:`imgcls_jax.train.steps.ema_update`, starting at the phase's initial weights);
+validation, the saved ``params`` (latest and best) and the next phase's starting point are the
+average, as with Keras's ``use_ema``; the raw weights and the average both resume exactly.
+
 Resuming (``resume=True``, the default) restores the latest checkpoint and continues with the
 next epoch. Epoch ``e``'s data order and augmentation and every step's dropout mask depend
 only on the seed, ``e`` and the step, so a run killed at any point and resumed ends with the
@@ -94,7 +99,12 @@ def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) ->
 
 
 def phase_optimizer(
-    phase: PhaseConfig, steps_per_epoch: int, head_layers, grad_clip=None, label_smoothing: float = 0.0
+    phase: PhaseConfig,
+    steps_per_epoch: int,
+    head_layers,
+    grad_clip=None,
+    label_smoothing: float = 0.0,
+    ema_decay: float | None = None,
 ) -> tuple[OptimizerSpec, dict[str, float], optax.Schedule]:
     """The phase's optimizer as ``(spec, hyper, schedule)``: the static structure, its numbers
     (``hyper``, passed to the compiled step as float32 inputs, so phases and runs that differ only
@@ -117,7 +127,7 @@ def phase_optimizer(
     hyper = {
         "learning_rate": phase.learning_rate, "momentum": phase.momentum, "weight_decay": phase.weight_decay,
         "base_lr_multiplier": phase.base_lr_multiplier, "grad_clip": grad_clip or 0.0,
-        "label_smoothing": label_smoothing,
+        "label_smoothing": label_smoothing, "ema_decay": ema_decay or 0.0,
     }  # fmt: skip
     unit = spec.unit_schedule()
     return spec, hyper, lambda step: phase.learning_rate * unit(step)
@@ -131,6 +141,18 @@ def _set_plateau_scale(state, value: float):
     inj = state.opt_state[-1]
     hyper = {**inj.hyperparams, "step_size": jnp.asarray(value, inj.hyperparams["step_size"].dtype)}
     return state.replace(opt_state=(*state.opt_state[:-1], inj._replace(hyperparams=hyper)))
+
+
+def _typed(row: dict) -> dict:
+    """A ``metrics.csv`` row with the types of a fresh one: ints, floats, "" where empty."""
+    ints = ("epoch", "phase", "step")
+    return {k: v if v == "" else int(v) if k in ints else float(v) for k, v in row.items()}
+
+
+def _saved_state(state) -> dict:
+    """The checkpoint item ``state``: step, raw trainable parameters and optimizer state (the
+    layout of every version; a moving average is the separate item ``ema``)."""
+    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
 
 
 def _better(score, best, mode_max: bool) -> bool:
@@ -185,7 +207,7 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
                 csv.writer(f).writerow(METRIC_FIELDS)
     else:
         with open(metrics_path, newline="") as f:
-            result.history = [row for row in csv.DictReader(f) if int(row["epoch"]) <= latest]
+            result.history = [_typed(row) for row in csv.DictReader(f) if int(row["epoch"]) <= latest]
         log.info("resuming %s after epoch %d", run_dir, latest)
     board = TensorBoard(run_dir / "tensorboard") if main else NoBoard()
     try:
@@ -252,21 +274,34 @@ def _train_phases(
         names = trainable_layers(model, phase.trainable)
         split = split_model(model, names)
         spec, hyper, schedule = phase_optimizer(
-            phase, steps_per_epoch, model.head_layers, config.grad_clip, config.label_smoothing
-        )
+            phase, steps_per_epoch, model.head_layers, config.grad_clip, config.label_smoothing,
+            config.ema_decay,
+        )  # fmt: skip
         optimizer = spec.build(hyper)
-        state = init_state(split, optimizer)
+        ema = config.ema_decay is not None
+        state = init_state(split, optimizer, ema=ema)
         if latest is not None:  # resume: parameters, and the optimizer state inside this phase
             params_target = _restore_target(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
             items = {"params": ocp.args.StandardRestore(params_target)}
-            if latest >= phase_epochs[0]:
-                items["state"] = ocp.args.StandardRestore(_restore_target(state))
+            inside = latest >= phase_epochs[0]
+            if inside:
+                items["state"] = ocp.args.StandardRestore(_restore_target(_saved_state(state)))
+                if ema and (Path(manager.directory) / str(latest) / "ema").is_dir():
+                    items["ema"] = ocp.args.StandardRestore(_restore_target(state.ema))
             restored = manager.restore(latest, args=ocp.args.Composite(**items))
             params_state = nnx.state(model, nnx.Param)
             nnx.replace_by_pure_dict(params_state, restored["params"])
             nnx.update(model, params_state)
             split = split_model(model, names)
-            state = restored["state"] if "state" in items else init_state(split, optimizer)
+            state = init_state(split, optimizer, ema=ema)
+            if inside:
+                saved = restored["state"]
+                # A checkpoint without an average (the run had no ema_decay until now): it starts
+                # at the saved model's weights, as it would at the start of a phase.
+                average = restored["ema"] if "ema" in items else state.ema
+                state = type(state)(saved["step"], saved["params"], saved["opt_state"], average)
+                if ema and "ema" not in items:
+                    log.info("epoch %d's checkpoint has no weight average: it starts there", latest)
         state, split.frozen = _replicate(state), _replicate(split.frozen)
         size = (config.phase_image_size(phase_index),) * 2
         train, evals = train.resized(size), {name: p.resized(size) for name, p in evals.items()}
@@ -312,14 +347,15 @@ def _train_phases(
                         stale,
                         _plateau_scale(state),
                     )
-            nnx.update(model, state.params)
+            nnx.update(model, state.eval_params)
             full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            manager.save(
-                epoch,
-                args=ocp.args.Composite(
-                    params=ocp.args.StandardSave(full), state=ocp.args.StandardSave(state)
-                ),
-            )
+            items = {
+                "params": ocp.args.StandardSave(full),
+                "state": ocp.args.StandardSave(_saved_state(state)),
+            }
+            if state.ema is not None:
+                items["ema"] = ocp.args.StandardSave(state.ema)
+            manager.save(epoch, args=ocp.args.Composite(**items))
             if row["val_loss"] != "":
                 best_manager.save(
                     epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(full)),
@@ -393,7 +429,7 @@ def _train_epoch(
         "val_loss": "", "val_accuracy": "",
     }  # fmt: skip
     if "val" in evals:
-        val = evaluate_pipeline(split, state.params, split.frozen, evals["val"], forward)
+        val = evaluate_pipeline(split, state.eval_params, split.frozen, evals["val"], forward)
         row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
         log.debug("epoch %d: validation on %d images", epoch, val["count"])
     return state, row

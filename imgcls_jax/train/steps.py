@@ -7,6 +7,9 @@ is ``state, frozen, batch -> state, metrics``; ``state`` buffers are donated.
 
 Dropout keys are ``fold_in(dropout_key, step)``, so a step's randomness depends only on the
 seed and the step number (a resumed run replays the same masks).
+
+With an exponential moving average of the weights (``TrainState.ema``, see :func:`ema_update`),
+each step also updates the average; evaluation uses it (``TrainState.eval_params``).
 """
 
 from __future__ import annotations
@@ -24,11 +27,34 @@ from flax import nnx, struct
 
 @struct.dataclass
 class TrainState:
-    """What changes during training: ``step`` (int32), trainable ``params``, ``opt_state``."""
+    """What changes during training: ``step`` (int32, optimizer steps taken), trainable
+    ``params``, ``opt_state``, and ``ema``: an exponential moving average of ``params`` (same
+    tree), or None when the run keeps none."""
 
     step: jax.Array
     params: Any
     opt_state: Any
+    ema: Any = None
+
+    @property
+    def eval_params(self):
+        """The trainable parameters to evaluate, predict and save as the model: ``ema`` when the
+        run keeps one, else ``params``."""
+        return self.params if self.ema is None else self.ema
+
+
+def ema_update(ema, params, decay, step):
+    """The moving average after one more optimizer step: ``d * ema + (1 - d) * params``.
+
+    ``decay``: the target decay (float, e.g. 0.999; a traced scalar is fine). ``step``: the number
+    of updates already averaged (0 for the first). The decay used is
+    ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ``ExponentialMovingAverage`` with
+    ``num_updates``): small at first, so the average is not dominated by the initial weights
+    for the first ``~1 / (1 - decay)`` steps, and ``decay`` after ~``10 / (1 - decay)`` steps.
+    """
+    step = jnp.asarray(step, jnp.float32)
+    d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: (d * e + (1.0 - d) * p).astype(e.dtype), ema, params)
 
 
 @dataclass
@@ -103,6 +129,7 @@ def make_train_step(
     dropout_key=None,
     schedule=None,
     forward=image_forward,
+    ema_decay: float = 0.999,
 ):
     """A jitted ``(state, frozen, batch) -> (state, metrics)``.
 
@@ -110,6 +137,8 @@ def make_train_step(
     ``"features"`` in place of ``"image"`` with ``forward=head_forward``).
     ``metrics``: float32 ``loss``, ``accuracy`` (against the argmax of soft labels),
     ``grad_norm`` and ``learning_rate`` (when ``schedule`` is given) of this step.
+    ``ema_decay``: the decay of ``state.ema`` (see :func:`ema_update`); unused when ``state.ema``
+    is None.
     """
     dropout_key = jax.random.key(0) if dropout_key is None else dropout_key
 
@@ -119,7 +148,7 @@ def make_train_step(
         def logits_of(params):
             return forward(split.merge(params, frozen, train=True), batch, key)
 
-        state, metrics = optimizer_step(state, optimizer, batch, logits_of, label_smoothing)
+        state, metrics = optimizer_step(state, optimizer, batch, logits_of, label_smoothing, ema_decay)
         if schedule is not None:
             metrics["learning_rate"] = jnp.asarray(schedule(state.step - 1), jnp.float32)
         return state, metrics
@@ -127,10 +156,11 @@ def make_train_step(
     return jax.jit(step, donate_argnums=0)
 
 
-def optimizer_step(state: TrainState, optimizer, batch, logits_of, label_smoothing=0.0):
+def optimizer_step(state: TrainState, optimizer, batch, logits_of, label_smoothing=0.0, ema_decay=0.999):
     """One step of ``optimizer`` on the cross-entropy of ``logits_of(params)`` against
     ``batch["label"]``: ``(next state, {"loss", "accuracy", "grad_norm"})``, float32 scalars.
-    ``label_smoothing`` may be a traced value (0 leaves the targets exact)."""
+    ``label_smoothing`` and ``ema_decay`` may be traced values (0 leaves the targets exact;
+    ``ema_decay`` only matters when ``state.ema`` is not None)."""
 
     def loss_fn(params):
         logits = logits_of(params)
@@ -139,13 +169,14 @@ def optimizer_step(state: TrainState, optimizer, batch, logits_of, label_smoothi
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ema = None if state.ema is None else ema_update(state.ema, params, ema_decay, state.step)
     correct = jnp.argmax(logits, -1) == _hard_labels(batch["label"])
     metrics = {
         "loss": loss,
         "accuracy": correct.mean(dtype=jnp.float32),
         "grad_norm": optax.tree.norm(grads),
     }
-    return TrainState(state.step + 1, params, opt_state), metrics
+    return TrainState(state.step + 1, params, opt_state, ema), metrics
 
 
 def make_eval_step(split: SplitModel, forward=image_forward):
@@ -175,13 +206,17 @@ def eval_outputs(logits: jax.Array, batch) -> dict:
     }
 
 
-def init_state(split: SplitModel, optimizer: optax.GradientTransformation) -> TrainState:
-    """Step 0 with the optimizer state of the trainable parameters only.
+def init_state(
+    split: SplitModel, optimizer: optax.GradientTransformation, *, ema: bool = False
+) -> TrainState:
+    """Step 0 with the optimizer state of the trainable parameters only, and with ``ema``
+    a moving average of them that starts at their values.
 
     The parameters are copied: train steps donate the state, and ``split`` keeps its own.
     """
     params = jax.tree.map(jnp.copy, split.trainable)
-    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params))
+    average = jax.tree.map(jnp.copy, split.trainable) if ema else None
+    return TrainState(jnp.zeros((), jnp.int32), params, optimizer.init(params), average)
 
 
 # Compiled steps shared across runs in one process (e.g. the trials of a search): keyed on
@@ -209,9 +244,10 @@ def cached_train_step(split: SplitModel, spec, hyper: dict, *, dropout_key, forw
     runs that differ only in the numbers of ``hyper`` reuse the executable.
 
     ``spec``: an :class:`imgcls_jax.train.optim.OptimizerSpec`. ``hyper``: its numbers
-    (:data:`~imgcls_jax.train.optim.HYPER_KEYS`) plus ``label_smoothing``; all become float32
-    inputs. ``dropout_key``: the base key (folded with the step number). ``metrics`` as
-    :func:`make_train_step` with ``learning_rate``: the scheduled rate of this step.
+    (:data:`~imgcls_jax.train.optim.HYPER_KEYS`) plus ``label_smoothing`` (and ``ema_decay`` for a
+    state with an ``ema``); all become float32 inputs. ``dropout_key``: the base key (folded with
+    the step number). ``metrics`` as :func:`make_train_step` with ``learning_rate``: the scheduled
+    rate of this step.
     """
     graph = split.train_graph
 
@@ -224,8 +260,9 @@ def cached_train_step(split: SplitModel, spec, hyper: dict, *, dropout_key, forw
 
             lr = hyper["learning_rate"] * spec.unit_schedule()(state.step)
             state, metrics = optimizer_step(
-                state, spec.build(hyper), batch, logits_of, hyper["label_smoothing"]
-            )
+                state, spec.build(hyper), batch, logits_of, hyper["label_smoothing"],
+                hyper["ema_decay"] if state.ema is not None else 0.0,
+            )  # fmt: skip
             return state, {**metrics, "learning_rate": lr}
 
         return jax.jit(step, donate_argnums=0)
