@@ -49,8 +49,10 @@ def ema_update(ema, params, decay, step):
     ``decay``: the target decay (float, e.g. 0.999; a traced scalar is fine). ``step``: the number
     of updates already averaged (0 for the first). The decay used is
     ``min(decay, (1 + step) / (10 + step))`` (TensorFlow's ``ExponentialMovingAverage`` with
-    ``num_updates``): small at first, so the average is not dominated by the initial weights
-    for the first ``~1 / (1 - decay)`` steps, and ``decay`` after ~``10 / (1 - decay)`` steps.
+    ``num_updates``): small at first, so early in a phase the average does not stay near its
+    initial weights. The cap ``decay`` applies from step ``(10 decay - 1) / (1 - decay)`` on
+    (8,990 for 0.999, 890 for 0.99); before that, the weights of the last ``k`` of ``t`` steps
+    carry about ``1 - ((t - k) / t)^9`` of the average (the last tenth of the steps ~61%).
     """
     step = jnp.asarray(step, jnp.float32)
     d = jnp.minimum(jnp.asarray(decay, jnp.float32), (1.0 + step) / (10.0 + step))
