@@ -246,3 +246,36 @@ def test_image_size_by_phase_and_epoch():
     TrainConfig(pooling=None, image_size=96, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
     with pytest.raises(ValueError, match="image_size must be >= 1"):
         PhaseConfig(image_size=0)
+
+
+def test_state_item_written_before_ema_still_restores(tmp_path):
+    # Before ema_decay the checkpoint item "state" was the TrainState dataclass itself; the loop
+    # now saves and restores it as a dict of the same three fields.
+    from typing import Any
+
+    import jax
+    import jax.numpy as jnp
+    import orbax.checkpoint as ocp
+    from flax import struct
+
+    from imgcls_jax.train.loop import _saved_state
+    from imgcls_jax.train.steps import TrainState
+
+    @struct.dataclass
+    class EarlierState:
+        step: Any
+        params: Any
+        opt_state: Any
+
+    params = {"head_logits": {"kernel": jnp.arange(6.0).reshape(2, 3), "bias": jnp.ones(3)}}
+    opt_state = (jnp.full(3, 2.0), {"count": jnp.asarray(5, jnp.int32)})
+    manager = ocp.CheckpointManager(tmp_path / "checkpoints")
+    earlier = EarlierState(jnp.asarray(7, jnp.int32), params, opt_state)
+    manager.save(0, args=ocp.args.Composite(state=ocp.args.StandardSave(earlier)))
+    manager.wait_until_finished()
+    zeros = jax.tree.map(jnp.zeros_like, (params, opt_state))
+    target = _saved_state(TrainState(jnp.zeros((), jnp.int32), *zeros))
+    restored = manager.restore(0, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    assert int(restored["step"]) == 7
+    for a, b in zip(jax_leaves((params, opt_state)), jax_leaves((restored["params"], restored["opt_state"]))):
+        np.testing.assert_array_equal(a, b)
