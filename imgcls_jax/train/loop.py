@@ -293,15 +293,14 @@ def _train_phases(
             nnx.replace_by_pure_dict(params_state, restored["params"])
             nnx.update(model, params_state)
             split = split_model(model, names)
-            state = init_state(split, optimizer, ema=ema)
-            if inside:
-                saved = restored["state"]
-                # A checkpoint without an average (the run had no ema_decay until now): it starts
-                # at the saved model's weights, as it would at the start of a phase.
-                average = restored["ema"] if "ema" in items else state.ema
-                state = type(state)(saved["step"], saved["params"], saved["opt_state"], average)
-                if ema and "ema" not in items:
+            if not inside:
+                state = init_state(split, optimizer, ema=ema)
+            else:
+                saved, average = restored["state"], restored["ema"] if "ema" in items else None
+                if ema and average is None:  # the run had no ema_decay until now
                     log.info("epoch %d's checkpoint has no weight average: it starts there", latest)
+                    average = jax.tree.map(jnp.copy, split.trainable)
+                state = type(state)(saved["step"], saved["params"], saved["opt_state"], average)
         state, split.frozen = _replicate(state), _replicate(split.frozen)
         size = (config.phase_image_size(phase_index),) * 2
         train, evals = train.resized(size), {name: p.resized(size) for name, p in evals.items()}
