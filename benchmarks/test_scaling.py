@@ -35,14 +35,7 @@ def child(devices: int, per_device: int) -> None:
 
     import imgcls_jax
     from imgcls_jax import parallel
-    from imgcls_jax.train import (
-        init_state,
-        make_eval_step,
-        make_optimizer,
-        make_train_step,
-        split_model,
-        trainable_layers,
-    )
+    from imgcls_jax.train import init_state, make_optimizer, make_train_step, split_model, trainable_layers
 
     assert jax.device_count() == devices, jax.devices()
     model = imgcls_jax.create_model(
@@ -52,10 +45,10 @@ def child(devices: int, per_device: int) -> None:
     opt = make_optimizer("sgd", 0.01, momentum=0.9)
     mesh = parallel.make_mesh()
     state = init_state(split, opt)
-    steps = parallel.make_parallel_steps(
-        make_train_step(split, opt), make_eval_step(split), state, split.frozen, mesh
-    )
-    state, frozen = steps.place_state(state), steps.place_frozen(split.frozen)
+    # fit's path: the state placed on the mesh, the step keeping its layout
+    state = parallel.place(state, parallel.tree_shardings(state, mesh))
+    frozen = parallel.place(split.frozen, parallel.replicated(mesh))
+    train = make_train_step(split, opt, placement=(mesh, None))
     n = parallel.global_batch_size(per_device, mesh)
     rng = np.random.default_rng(0)
     batch = parallel.to_global(
@@ -68,7 +61,7 @@ def child(devices: int, per_device: int) -> None:
     times = []
     for _ in range(WARMUP + TIMED):
         start = time.perf_counter()
-        state, metrics = steps.train(state, frozen, batch)
+        state, metrics = train(state, frozen, batch)
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - start)
     step_s = statistics.median(times[WARMUP:])

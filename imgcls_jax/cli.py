@@ -10,11 +10,17 @@ import argparse
 import json
 import logging
 import sys
+from dataclasses import replace
 from pathlib import Path
 
+from imgcls_jax.config import TrainConfig
 from imgcls_jax.hpo import add_tune_parser
 
 log = logging.getLogger("imgcls_jax.cli")
+
+
+class UsageError(Exception):
+    """A mistake in how a command was called: printed as one line, exit status 2."""
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -36,45 +42,71 @@ def _default_split(run_dir: Path) -> str:
     raise SystemExit(f"{run_dir}: the manifest has no 'test' or 'val' split (splits: {sorted(splits)})")
 
 
+def train_config(args) -> tuple[TrainConfig, str]:
+    """The run ``imgcls-jax train`` asks for, and what to say about its weights: a ``--config``
+    file with the flags given on top, or the recipe (:mod:`imgcls_jax.train.recipe`) for
+    ``--data``."""
+    from imgcls_jax.train.recipe import recipe_config, resolve_weights
+
+    if args.config:
+        if args.epochs is not None or args.lr is not None:
+            raise UsageError("--epochs and --lr set the recipe's phases; with --config, edit its 'phases'")
+        config = TrainConfig.from_json(args.config)
+        overrides = {
+            "data": args.data, "run_dir": args.run_dir, "model": args.model, "image_size": args.image_size,
+            "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype,
+        }  # fmt: skip
+        overrides = {k: v for k, v in overrides.items() if v is not None}
+        described = f"{config.weights or 'none (from scratch)'} (from {args.config})"
+        if args.weights is not None:
+            overrides["weights"], described = resolve_weights(args.weights, args.model or config.model)
+        config = replace(config, **overrides)
+        if not config.data:
+            raise UsageError(f"no data: {args.config} has no 'data'; pass --data DIR")
+        return config, described
+    if not args.data:
+        raise UsageError("no data: pass --data DIR (an image folder) or --config FILE")
+    model = args.model or "vgg16"
+    weights, described = resolve_weights(args.weights or "auto", model)
+    config = recipe_config(
+        args.data, weights=weights, run_dir=args.run_dir, model=model, epochs=args.epochs or 12,
+        learning_rate=args.lr, image_size=args.image_size or 224, batch_size=args.batch_size or 32,
+        seed=args.seed or 0, dtype=args.dtype or "float32",
+    )  # fmt: skip
+    return config, described
+
+
 def cmd_train(args) -> int:
+    import jax
+
     from imgcls_jax import parallel
-    from imgcls_jax.config import TrainConfig
-    from imgcls_jax.runs import evaluate_run
-    from imgcls_jax.train.loop import fit
+    from imgcls_jax.evaluate import evaluate_run
+    from imgcls_jax.train import RunDir, fit
 
     # Several hosts: IMGCLS_JAX_COORDINATOR / _NUM_PROCESSES / _PROCESS_ID, or a cluster manager
     # JAX detects (SLURM, ...); a plain single-process run otherwise.
     parallel.initialize_distributed()
-    config = TrainConfig.from_json(args.config) if args.config else TrainConfig()
-    overrides = {
-        "data": args.data, "run_dir": args.run_dir, "model": args.model, "image_size": args.image_size,
-        "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype,
-    }  # fmt: skip
-    for name, value in overrides.items():
-        if value is not None:
-            setattr(config, name, value)
-    if args.weights is not None:
-        config.weights = None if args.weights == "none" else args.weights
-    if not config.data:
-        raise SystemExit("no data: pass --data DIR or a --config whose 'data' names an image folder")
+    config, described = train_config(args)
     result = fit(config, resume=not args.restart)
     if args.no_eval:
         return 0
-    import jax
-
     if jax.process_index() != 0:  # several processes trained together: process 0 reports
         log.info("process %d: training done; process 0 evaluates %s", jax.process_index(), result.run_dir)
         return 0
     split = _default_split(result.run_dir)
-    has_best = (result.run_dir / "best").is_dir() and any((result.run_dir / "best").iterdir())
-    report = evaluate_run(result.run_dir, split=split, which="best" if has_best else "latest")
+    report = evaluate_run(
+        result.run_dir, split=split, which="best" if RunDir(result.run_dir).has_best() else "latest"
+    )
     print((report.out_dir / "report.txt").read_text())
-    print(f"run dir: {result.run_dir}\nreport:  {report.out_dir}")
+    print(f"weights:   {described}")
+    print(f"run dir:   {result.run_dir}")
+    print(f"report:    {report.out_dir / 'report.txt'}")
+    print(f"plots:     {report.out_dir / 'confusion_matrix.png'}, {report.out_dir / 'learning_curves.png'}")
     return 0
 
 
 def cmd_evaluate(args) -> int:
-    from imgcls_jax.runs import evaluate_run
+    from imgcls_jax.evaluate import evaluate_run
 
     run_dir = Path(args.run_dir)
     report = evaluate_run(run_dir, split=args.split or _default_split(run_dir), which=args.checkpoint)
@@ -84,7 +116,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgcls_jax.predict import load_run, predict
+    from imgcls_jax.evaluate import load_run, predict
 
     loaded = load_run(args.run_dir, args.checkpoint)
     predictions = predict(loaded, args.inputs, top_k=args.top_k, batch_size=args.batch_size)
@@ -119,34 +151,45 @@ def cmd_port_weights(args) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="imgcls-jax", description="Image classification by transfer learning in JAX/Flax (VGG16/VGG19)."
+def _add_train(sub, models: list[str]) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model (then evaluate it and print the report)",
+        description=(
+            "Train on an image folder with the transfer-learning recipe (Keras's ImageNet weights when "
+            "they can be found or downloaded: the head on the frozen base, then the top two stages "
+            "fine-tuned; otherwise, loudly, every layer from scratch), or run a TrainConfig file. "
+            "Then evaluate the best checkpoint on the test split (else val) and print the report."
+        ),
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("train", help="train a model (then evaluate it and print the report)")
-    p.add_argument(
-        "--config", help="a TrainConfig JSON file (e.g. a run's config.json or a tuned best config)"
-    )
+    p.add_argument("--config", help="a TrainConfig JSON file (e.g. a run's config.json); flags override it")
     p.add_argument("--data", help="image folder: root/<class>/* or root/{train,val,test}/<class>/*")
-    p.add_argument("--run-dir", help="output folder for checkpoints, metrics, report (default from config)")
-    p.add_argument("--model", choices=["vgg16", "vgg19"], help="architecture (default from config: vgg16)")
     p.add_argument(
-        "--weights", help="'imagenet', 'none' or a Keras .h5 / ported folder (default from config)"
+        "--run-dir", help="output folder for checkpoints, metrics, report (default runs/<data name>)"
     )
+    p.add_argument("--model", choices=models, help="architecture (default vgg16)")
+    p.add_argument(
+        "--weights",
+        help="auto (default: ImageNet if available, else from scratch), imagenet, none, or a Keras .h5 / "
+        "ported folder",
+    )
+    p.add_argument("--epochs", type=int, help="recipe: epochs over all phases (default 12)")
+    p.add_argument("--lr", type=float, help="recipe: peak learning rate (default 1e-3, 1e-4 from scratch)")
     p.add_argument(
         "--image-size", type=int,
-        help="square input size in pixels, a multiple of 32 (phases with their own image_size keep it)",
+        help="square input size in pixels (default 224; phases with their own image_size keep it)",
     )  # fmt: skip
-    p.add_argument("--batch-size", type=int, help="training batch size (global, over all devices)")
+    p.add_argument(
+        "--batch-size", type=int, help="training batch size (global, over all devices; default 32)"
+    )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype; parameters stay float32")
     p.add_argument("--seed", type=int, help="seed for the split, init, shuffling, augmentation, dropout")
     p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run dir")
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
     p.set_defaults(func=cmd_train)
 
+
+def _add_evaluate_and_predict(sub) -> None:
     p = sub.add_parser("evaluate", help="evaluate a run: accuracy, confusion matrix, report, plots")
     p.add_argument("run_dir", help="a run folder written by 'train'")
     p.add_argument("--split", help="which split of the run's manifest (default: test, else val)")
@@ -165,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of one line per image")
     p.set_defaults(func=cmd_predict)
 
+
+def _add_audit_and_port(sub, models: list[str]) -> None:
     p = sub.add_parser("audit", help="check an image folder before training (counts, bad files, masks)")
     p.add_argument("root", help="image folder: root/<class>/* or root/{train,val,test}/<class>/*")
     p.add_argument("--tiny", type=int, default=32, help="flag images smaller than this many pixels a side")
@@ -179,13 +224,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("port-weights", help="convert a Keras VGG weight file into a ported folder")
     p.add_argument("weights_file", help="Keras legacy .h5 or Keras 3 .weights.h5 file")
     p.add_argument("out_dir", help="new folder for the converted parameters (orbax) and their description")
-    p.add_argument("--model", choices=["vgg16", "vgg19"], default="vgg16", help="architecture of the file")
+    p.add_argument("--model", choices=models, default="vgg16", help="architecture of the file")
     p.add_argument(
         "--include-top", action=argparse.BooleanOptionalAction, default=False,
         help="the file has the ImageNet top (fc1, fc2, predictions); default: no top ('_notop' file)",
     )  # fmt: skip
     p.set_defaults(func=cmd_port_weights)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    from imgcls_jax.models import list_models
+
+    parser = argparse.ArgumentParser(
+        prog="imgcls-jax", description="Image classification by transfer learning in JAX/Flax."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub, list_models())
+    _add_evaluate_and_predict(sub)
+    _add_audit_and_port(sub, list_models())
     add_tune_parser(sub)  # "tune": imgcls_jax.hpo (Optuna is imported only when it runs)
     return parser
 
@@ -193,7 +250,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except UsageError as e:
+        print(f"imgcls-jax: error: {e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

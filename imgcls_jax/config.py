@@ -1,23 +1,187 @@
-"""One config object from which a training run is fully reproducible (saved beside every run)."""
+"""The config objects from which a training run is fully reproducible (saved beside every run).
+
+``TrainConfig`` owns its validation: a bad value (a wrong type, an unknown name, a number out of
+range, splits that do not sum to 1, a ``top:N`` deeper than the model) is a ``ValueError`` naming
+the field when the config is built, for every user, not at some epoch of a run. Nothing here
+imports JAX, TensorFlow or the models at import time.
+"""
 
 from __future__ import annotations
 
 import json
+import math
+import numbers
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("constant", "cosine", "piecewise", "exponential")
+#: ``PhaseConfig.schedule`` values: the optax schedules plus reduce-on-plateau.
+PHASE_SCHEDULES = (*SCHEDULES, "plateau")
+MONITORS = ("val_accuracy", "val_loss")
+POOLINGS = (None, "avg", "max")
+DTYPES = ("float32", "bfloat16")
+FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
+FILL_MODES = ("reflect", "wrap", "constant", "nearest")
+#: Allowed [low, high] of each numeric strength field of :class:`AugmentConfig`.
+AUGMENT_BOUNDS = {
+    "rotation": (0.0, 1.0),
+    "zoom": (0.0, 1.0),
+    "translation": (0.0, 1.0),
+    "brightness": (0.0, 1.0),
+    "contrast": (0.0, 1.0),
+    "saturation": (0.0, 1.0),
+    "hue": (0.0, 0.5),
+    "mixup_alpha": (0.0, math.inf),
+    "cutmix_alpha": (0.0, math.inf),
+}
+
+
+#: Kernel initializers by their Keras names, for families that take ``kernel_init``.
+KERNEL_INITS = ("glorot_uniform", "he_normal", "he_uniform")
+
+
+def _is_number(value) -> bool:
+    """A finite real number (not a bool, not NaN or infinite)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _check(ok: bool, where: str, what: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{where} must be {what}, got {value!r}")
+
+
+def _number(where: str, value, low: float, high: float, *, low_open=False, high_open=False) -> float:
+    """``value`` as a float if it is a number in the range (closed unless ``*_open``)."""
+    ok = _is_number(value) and (value > low if low_open else value >= low)
+    ok = ok and (value < high if high_open else value <= high)
+    brackets = ("(" if low_open else "[") + f"{low:g}, {high:g}" + (")" if high_open else "]")
+    _check(ok, where, f"a number in {brackets}", value)
+    return float(value)
+
+
+def _integer(where: str, value, low: int, high: float = math.inf) -> int:
+    _check(_is_int(value) and low <= value <= high, where, f"an integer >= {low}", value)
+    return int(value)
+
+
+def _choice(where: str, value, choices: Sequence) -> None:
+    _check(value in choices, where, f"one of {tuple(choices)}", value)
+
+
+def _known(cls, raw: dict, where: str) -> dict:
+    """``raw`` if its keys are ``cls``'s fields, else a ``ValueError`` naming the unknown ones."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where} must be a JSON object of {cls.__name__} fields, got {raw!r}")
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s) {unknown} in {where}; known: {sorted(known)}")
+    return raw
+
+
+def image_size_hw(size, where: str = "image_size") -> tuple[int, int]:
+    """An image size ``S`` (square) or ``[H, W]`` as ``(H, W)`` ints >= 1."""
+    given = size
+    if _is_int(size):
+        size = (size, size)
+    ok = isinstance(size, Sequence) and not isinstance(size, str) and len(size) == 2
+    ok = ok and all(_is_int(s) and s >= 1 for s in size)
+    _check(ok, where, "an integer >= 1 or [height, width]", given)
+    return int(size[0]), int(size[1])
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training-time augmentation; all off by default (see :mod:`imgcls_jax.data.augment`).
+
+    Attributes:
+      flip: ``None``, ``"horizontal"`` (left-right), ``"vertical"`` (top-bottom) or
+        ``"horizontal_and_vertical"``; each flip happens with probability 1/2 (independently for the
+        two axes, as Keras 2; Keras 3 flips both axes or neither).
+      rotation: angle uniform in ``[-rotation, rotation] * 2 pi`` about the centre (Keras
+        ``RandomRotation(factor)``), in [0, 1].
+      zoom: scale uniform in ``[1 - zoom, 1 + zoom]``, the same for both axes; > 1 zooms out,
+        < 1 zooms in (Keras ``RandomZoom(height_factor=zoom)``), in [0, 1].
+      translation: shifts uniform in ``[-translation, translation]`` times height and width,
+        independently (Keras ``RandomTranslation(translation, translation)``), in [0, 1].
+      fill_mode: ``"reflect"``, ``"wrap"``, ``"constant"`` or ``"nearest"``: how rotation, zoom and
+        translation fill points from outside the input, as Keras; ``fill_value`` for ``"constant"``
+        (restricted to [0, 255] so outputs stay in range).
+      random_resized_crop: Inception-style crop (torchvision ``RandomResizedCrop``): area fraction
+        uniform in ``crop_scale`` (within (0, 1]), aspect ratio w/h log-uniform in ``crop_ratio``,
+        10 attempts, then a centre crop; the crop is resized (bilinear) back to the input size.
+      brightness: adds ``delta * 255`` with delta uniform in ``[-brightness, brightness]`` (Keras
+        ``RandomBrightness``), in [0, 1].
+      contrast: ``(x - mean) * c + mean`` per channel, c uniform in ``[1 - contrast, 1 + contrast]``
+        (Keras ``RandomContrast``), in [0, 1].
+      saturation: HSV saturation times s, s uniform in ``[1 - saturation, 1 + saturation]``
+        (torchvision ``ColorJitter(saturation=)``; as ``tf.image.adjust_saturation``), in [0, 1].
+      hue: hue rotated by d turns, d uniform in ``[-hue, hue]`` (torchvision ``ColorJitter(hue=)``;
+        ``tf.image.adjust_hue``), in [0, 0.5]; the same distribution as Keras ``RandomHue(2 * hue)``.
+      mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameters of mixup/cutmix; 0 turns it off.
+    """
+
+    flip: str | None = None
+    rotation: float = 0.0
+    zoom: float = 0.0
+    translation: float = 0.0
+    fill_mode: str = "reflect"
+    fill_value: float = 0.0
+    random_resized_crop: bool = False
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    brightness: float = 0.0
+    contrast: float = 0.0
+    saturation: float = 0.0
+    hue: float = 0.0
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+
+    def __post_init__(self):
+        _choice("AugmentConfig.flip", self.flip, (None, *FLIP_MODES))
+        _choice("AugmentConfig.fill_mode", self.fill_mode, FILL_MODES)
+        for name, (low, high) in AUGMENT_BOUNDS.items():
+            _number(f"AugmentConfig.{name}", getattr(self, name), low, high)
+        _number("AugmentConfig.fill_value", self.fill_value, 0, 255)
+        _check(isinstance(self.random_resized_crop, bool), "AugmentConfig.random_resized_crop", "a bool",
+               self.random_resized_crop)  # fmt: skip
+        for name, high in (("crop_scale", 1.0), ("crop_ratio", math.inf)):
+            value = getattr(self, name)
+            ok = isinstance(value, Sequence) and len(value) == 2 and all(_is_number(v) for v in value)
+            _check(ok and 0 < value[0] <= value[1] <= high, f"AugmentConfig.{name}",
+                   f"(low, high) with 0 < low <= high <= {high}", value)  # fmt: skip
+            object.__setattr__(self, name, (float(value[0]), float(value[1])))
+
+    @property
+    def is_identity(self) -> bool:
+        """True when augmentation and mixing both return their inputs unchanged."""
+        off = all(getattr(self, name) == 0 for name in AUGMENT_BOUNDS)
+        return off and self.flip is None and not self.random_resized_crop
+
+    @classmethod
+    def from_dict(cls, raw: dict | AugmentConfig, where: str = "augment") -> AugmentConfig:
+        return raw if isinstance(raw, cls) else cls(**_known(cls, raw, where))
 
 
 @dataclass
 class PhaseConfig:
     """One transfer-learning phase: which layers train, for how long, with what optimizer.
 
-    ``trainable``: ``"head"``, ``"all"`` or ``"top:N"`` (last N VGG blocks + head).
-    ``learning_rate`` is the peak rate of ``schedule`` (per optimizer step), after
-    ``warmup_epochs`` of linear warmup. ``schedule``: ``constant``, ``cosine``, ``piecewise``,
-    ``exponential`` or ``plateau`` (constant, multiplied by ``plateau_factor`` when the
-    monitored validation metric has not improved for ``plateau_patience`` epochs).
-    ``base_lr_multiplier`` scales the learning rate of the convolutional base relative to the
-    head (e.g. 0.1 when fine-tuning).
+    ``trainable``: ``"head"``, ``"all"`` or ``"top:N"`` (the model's last N stages + head; for
+    VGG a stage is a convolution block). ``learning_rate`` is the peak rate of ``schedule`` (per
+    optimizer step), after ``warmup_epochs`` of linear warmup. ``schedule``: ``constant``,
+    ``cosine``, ``piecewise``, ``exponential`` or ``plateau`` (constant, multiplied by
+    ``plateau_factor`` when the monitored validation metric has not improved for
+    ``plateau_patience`` epochs). ``momentum`` and ``nesterov`` are SGD's.
+    ``base_lr_multiplier`` scales the learning rate of the backbone relative to the head
+    (e.g. 0.1 when fine-tuning). ``weight_decay``: L2 added to the gradient for sgd/adam,
+    decoupled for adamw.
     ``image_size``: the phase's input size (default: ``TrainConfig.image_size``). Phases of
     growing sizes train at low resolution first and adapt at a higher one (progressive resizing);
     it needs a pooled head (``TrainConfig.pooling`` "avg" or "max"), whose weights do not depend
@@ -39,17 +203,36 @@ class PhaseConfig:
     image_size: int | None = None
 
     def __post_init__(self):
-        if self.epochs < 1:
-            raise ValueError(f"PhaseConfig.epochs must be >= 1, got {self.epochs}")
-        if self.image_size is not None and self.image_size < 1:
-            raise ValueError(f"PhaseConfig.image_size must be >= 1 or None, got {self.image_size}")
+        self.validate("PhaseConfig")
+
+    def validate(self, where: str) -> None:
+        """Raise ``ValueError`` naming ``where.<field>`` for the first bad field."""
+        from imgcls_jax.models.base import parse_trainable  # plain Python, no JAX work
+
+        self.epochs = _integer(f"{where}.epochs", self.epochs, 1)
+        try:
+            parse_trainable(self.trainable)
+        except ValueError as e:
+            raise ValueError(f"{where}.trainable: {e}") from None
+        _choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
+        _choice(f"{where}.schedule", self.schedule, PHASE_SCHEDULES)
+        _number(f"{where}.learning_rate", self.learning_rate, 0, math.inf, low_open=True, high_open=True)
+        _number(f"{where}.warmup_epochs", self.warmup_epochs, 0, self.epochs)
+        _number(f"{where}.momentum", self.momentum, 0, 1, high_open=True)
+        _check(isinstance(self.nesterov, bool), f"{where}.nesterov", "a bool", self.nesterov)
+        _number(f"{where}.weight_decay", self.weight_decay, 0, math.inf, high_open=True)
+        _number(f"{where}.base_lr_multiplier", self.base_lr_multiplier, 0, math.inf, high_open=True)
+        _number(f"{where}.plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
+        _integer(f"{where}.plateau_patience", self.plateau_patience, 1)
+        if self.image_size is not None:
+            image_size_hw(self.image_size, f"{where}.image_size")
 
 
 @dataclass
 class TrainConfig:
     """Everything a run needs. ``data`` is an image folder (``root/<class>/...`` or pre-split
     ``root/{train,val,test}/<class>/...``); a flat folder is split by ``splits`` (stratified,
-    seeded)."""
+    seeded). Every field is checked when the config is built (see the module docstring)."""
 
     data: str = ""
     run_dir: str = "runs/run"
@@ -65,10 +248,12 @@ class TrainConfig:
     head_units: tuple[int, ...] = (256,)
     dropout: float = 0.5
     dtype: str = "float32"
-    #: Initializer of the kernels not loaded from ``weights`` (see ``imgcls_jax.models.VGG``):
-    #: ``glorot_uniform`` (Keras's default), ``he_normal``, ``he_uniform``.
-    kernel_init: str = "glorot_uniform"
-    augment: dict = field(default_factory=lambda: {"flip": "horizontal", "rotation": 0.05, "zoom": 0.1})
+    #: Initializer of the kernels not loaded from ``weights``, for families that take one (VGG:
+    #: ``glorot_uniform``, Keras's default, ``he_normal``, ``he_uniform``). None: the family's own.
+    kernel_init: str | None = None
+    augment: AugmentConfig = field(
+        default_factory=lambda: AugmentConfig(flip="horizontal", rotation=0.05, zoom=0.1)
+    )
     phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
     label_smoothing: float = 0.0
     grad_clip: float | None = None
@@ -83,24 +268,93 @@ class TrainConfig:
     cache: str | None = "memory"
     #: Train a head-only phase on base outputs computed once, when there is no augmentation.
     cache_features: bool = True
+    #: Shard parameter and optimizer-state leaves of at least this many elements over the devices
+    #: (FSDP-style; XLA gathers them for each step) instead of replicating them. None: replicate.
+    fsdp_min_size: int | None = None
 
     def __post_init__(self):
-        self.phases = [p if isinstance(p, PhaseConfig) else PhaseConfig(**p) for p in self.phases]
-        self.head_units = tuple(self.head_units)
-        if self.monitor not in ("val_accuracy", "val_loss"):
-            raise ValueError(
-                f"TrainConfig.monitor must be 'val_accuracy' or 'val_loss', got {self.monitor!r}"
-            )
-        if not self.phases:
-            raise ValueError("TrainConfig.phases must hold at least one phase")
-        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
-            raise ValueError(f"TrainConfig.ema_decay must be in (0, 1) or None, got {self.ema_decay}")
+        self.augment = AugmentConfig.from_dict(self.augment)
+        if not isinstance(self.phases, list | tuple) or not self.phases:
+            raise ValueError(f"TrainConfig.phases must be a non-empty list of phases, got {self.phases!r}")
+        self.phases = [
+            p if isinstance(p, PhaseConfig) else PhaseConfig(**_known(PhaseConfig, p, f"phases[{i}]"))
+            for i, p in enumerate(self.phases)
+        ]
+        self._validate_data()
+        self._validate_model()
+        self._validate_training()
+
+    def _validate_data(self) -> None:
+        _check(isinstance(self.data, str), "TrainConfig.data", "a folder path (string)", self.data)
+        _check(isinstance(self.run_dir, str) and bool(self.run_dir), "TrainConfig.run_dir", "a folder path",
+               self.run_dir)  # fmt: skip
+        ok = isinstance(self.splits, dict) and bool(self.splits)
+        ok = ok and all(isinstance(k, str) and _is_number(v) and 0 < v <= 1 for k, v in self.splits.items())
+        _check(ok, "TrainConfig.splits", "a mapping of split name -> fraction in (0, 1]", self.splits)
+        total = sum(self.splits.values())
+        _check(abs(total - 1) <= 1e-6, "TrainConfig.splits", f"fractions summing to 1 (sum {total:g})",
+               self.splits)  # fmt: skip
+        _check("train" in self.splits, "TrainConfig.splits", "a mapping with a 'train' split", self.splits)
+        ok = isinstance(self.exclude, list | tuple) and all(isinstance(p, str) for p in self.exclude)
+        _check(ok, "TrainConfig.exclude", "a list of folder-name patterns", self.exclude)
+        self.exclude = list(self.exclude)
+        image_size_hw(self.image_size, "TrainConfig.image_size")
+        _integer("TrainConfig.batch_size", self.batch_size, 1)
+        if self.eval_batch_size is not None:
+            _integer("TrainConfig.eval_batch_size", self.eval_batch_size, 1)
+        ok = self.cache is None or isinstance(self.cache, str) and bool(self.cache)
+        _check(ok, "TrainConfig.cache", "None, 'memory' or a file prefix", self.cache)
+        _check(
+            isinstance(self.cache_features, bool), "TrainConfig.cache_features", "a bool", self.cache_features
+        )
+
+    def _validate_model(self) -> None:
+        from imgcls_jax.models.registry import model_info  # the registry: names and stages
+
+        _check(isinstance(self.model, str), "TrainConfig.model", "a model name", self.model)
+        info = model_info(self.model)
+        _check(self.weights is None or isinstance(self.weights, str), "TrainConfig.weights",
+               "None, 'imagenet' or a path", self.weights)  # fmt: skip
+        _choice("TrainConfig.pooling", self.pooling, POOLINGS)
+        ok = isinstance(self.head_units, Sequence) and not isinstance(self.head_units, str)
+        _check(ok and all(_is_int(u) and u >= 1 for u in self.head_units), "TrainConfig.head_units",
+               "a list of positive integers", self.head_units)  # fmt: skip
+        self.head_units = tuple(int(u) for u in self.head_units)
+        _number("TrainConfig.dropout", self.dropout, 0, 1, high_open=True)
+        _choice("TrainConfig.dtype", self.dtype, DTYPES)
+        if self.kernel_init is not None:
+            _check(info.accepts("kernel_init"), "TrainConfig.kernel_init", f"None for {self.model}",
+                   self.kernel_init)  # fmt: skip
+            _choice("TrainConfig.kernel_init", self.kernel_init, KERNEL_INITS)
+        for i, phase in enumerate(self.phases):
+            phase.validate(f"TrainConfig.phases[{i}]")
+            top = phase.trainable.startswith("top:") and int(phase.trainable[4:])
+            if info.stages and top and top > len(info.stages):
+                raise ValueError(
+                    f"TrainConfig.phases[{i}].trainable={phase.trainable!r}: {self.model} has "
+                    f"{len(info.stages)} stages ({', '.join(info.stages)}); top:N takes N in "
+                    f"0..{len(info.stages)}"
+                )
         sizes = sorted({self.phase_image_size(i) for i in range(len(self.phases))})
         if len(sizes) > 1 and self.pooling is None:
             raise ValueError(
                 f"phases of different image sizes {sizes} need a pooled head (pooling 'avg' or "
                 "'max'): with pooling None the head's first kernel depends on the input size"
             )
+
+    def _validate_training(self) -> None:
+        _number("TrainConfig.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        if self.grad_clip is not None:
+            _number("TrainConfig.grad_clip", self.grad_clip, 0, math.inf, low_open=True, high_open=True)
+        if self.ema_decay is not None:
+            _number("TrainConfig.ema_decay", self.ema_decay, 0, 1, low_open=True, high_open=True)
+        _integer("TrainConfig.seed", self.seed, 0)
+        _choice("TrainConfig.monitor", self.monitor, MONITORS)
+        if self.early_stopping_patience is not None:
+            _integer("TrainConfig.early_stopping_patience", self.early_stopping_patience, 1)
+        _integer("TrainConfig.keep_checkpoints", self.keep_checkpoints, 1)
+        if self.fsdp_min_size is not None:
+            _integer("TrainConfig.fsdp_min_size", self.fsdp_min_size, 1)
 
     def phase_image_size(self, phase_index: int) -> int:
         """Input height and width of phase ``phase_index``."""
@@ -116,6 +370,11 @@ class TrainConfig:
                 return index
         return len(self.phases) - 1
 
+    def phase_epochs(self, phase_index: int) -> range:
+        """The run-wide epochs phase ``phase_index`` trains."""
+        start = sum(p.epochs for p in self.phases[:phase_index])
+        return range(start, start + self.phases[phase_index].epochs)
+
     def image_size_at(self, epoch: int | None = None) -> int:
         """Input size the model had at ``epoch`` (default: the end of the run), the size at
         which a checkpoint of that epoch is evaluated and predicts."""
@@ -130,12 +389,25 @@ class TrainConfig:
 
     @classmethod
     def from_json(cls, path_or_text) -> TrainConfig:
-        text = (
-            Path(path_or_text).read_text() if not str(path_or_text).lstrip().startswith("{") else path_or_text
-        )
-        raw = json.loads(text)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(raw) - known)
-        if unknown:
-            raise ValueError(f"unknown TrainConfig field(s) {unknown}; known: {sorted(known)}")
-        return cls(**raw)
+        """A config from a JSON file or text; errors name the file and the offending field."""
+        raw, where, is_text = read_json(path_or_text, "config")
+        if is_text:
+            return cls(**_known(cls, raw, where))
+        try:
+            return cls(**_known(cls, raw, where))
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+
+def read_json(path_or_text, what: str) -> tuple[object, str, bool]:
+    """``(value, where, is_text)`` of a JSON file or of JSON text (text starts with ``{``);
+    ``where`` names the file (or ``what``) for error messages."""
+    text = str(path_or_text)
+    is_text = text.lstrip().startswith("{")
+    where = what if is_text else text
+    if not is_text and not Path(text).is_file():
+        raise FileNotFoundError(f"{where}: no such {what} file")
+    try:
+        return json.loads(text if is_text else Path(text).read_text()), where, is_text
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{where}: not valid JSON: {e}") from None

@@ -1,184 +1,27 @@
-"""Reload a trained run and predict: top-k class names and probabilities for files, folders, arrays.
+"""Deprecated alias (0.1) of :mod:`imgcls_jax.evaluate.predict` and ``load_run``, kept for one
+release: use ``imgcls_jax.load_run`` and ``imgcls_jax.predict``.
 
-``load_run(run_dir, which)`` rebuilds the run's model from its ``config.json`` and restores the
-parameters of its ``best`` (by the monitored validation metric) or ``latest`` checkpoint.
-``predict(loaded, inputs)`` accepts an image file, a folder (every image in it, recursively,
-sorted), a list of files, or an array ``uint8[N, H, W, 3]`` / ``[H, W, 3]`` of RGB pixels.
+Importing this module makes ``imgcls_jax.predict`` this module rather than the function (Python
+sets a submodule as its package's attribute); the module is therefore callable as the function.
 """
 
-from __future__ import annotations
+import sys
+import types
+import warnings
 
-import logging
-import os
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from imgcls_jax.evaluate.predict import Prediction, predict  # noqa: F401
+from imgcls_jax.evaluate.runs import CHECKPOINTS, LoadedRun, load_run, run_class_names  # noqa: F401
 
-import jax
-import numpy as np
-from flax import nnx
-
-from imgcls_jax.config import TrainConfig
-
-log = logging.getLogger(__name__)
-
-CHECKPOINTS = ("best", "latest")
+warnings.warn(
+    "imgcls_jax.predict (the module) is deprecated: use imgcls_jax.load_run and imgcls_jax.predict",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
 
-@dataclass
-class LoadedRun:
-    """A trained model with what is needed to use it."""
-
-    run_dir: Path
-    config: TrainConfig
-    model: object
-    class_names: list[str]
-    epoch: int
-    which: str
-
-    @property
-    def image_size(self) -> tuple[int, int]:
-        """Input size of the restored epoch (its phase's ``image_size``)."""
-        size = self.config.image_size_at(self.epoch)
-        return size, size
+class _CallableModule(types.ModuleType):
+    def __call__(self, *args, **kwargs):
+        return predict(*args, **kwargs)
 
 
-@dataclass
-class Prediction:
-    """Top-k classes of one image, most probable first."""
-
-    source: str
-    top_k: list[tuple[str, float]]
-
-    @property
-    def label(self) -> str:
-        return self.top_k[0][0]
-
-
-def run_class_names(run_dir: Path) -> list[str]:
-    """Class names of a run, from its ``manifest.csv`` (written by ``fit``)."""
-    from imgcls_jax.data.folders import read_manifest  # no TensorFlow in this module
-
-    manifest = run_dir / "manifest.csv"
-    if not manifest.is_file():
-        raise FileNotFoundError(f"{run_dir}: no manifest.csv; is this a run directory written by fit()?")
-    return read_manifest(manifest)[1]
-
-
-def load_run(run_dir, which: str = "best") -> LoadedRun:
-    """Rebuild a run's model and restore its ``best`` or ``latest`` checkpoint."""
-    import orbax.checkpoint as ocp
-
-    from imgcls_jax.models import create_model
-
-    if which not in CHECKPOINTS:
-        raise ValueError(f"which must be one of {CHECKPOINTS}, got {which!r}")
-    run_dir = Path(run_dir).absolute()
-    if not (run_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{run_dir}: no config.json; is this a run directory written by fit()?")
-    config = TrainConfig.from_json(run_dir / "config.json")
-    class_names = run_class_names(run_dir)
-    model = create_model(
-        config.model, num_classes=len(class_names), weights=None, pooling=config.pooling,
-        head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size_at(),) * 2 + (3,), kernel_init=config.kernel_init,
-    )  # fmt: skip
-    directory = run_dir / ("best" if which == "best" else "checkpoints")
-    if not directory.is_dir():
-        raise FileNotFoundError(
-            f"{run_dir}: no {which} checkpoint in {directory}"
-            + (
-                " (a run without a validation split has no best checkpoint: use which='latest')"
-                if which == "best"
-                else ""
-            )
-        )
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.best_step() if which == "best" else manager.latest_step()
-        if step is None:
-            raise FileNotFoundError(f"{directory}: no finished checkpoint")
-        params = nnx.state(model, nnx.Param)
-        target = nnx.to_pure_dict(params)
-        restored = manager.restore(step, args=ocp.args.Composite(params=ocp.args.StandardRestore(target)))
-    nnx.replace_by_pure_dict(params, restored["params"])
-    nnx.update(model, params)
-    model.eval()
-    log.info("loaded %s checkpoint of %s (epoch %d)", which, run_dir, step)
-    return LoadedRun(run_dir, config, model, class_names, int(step), which)
-
-
-def _image_files(inputs) -> list[str]:
-    from imgcls_jax.data import IMAGE_EXTENSIONS
-
-    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
-    files = []
-    for item in items:
-        path = Path(item)
-        if path.is_dir():
-            found = sorted(
-                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
-            )
-            if not found:
-                raise FileNotFoundError(f"{path}: no image files (extensions {sorted(IMAGE_EXTENSIONS)})")
-            files += found
-        elif path.is_file():
-            files.append(str(path))
-        else:
-            raise FileNotFoundError(f"{path}: no such file or folder")
-    return files
-
-
-def predict(
-    loaded: LoadedRun,
-    inputs,
-    *,
-    top_k: int = 5,
-    batch_size: int = 32,
-    resize: str = "squash",
-) -> list[Prediction]:
-    """Top-``top_k`` ``(class name, probability)`` for each input image (see the module docstring).
-
-    Files that cannot be decoded raise an error naming them (nothing is silently dropped).
-    """
-    if top_k < 1:
-        raise ValueError(f"top_k must be >= 1, got {top_k}")
-    size = loaded.image_size
-    if isinstance(inputs, np.ndarray | jax.Array):
-        images = np.asarray(inputs)
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[-1] != 3:
-            raise ValueError(f"arrays must be [N, H, W, 3] or [H, W, 3] RGB, got shape {images.shape}")
-        if images.shape[1:3] != size:
-            from imgcls_jax.data.decode import resize_image
-
-            images = np.stack([np.round(resize_image(im, size, resize).numpy()) for im in images])
-            images = images.astype(np.uint8)
-        sources = [f"array[{i}]" for i in range(len(images))]
-    else:
-        from imgcls_jax.data import load_image
-
-        sources = _image_files(inputs)
-        images = np.stack([load_image(f, size, resize) for f in sources])
-    return _predict_arrays(loaded, images, sources, top_k, batch_size)
-
-
-def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_size: int):
-    graphdef, state = nnx.split(loaded.model)
-
-    @jax.jit
-    def probabilities(state, x):
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
-
-    k = min(top_k, len(loaded.class_names))
-    out = []
-    for start in range(0, len(images), batch_size):
-        chunk = images[start : start + batch_size]
-        real = len(chunk)
-        if real < batch_size and len(images) > batch_size:  # one compiled shape for every batch
-            chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
-        probs = np.asarray(probabilities(state, chunk))[:real]
-        for i, p in enumerate(probs):
-            order = np.argsort(-p, kind="stable")[:k]
-            out.append(Prediction(sources[start + i], [(loaded.class_names[j], float(p[j])) for j in order]))
-    return out
+sys.modules[__name__].__class__ = _CallableModule

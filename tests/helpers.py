@@ -2,10 +2,12 @@
 processes (several JAX processes or device counts in one test)."""
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -97,3 +99,46 @@ def run_children(argvs: list[list[str]], envs: list[dict], timeout: float) -> li
         f"{'timed out after ' + str(timeout) + ' s' if timed_out else 'a child failed'}\n{tails}"
     )
     return outputs
+
+
+# ------------------------------------------------------------------------- real photos
+ROOT = Path(__file__).resolve().parents[1]
+#: The shared real photos beside the checkout (CI has them; a user's clone may not). Set
+#: ``IMGCLS_TEST_SHARED_DATA`` to another folder (e.g. a missing one, to run as a clone without it).
+SHARED_DATA = Path(os.environ.get("IMGCLS_TEST_SHARED_DATA", ROOT.parent / "shared" / "data"))
+#: The embedded sample that ships with the project: the flowers5 classes, 40 photos each, 128x128.
+SAMPLE = ROOT / "examples" / "data" / "flowers_sample"
+FLOWER_CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
+
+
+def flowers() -> Path:
+    """``../shared/data/flowers5`` (4,317 photos) when it is there, else the embedded sample
+    (the same five classes and photo size, 200 photos)."""
+    real = SHARED_DATA / "flowers5"
+    return real if real.is_dir() else SAMPLE
+
+
+def hymenoptera(tmp_path: Path) -> Path:
+    """``../shared/data/hymenoptera`` when it is there, else a folder of the same shape made in
+    ``tmp_path`` from the embedded sample: ``{train,val}/{ants,bees}/``, JPEGs, one ``.jpeg``
+    and a stray GIF in ``train/ants`` (the real set's ``formica.jpeg`` and
+    ``imageNotFound.gif``)."""
+    real = SHARED_DATA / "hymenoptera"
+    if real.is_dir():
+        return real
+    from PIL import Image
+
+    root = tmp_path / "hymenoptera_like"
+    for split, first in (("train", 0), ("val", 30)):
+        for name, source in (("ants", "daisy"), ("bees", "sunflower")):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for photo in sorted((SAMPLE / source).glob("*.jpg"))[
+                first : first + (30 if split == "train" else 10)
+            ]:
+                shutil.copy(photo, folder / photo.name)
+    ants = root / "train" / "ants"
+    first = sorted(ants.glob("*.jpg"))[0]
+    first.rename(ants / "formica.jpeg")
+    Image.open(ants / "formica.jpeg").convert("P").save(ants / "imageNotFound.gif")
+    return root

@@ -14,8 +14,7 @@ from PIL import Image
 
 from imgcls_jax.data.dataset_audit import AuditReport, MaskFlag, audit, two_value_fraction
 from imgcls_jax.data.decode import IMAGE_EXTENSIONS
-
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from tests import helpers
 
 
 def noise(path: Path, seed: int, size=(40, 40), fmt: str | None = None) -> Path:
@@ -258,29 +257,29 @@ def _count_by_walk(root: Path) -> Counter:
     return counts
 
 
-def test_real_hymenoptera():
-    root = DATA / "hymenoptera"
-    if not root.is_dir():
-        pytest.skip(f"real test data not found at {root}")
+def test_real_hymenoptera(tmp_path):
+    root = helpers.hymenoptera(tmp_path)  # the shared photos, else a folder like it from the sample
     expected = {
         split: {c: _count_by_walk(root)[split, c] for c in ["ants", "bees"]} for split in ["train", "val"]
     }
     report = audit(root)
     assert report.class_names == ["ants", "bees"] and report.presplit
     assert report.counts == expected
-    assert sum(sum(c.values()) for c in report.counts.values()) == 398
+    total = 398 if root.parent == helpers.SHARED_DATA else 81  # the sample-made folder: 80 + the GIF
+    assert sum(sum(c.values()) for c in report.counts.values()) == total
     assert report.unreadable == []  # the stray imageNotFound.gif is a valid GIF
     assert report.mask_like == []
 
 
 def test_real_flowers5():
-    root = DATA / "flowers5"
-    if not root.is_dir():
-        pytest.skip(f"real test data not found at {root}")
+    root = helpers.flowers()  # the shared photos, else the embedded sample of them
     report = audit(root)
-    assert report.class_names == ["daisy", "dandelion", "rose", "sunflower", "tulip"]
-    assert report.counts == {"": dict(zip(report.class_names, [764, 1052, 784, 733, 984]))}
+    assert report.class_names == helpers.FLOWER_CLASSES
     assert report.mask_like == [] and report.unreadable == [] and report.tiny == []
-    assert not warnings_about(report, "imbalance")  # 1052 / 733 = 1.44
+    assert not warnings_about(report, "imbalance")  # 1052 / 733 = 1.44 (the sample: 40 each)
+    if root == helpers.SAMPLE:
+        assert report.counts == {"": dict.fromkeys(report.class_names, 40)} and report.duplicates == []
+        return
+    assert report.counts == {"": dict(zip(report.class_names, [764, 1052, 784, 733, 984]))}
     # The flower photos are known to hold a few identical files, some under both rose and tulip.
     assert any(set(g.classes) == {"rose", "tulip"} for g in report.duplicates)

@@ -35,6 +35,42 @@ def trained_run(tiny_data, tmp_path_factory):
     return out / "run"
 
 
+def test_train_recipe_from_scratch_trains_every_layer_and_reports(tiny_data, tmp_path, capsys):
+    """`imgcls-jax train --data DIR --weights none`: the recipe's from-scratch phase trains every
+    layer (all parameters move from their seeded start) and the report is printed."""
+    import jax
+    from flax import nnx
+
+    from imgcls_jax import load_run
+    from imgcls_jax.models import model_from_config
+
+    run = tmp_path / "scratch"
+    args = ["--data", str(tiny_data), "--run-dir", str(run), "--weights", "none", "--image-size", "32"]
+    assert cli.main(["train", *args, "--epochs", "1", "--batch-size", "8", "--lr", "1e-3"]) == 0
+    out = capsys.readouterr().out
+    assert "Classification Report" in out and "trained from scratch" in out
+    config = TrainConfig.from_json(run / "config.json")
+    assert [(p.trainable, p.epochs, p.learning_rate) for p in config.phases] == [("all", 1, 1e-3)]
+    assert config.weights is None and config.augment.translation == 0.1
+    start = model_from_config(config, 3, weights=None)
+    trained = load_run(run, "latest").model
+    pairs = zip(*(jax.tree.leaves(nnx.state(m, nnx.Param)) for m in (start, trained)))
+    assert all(not np.array_equal(a, b) for a, b in pairs)  # every layer trained
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    helptext = capsys.readouterr().out
+    assert all(flag in helptext for flag in ("--epochs", "--lr", "--weights", "--image-size", "--data"))
+
+
+def test_train_flags_that_do_not_apply_are_one_line_errors(tmp_path, capsys):
+    assert cli.main(["train"]) == 2
+    assert capsys.readouterr().err.startswith("imgcls-jax: error: no data: pass --data DIR")
+    config = tmp_path / "c.json"
+    TrainConfig(data="x").to_json(config)
+    assert cli.main(["train", "--config", str(config), "--epochs", "3"]) == 2
+    assert "--epochs and --lr set the recipe's phases" in capsys.readouterr().err
+
+
 def test_every_flag_of_every_command_is_explained():
     parser = cli.build_parser()
     commands = parser._subparsers._group_actions[0].choices
@@ -68,7 +104,7 @@ def test_evaluate_command_on_another_split(trained_run, capsys):
 
 
 def test_predict_files_folders_and_arrays_agree(trained_run, tiny_data, capsys):
-    from imgcls_jax.predict import load_run, predict
+    from imgcls_jax import load_run, predict
 
     assert cli.main(["predict", str(trained_run), str(tiny_data / "red"), "--top-k", "2", "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
@@ -89,7 +125,7 @@ def test_predict_files_folders_and_arrays_agree(trained_run, tiny_data, capsys):
 
 
 def test_predict_bad_inputs_are_clear_errors(trained_run, tmp_path):
-    from imgcls_jax.predict import load_run, predict
+    from imgcls_jax import load_run, predict
 
     loaded = load_run(trained_run, "latest")
     with pytest.raises(FileNotFoundError, match="no such file"):
@@ -111,7 +147,10 @@ def test_predict_bad_inputs_are_clear_errors(trained_run, tmp_path):
 def test_audit_command(tiny_data, tmp_path, capsys):
     assert cli.main(["audit", str(tiny_data), "--json", str(tmp_path / "a.json")]) == 0
     assert "red" in capsys.readouterr().out
-    assert json.loads((tmp_path / "a.json").read_text())
+    report = json.loads((tmp_path / "a.json").read_text())
+    assert report["class_names"] == ["blue", "green", "red"] and report["presplit"] is False
+    assert report["counts"] == {"": {"blue": 10, "green": 10, "red": 10}}  # the fixture's files
+    assert report["imbalance"] == {"": 1.0} and report["unreadable"] == [] and report["warnings"] == []
     messy = tmp_path / "messy"
     for name in ("a", "b"):
         (messy / name).mkdir(parents=True)

@@ -26,16 +26,15 @@ def test_embedded_sample_is_small_real_and_attributed():
 
 
 def test_auto_weights_offline_trains_from_scratch_and_says_so(caplog, monkeypatch, tmp_path):
+    from imgcls_jax.train.recipe import resolve_weights
     from imgcls_jax.weights import WeightsUnavailableError
-
-    example = load_example()
 
     def unavailable(model, include_top):
         raise WeightsUnavailableError("no file and no network (test)")
 
     monkeypatch.setattr("imgcls_jax.weights.resolve_imagenet", unavailable)
     with caplog.at_level(logging.WARNING):
-        weights, described = example.resolve_weights("auto", "vgg16")
+        weights, described = resolve_weights("auto", "vgg16")
     assert weights is None and "FROM SCRATCH" in described
     assert "FROM SCRATCH" in caplog.text and "no file and no network" in caplog.text
 

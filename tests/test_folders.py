@@ -22,8 +22,8 @@ from imgcls_jax.data.folders import (
     split_records,
     write_manifest,
 )
+from tests import helpers
 
-DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LOGGER = "imgcls_jax.data.folders"
 
 
@@ -253,10 +253,8 @@ def test_symlinked_class_folder_is_followed(tmp_path):
 # --- decoding ---------------------------------------------------------------------------------
 
 
-def test_real_stray_gif_in_hymenoptera_decodes():
-    root = DATA / "hymenoptera"
-    if not root.is_dir():
-        pytest.skip(f"real test data not found at {root}")
+def test_real_stray_gif_in_hymenoptera_decodes(tmp_path):
+    root = helpers.hymenoptera(tmp_path)  # the shared photos, else a folder like it from the sample
     gif = root / "train" / "ants" / "imageNotFound.gif"
     check = check_image(str(gif))
     assert check.reason is None and check.format == "gif"

@@ -24,6 +24,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imgcls_jax import parallel
+from imgcls_jax.data import shard_records
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,19 @@ def load(path) -> dict:
 
 
 # ------------------------------------------------------------------- what the children run
+class Steps(NamedTuple):
+    """fit's sharded path: the steps, the mesh and the trained state's layout."""
+
+    mesh: object
+    train: object
+    evaluate: object
+    state_sharding: object
+
+
 def _setup(mesh_devices=None, fsdp_min_size=None):
+    """The model, optimizer, steps and placed state and frozen parameters, as ``fit`` makes them
+    (``make_train_step(..., placement=(mesh, fsdp_min_size))`` on a state placed with
+    ``tree_shardings``)."""
     import jax
 
     import imgcls_jax
@@ -89,15 +102,19 @@ def _setup(mesh_devices=None, fsdp_min_size=None):
     opt = make_optimizer("sgd", 0.02, momentum=0.9)
     mesh = parallel.make_mesh(mesh_devices)
     state = init_state(split, opt)
-    steps = parallel.make_parallel_steps(
-        make_train_step(split, opt, dropout_key=jax.random.key(7)),
-        make_eval_step(split),
-        state,
-        split.frozen,
-        mesh,
-        fsdp_min_size=fsdp_min_size,
-    )
-    return split, opt, steps, steps.place_state(state), steps.place_frozen(split.frozen)
+    state_sharding = parallel.tree_shardings(state, mesh, fsdp_min_size=fsdp_min_size)
+    train = make_train_step(split, opt, dropout_key=jax.random.key(7), placement=(mesh, fsdp_min_size))
+    steps = Steps(mesh, train, make_eval_step(split), state_sharding)
+    frozen = parallel.place(split.frozen, parallel.replicated(mesh))
+    return split, opt, steps, parallel.place(state, state_sharding), frozen
+
+
+def evaluate(steps, params, frozen, batches) -> dict:
+    """The one evaluation loop (fit's validation, evaluate_run) over ``batches`` on the mesh."""
+    from imgcls_jax.train import evaluate_batches
+
+    totals = evaluate_batches(lambda b: steps.evaluate(params, frozen, b), batches, mesh=steps.mesh)
+    return {"loss": totals.loss, "accuracy": totals.accuracy, "count": totals.count}
 
 
 def synthetic_batch(i: int, n: int = GLOBAL_BATCH) -> dict:
@@ -118,8 +135,6 @@ def flat(params) -> dict:
 
 
 def _eval_sums(steps, params, frozen) -> dict:
-    from imgcls_jax.parallel import evaluate
-
     data = synthetic_batch(99, EVAL_IMAGES)
     batches = [{k: v[i : i + EVAL_BATCH] for k, v in data.items()} for i in range(0, EVAL_IMAGES, EVAL_BATCH)]
     for b in batches:  # the data layer's eval batches: fixed size, padded and masked
@@ -199,10 +214,10 @@ def child_distributed(out: str, data: str, steps_to_run: str) -> None:
     import jax
     import orbax.checkpoint as ocp
 
-    from imgcls_jax.data import Pipeline, from_records, scan_folder
+    from imgcls_jax.data import Pipeline, from_records, scan_folder, shard_records
 
     found = scan_folder(data)
-    share = parallel.shard_records(found.records, equal_sizes=True, seed=0)
+    share = shard_records(found.records, equal_sizes=True, seed=0)
     split, _, steps, state, frozen = _setup()
     pid = jax.process_index()
     assert len(steps.mesh.local_devices) == 2 and steps.mesh.devices.size == 4
@@ -232,12 +247,12 @@ def child_distributed(out: str, data: str, steps_to_run: str) -> None:
     )
     (Path(out) / f"dist_share_{pid}.json").write_text(json.dumps([r.path for r in share]))
     # evaluation over unequal shares (11 and 10 of 21 files, 2 per batch: 6 and 5 batches)
-    eval_share = parallel.shard_records(found.records, seed=0)
+    eval_share = shard_records(found.records, seed=0)
     eval_pipe = Pipeline(
         from_records(eval_share, found.class_names), image_size=(SIZE, SIZE), batch_size=2, training=False
     )
     eval_batches = list(eval_pipe.epoch(0))
-    result = parallel.evaluate(steps, state.params, frozen, eval_batches)
+    result = evaluate(steps, state.params, frozen, eval_batches)
     real = {k: np.concatenate([b[k][b["mask"]] for b in eval_batches]) for k in ("image", "label")}
     np.savez(Path(out) / f"dist_eval_images_{pid}.npz", **real)
     (Path(out) / f"dist_eval_{pid}.json").write_text(json.dumps({**result, "batches": len(eval_batches)}))
@@ -248,7 +263,7 @@ def child_replay(out: str, steps_to_run: str) -> None:
     """On one device: the distributed run's global batches (process 0's rows, then process 1's)."""
     import orbax.checkpoint as ocp
 
-    from imgcls_jax.parallel import evaluate, restore_target, to_global
+    from imgcls_jax.parallel import restore_target, to_global
 
     _, _, steps, state, frozen = _setup()
     parts = [load(Path(out) / f"dist_batches_{p}.npz") for p in (0, 1)]
@@ -284,14 +299,12 @@ def test_shard_records_partition_stratified_deterministic(counts, processes, see
     records = [Rec(f"c{c}/{i:03d}.png", c) for c, n in enumerate(counts) for i in range(n)]
     if len(records) < processes:
         with pytest.raises(ValueError, match="cannot give each"):
-            parallel.shard_records(records, 0, processes)
+            shard_records(records, 0, processes)
         return
     shuffled = list(reversed(records))  # the input order must not matter
-    shares = [
-        parallel.shard_records(records, p, processes, seed=seed, equal_sizes=equal) for p in range(processes)
-    ]
+    shares = [shard_records(records, p, processes, seed=seed, equal_sizes=equal) for p in range(processes)]
     assert shares == [
-        parallel.shard_records(shuffled, p, processes, seed=seed, equal_sizes=equal) for p in range(processes)
+        shard_records(shuffled, p, processes, seed=seed, equal_sizes=equal) for p in range(processes)
     ]
     paths = [r.path for share in shares for r in share]
     assert len(paths) == len(set(paths))  # disjoint
@@ -306,11 +319,12 @@ def test_shard_records_partition_stratified_deterministic(counts, processes, see
 
 def test_shard_records_rejects_bad_index():
     with pytest.raises(ValueError, match="process_index < process_count, got 2 of 2"):
-        parallel.shard_records([Rec("a", 0), Rec("b", 0)], 2, 2)
+        shard_records([Rec("a", 0), Rec("b", 0)], 2, 2)
 
 
 def test_fsdp_spec_picks_largest_divisible_dimension():
-    P = parallel.PartitionSpec
+    from jax.sharding import PartitionSpec as P
+
     assert parallel.fsdp_spec((3, 3, 512, 256), 4, "data", 1024) == P(None, None, "data", None)
     assert parallel.fsdp_spec((6, 1024), 4, "data", 1024) == P(None, "data")
     assert parallel.fsdp_spec((10, 3), 4, "data", 1) == P()  # nothing divides

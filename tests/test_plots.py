@@ -50,6 +50,7 @@ def test_confusion_matrix_bad_input(tmp_path):
 
 def history_rows(tmp_path, with_val=True):
     """Rows as csv.DictReader gives them back from a metrics.csv: strings, "" for no value."""
+    tmp_path.mkdir(parents=True, exist_ok=True)
     fields = ["epoch", "phase", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
               "learning_rate", "images_per_s"]  # fmt: skip
     path = tmp_path / "metrics.csv"
@@ -68,13 +69,20 @@ def history_rows(tmp_path, with_val=True):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("with_val", [True, False])
-def test_learning_curves_from_csv_rows(tmp_path, with_val):
-    rows = history_rows(tmp_path, with_val)
-    assert isinstance(rows[0]["train_loss"], str)
-    assert rows[0]["val_loss"] == ("" if not with_val else rows[0]["val_loss"])
-    out = plot_learning_curves(rows, tmp_path / "curves.png")
-    assert_png(out)
+def test_learning_curves_from_csv_rows(tmp_path):
+    """Rows as metrics.csv gives them back (strings, "" where there was no validation); the
+    validation curves, when there are some, are drawn (the picture changes)."""
+    with_val, without = history_rows(tmp_path / "a", True), history_rows(tmp_path / "b", False)
+    assert isinstance(with_val[0]["train_loss"], str) and float(with_val[0]["val_loss"]) == pytest.approx(2.2)
+    assert without[0]["val_loss"] == "" and without[0]["train_loss"] == with_val[0]["train_loss"]
+    shapes = [assert_png(plot_learning_curves(rows, tmp_path / f"{name}.png"))
+              for rows, name in ((with_val, "val"), (without, "train"))]  # fmt: skip
+    assert shapes[0] == shapes[1]
+    drawn = [
+        np.asarray(Image.open(tmp_path / f"{name}.png").convert("RGB")).astype(int)
+        for name in ("val", "train")
+    ]
+    assert np.abs(drawn[0] - drawn[1]).sum(axis=-1).astype(bool).mean() > 0.002  # the val curves
 
 
 def test_learning_curves_floats_single_epoch_no_lr(tmp_path):

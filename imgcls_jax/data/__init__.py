@@ -1,38 +1,51 @@
 """The data layer: image folders, TFDS and arrays -> tf.data batches -> devices.
 
-This is the only part of imgcls_jax that uses TensorFlow, and it imports it lazily (on first
-use). Names are resolved on first access, so ``import imgcls_jax.data`` stays cheap.
+Only the pipelines use TensorFlow (tf.data), and they import it lazily, when they first run:
+importing this package does not load it.
 """
 
-import importlib
+from imgcls_jax.config import AugmentConfig
+from imgcls_jax.data.augment import augment_image, mix_batch, save_augmentation_grid
+from imgcls_jax.data.dataset_audit import AuditReport, audit
+from imgcls_jax.data.decode import IMAGE_EXTENSIONS, RESIZE_MODES, check_images, load_image
+from imgcls_jax.data.folders import (
+    DatasetError,
+    ImageFolder,
+    Record,
+    read_manifest,
+    scan_folder,
+    split_records,
+    write_manifest,
+)
+from imgcls_jax.data.pipeline import Pipeline, Source, from_arrays, from_records, from_tfds
+from imgcls_jax.data.prefetch import data_sharding, prefetch_to_device, to_device
+from imgcls_jax.data.sharding import shard_records
 
-_EXPORTS = {
-    "dataset_audit": ["AuditReport", "audit"],
-    "augment": ["AugmentConfig", "augment_image", "mix_batch", "save_augmentation_grid"],
-    "decode": ["IMAGE_EXTENSIONS", "RESIZE_MODES", "check_images", "load_image"],
-    "folders": [
-        "DatasetError",
-        "ImageFolder",
-        "Record",
-        "read_manifest",
-        "scan_folder",
-        "split_records",
-        "write_manifest",
-    ],
-    "pipeline": ["Pipeline", "Source", "from_arrays", "from_records", "from_tfds"],
-    "prefetch": ["data_sharding", "prefetch_to_device", "to_device"],
-}
-_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-__all__ = sorted(_WHERE)
-
-
-def __getattr__(name):
-    if name in _WHERE:
-        value = getattr(importlib.import_module(f"{__name__}.{_WHERE[name]}"), name)
-        globals()[name] = value
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__all__ = [
+    "IMAGE_EXTENSIONS",
+    "RESIZE_MODES",
+    "AugmentConfig",
+    "AuditReport",
+    "DatasetError",
+    "ImageFolder",
+    "Pipeline",
+    "Record",
+    "Source",
+    "audit",
+    "augment_image",
+    "check_images",
+    "data_sharding",
+    "from_arrays",
+    "from_records",
+    "from_tfds",
+    "load_image",
+    "mix_batch",
+    "prefetch_to_device",
+    "read_manifest",
+    "save_augmentation_grid",
+    "scan_folder",
+    "shard_records",
+    "split_records",
+    "to_device",
+    "write_manifest",
+]

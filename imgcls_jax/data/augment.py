@@ -14,31 +14,18 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+
+from imgcls_jax.config import FILL_MODES, FLIP_MODES, AugmentConfig  # noqa: F401  (their old home)
 
 if TYPE_CHECKING:
     import tensorflow as tf
 
     Seed = tf.Tensor | Sequence[int]
 
-FLIP_MODES = ("horizontal", "vertical", "horizontal_and_vertical")
-FILL_MODES = ("reflect", "wrap", "constant", "nearest")
-#: Allowed [low, high] of each numeric strength field.
-_BOUNDS = {
-    "rotation": (0.0, 1.0),
-    "zoom": (0.0, 1.0),
-    "translation": (0.0, 1.0),
-    "brightness": (0.0, 1.0),
-    "contrast": (0.0, 1.0),
-    "saturation": (0.0, 1.0),
-    "hue": (0.0, 0.5),
-    "mixup_alpha": (0.0, math.inf),
-    "cutmix_alpha": (0.0, math.inf),
-}
 #: One independent sub-seed per op, always split the same way.
 _OPS = ("flip_h", "flip_v", "crop", "rotation", "zoom", "translation", "brightness", "contrast", "sat", "hue")
 _CROP_ATTEMPTS = 10
@@ -50,88 +37,6 @@ def _tf():
     import tensorflow as tf
 
     return tf
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """What :func:`augment_image` and :func:`mix_batch` do; all off by default.
-
-    Attributes:
-      flip: ``None``, ``"horizontal"`` (left-right), ``"vertical"`` (top-bottom) or
-        ``"horizontal_and_vertical"``; each flip happens with probability 1/2 (independently for the
-        two axes, as Keras 2; Keras 3 flips both axes or neither).
-      rotation: angle uniform in ``[-rotation, rotation] * 2 pi`` about the centre (Keras
-        ``RandomRotation(factor)``), in [0, 1].
-      zoom: scale uniform in ``[1 - zoom, 1 + zoom]``, the same for both axes; > 1 zooms out,
-        < 1 zooms in (Keras ``RandomZoom(height_factor=zoom)``), in [0, 1].
-      translation: shifts uniform in ``[-translation, translation]`` times height and width,
-        independently (Keras ``RandomTranslation(translation, translation)``), in [0, 1].
-      fill_mode: ``"reflect"``, ``"wrap"``, ``"constant"`` or ``"nearest"``: how rotation, zoom and
-        translation fill points from outside the input, as Keras; ``fill_value`` for ``"constant"``
-        (restricted to [0, 255] so outputs stay in range).
-      random_resized_crop: Inception-style crop (torchvision ``RandomResizedCrop``): area fraction
-        uniform in ``crop_scale`` (within (0, 1]), aspect ratio w/h log-uniform in ``crop_ratio``,
-        10 attempts, then a centre crop; the crop is resized (bilinear) back to the input size.
-      brightness: adds ``delta * 255`` with delta uniform in ``[-brightness, brightness]`` (Keras
-        ``RandomBrightness``), in [0, 1].
-      contrast: ``(x - mean) * c + mean`` per channel, c uniform in ``[1 - contrast, 1 + contrast]``
-        (Keras ``RandomContrast``), in [0, 1].
-      saturation: HSV saturation times s, s uniform in ``[1 - saturation, 1 + saturation]``
-        (torchvision ``ColorJitter(saturation=)``; as ``tf.image.adjust_saturation``), in [0, 1].
-      hue: hue rotated by d turns, d uniform in ``[-hue, hue]`` (torchvision ``ColorJitter(hue=)``;
-        ``tf.image.adjust_hue``), in [0, 0.5]; the same distribution as Keras ``RandomHue(2 * hue)``.
-      mixup_alpha, cutmix_alpha: Beta(alpha, alpha) parameters of :func:`mix_batch`; 0 turns it off.
-    """
-
-    flip: str | None = None
-    rotation: float = 0.0
-    zoom: float = 0.0
-    translation: float = 0.0
-    fill_mode: str = "reflect"
-    fill_value: float = 0.0
-    random_resized_crop: bool = False
-    crop_scale: tuple[float, float] = (0.08, 1.0)
-    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
-    brightness: float = 0.0
-    contrast: float = 0.0
-    saturation: float = 0.0
-    hue: float = 0.0
-    mixup_alpha: float = 0.0
-    cutmix_alpha: float = 0.0
-
-    def __post_init__(self):
-        if self.flip not in (None, *FLIP_MODES):
-            raise ValueError(f"AugmentConfig.flip must be None or one of {FLIP_MODES}, got {self.flip!r}")
-        if self.fill_mode not in FILL_MODES:
-            raise ValueError(f"AugmentConfig.fill_mode must be one of {FILL_MODES}, got {self.fill_mode!r}")
-        for name, (low, high) in _BOUNDS.items():
-            value = getattr(self, name)
-            if not (_is_number(value) and low <= value <= high):
-                raise ValueError(f"AugmentConfig.{name} must be a number in [{low}, {high}], got {value!r}")
-        if not (_is_number(self.fill_value) and 0 <= self.fill_value <= 255):
-            raise ValueError(f"AugmentConfig.fill_value must be in [0, 255], got {self.fill_value!r}")
-        if not isinstance(self.random_resized_crop, bool):
-            raise ValueError(
-                f"AugmentConfig.random_resized_crop must be a bool, got {self.random_resized_crop!r}"
-            )
-        for name, high in (("crop_scale", 1.0), ("crop_ratio", math.inf)):
-            value = getattr(self, name)
-            ok = isinstance(value, Sequence) and len(value) == 2 and all(_is_number(v) for v in value)
-            if not (ok and 0 < value[0] <= value[1] <= high):
-                raise ValueError(
-                    f"AugmentConfig.{name} must be (low, high) with 0 < low <= high <= {high}, got {value!r}"
-                )
-            object.__setattr__(self, name, (float(value[0]), float(value[1])))
-
-    @property
-    def is_identity(self) -> bool:
-        """True when :func:`augment_image` and :func:`mix_batch` both return their inputs unchanged."""
-        off = all(getattr(self, name) == 0 for name in _BOUNDS)
-        return off and self.flip is None and not self.random_resized_crop
 
 
 def augment_image(image: tf.Tensor, seed: Seed, config: AugmentConfig) -> tf.Tensor:

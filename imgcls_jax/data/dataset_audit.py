@@ -208,37 +208,38 @@ def audit(
         than two classes, no image files at all).
     """
     found = scan_folder(root, verify=False, exclude=exclude)
-    root_s, names = str(found.root), found.class_names
-
-    def rel(path: str) -> str:
-        return os.path.relpath(path, root_s)
-
     checks = {c.path: c for c in check_images([r.path for r in found.records])}
     good = [r for r in found.records if checks[r.path].reason is None]
     splits = sorted({r.split for r in found.records}, key=lambda s: (_SPLIT_ORDER.get(s, 9), s))
-    counts = {s: dict.fromkeys(names, 0) for s in splits}
+    counts = {s: dict.fromkeys(found.class_names, 0) for s in splits}
     for r in good:
-        counts[r.split][names[r.label]] += 1
+        counts[r.split][found.class_names[r.label]] += 1
     imbalance = {}
     for s, per_class in counts.items():
         nonzero = [n for n in per_class.values() if n]
         imbalance[s] = round(max(nonzero) / min(nonzero), 4) if len(nonzero) > 1 else None
     report = AuditReport(
-        root_s,
-        list(names),
-        found.presplit,
-        counts,
-        imbalance,
+        str(found.root), list(found.class_names), found.presplit, counts, imbalance,
         thresholds={"tiny": tiny, "mask_threshold": mask_threshold, "imbalance": IMBALANCE_THRESHOLD},
-    )
-    warn = report.warnings.append
-    for name in names:  # empty classes, then classes missing from some splits
+    )  # fmt: skip
+    _check_classes(report, splits)
+    _check_files(report, checks, good, tiny)
+    _check_masks(report, good, sample_per_class, seed, mask_threshold)
+    for w in report.warnings:
+        log.warning("%s: %s", report.root, w)
+    return report
+
+
+def _check_classes(report: AuditReport, splits: list[str]) -> None:
+    """Warnings for empty classes, classes missing from some splits, class imbalance."""
+    warn, counts = report.warnings.append, report.counts
+    for name in report.class_names:
         missing = [s for s in splits if counts[s][name] == 0]
         if len(missing) == len(splits):
             warn(f"empty class {name!r}: no readable images (its label is kept)")
         elif missing:
             warn(f"class {name!r} is missing from split(s) {missing}: it has no readable images there")
-    for s, ratio in imbalance.items():
+    for s, ratio in report.imbalance.items():
         if ratio is not None and ratio > IMBALANCE_THRESHOLD:
             per = {n: c for n, c in counts[s].items() if c}
             big, small = max(per, key=per.get), min(per, key=per.get)
@@ -248,11 +249,18 @@ def audit(
                 f"{per[small]} (ratio {ratio:.2f} > {IMBALANCE_THRESHOLD}); consider class weights"
             )
 
+
+def _check_files(report: AuditReport, checks: dict, good: list, tiny: int) -> None:
+    """Unreadable files, identical files (within and across splits) and tiny images."""
+    warn, names = report.warnings.append, report.class_names
+
+    def rel(path: str) -> str:
+        return os.path.relpath(path, report.root)
+
     report.unreadable = [Unreadable(c.path, c.reason) for c in checks.values() if c.reason]
     if report.unreadable:
         listing = _listing([f"{rel(u.path)} ({u.reason})" for u in report.unreadable])
         warn(f"{len(report.unreadable)} unreadable file(s), skipped by scan_folder: {listing}")
-
     label_of = {r.path: (names[r.label], r.split) for r in good}
     for files in _duplicate_groups([r.path for r in good]):
         classes, in_splits = [label_of[p][0] for p in files], [label_of[p][1] for p in files]
@@ -269,7 +277,6 @@ def audit(
         what = "across splits (leakage: trained and evaluated on)" if across else "within a split"
         what = what if report.presplit else "in the dataset"
         warn(f"{len(groups)} group(s) of identical files {what}: {_listing(items)}")
-
     report.tiny = [
         TinyImage(r.path, checks[r.path].height, checks[r.path].width)
         for r in good
@@ -279,13 +286,17 @@ def audit(
         listing = _listing([f"{rel(t.path)} ({t.height}x{t.width})" for t in report.tiny])
         warn(f"{len(report.tiny)} tiny image(s) (height or width < {tiny} px): {listing}")
 
+
+def _check_masks(report: AuditReport, good: list, sample_per_class: int, seed: int, threshold: float) -> None:
+    """Classes (and class subfolders) that look like segmentation masks, by pixels and by name."""
+    names = report.class_names
     by_class: dict[int, list[str]] = defaultdict(list)
     for r in sorted(good, key=lambda r: r.path):
         by_class[r.label].append(r.path)
     groups: list[tuple[str, list[str], int]] = []  # (name, paths, sample seed)
     for label, paths in sorted(by_class.items()):
         groups.append((names[label], paths, label))
-        subfolders = _by_subfolder(paths, names[label], root_s, found.presplit)
+        subfolders = _by_subfolder(paths, names[label], report.root, report.presplit)
         if len(subfolders) > 1:  # photos and masks side by side inside one class folder
             groups += [(f"{names[label]}/{sub}", ps, 1000 + 100 * label + i) for i, (sub, ps) in
                        enumerate(sorted(subfolders.items())) if sub]  # fmt: skip
@@ -296,10 +307,11 @@ def audit(
             continue
         score = float(np.median([two_value_fraction(load_image(p)) for p in picked]))
         report.mask_scores[name] = round(score, 4)
-        if score >= mask_threshold:
+        if score >= threshold:
+            examples = _listing([os.path.relpath(p, report.root) for p in picked[:3]])
             detail = (
-                f"median {score:.1%} of pixels on its 2 most frequent grey levels (>= {mask_threshold:.0%}) "
-                f"in {len(picked)} sampled images, e.g. {_listing([rel(p) for p in picked[:3]])}"
+                f"median {score:.1%} of pixels on its 2 most frequent grey levels (>= {threshold:.0%}) "
+                f"in {len(picked)} sampled images, e.g. {examples}"
             )
             report.mask_like.append(MaskFlag(name, "pixels", detail))
     group_names = [g[0] for g in groups]
@@ -309,17 +321,14 @@ def audit(
         partner = normalised.get(_norm(match["base"])) if match else None
         if partner is not None and partner != name:
             what = "folder" if "/" in partner else "class"
-            detail = f"named like the mask folder of {what} {partner!r}"
-            report.mask_like.append(MaskFlag(name, "name", detail))
+            report.mask_like.append(
+                MaskFlag(name, "name", f"named like the mask folder of {what} {partner!r}")
+            )
     for flag in report.mask_like:
-        warn(
+        report.warnings.append(
             f"class {flag.class_name!r} looks like segmentation masks, not photos ({flag.detail}); "
             "masks are labels of the images, not a class: remove the folder or train a segmentation model"
         )
-
-    for w in report.warnings:
-        log.warning("%s: %s", root_s, w)
-    return report
 
 
 def _by_subfolder(paths: list[str], class_name: str, root: str, presplit: bool) -> dict[str, list[str]]:

@@ -129,6 +129,36 @@ def scan_folder(
     root = Path(root).expanduser()
     if not root.is_dir():
         raise DatasetError(f"{root}: no such folder")
+    split_dirs, presplit = _split_dirs(root, extensions)
+    names = _class_names(root, split_dirs, class_names, extensions, exclude)
+    records, loops = [], []
+    for split, folder in split_dirs.items():
+        for label, name in enumerate(names):
+            if not (folder / name).is_dir():
+                continue
+            files = _walk_images(folder / name, extensions, follow_links, loops)
+            if exclude:
+                files = [
+                    f for f in files if not _excluded(os.path.relpath(os.path.dirname(f), folder), exclude)
+                ]
+            records += [Record(p, label, split) for p in files]
+    if loops:
+        log.warning("%s: skipped %d symlink loop(s): %s", root, len(loops), ", ".join(loops[:10]))
+    records, skipped = _verified(root, records) if verify and records else (records, [])
+    if not records:
+        raise DatasetError(f"{root}: no readable images in classes {names}")
+    found = ImageFolder(root, names, records, skipped, presplit)
+    for split, counts in found.counts().items():
+        empty = [n for n in names if counts[n] == 0]
+        if empty:
+            where = f"split {split!r}" if split else str(root)
+            log.warning("%s: class(es) with no images: %s (labels are kept, as Keras does)", where, empty)
+    return found
+
+
+def _split_dirs(root: Path, extensions: Sequence[str]) -> tuple[dict[str, Path], bool]:
+    """``({split: folder}, presplit)``: the train/val/test folders of a pre-split ``root``, else
+    ``{"": root}``. Images lying outside any class folder are warned about (they are ignored)."""
     subdirs = _class_dirs(root)
     presplit = bool(subdirs) and all(d in SPLIT_NAMES for d in subdirs)
     if presplit and {"val", "validation"} <= set(subdirs):
@@ -143,6 +173,11 @@ def scan_folder(
                 len(loose),
                 ", ".join(loose[:10]) + (" ..." if len(loose) > 10 else ""),
             )
+    return split_dirs, presplit
+
+
+def _class_names(root: Path, split_dirs: dict, given, extensions, exclude) -> list[str]:
+    """The class list: ``given``, else the sorted class folders of every split (at least two)."""
     per_split = {s: _class_dirs(p, exclude) for s, p in split_dirs.items()}
     if exclude:
         dropped = sorted(
@@ -151,7 +186,7 @@ def scan_folder(
         )  # fmt: skip
         if dropped:
             log.info("%s: excluded %d folder(s) matching %s: %s", root, len(dropped), list(exclude), dropped)
-    names = list(class_names) if class_names is not None else sorted(set().union(*per_split.values()))
+    names = list(given) if given is not None else sorted(set().union(*per_split.values()))
     if not names:
         loose = [p for p in root.iterdir() if p.suffix.lower() in extensions]
         hint = f" ({len(loose)} images lie directly in it)" if loose else ""
@@ -161,41 +196,19 @@ def scan_folder(
             f"{root}: found only one class ({names[0]!r}); classification needs at least two. "
             "Point at the folder that holds the class folders."
         )
+    return names
 
-    records, loops = [], []
-    for split, folder in split_dirs.items():
-        for label, name in enumerate(names):
-            if not (folder / name).is_dir():
-                continue
-            files = _walk_images(folder / name, extensions, follow_links, loops)
-            if exclude:
-                files = [
-                    f for f in files if not _excluded(os.path.relpath(os.path.dirname(f), folder), exclude)
-                ]
-            records += [Record(p, label, split) for p in files]
-    if loops:
-        log.warning("%s: skipped %d symlink loop(s): %s", root, len(loops), ", ".join(loops[:10]))
 
-    skipped = []
-    if verify and records:
-        checks = check_images([r.path for r in records])
-        skipped = [(c.path, c.reason) for c in checks if c.reason]
-        bad = {p for p, _ in skipped}
-        records = [r for r in records if r.path not in bad]
-        if skipped:
-            listing = "; ".join(f"{p}: {why}" for p, why in skipped[:20])
-            more = f"; ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
-            log.warning("%s: skipped %d unreadable file(s): %s%s", root, len(skipped), listing, more)
-    if not records:
-        raise DatasetError(f"{root}: no readable images in classes {names}")
-
-    found = ImageFolder(root, names, records, skipped, presplit)
-    for split, counts in found.counts().items():
-        empty = [n for n in names if counts[n] == 0]
-        if empty:
-            where = f"split {split!r}" if split else str(root)
-            log.warning("%s: class(es) with no images: %s (labels are kept, as Keras does)", where, empty)
-    return found
+def _verified(root: Path, records: list[Record]) -> tuple[list[Record], list[tuple[str, str]]]:
+    """The records whose file decodes, and ``(path, reason)`` of the others (one warning)."""
+    checks = check_images([r.path for r in records])
+    skipped = [(c.path, c.reason) for c in checks if c.reason]
+    bad = {p for p, _ in skipped}
+    if skipped:
+        listing = "; ".join(f"{p}: {why}" for p, why in skipped[:20])
+        more = f"; ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        log.warning("%s: skipped %d unreadable file(s): %s%s", root, len(skipped), listing, more)
+    return [r for r in records if r.path not in bad], skipped
 
 
 def split_records(records: Sequence[Record], fractions: Mapping[str, float], seed: int = 0) -> list[Record]:

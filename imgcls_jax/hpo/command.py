@@ -21,7 +21,7 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imgcls_jax.config import TrainConfig
+from imgcls_jax.config import TrainConfig, read_json
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +45,8 @@ def _study_keys() -> set[str]:
 
 def load_tune_config(path_or_text) -> TuneConfig:
     """Read a tune file (path or JSON text); errors name the file and the offending key."""
+    raw, where, is_text = read_json(path_or_text, "tune")
     text = str(path_or_text)
-    is_text = text.lstrip().startswith("{")
-    where = "tune config" if is_text else str(path_or_text)
-    if not is_text and not Path(text).is_file():
-        raise FileNotFoundError(f"{where}: no such tune file")
-    try:
-        raw = json.loads(text if is_text else Path(text).read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{where}: not valid JSON: {e}") from e
     if not isinstance(raw, dict):
         raise ValueError(f"{where}: expected a JSON object with 'base', 'space' and 'study'")
     unknown = sorted(set(raw) - {"base", "space", "study"})

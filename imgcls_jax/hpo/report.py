@@ -13,6 +13,7 @@ import csv
 import logging
 import sys
 import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from imgcls_jax.config import TrainConfig
@@ -20,17 +21,31 @@ from imgcls_jax.config import TrainConfig
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class SearchResult:
+    """What :func:`search` leaves behind; paths are inside ``study_dir``."""
+
+    study: object
+    study_dir: Path
+    best_config: TrainConfig | None = None
+    best_value: float | None = None
+    best_trial: int | None = None
+    best_config_path: Path | None = None
+    trials_csv: Path | None = None
+    plots: list[Path] = field(default_factory=list)
+    states: dict[str, int] = field(default_factory=dict)
+
+
 def write_report(study, study_dir: Path, *, plots: bool = True):
     """Write ``best_config.json``, ``trials.csv`` and (``plots``) the PNGs; a ``SearchResult``."""
     from optuna.trial import TrialState
-
-    from imgcls_jax.hpo.search import SearchResult
 
     trials = study.get_trials(deepcopy=False)
     result = SearchResult(study, study_dir)
     for t in trials:
         result.states[t.state.name] = result.states.get(t.state.name, 0) + 1
-    result.trials_csv = write_trials_csv(trials, study_dir / "trials.csv")
+    reset = set(study.user_attrs.get("reset_running_trials", []))
+    result.trials_csv = write_trials_csv(trials, study_dir / "trials.csv", reset)
     completed = [t for t in trials if t.state == TrialState.COMPLETE]
     if completed:
         best = study.best_trial
@@ -61,7 +76,8 @@ def best_config(trial, study_dir: Path) -> TrainConfig:
     return TrainConfig(**raw)
 
 
-def write_trials_csv(trials, path: Path) -> Path:
+def write_trials_csv(trials, path: Path, reset: set[int] = frozenset()) -> Path:
+    """One row per trial; ``reset``: numbers of the trials failed by ``reset_running``."""
     names = sorted({name for t in trials for name in t.params})
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -70,7 +86,10 @@ def write_trials_csv(trials, path: Path) -> Path:
         )
         for t in trials:
             seconds = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete else ""
-            reason = t.user_attrs.get("fail_reason") or t.user_attrs.get("died") or ""
+            reason = t.user_attrs.get("fail_reason", "")
+            if not reason and t.state.name == "FAIL":
+                died = "reset_running" if t.number in reset else "heartbeat lost"
+                reason = f"its worker died ({died})"
             if t.user_attrs.get("surplus"):
                 reason = "surplus: the budget was already taken by other workers"
             writer.writerow(

@@ -20,14 +20,19 @@ import os
 import socket
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from imgcls_jax.config import TrainConfig
+from imgcls_jax.hpo.report import SearchResult, write_report
 from imgcls_jax.hpo.space import Param, apply_params, parse_space
 from imgcls_jax.hpo.study import make_pruner, make_sampler, make_storage
 
 log = logging.getLogger(__name__)
+
+
+#: Study user attribute listing the trials failed by ``reset_running`` (their reason in trials.csv).
+RESET_ATTR = "reset_running_trials"
 
 
 class TrialFault(RuntimeError):
@@ -36,21 +41,6 @@ class TrialFault(RuntimeError):
 
 class _BudgetReached(RuntimeError):
     """Other workers already hold the whole trial budget; this trial is discarded."""
-
-
-@dataclass
-class SearchResult:
-    """What :func:`search` leaves behind; paths are inside ``study_dir``."""
-
-    study: object
-    study_dir: Path
-    best_config: TrainConfig | None = None
-    best_value: float | None = None
-    best_trial: int | None = None
-    best_config_path: Path | None = None
-    trials_csv: Path | None = None
-    plots: list[Path] = field(default_factory=list)
-    states: dict[str, int] = field(default_factory=dict)
 
 
 def is_trial_fault(exc: BaseException) -> bool:
@@ -143,7 +133,7 @@ def search(
     objective = _Objective(study, base_config, params, n_trials, study_dir)
     heartbeat = isinstance(storage_obj, optuna.storages.RDBStorage)  # only RDB storages beat
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while not objective.budget_reached:
+    while True:
         if heartbeat:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -158,8 +148,8 @@ def search(
             time.sleep(heartbeat_s)
             continue
         study.optimize(objective, n_trials=1, catch=(TrialFault, _BudgetReached), gc_after_trial=False)
-    from imgcls_jax.hpo.report import write_report
-
+        if objective.budget_reached and not heartbeat:
+            break  # other workers took the rest of the budget; with heartbeats, wait in case one dies
     return write_report(study, study_dir, plots=plots)
 
 
@@ -190,10 +180,14 @@ def _check_same_study(study, space: dict, base: TrainConfig) -> None:
 def _fail_running(study) -> None:
     from optuna.trial import TrialState
 
-    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        log.warning("reset_running: marking trial %d (running, worker presumed dead) as failed", t.number)
-        study._storage.set_trial_user_attr(t._trial_id, "died", "reset_running")
-        study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+    running = [t.number for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+    if not running:
+        return
+    log.warning("reset_running: marking trials %s (running, workers presumed dead) as failed", running)
+    reset = sorted({*study.user_attrs.get(RESET_ATTR, []), *running})
+    study.set_user_attr(RESET_ATTR, reset)  # first: trials.csv gives them this reason
+    for number in running:
+        study.tell(number, state=TrialState.FAIL)
 
 
 def _counts(trial) -> str | None:

@@ -33,11 +33,10 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.config import AugmentConfig, PhaseConfig, TrainConfig
 
 AUGMENT_STRENGTH = "augment_strength"
 #: The augmentation magnitudes ``augment_strength`` scales, with their upper bounds.
@@ -45,7 +44,6 @@ _STRENGTH_FIELDS = {
     "rotation": 1.0, "zoom": 1.0, "translation": 1.0, "brightness": 1.0, "contrast": 1.0,
     "saturation": 1.0, "hue": 0.5, "mixup_alpha": math.inf, "cutmix_alpha": math.inf,
 }  # fmt: skip
-_TRAINABLE = re.compile(r"head|all|top:[0-5]")
 _KEYS = {
     "float": {"low", "high", "log", "step"},
     "int": {"low", "high", "log", "step"},
@@ -197,8 +195,6 @@ def _resolve(tree: dict, path: str) -> list[tuple[Any, Any]]:
 
 
 def _augment_fields() -> set[str]:
-    from imgcls_jax.data.augment import AugmentConfig  # no TensorFlow: AugmentConfig is plain
-
     return {f.name for f in fields(AugmentConfig)}
 
 
@@ -216,9 +212,7 @@ def apply_params(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
                 holder[key] = _checked(
                     path, holder.get(key) if isinstance(holder, dict) else holder[key], value
                 )
-    config = TrainConfig(**tree)
-    _validate(config)
-    return config
+    return TrainConfig(**tree)  # the config checks every field
 
 
 def _checked(path: str, old, value):
@@ -242,40 +236,3 @@ def _scaled_augment(augment: dict, strength) -> dict:
         if name in scaled:
             scaled[name] = min(float(scaled[name]) * strength, high)
     return scaled
-
-
-def _validate(config: TrainConfig) -> None:
-    """What ``TrainConfig`` itself leaves to training time: names, ranges, augmentation."""
-    from imgcls_jax.data.augment import AugmentConfig
-    from imgcls_jax.models.vgg import KERNEL_INITS
-    from imgcls_jax.train.optim import OPTIMIZERS, SCHEDULES
-
-    AugmentConfig(**config.augment)
-    if config.batch_size < 1 or config.image_size < 1:
-        raise ValueError(
-            f"batch_size and image_size must be >= 1, got {config.batch_size}, {config.image_size}"
-        )
-    if not 0 <= config.dropout < 1:
-        raise ValueError(f"dropout must be in [0, 1), got {config.dropout}")
-    if not 0 <= config.label_smoothing < 1:
-        raise ValueError(f"label_smoothing must be in [0, 1), got {config.label_smoothing}")
-    if config.kernel_init not in KERNEL_INITS:
-        raise ValueError(f"kernel_init must be one of {sorted(KERNEL_INITS)}, got {config.kernel_init!r}")
-    if any(not isinstance(u, int) or u < 1 for u in config.head_units):
-        raise ValueError(f"head_units must be positive integers, got {config.head_units}")
-    for i, p in enumerate(config.phases):
-        if not _TRAINABLE.fullmatch(str(p.trainable)):
-            raise ValueError(
-                f"phases.{i}.trainable must be 'head', 'all' or 'top:N' (N 0..5), got {p.trainable!r}"
-            )
-        if p.optimizer not in OPTIMIZERS:
-            raise ValueError(f"phases.{i}.optimizer must be one of {OPTIMIZERS}, got {p.optimizer!r}")
-        if p.schedule not in (*SCHEDULES, "plateau"):
-            raise ValueError(
-                f"phases.{i}.schedule must be one of {(*SCHEDULES, 'plateau')}, got {p.schedule!r}"
-            )
-        if not p.learning_rate > 0 or p.weight_decay < 0 or p.base_lr_multiplier < 0:
-            raise ValueError(
-                f"phases.{i}: need learning_rate > 0, weight_decay >= 0, base_lr_multiplier >= 0; got "
-                f"{p.learning_rate}, {p.weight_decay}, {p.base_lr_multiplier}"
-            )

@@ -49,6 +49,14 @@ def make_storage(storage: str | None, *, heartbeat_s: int = 30, grace_s: int | N
         folder = Path(storage.removeprefix("sqlite:///")).parent
         if not folder.is_dir():
             raise ValueError(f"storage {storage!r}: folder {folder} does not exist")
+    if storage.startswith(("postgresql", "postgres")):
+        import importlib.util
+
+        if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is None:
+            raise ValueError(
+                f"storage {storage!r}: no PostgreSQL driver installed; pip install 'imgcls-jax[hpo]' "
+                "(it brings psycopg 3)"
+            )
     import sqlalchemy.exc
 
     for attempt in range(5):

@@ -1,16 +1,30 @@
-"""Model definitions and the registry by name."""
+"""Model definitions, the interface every family implements, and the registry by name."""
 
+from imgcls_jax.models.base import Classifier, LayerSpec, Trainable, parse_trainable
 from imgcls_jax.models.preprocessing import MODES, preprocess_input
-from imgcls_jax.models.registry import create_model, list_models, register_model
+from imgcls_jax.models.registry import (
+    ModelInfo,
+    create_model,
+    list_models,
+    model_from_config,
+    model_info,
+    register_model,
+)
 from imgcls_jax.models.summary import summary
-from imgcls_jax.models.vgg import VGG, LayerSpec
+from imgcls_jax.models.vgg import VGG
 
 __all__ = [
     "MODES",
     "VGG",
+    "Classifier",
     "LayerSpec",
+    "ModelInfo",
+    "Trainable",
     "create_model",
     "list_models",
+    "model_from_config",
+    "model_info",
+    "parse_trainable",
     "preprocess_input",
     "register_model",
     "summary",

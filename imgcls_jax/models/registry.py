@@ -1,24 +1,55 @@
-"""A small registry of models by name, and :func:`create_model`."""
+"""Models by name: :func:`register_model`, :func:`list_models`, :func:`create_model`.
+
+A family registers a builder ``fn(*, include_top, pooling, num_classes, ..., rngs) -> model``
+taking the keyword options it understands. :func:`create_model` resolves the options every
+family shares (the Keras defaults for ``include_top``, the preprocessing its weights expect),
+passes each builder only the options it takes (an option a family does not take, set to a
+non-default value, is an error naming both), and loads weights.
+"""
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models.vgg import VGG
-
-_MODELS: dict[str, Callable[..., nnx.Module]] = {}
+from imgcls_jax.models.vgg import BLOCKS, VGG
 
 
-def register_model(name: str):
-    """Decorator: register ``fn(**kwargs) -> model`` under ``name`` for :func:`create_model`."""
+@dataclass(frozen=True)
+class ModelInfo:
+    """A registered family member: its builder and what :func:`create_model` needs to know.
+
+    ``preprocessing``: the input normalisation its published weights expect (the default when
+    the caller sets none). ``stages``: its backbone's stage names, in order (``top:N`` takes N
+    in 0..len(stages)); empty when unknown (a user's model)."""
+
+    name: str
+    build: Callable[..., nnx.Module]
+    preprocessing: str = "caffe"
+    stages: tuple[str, ...] = ()
+
+    def accepts(self, option: str) -> bool:
+        params = inspect.signature(self.build).parameters
+        return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+_MODELS: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = ()):
+    """Decorator: register ``fn(**options) -> model`` under ``name`` for :func:`create_model`.
+
+    ``preprocessing``: what the family's published weights expect; ``stages``: its stage names
+    (for checking ``trainable="top:N"`` when a config is built)."""
 
     def wrap(fn):
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = fn
+        _MODELS[name] = ModelInfo(name, fn, preprocessing, tuple(stages))
         return fn
 
     return wrap
@@ -29,14 +60,37 @@ def list_models() -> list[str]:
     return sorted(_MODELS)
 
 
-@register_model("vgg16")
-def vgg16(**kwargs) -> VGG:
-    return VGG("vgg16", **kwargs)
+def model_info(name: str) -> ModelInfo:
+    """The registry entry of ``name``; ``ValueError`` naming the available models otherwise."""
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    return _MODELS[name]
 
 
-@register_model("vgg19")
-def vgg19(**kwargs) -> VGG:
-    return VGG("vgg19", **kwargs)
+def _vgg_stages(arch: str) -> tuple[str, ...]:
+    return tuple(f"block{b}" for b in range(1, len(BLOCKS[arch]) + 1))
+
+
+@register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"))
+def vgg16(**options) -> VGG:
+    return VGG("vgg16", **options)
+
+
+@register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))
+def vgg19(**options) -> VGG:
+    return VGG("vgg19", **options)
+
+
+#: Options of :func:`create_model` every family takes, with their defaults.
+COMMON_OPTIONS = {
+    "include_top": None,
+    "pooling": None,
+    "num_classes": None,
+    "head_units": (),
+    "dropout": 0.0,
+    "input_shape": (224, 224, 3),
+    "dtype": "float32",
+}
 
 
 def create_model(
@@ -52,35 +106,33 @@ def create_model(
     dtype="float32",
     preprocessing: str | None = None,
     seed: int = 0,
-    conv_impl: str = "auto",
-    kernel_init: str = "glorot_uniform",
+    **family_options,
 ):
     """Build a registered model, optionally with Keras weights.
 
     Args:
-      name: a name from :func:`list_models` (``"vgg16"``, ``"vgg19"``).
+      name: a name from :func:`list_models` (``"vgg16"``, ``"vgg19"``, ...).
       num_classes: classes of the classifier. With the default ``include_top=None`` the Keras
         ImageNet top is used when ``num_classes`` is ``None`` or 1000 (and no head is asked for);
         any other ``num_classes`` gets a transfer head on the convolutional base.
       weights: ``None`` (random init, seeded), ``"imagenet"`` (Keras's published file, see
-        :func:`imgcls_jax.weights.resolve_imagenet`) or a path to a Keras weight file.
-        Never falls back silently: a file that can't be found or loaded is an error.
-      include_top, pooling, head_units, dropout, input_shape: see :class:`VGG`.
+        :func:`imgcls_jax.weights.resolve_imagenet`), a path to a Keras weight file, or a folder
+        written by ``imgcls-jax port-weights``. Never falls back silently: a file that can't be
+        found or loaded is an error.
+      include_top, pooling, head_units, dropout, input_shape: as Keras's applications (see the
+        family, e.g. :class:`~imgcls_jax.models.VGG`).
       dtype: compute dtype, ``"float32"`` or ``"bfloat16"``; parameters stay float32.
-      preprocessing: input normalisation; default: the one the weights were trained with
-        (``"caffe"`` for Keras's VGG files, also the default without weights). Setting one that
-        contradicts the published weights is an error.
+      preprocessing: input normalisation; default: the one the family's weights were trained with
+        (``"caffe"`` for Keras's VGG files, also without weights). Setting one that contradicts
+        the published weights is an error.
       seed: seeds parameter init (head and random weights) and the dropout stream.
-      conv_impl: how 3x3 convolutions compute: ``"auto"`` (per backend and shape, see
-        :mod:`imgcls_jax.models.conv`), ``"xla"`` or ``"im2col"``; same parameters and outputs.
-      kernel_init: initializer of the kernels that ``weights`` does not set: ``"glorot_uniform"``
-        (Keras's default), ``"he_normal"`` or ``"he_uniform"`` (see :class:`VGG`).
+      family_options: options only some families take, e.g. VGG's ``conv_impl`` and
+        ``kernel_init``; passing one to a family that does not take it is an error.
 
     Returns:
       The model, in inference mode (``model.train()`` turns dropout on).
     """
-    if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; available: {list_models()}")
+    info = model_info(name)
     if include_top is None:
         include_top = num_classes in (None, 1000) and not head_units and not dropout
     if weights == "imagenet" and include_top and num_classes not in (None, 1000):
@@ -88,24 +140,45 @@ def create_model(
             f"the ImageNet top has 1000 classes, not {num_classes}: use include_top=False "
             "(a transfer head) for another number of classes"
         )
-    model = _MODELS[name](
-        include_top=include_top,
-        pooling=pooling,
-        num_classes=num_classes,
-        head_units=head_units,
-        dropout=dropout,
-        input_shape=input_shape,
-        dtype=jnp.dtype(dtype),
-        preprocessing=preprocessing or "caffe",
-        rngs=nnx.Rngs(params=seed, dropout=seed + 1),
-        conv_impl=conv_impl,
-        kernel_init=kernel_init,
-    )
+    preprocessing = preprocessing or info.preprocessing
+    options = dict(
+        include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
+        dropout=dropout, input_shape=input_shape, dtype=jnp.dtype(dtype), preprocessing=preprocessing,
+        rngs=nnx.Rngs(params=seed, dropout=seed + 1), **family_options,
+    )  # fmt: skip
+    model = info.build(**_options_for(info, options))
     if weights is not None:
         from imgcls_jax.weights import load_weights
 
-        if weights == "imagenet":
-            load_weights(model, "imagenet")
-        else:
-            load_weights(model, weights, preprocessing=preprocessing or "caffe")
+        load_weights(model, weights, preprocessing=preprocessing)
     return model
+
+
+def _options_for(info: ModelInfo, options: dict) -> dict:
+    """The options ``info``'s builder takes; an unset common option it does not take is dropped,
+    a set one is an error."""
+    given = {}
+    for key, value in options.items():
+        if info.accepts(key):
+            given[key] = value
+        elif COMMON_OPTIONS.get(key, object()) == value or (
+            key == "preprocessing" and value == info.preprocessing
+        ):
+            continue
+        else:
+            raise ValueError(f"model {info.name!r} does not take the option {key}={value!r}")
+    return given
+
+
+def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
+    """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
+    classes: what training builds (with ``config.weights``), and evaluation and prediction
+    (``weights=None``, then their checkpoint). ``input_size``: the input height and width
+    (default: the last phase's)."""
+    size = config.image_size_at() if input_size is None else input_size
+    options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
+    return create_model(
+        config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
+        pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
+        seed=config.seed, input_shape=(size, size, 3), **options,
+    )  # fmt: skip

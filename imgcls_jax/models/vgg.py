@@ -9,12 +9,12 @@ have no parameters and live in the forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.base import Classifier, LayerSpec
 from imgcls_jax.models.conv import ConvGeneralDilated, check_impl, max_pool_2x2
 from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 
@@ -37,14 +37,6 @@ KERNEL_INITS = {
 _zeros = nnx.initializers.zeros_init()
 
 
-@dataclass(frozen=True)
-class LayerSpec:
-    """Name and parameter shapes of one layer, in Keras's order (kernel, bias)."""
-
-    name: str
-    shapes: tuple[tuple[int, ...], ...]
-
-
 def base_layer_specs(arch: str) -> list[LayerSpec]:
     """Convolution layers of ``arch`` in order, with Keras names and HWIO kernel shapes."""
     specs, cin = [], 3
@@ -64,7 +56,7 @@ def top_layer_specs(num_classes: int, flat_features: int = 7 * 7 * 512) -> list[
     ]
 
 
-class VGG(nnx.Module):
+class VGG(Classifier):
     """VGG16/VGG19 backbone with the Keras top, a transfer head, or no head.
 
     Three shapes of model, as in ``keras.applications.VGG16``:
@@ -114,26 +106,10 @@ class VGG(nnx.Module):
         kernel_init: str = "glorot_uniform",
         rngs: nnx.Rngs,
     ):
-        if arch not in BLOCKS:
-            raise ValueError(f"unknown VGG architecture {arch!r}; expected one of {sorted(BLOCKS)}")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+        num_classes, dtype = _check_options(
+            arch, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, kernel_init
+        )
         height, width, channels = input_shape
-        if channels != 3 or height % 32 or width % 32 or height < 32 or width < 32:
-            raise ValueError(f"input_shape must be (H, W, 3) with H and W multiples of 32, got {input_shape}")
-        if include_top and (head_units or dropout):
-            raise ValueError("head_units/dropout configure the transfer head: use include_top=False")
-        if include_top and num_classes is None:
-            num_classes = 1000
-        if num_classes is not None and num_classes < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        if kernel_init not in KERNEL_INITS:
-            raise ValueError(f"unknown kernel_init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
-        dtype = jnp.dtype(dtype)
-        if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-            raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
 
         self.arch = arch
         self.include_top = include_top
@@ -197,9 +173,17 @@ class VGG(nnx.Module):
         )
 
     @property
-    def base_layers(self) -> tuple[str, ...]:
-        """Names of the convolution layers, in order (the part ImageNet weights cover)."""
-        return tuple(spec.name for spec in base_layer_specs(self.arch))
+    def stages(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """The five convolution blocks, ``("block1", ("block1_conv1", "block1_conv2")), ...``."""
+        return tuple(
+            (f"block{b}", tuple(f"block{b}_conv{c}" for c in range(1, n_conv + 1)))
+            for b, n_conv in enumerate(BLOCKS[self.arch], start=1)
+        )
+
+    def keras_variables(self, name: str) -> list[nnx.Variable]:
+        """Kernel and bias of the convolution or dense layer ``name`` (Keras's weight order)."""
+        layer = getattr(self, name)
+        return [layer.kernel, layer.bias]
 
     def layer_specs(self) -> list[LayerSpec]:
         """Keras-named layers a Keras weight file for this model must provide, in order."""
@@ -270,3 +254,31 @@ class VGG(nnx.Module):
         for i in range(1, len(self.head_units) + 1):
             x = dropout(nnx.relu(getattr(self, f"head_fc{i}")(x)), i)
         return self.head_logits(x).astype(jnp.float32)
+
+
+def _check_options(
+    arch, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, kernel_init
+):
+    """:class:`VGG`'s options checked (``ValueError`` naming the bad one); returns the number of
+    classes (1000 for the Keras top by default) and the compute dtype."""
+    if arch not in BLOCKS:
+        raise ValueError(f"unknown VGG architecture {arch!r}; expected one of {sorted(BLOCKS)}")
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    if not 0.0 <= dropout < 1.0:
+        raise ValueError(f"dropout must be in [0, 1), got {dropout}")
+    height, width, channels = input_shape
+    if channels != 3 or height % 32 or width % 32 or height < 32 or width < 32:
+        raise ValueError(f"input_shape must be (H, W, 3) with H and W multiples of 32, got {input_shape}")
+    if include_top and (head_units or dropout):
+        raise ValueError("head_units/dropout configure the transfer head: use include_top=False")
+    if include_top and num_classes is None:
+        num_classes = 1000
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if kernel_init not in KERNEL_INITS:
+        raise ValueError(f"unknown kernel_init {kernel_init!r}; expected one of {sorted(KERNEL_INITS)}")
+    dtype = jnp.dtype(dtype)
+    if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
+    return num_classes, dtype

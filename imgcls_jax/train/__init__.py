@@ -1,25 +1,58 @@
-"""Training: optimizers and schedules, pure jitted steps (no TensorFlow here)."""
+"""Training: the trainer (``fit``), pure jitted steps, optimizers and schedules, the one
+evaluation loop, run folders and checkpoints. No TensorFlow here (the data layer loads it when a
+run reads its images)."""
 
-from imgcls_jax.train.optim import make_optimizer, make_schedule, trainable_layers
+from imgcls_jax.train.checkpoints import Checkpoints, model_items, restore_model, set_model_items
+from imgcls_jax.train.evaluation import EvalTotals, evaluate_batches
+from imgcls_jax.train.loop import FitResult, NonFiniteLossError, Trainer, fit
+from imgcls_jax.train.optim import (
+    OptimizerSpec,
+    lr_scale,
+    make_optimizer,
+    make_schedule,
+    set_lr_scale,
+    trainable_layers,
+)
+from imgcls_jax.train.rundir import METRIC_FIELDS, NotARunError, RunDir
+from imgcls_jax.train.state import SplitModel, TrainState, ema_update, init_state, split_model
 from imgcls_jax.train.steps import (
-    SplitModel,
-    TrainState,
     cross_entropy,
-    init_state,
+    eval_outputs,
+    head_forward,
+    image_forward,
     make_eval_step,
     make_train_step,
-    split_model,
 )
 
 __all__ = [
+    "METRIC_FIELDS",
+    "Checkpoints",
+    "EvalTotals",
+    "FitResult",
+    "NonFiniteLossError",
+    "NotARunError",
+    "OptimizerSpec",
+    "RunDir",
     "SplitModel",
     "TrainState",
+    "Trainer",
     "cross_entropy",
+    "ema_update",
+    "eval_outputs",
+    "evaluate_batches",
+    "fit",
+    "head_forward",
+    "image_forward",
     "init_state",
+    "lr_scale",
     "make_eval_step",
     "make_optimizer",
     "make_schedule",
     "make_train_step",
+    "model_items",
+    "restore_model",
+    "set_lr_scale",
+    "set_model_items",
     "split_model",
     "trainable_layers",
 ]

@@ -18,21 +18,6 @@ from imgcls_jax.train.features import FeatureBatches, compute_features
 log = logging.getLogger(__name__)
 
 
-def multi_process() -> bool:
-    """True when ``jax.distributed`` runs several processes."""
-    return jax.process_count() > 1
-
-
-def run_batch_sharding():
-    """Batches' sharding over the mesh of every process's devices; None on one process (the
-    default sharding of ``prefetch_to_device``)."""
-    if not multi_process():
-        return None
-    from imgcls_jax import parallel
-
-    return parallel.batch_sharding(parallel.make_mesh())
-
-
 def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     """The class names, the train ``Pipeline`` and one ``Pipeline`` per evaluation split of a run.
 
@@ -40,7 +25,6 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     saves them as ``run_dir/manifest.csv``. With several processes each pipeline holds this
     process's share (see :func:`process_share`) and batches of its per-process size."""
     from imgcls_jax.data import (
-        AugmentConfig,
         Pipeline,
         from_records,
         scan_folder,
@@ -58,12 +42,12 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     if "train" not in by_split:
         raise ValueError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
     batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
-    if multi_process():
+    if jax.process_count() > 1:
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
     size = (config.image_size_at(0),) * 2  # the first phase's; fit resizes for later phases
     train = Pipeline(
         from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
-        training=True, augment=AugmentConfig(**config.augment), cache=config.cache, seed=config.seed,
+        training=True, augment=config.augment, cache=config.cache, seed=config.seed,
     )  # fmt: skip
     evals = {
         name: Pipeline(
@@ -85,6 +69,7 @@ def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: i
     Train shares are equal (a few images left out) so that every process runs the same number of
     steps; evaluation shares may differ by one image and together hold every image once."""
     from imgcls_jax import parallel
+    from imgcls_jax.data import shard_records
 
     mesh = parallel.make_mesh()
     batch, eval_batch = (
@@ -92,7 +77,7 @@ def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: i
         parallel.process_batch_size(eval_batch, mesh),
     )
     shares = {
-        name: parallel.shard_records(rs, seed=config.seed, equal_sizes=name == "train")
+        name: shard_records(rs, seed=config.seed, equal_sizes=name == "train")
         for name, rs in by_split.items()
     }
     index, count, train = jax.process_index(), jax.process_count(), shares["train"]

@@ -1,66 +1,58 @@
-"""``fit(config)``: the training loop over phases and epochs, with orbax checkpoints and resume.
+"""``fit(config)``: train a run phase by phase and epoch by epoch, with checkpoints and resume.
 
-Run directory layout::
-
-    run_dir/config.json      the TrainConfig (the run can be repeated from it)
-    run_dir/manifest.csv     every image with its label and split
-    run_dir/metrics.csv      one row per epoch (phase, losses, accuracies, lr, images/s)
-    run_dir/tensorboard/     TensorBoard events: per-step loss and learning rate, per-epoch metrics
-    run_dir/checkpoints/     orbax: the latest ``keep_checkpoints`` epochs (params + optimizer state)
-    run_dir/best/            orbax: the parameters of the best epoch by ``config.monitor``
+The :class:`Trainer` does one thing per method: set up a phase (:meth:`Trainer.start_phase`:
+which layers train, the optimizer, the state, restored when resuming), train one epoch,
+validate, and the after-epoch hooks (reduce-on-plateau, the metrics row, the checkpoint,
+TensorBoard, callbacks, early stopping). The run folder is a
+:class:`~imgcls_jax.train.rundir.RunDir`.
 
 With ``config.ema_decay`` set, each phase keeps an exponential moving average of its trainable
-weights (:func:`imgcls_jax.train.steps.ema_update`, starting at the phase's initial weights);
+weights (:func:`imgcls_jax.train.state.ema_update`, starting at the phase's initial weights);
 validation, the saved ``params`` (latest and best) and the next phase's starting point are the
 average, as with Keras's ``use_ema``; the raw weights and the average both resume exactly.
 
 Resuming (``resume=True``, the default) restores the latest checkpoint and continues with the
 next epoch. Epoch ``e``'s data order and augmentation and every step's dropout mask depend
-only on the seed, ``e`` and the step, so a run killed at any point and resumed ends with the
-same parameters as an uninterrupted one.
+only on the seed, ``e`` and the step, so a run stopped after a checkpoint and resumed ends with
+the same parameters as an uninterrupted one. An epoch's ``metrics.csv`` row is written before
+its checkpoint, and a resumed run drops the rows of epochs after its checkpoint, so each epoch
+is in ``metrics.csv`` exactly once.
 
-Several processes (``jax.distributed``, see :mod:`imgcls_jax.parallel`): every process runs the
-same ``fit(config)``. ``batch_size`` is the global batch; each process reads a disjoint, equal
-share of the train images and a share of each evaluation split (every image counted once, the
-numbers identical on all processes). Parameters stay replicated over one mesh of all devices.
-Process 0 alone writes ``config.json``, the manifest, ``metrics.csv``, TensorBoard events and the
-progress bar; every process takes part in the orbax checkpoint saves and restores.
+Devices and processes (``jax.distributed``, see :mod:`imgcls_jax.parallel`): ``fit`` runs
+data-parallel over every device of every process. ``batch_size`` is the global batch; each
+process reads a disjoint, equal share of the train images and a share of each evaluation split
+(every image counted once, the numbers identical on all processes). The trained state is
+replicated (or sharded FSDP-style with ``config.fsdp_min_size``). Process 0 alone writes
+``config.json``, the manifest, ``metrics.csv``, TensorBoard events and the progress bar; every
+process takes part in the orbax checkpoint saves and restores.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 
+from imgcls_jax import parallel
 from imgcls_jax.config import PhaseConfig, TrainConfig
-from imgcls_jax.train.inputs import feature_inputs, multi_process, run_batch_sharding, run_inputs
+from imgcls_jax.train.checkpoints import Checkpoints, model_items, set_model_items, state_item
+from imgcls_jax.train.evaluation import evaluate_batches
+from imgcls_jax.train.inputs import feature_inputs, run_inputs
 from imgcls_jax.train.monitor import NoBoard, TensorBoard, progress
-from imgcls_jax.train.optim import OptimizerSpec, trainable_layers
-from imgcls_jax.train.steps import (
-    cached_eval_step,
-    cached_train_step,
-    head_forward,
-    image_forward,
-    init_state,
-    split_model,
-)
+from imgcls_jax.train.optim import OptimizerSpec, lr_scale, set_lr_scale
+from imgcls_jax.train.rundir import RunDir
+from imgcls_jax.train.state import SplitModel, TrainState, init_state, split_model
+from imgcls_jax.train.steps import head_forward, image_forward, make_eval_step, make_train_step
 
 log = logging.getLogger(__name__)
-
-METRIC_FIELDS = [
-    "epoch", "phase", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "learning_rate", "images_per_s",
-]  # fmt: skip
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -76,87 +68,21 @@ class FitResult:
     stopped_early: bool = False
 
 
-def evaluate_pipeline(split, params, frozen, pipeline, forward=image_forward) -> dict[str, float]:
-    """Mean loss and top-1 accuracy over every image of ``pipeline`` (padding masked).
+@dataclass
+class Phase:
+    """One phase being trained: its layers, optimizer, state, steps and inputs."""
 
-    With several processes, ``pipeline`` is this process's share; every process must call this,
-    and all return the totals over every process's images."""
-    from imgcls_jax.data import prefetch_to_device
-
-    step = cached_eval_step(split, forward)
-    loss, correct, count = 0.0, 0, 0
-    batches = pipeline.epoch(0)
-    if multi_process():
-        from imgcls_jax.parallel import masked_tail, max_over_processes
-
-        batches = masked_tail(batches, max_over_processes(len(pipeline)))
-    for batch in prefetch_to_device(batches, sharding=run_batch_sharding()):
-        out = step(params, frozen, batch)
-        loss += float(out["loss_sum"])
-        correct += int(out["correct"])
-        count += int(out["count"])
-    return {"loss": loss / max(count, 1), "accuracy": correct / max(count, 1), "count": count}
-
-
-def phase_optimizer(
-    phase: PhaseConfig,
-    steps_per_epoch: int,
-    head_layers,
-    grad_clip=None,
-    label_smoothing: float = 0.0,
-    ema_decay: float | None = None,
-) -> tuple[OptimizerSpec, dict[str, float], optax.Schedule]:
-    """The phase's optimizer as ``(spec, hyper, schedule)``: the static structure, its numbers
-    (``hyper``, passed to the compiled step as float32 inputs, so phases and runs that differ only
-    in these numbers share one executable) and the learning-rate schedule (per step, for logs).
-
-    The base gets ``base_lr_multiplier`` times the head's rate; a final injectable ``scale`` (1.0)
-    carries the reduce-on-plateau factor in the optimizer state.
-    """
-    if not phase.learning_rate > 0:
-        raise ValueError(f"PhaseConfig.learning_rate must be > 0, got {phase.learning_rate}")
-    total, sgd = phase.epochs * steps_per_epoch, phase.optimizer == "sgd"
-    spec = OptimizerSpec(
-        name=phase.optimizer, schedule="constant" if phase.schedule == "plateau" else phase.schedule,
-        total_steps=total, warmup_steps=int(round(phase.warmup_epochs * steps_per_epoch)),
-        nesterov=sgd and bool(phase.nesterov), momentum=sgd and bool(phase.momentum),
-        weight_decay=bool(phase.weight_decay),
-        base_multiplier=phase.base_lr_multiplier != 1.0, head_layers=tuple(head_layers),
-        grad_clip=bool(grad_clip),
-    )  # fmt: skip
-    hyper = {
-        "learning_rate": phase.learning_rate, "momentum": phase.momentum, "weight_decay": phase.weight_decay,
-        "base_lr_multiplier": phase.base_lr_multiplier, "grad_clip": grad_clip or 0.0,
-        "label_smoothing": label_smoothing, "ema_decay": ema_decay or 0.0,
-    }  # fmt: skip
-    unit = spec.unit_schedule()
-    return spec, hyper, lambda step: phase.learning_rate * unit(step)
-
-
-def _plateau_scale(state) -> float:
-    return float(state.opt_state[-1].hyperparams["step_size"])
-
-
-def _set_plateau_scale(state, value: float):
-    inj = state.opt_state[-1]
-    hyper = {**inj.hyperparams, "step_size": jnp.asarray(value, inj.hyperparams["step_size"].dtype)}
-    return state.replace(opt_state=(*state.opt_state[:-1], inj._replace(hyperparams=hyper)))
-
-
-def _typed(row: dict) -> dict:
-    """A ``metrics.csv`` row with the types of a fresh one: ints, floats, "" where empty."""
-    ints = ("epoch", "phase", "step")
-    return {k: v if v == "" else int(v) if k in ints else float(v) for k, v in row.items()}
-
-
-def _saved_state(state) -> dict:
-    """The checkpoint item ``state``: step, raw trainable parameters and optimizer state (the
-    layout of every version; a moving average is the separate item ``ema``)."""
-    return {"step": state.step, "params": state.params, "opt_state": state.opt_state}
-
-
-def _better(score, best, mode_max: bool) -> bool:
-    return best is None or (score > best if mode_max else score < best)
+    index: int
+    config: PhaseConfig
+    epochs: range
+    split: SplitModel
+    spec: OptimizerSpec
+    hyper: dict
+    state: TrainState
+    train_step: Callable
+    eval_step: Callable
+    train: Any  # a Pipeline or FeatureBatches
+    evals: dict
 
 
 def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callable] = ()) -> FitResult:
@@ -166,67 +92,11 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     logged (``row``: that epoch's ``metrics.csv`` values). An exception raised by a callback
     (e.g. ``optuna.TrialPruned``) stops the run and propagates; checkpoints stay consistent.
     """
-    import orbax.checkpoint as ocp
-
-    from imgcls_jax.models import create_model
-
-    _check_devices(config)
-    main = jax.process_index() == 0
-    run_dir = Path(config.run_dir).absolute()
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if main:
-        config.to_json(run_dir / "config.json")
-    class_names, train, evals = run_inputs(config, run_dir, write=main)
-    model = create_model(
-        config.model, num_classes=len(class_names), weights=config.weights, pooling=config.pooling,
-        head_units=config.head_units, dropout=config.dropout, dtype=config.dtype, seed=config.seed,
-        input_shape=(config.image_size_at(0),) * 2 + (3,), kernel_init=config.kernel_init,
-    )  # fmt: skip
-    if multi_process():  # every array a global one on the mesh: steps and orbax see only those
-        nnx.update(model, _replicate(nnx.state(model)))
-    mode_max = config.monitor == "val_accuracy"
-    # Several processes: synchronous saves. Two managers finalizing in background threads at once
-    # collide on orbax's multi-host barrier names ("... is already ongoing").
-    sync = {"enable_async_checkpointing": False} if multi_process() else {}
-    manager = ocp.CheckpointManager(
-        run_dir / "checkpoints",
-        options=ocp.CheckpointManagerOptions(max_to_keep=config.keep_checkpoints, **sync),
-    )
-    best_manager = ocp.CheckpointManager(
-        run_dir / "best",
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=1, best_fn=lambda m: m[config.monitor], best_mode="max" if mode_max else "min", **sync
-        ),
-    )
-    result = FitResult(run_dir, class_names=class_names, model=model)
-    metrics_path = run_dir / "metrics.csv"
-    latest = manager.latest_step() if resume else None
-    if latest is None:
-        if main:
-            with open(metrics_path, "w", newline="") as f:
-                csv.writer(f).writerow(METRIC_FIELDS)
-    else:
-        with open(metrics_path, newline="") as f:
-            result.history = [_typed(row) for row in csv.DictReader(f) if int(row["epoch"]) <= latest]
-        log.info("resuming %s after epoch %d", run_dir, latest)
-    board = TensorBoard(run_dir / "tensorboard") if main else NoBoard()
-    try:
-        _train_phases(
-            config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
-        )
-    finally:
-        manager.wait_until_finished()
-        best_manager.wait_until_finished()
-        manager.close()
-        best_manager.close()
-        board.close()
-    return result
+    return Trainer(config, resume=resume, callbacks=callbacks).run()
 
 
-def _check_devices(config: TrainConfig) -> None:
-    """``fit`` runs data-parallel over every device of every process; the (global) batches must
-    divide over them. Each process then feeds ``batch / devices x its devices`` images a step,
-    which divides over its own devices."""
+def check_devices(config: TrainConfig) -> None:
+    """The (global) batches must divide over every device of every process."""
     devices, processes = jax.device_count(), jax.process_count()
     where = f" of {processes} processes" if processes > 1 else ""
     for name in ("batch_size", "eval_batch_size"):
@@ -238,197 +108,287 @@ def _check_devices(config: TrainConfig) -> None:
             )
 
 
-def _replicate(tree):
-    """Put ``tree`` on every device (replicated), so jitted steps run data-parallel over all of
-    them with the batch sharded on its leading axis (see :mod:`imgcls_jax.parallel`)."""
-    if jax.device_count() == 1:
-        return tree
-    from imgcls_jax import parallel
+class Trainer:
+    """Runs one :class:`~imgcls_jax.config.TrainConfig` (see the module docstring)."""
 
-    return parallel.place(tree, parallel.replicated(parallel.make_mesh()))
+    def __init__(self, config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callable] = ()):
+        check_devices(config)
+        self.config, self.resume, self.callbacks = config, resume, list(callbacks)
+        self.run_dir = RunDir(config.run_dir)
+        self.main = jax.process_index() == 0
+        self.mesh = parallel.make_mesh()
+        self.mode_max = config.monitor == "val_accuracy"
+        self.stopped_early = False
 
+    # ----------------------------------------------------------------------------------- setup
+    def run(self) -> FitResult:
+        from imgcls_jax.models.registry import model_from_config
 
-def _restore_target(tree):
-    """What orbax restores ``tree`` as: ``tree`` itself on one process, else abstract arrays
-    replicated over the mesh of every process's devices."""
-    if not multi_process():
-        return tree
-    from imgcls_jax import parallel
+        config, run = self.config, self.run_dir
+        run.root.mkdir(parents=True, exist_ok=True)
+        if self.main:
+            config.to_json(run.config)
+        self.class_names, self.train, self.evals = run_inputs(config, run.root, write=self.main)
+        self.model = model_from_config(config, len(self.class_names), input_size=config.image_size_at(0))
+        nnx.update(self.model, self._placed(nnx.state(self.model), replicate=True))
+        self.board = TensorBoard(run.tensorboard) if self.main else NoBoard()
+        try:
+            with Checkpoints(run, keep=config.keep_checkpoints, monitor=config.monitor,
+                             mode_max=self.mode_max) as self.checkpoints:  # fmt: skip
+                self.latest = self.checkpoints.latest_step() if self.resume else None
+                self.history = self._start_history()
+                self._train_phases()
+        finally:
+            self.board.close()
+        return FitResult(run.root, self.history, self.model, self.class_names, self.stopped_early)
 
-    return parallel.restore_target(tree, parallel.replicated(parallel.make_mesh()))
+    def _start_history(self) -> list[dict]:
+        """The rows of the epochs already checkpointed; ``metrics.csv`` rewritten to hold just
+        those (a row written just before a kill, for an epoch that has no checkpoint, goes)."""
+        if self.latest is None:
+            if self.main:
+                self.run_dir.write_history([])
+            return []
+        rows = self.run_dir.read_history(upto=self.latest)
+        if self.main:
+            self.run_dir.write_history(rows)
+        log.info("resuming %s after epoch %d", self.run_dir.root, self.latest)
+        return rows
 
+    def _placed(self, tree, *, replicate: bool = False):
+        """``tree`` on the mesh: replicated, or the trained state's layout (FSDP leaves sharded)."""
+        if jax.device_count() == 1:
+            return tree
+        fsdp = None if replicate else self.config.fsdp_min_size
+        return parallel.place(tree, parallel.tree_shardings(tree, self.mesh, fsdp_min_size=fsdp))
 
-def _train_phases(
-    config, model, train, evals, manager, best_manager, board, result, latest, mode_max, callbacks
-):
-    import orbax.checkpoint as ocp
+    def _target(self, tree, *, replicate: bool = False):
+        """What orbax restores ``tree`` as: abstract arrays on the mesh, in ``_placed``'s layout."""
+        fsdp = None if replicate else self.config.fsdp_min_size
+        return parallel.restore_target(tree, parallel.tree_shardings(tree, self.mesh, fsdp_min_size=fsdp))
 
-    steps_per_epoch = len(train)
-    epoch0 = 0
-    history = {int(h["epoch"]): h for h in result.history}
-    for phase_index, phase in enumerate(config.phases):
-        phase_epochs = range(epoch0, epoch0 + phase.epochs)
-        epoch0 += phase.epochs
-        if latest is not None and phase_epochs[-1] <= latest:
-            continue  # finished before the interruption; its parameters come with the restore below
-        names = trainable_layers(model, phase.trainable)
+    def _train_phases(self) -> None:
+        for index in range(len(self.config.phases)):
+            epochs = self.config.phase_epochs(index)
+            if self.latest is not None and epochs[-1] <= self.latest:
+                continue  # finished before the interruption; its parameters come with the restore
+            phase = self.start_phase(index)
+            for epoch in epochs:
+                if self.latest is not None and epoch <= self.latest:
+                    continue
+                row = self.train_epoch(phase, epoch)
+                self.validate(phase, row)
+                self.after_epoch(phase, epoch, row)
+                if self.stopped_early:
+                    return
+            self.latest = None
+
+    # ------------------------------------------------------------------------------- one phase
+    def start_phase(self, index: int) -> Phase:
+        """Set up phase ``index``: restore the model when resuming, split it, build the optimizer
+        and state (restored when resuming inside the phase), the steps and the inputs."""
+        config, model = self.config, self.model
+        phase_config, epochs = config.phases[index], config.phase_epochs(index)
+        names = model.trainable_layers(phase_config.trainable)
+        spec, hyper = OptimizerSpec.for_phase(
+            phase_config, len(self.train), model.head_layers, config.grad_clip
+        )
+        restored = self._restore_model(inside=self.latest is not None and self.latest >= epochs[0])
         split = split_model(model, names)
-        spec, hyper, schedule = phase_optimizer(
-            phase, steps_per_epoch, model.head_layers, config.grad_clip, config.label_smoothing,
-            config.ema_decay,
-        )  # fmt: skip
-        optimizer = spec.build(hyper)
-        ema = config.ema_decay is not None
-        state = init_state(split, optimizer, ema=ema)
-        if latest is not None:  # resume: parameters, and the optimizer state inside this phase
-            params_target = _restore_target(nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-            items = {"params": ocp.args.StandardRestore(params_target)}
-            inside = latest >= phase_epochs[0]
-            if inside:
-                items["state"] = ocp.args.StandardRestore(_restore_target(_saved_state(state)))
-                if ema and (Path(manager.directory) / str(latest) / "ema").is_dir():
-                    items["ema"] = ocp.args.StandardRestore(_restore_target(state.ema))
-            restored = manager.restore(latest, args=ocp.args.Composite(**items))
-            params_state = nnx.state(model, nnx.Param)
-            nnx.replace_by_pure_dict(params_state, restored["params"])
-            nnx.update(model, params_state)
-            split = split_model(model, names)
-            if not inside:
-                state = init_state(split, optimizer, ema=ema)
-            else:
-                saved, average = restored["state"], restored["ema"] if "ema" in items else None
-                if ema and average is None:  # the run had no ema_decay until now
-                    log.info("epoch %d's checkpoint has no weight average: it starts there", latest)
-                    average = jax.tree.map(jnp.copy, split.trainable)
-                state = type(state)(saved["step"], saved["params"], saved["opt_state"], average)
-        state, split.frozen = _replicate(state), _replicate(split.frozen)
-        size = (config.phase_image_size(phase_index),) * 2
-        train, evals = train.resized(size), {name: p.resized(size) for name, p in evals.items()}
-        phase_train, phase_evals, forward = train, evals, image_forward
-        features = config.cache_features and set(names) == set(model.head_layers) and train.augment is None
-        if features and multi_process():
-            log.info(
-                "phase %d: cache_features is off with several processes (the head trains on images)",
-                phase_index,
-            )
-        elif features:
-            phase_train, phase_evals = feature_inputs(config, model, train, evals)
-            forward = head_forward
-        step_fn = cached_train_step(
-            split, spec, hyper, forward=forward,
-            dropout_key=jax.random.fold_in(jax.random.key(config.seed), phase_index),
+        state = init_state(split, spec.build(hyper), ema=config.ema_decay is not None)
+        if restored:
+            state = self._restore_state(split, state, restored)
+        state, split.frozen = self._placed(state), self._placed(split.frozen, replicate=True)
+        size = (config.phase_image_size(index),) * 2
+        self.train, self.evals = self.train.resized(size), {k: p.resized(size) for k, p in self.evals.items()}
+        train, evals, forward = self._phase_inputs(index, names)
+        placement = (self.mesh, config.fsdp_min_size) if jax.device_count() > 1 else None
+        train_step = make_train_step(
+            split, spec, hyper=hyper, label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
+            dropout_key=jax.random.fold_in(jax.random.key(config.seed), index), forward=forward,
+            placement=placement,
         )  # fmt: skip
         log.info(
-            "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", phase_index,
-            phase.trainable, len(names), phase.epochs, phase.optimizer, phase.learning_rate,
-            phase.schedule, *size,
+            "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", index,
+            phase_config.trainable, len(names), phase_config.epochs, phase_config.optimizer,
+            phase_config.learning_rate, phase_config.schedule, *size,
         )  # fmt: skip
-        for epoch in phase_epochs:
-            if latest is not None and epoch <= latest:
-                continue
-            state, row = _train_epoch(
-                config, phase_train, phase_evals, split, step_fn, forward, state, schedule, epoch,
-                phase_index, manager, board,
-            )  # fmt: skip
-            history[epoch] = row
-            if phase.schedule == "plateau" and row["val_loss"] != "":  # before saving: resume keeps it
-                phase_scores = [float(history[e][config.monitor]) for e in phase_epochs if e in history]
-                stale = (
-                    len(phase_scores)
-                    - 1
-                    - int(np.argmax(phase_scores) if mode_max else np.argmin(phase_scores))
-                )
-                if stale and stale % phase.plateau_patience == 0:
-                    state = _set_plateau_scale(state, _plateau_scale(state) * phase.plateau_factor)
-                    log.info(
-                        "plateau: %s flat for %d epochs, lr scale now %g",
-                        config.monitor,
-                        stale,
-                        _plateau_scale(state),
-                    )
-            nnx.update(model, state.eval_params)
-            full = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-            items = {
-                "params": ocp.args.StandardSave(full),
-                "state": ocp.args.StandardSave(_saved_state(state)),
-            }
-            if state.ema is not None:
-                items["ema"] = ocp.args.StandardSave(state.ema)
-            manager.save(epoch, args=ocp.args.Composite(**items))
-            if row["val_loss"] != "":
-                best_manager.save(
-                    epoch, args=ocp.args.Composite(params=ocp.args.StandardSave(full)),
-                    metrics={"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]},
-                )  # fmt: skip
-            if jax.process_index() == 0:
-                with open(result.run_dir / "metrics.csv", "a", newline="") as f:
-                    csv.writer(f).writerow([row[k] for k in METRIC_FIELDS])
-            result.history.append(row)
-            board.scalars(
-                epoch, {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "phase", "step")}
-            )
-            for callback in callbacks:
-                callback(epoch, dict(row))
+        eval_step = make_eval_step(split, forward)
+        return Phase(
+            index, phase_config, epochs, split, spec, hyper, state, train_step, eval_step, train, evals
+        )
+
+    def _restore_model(self, inside: bool) -> dict | None:
+        """When resuming, put the latest checkpoint's model into ``self.model``; ``inside``: the
+        checkpoint is of this phase, so also return its ``state`` (and ``ema``) items."""
+        if self.latest is None:
+            return None
+        targets = {k: self._target(v, replicate=True) for k, v in model_items(self.model).items()}
+        restored = self.checkpoints.restore(self.latest, targets)
+        set_model_items(self.model, restored)
+        return restored if inside else None
+
+    def _restore_state(self, split: SplitModel, state: TrainState, restored: dict) -> TrainState:
+        """The state of the checkpoint this phase resumes from (``restored`` has its model)."""
+        latest, ema = self.latest, state.ema is not None
+        items = {"state": self._target(state_item(state))}
+        if ema and self.checkpoints.has_item(latest, "ema"):
+            items["ema"] = self._target(state.ema)
+        saved = self.checkpoints.restore(latest, items)
+        average = saved.get("ema")
+        if ema and average is None:  # the run had no ema_decay until now
+            log.info("epoch %d's checkpoint has no weight average: it starts there", latest)
+            average = jax.tree.map(jnp.copy, split.trainable)
+        raw = saved["state"]
+        return TrainState(raw["step"], raw["params"], raw["opt_state"], average, state.stats)
+
+    def _phase_inputs(self, index: int, names: Sequence[str]):
+        """The phase's train and evaluation inputs and forward pass: images, or the frozen base's
+        outputs computed once (head-only phase without augmentation, one process)."""
+        head_only = set(names) == set(self.model.head_layers)
+        if not (self.config.cache_features and head_only and self.train.augment is None):
+            return self.train, self.evals, image_forward
+        if jax.process_count() > 1:
             log.info(
-                "epoch %d (phase %d): %s", epoch, phase_index,
-                ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)),
-            )  # fmt: skip
-            scores = [
-                float(history[e][config.monitor]) for e in sorted(history) if history[e]["val_loss"] != ""
-            ]
-            if not scores or not config.early_stopping_patience:
-                continue
-            since_best = len(scores) - 1 - int(np.argmax(scores) if mode_max else np.argmin(scores))
-            if since_best >= config.early_stopping_patience:
-                log.info(
-                    "early stopping after epoch %d (%s flat for %d epochs)", epoch, config.monitor, since_best
-                )
-                result.stopped_early = True
-                return
-        latest = None
+                "phase %d: cache_features is off with several processes (the head trains on images)", index
+            )
+            return self.train, self.evals, image_forward
+        train, evals = feature_inputs(self.config, self.model, self.train, self.evals)
+        return train, evals, head_forward
 
-
-def _train_epoch(
-    config, train, evals, split, step_fn, forward, state, schedule, epoch, phase_index, manager, board
-):
-    from imgcls_jax.data import prefetch_to_device
-
-    steps = len(train)
-    start, losses, accs = time.perf_counter(), [], []
-    bar = progress(steps * config.batch_size, f"epoch {epoch}") if jax.process_index() == 0 else None
-    first_step = int(state.step)
-    for batch in prefetch_to_device(train.epoch(epoch), sharding=run_batch_sharding()):
-        state, m = step_fn(state, split.frozen, batch)
-        losses.append(m["loss"])
-        accs.append(m["accuracy"])
+    # ------------------------------------------------------------------------------ one epoch
+    def train_epoch(self, phase: Phase, epoch: int) -> dict:
+        """Train ``phase`` for one epoch; the epoch's ``metrics.csv`` row (no validation yet)."""
+        steps, batch_size = len(phase.train), self.config.batch_size
+        start, losses, accs = time.perf_counter(), [], []
+        bar = progress(steps * batch_size, f"epoch {epoch}") if self.main else None
+        first_step = int(phase.state.step)
+        for batch in parallel.prefetch_to_device(phase.train.epoch(epoch), mesh=self.mesh):
+            phase.state, m = phase.train_step(phase.state, phase.split.frozen, batch)
+            losses.append(m["loss"])
+            accs.append(m["accuracy"])
+            if bar is not None:
+                bar.update(batch_size)
+        losses = np.asarray(jax.device_get(jnp.stack(losses)))
+        elapsed = time.perf_counter() - start
         if bar is not None:
-            bar.update(config.batch_size)
-    losses = np.asarray(jax.device_get(jnp.stack(losses)))
-    elapsed = time.perf_counter() - start
-    if bar is not None:
-        bar.close()
-    if not np.isfinite(losses).all():
+            bar.close()
+        self._check_finite(losses, epoch, phase.index, steps)
+        scale = lr_scale(phase.state.opt_state)
+        lrs = [
+            float(phase.spec.learning_rate(phase.hyper, first_step + i)) * scale for i in range(len(losses))
+        ]
+        for i, (loss, lr) in enumerate(zip(losses, lrs)):
+            self.board.scalars(epoch * steps + i, {"step/train_loss": loss, "step/learning_rate": lr})
+        return {
+            "epoch": epoch, "phase": phase.index, "step": int(phase.state.step),
+            "train_loss": float(losses.mean()), "train_accuracy": float(np.mean(jax.device_get(accs))),
+            "val_loss": "", "val_accuracy": "", "learning_rate": lrs[-1],
+            "images_per_s": steps * batch_size / elapsed,
+        }  # fmt: skip
+
+    def _check_finite(self, losses: np.ndarray, epoch: int, phase: int, steps: int) -> None:
+        if np.isfinite(losses).all():
+            return
         bad = int(np.argmin(np.isfinite(losses)))
-        manager.wait_until_finished()
-        good = manager.latest_step()
+        self.checkpoints.wait()
+        good = self.checkpoints.latest_step()
         raise NonFiniteLossError(
-            f"loss is {losses[bad]} at step {epoch * steps + bad} (epoch {epoch}, phase {phase_index}); "
+            f"loss is {losses[bad]} at step {epoch * steps + bad} (epoch {epoch}, phase {phase}); "
             "nothing was saved for this epoch. Last good checkpoint: "
-            + (f"epoch {good} in {manager.directory}" if good is not None else "none")
+            + (f"epoch {good} in {self.run_dir.checkpoints}" if good is not None else "none")
             + ". Lower the learning rate or set grad_clip."
         )
-    scale = _plateau_scale(state)
-    lrs = [float(schedule(first_step + i)) * scale for i in range(len(losses))]
-    for i, (loss, lr) in enumerate(zip(losses, lrs)):
-        board.scalars(epoch * steps + i, {"step/train_loss": loss, "step/learning_rate": lr})
-    row = {
-        "epoch": epoch, "phase": phase_index, "step": int(state.step),
-        "train_loss": float(losses.mean()), "train_accuracy": float(np.mean(jax.device_get(accs))),
-        "learning_rate": lrs[-1], "images_per_s": steps * config.batch_size / elapsed,
-        "val_loss": "", "val_accuracy": "",
-    }  # fmt: skip
-    if "val" in evals:
-        val = evaluate_pipeline(split, state.eval_params, split.frozen, evals["val"], forward)
-        row["val_loss"], row["val_accuracy"] = val["loss"], val["accuracy"]
-        log.debug("epoch %d: validation on %d images", epoch, val["count"])
-    return state, row
+
+    def validate(self, phase: Phase, row: dict) -> None:
+        """Loss and accuracy of the ``val`` split (if any) into ``row``, every image once."""
+        if "val" not in phase.evals:
+            return
+        pipeline, state = phase.evals["val"], phase.state
+        many = jax.process_count() > 1
+        totals = evaluate_batches(
+            lambda batch: phase.eval_step(state.eval_params, phase.split.frozen, batch, stats=state.stats),
+            pipeline.epoch(0), mesh=self.mesh,
+            num_batches=parallel.max_over_processes(len(pipeline)) if many else None,
+            expected=None if many else pipeline.num_examples,
+        )  # fmt: skip
+        row["val_loss"], row["val_accuracy"] = totals.loss, totals.accuracy
+        log.debug("epoch %d: validation on %d images", row["epoch"], totals.count)
+
+    # ------------------------------------------------------------------------ after each epoch
+    def after_epoch(self, phase: Phase, epoch: int, row: dict) -> None:
+        """The hooks, in order: reduce-on-plateau (before saving, so a resume keeps it), the
+        metrics row, the checkpoint, TensorBoard and the log, callbacks, early stopping."""
+        self.history.append(row)
+        self.plateau(phase, epoch)
+        if self.main:
+            self.run_dir.append_metrics(row)
+        self.save(phase, epoch, row)
+        self.board.scalars(
+            epoch, {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "phase", "step")}
+        )
+        log.info(
+            "epoch %d (phase %d): %s", epoch, phase.index,
+            ", ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float)),
+        )  # fmt: skip
+        for callback in self.callbacks:
+            callback(epoch, dict(row))
+        self.early_stopping(epoch)
+
+    def _scores(self, epochs=None) -> list[float]:
+        """The monitored validation metric of the epochs so far (of ``epochs`` when given)."""
+        return [
+            float(h[self.config.monitor])
+            for h in self.history
+            if h["val_loss"] != "" and (epochs is None or h["epoch"] in epochs)
+        ]
+
+    def _since_best(self, scores: list[float]) -> int:
+        return len(scores) - 1 - int(np.argmax(scores) if self.mode_max else np.argmin(scores))
+
+    def plateau(self, phase: Phase, epoch: int) -> None:
+        """``schedule="plateau"``: scale the learning rate by ``plateau_factor`` each time the
+        monitored metric has not improved for ``plateau_patience`` epochs of this phase."""
+        scores = self._scores(phase.epochs)
+        if phase.config.schedule != "plateau" or not scores or self.history[-1]["val_loss"] == "":
+            return
+        stale = self._since_best(scores)
+        if stale and stale % phase.config.plateau_patience == 0:
+            scale = lr_scale(phase.state.opt_state) * phase.config.plateau_factor
+            phase.state = phase.state.replace(opt_state=set_lr_scale(phase.state.opt_state, scale))
+            log.info("plateau: %s flat for %d epochs, lr scale now %g", self.config.monitor, stale, scale)
+
+    def save(self, phase: Phase, epoch: int, row: dict) -> None:
+        """Checkpoint epoch ``epoch``: the model (with the weight average when there is one), the
+        optimizer state and the raw weights; into ``best/`` too when it is the best epoch."""
+        state = phase.state
+        nnx.update(self.model, state.eval_params)
+        nnx.update(self.model, state.stats)
+        items = model_items(self.model)
+        items["state"] = state_item(state)
+        if state.ema is not None:
+            items["ema"] = state.ema
+        best = (
+            None
+            if row["val_loss"] == ""
+            else {"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}
+        )
+        self.checkpoints.save(epoch, items, best)
+
+    def early_stopping(self, epoch: int) -> None:
+        scores, patience = self._scores(), self.config.early_stopping_patience
+        if scores and patience and self._since_best(scores) >= patience:
+            log.info(
+                "early stopping after epoch %d (%s flat for %d epochs)",
+                epoch, self.config.monitor, self._since_best(scores),
+            )  # fmt: skip
+            self.stopped_early = True
+
+
+def __getattr__(name):  # names deprecated in 0.2 (see imgcls_jax.train.legacy), loaded on first use
+    import importlib
+
+    legacy = importlib.import_module("imgcls_jax.train.legacy")
+    if legacy.MOVED.get(name) != __name__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(legacy, name)

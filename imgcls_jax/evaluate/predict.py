@@ -1,0 +1,111 @@
+"""Predict with a trained run: top-k class names and probabilities for files, folders, arrays.
+
+``predict(loaded, inputs)`` (``loaded`` from :func:`imgcls_jax.evaluate.load_run`) accepts an
+image file, a folder (every image in it, recursively, sorted), a list of files, or an array
+``uint8[N, H, W, 3]`` / ``[H, W, 3]`` of RGB pixels.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import jax
+import numpy as np
+from flax import nnx
+
+from imgcls_jax.evaluate.runs import LoadedRun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """Top-k classes of one image, most probable first."""
+
+    source: str
+    top_k: list[tuple[str, float]]
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0][0]
+
+
+def _image_files(inputs) -> list[str]:
+    from imgcls_jax.data import IMAGE_EXTENSIONS
+
+    items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
+    files = []
+    for item in items:
+        path = Path(item)
+        if path.is_dir():
+            found = sorted(
+                str(p) for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+            )
+            if not found:
+                raise FileNotFoundError(f"{path}: no image files (extensions {sorted(IMAGE_EXTENSIONS)})")
+            files += found
+        elif path.is_file():
+            files.append(str(path))
+        else:
+            raise FileNotFoundError(f"{path}: no such file or folder")
+    return files
+
+
+def predict(
+    loaded: LoadedRun,
+    inputs,
+    *,
+    top_k: int = 5,
+    batch_size: int = 32,
+    resize: str = "squash",
+) -> list[Prediction]:
+    """Top-``top_k`` ``(class name, probability)`` for each input image (see the module docstring).
+
+    Files that cannot be decoded raise an error naming them (nothing is silently dropped).
+    """
+    if top_k < 1:
+        raise ValueError(f"top_k must be >= 1, got {top_k}")
+    size = loaded.image_size
+    if isinstance(inputs, np.ndarray | jax.Array):
+        images = np.asarray(inputs)
+        if images.ndim == 3:
+            images = images[None]
+        if images.ndim != 4 or images.shape[-1] != 3:
+            raise ValueError(f"arrays must be [N, H, W, 3] or [H, W, 3] RGB, got shape {images.shape}")
+        if images.shape[1:3] != size:
+            from imgcls_jax.data.decode import resize_image
+
+            images = np.stack([np.round(resize_image(im, size, resize).numpy()) for im in images])
+            images = images.astype(np.uint8)
+        sources = [f"array[{i}]" for i in range(len(images))]
+    else:
+        from imgcls_jax.data import load_image
+
+        sources = _image_files(inputs)
+        images = np.stack([load_image(f, size, resize) for f in sources])
+    return _predict_arrays(loaded, images, sources, top_k, batch_size)
+
+
+def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_size: int):
+    graphdef, state = nnx.split(loaded.model)
+
+    @jax.jit
+    def probabilities(state, x):
+        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+
+    k = min(top_k, len(loaded.class_names))
+    out = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start : start + batch_size]
+        real = len(chunk)
+        if real < batch_size and len(images) > batch_size:  # one compiled shape for every batch
+            chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
+        probs = np.asarray(probabilities(state, chunk))[:real]
+        for i, p in enumerate(probs):
+            order = np.argsort(-p, kind="stable")[:k]
+            out.append(Prediction(sources[start + i], [(loaded.class_names[j], float(p[j])) for j in order]))
+    return out

@@ -1,0 +1,171 @@
+"""A finished run: reload its model (:func:`load_run`) and evaluate it on a split of its manifest
+(:func:`evaluate_run`): loss, top-1/top-5, confusion matrix, classification report, plots.
+
+``evaluate_run(run_dir, split)`` runs every image of the split once through the one evaluation
+loop (:func:`imgcls_jax.train.evaluate_batches`: padded batches masked, sums and the confusion
+matrix accumulated on the devices) and writes into ``run_dir/eval_<split>/``: ``report.txt``
+(laid out like the original experiment's report), ``metrics.json``, ``confusion_matrix.png``
+and, from ``metrics.csv``, ``learning_curves.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from imgcls_jax.config import TrainConfig
+from imgcls_jax.evaluate.metrics import classification_report, classification_report_dict
+from imgcls_jax.train.rundir import CHECKPOINT_CHOICES, RunDir
+
+log = logging.getLogger(__name__)
+
+#: ``which`` checkpoint :func:`load_run` restores.
+CHECKPOINTS = CHECKPOINT_CHOICES
+
+
+@dataclass
+class LoadedRun:
+    """A trained model with what is needed to use it."""
+
+    run_dir: Path
+    config: TrainConfig
+    model: object
+    class_names: list[str]
+    epoch: int
+    which: str
+
+    @property
+    def image_size(self) -> tuple[int, int]:
+        """Input size of the restored epoch (its phase's ``image_size``)."""
+        size = self.config.image_size_at(self.epoch)
+        return size, size
+
+
+def run_class_names(run_dir) -> list[str]:
+    """Class names of a run, from its ``manifest.csv`` (written by ``fit``)."""
+    from imgcls_jax.data.folders import read_manifest  # no TensorFlow in this module
+
+    run = RunDir(run_dir).require("manifest.csv")
+    return read_manifest(run.manifest)[1]
+
+
+def load_run(run_dir, which: str = "best") -> LoadedRun:
+    """Rebuild a run's model from its ``config.json`` and restore its ``best`` (by the monitored
+    validation metric) or ``latest`` checkpoint."""
+    from imgcls_jax.models.registry import model_from_config
+    from imgcls_jax.train.checkpoints import restore_model
+
+    run = RunDir(run_dir)
+    run.checkpoint_dir(which)  # a bad `which` fails before anything is read
+    run.require("manifest.csv")
+    config = TrainConfig.from_json(run.config)
+    class_names = run_class_names(run.root)
+    model = model_from_config(config, len(class_names), weights=None)
+    epoch = restore_model(run, which, model)
+    model.eval()
+    log.info("loaded %s checkpoint of %s (epoch %d)", which, run.root, epoch)
+    return LoadedRun(run.root, config, model, class_names, epoch, which)
+
+
+@dataclass
+class EvalResult:
+    """Numbers over every image of one split (each counted exactly once)."""
+
+    split: str
+    count: int
+    loss: float
+    top1: float
+    top5: float
+    confusion: np.ndarray
+    class_names: list[str]
+    report_text: str
+    report: dict = field(repr=False, default_factory=dict)
+    out_dir: Path | None = None
+
+
+def evaluate_model(model, pipeline, class_names, split: str = "eval") -> EvalResult:
+    """Evaluate ``model`` (every layer as it is) on every image of an evaluation ``Pipeline``."""
+    from imgcls_jax.train.evaluation import evaluate_batches
+    from imgcls_jax.train.state import split_model
+    from imgcls_jax.train.steps import make_eval_step
+
+    whole = split_model(model, ())  # nothing trained: the model's own parameters are all "frozen"
+    step = make_eval_step(whole)
+    totals = evaluate_batches(
+        lambda batch: step(whole.trainable, whole.frozen, batch),
+        pipeline.epoch(0),
+        expected=pipeline.num_examples,
+    )
+    return EvalResult(
+        split=split,
+        count=totals.count,
+        loss=totals.loss,
+        top1=totals.accuracy,
+        top5=totals.top5,
+        confusion=totals.confusion,
+        class_names=list(class_names),
+        report_text=classification_report(totals.confusion, class_names, digits=2),
+        report=classification_report_dict(totals.confusion, class_names),
+    )
+
+
+def format_report(result: EvalResult, history: list[dict] | None = None) -> str:
+    """A text report in the original experiment's shape: accuracies, confusion matrix, table."""
+    lines = [f"Evaluation on split '{result.split}' ({result.count} images)", ""]
+    if history:
+        last = history[-1]
+        lines.append(f"Training accuracy:   {100 * float(last['train_accuracy']):.2f}% (last epoch)")
+        if last.get("val_accuracy") not in ("", None):
+            lines.append(f"Validation accuracy: {100 * float(last['val_accuracy']):.2f}% (last epoch)")
+    lines += [
+        f"{result.split.capitalize()} accuracy: {100 * result.top1:.2f}% (top-5 {100 * result.top5:.2f}%, "
+        f"loss {result.loss:.4f})",
+        "Confusion Matrix (rows: true class, columns: predicted):",
+        np.array2string(result.confusion, max_line_width=200),
+        "",
+        "Classification Report:",
+        result.report_text,
+    ]
+    return "\n".join(lines)
+
+
+def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResult:
+    """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots."""
+    from imgcls_jax.data import Pipeline, from_records, read_manifest
+    from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
+
+    loaded = load_run(run_dir, which)
+    run = RunDir(loaded.run_dir)
+    records, class_names = read_manifest(run.manifest, root=loaded.config.data)
+    chosen = [r for r in records if r.split == split]
+    if not chosen:
+        raise ValueError(
+            f"{run.root}: the manifest has no '{split}' split (splits: {sorted({r.split for r in records})})"
+        )
+    pipeline = Pipeline(
+        from_records(chosen, class_names), image_size=loaded.image_size,
+        batch_size=loaded.config.eval_batch_size or loaded.config.batch_size, training=False, cache=None,
+    )  # fmt: skip
+    result = evaluate_model(loaded.model, pipeline, class_names, split)
+    history = run.read_history()
+    out = run.eval_dir(split)
+    out.mkdir(exist_ok=True)
+    result.out_dir = out
+    (out / "report.txt").write_text(format_report(result, history) + "\n")
+    metrics = {
+        "split": split, "count": result.count, "loss": result.loss, "top1": result.top1, "top5": result.top5,
+        "confusion_matrix": result.confusion.tolist(), "class_names": class_names, "report": result.report,
+        "checkpoint": which, "epoch": loaded.epoch,
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    plot_confusion_matrix(result.confusion, class_names, out / "confusion_matrix.png")
+    if history:
+        plot_learning_curves(history, out / "learning_curves.png")
+    log.info(
+        "%s: %s top-1 %.4f over %d images; report in %s", run.root, split, result.top1, result.count, out
+    )
+    return result
