@@ -261,19 +261,26 @@ def _apply_one(image, p: AugmentParams, c: AugmentConfig):
     if c.flip in ("vertical", "horizontal_and_vertical"):
         image = jnp.where(p.flip_v, image[::-1], image)
     if c.random_resized_crop:
-        image = _crop_and_resize(image, p.crop)
+        image = _crop_and_resize(_barrier(image), p.crop)
     if c.rotation > 0 or c.zoom > 0 or c.translation > 0:
         coefficients = _affine_coefficients(h, w, p.angle, p.zoom, p.shift[0], p.shift[1])
-        image = _warp(image, coefficients, c.fill_mode, c.fill_value)
+        image = _warp(_barrier(image), coefficients, c.fill_mode, c.fill_value)
+    # Each stage reads its input several times (channel max/min, means, 4 bilinear taps): the
+    # barriers make XLA compute each stage once rather than fuse (recompute) the previous one's
+    # gathers into every read.
     if c.brightness > 0:
-        image = jnp.clip(image + p.brightness, 0.0, 255.0)
+        image = jnp.clip(_barrier(image) + p.brightness, 0.0, 255.0)
     if c.contrast > 0:
-        image = _adjust_contrast(image, p.contrast)
+        image = _adjust_contrast(_barrier(image), p.contrast)
     if c.saturation > 0:
-        image = _adjust_saturation(image, p.saturation)
+        image = _adjust_saturation(_barrier(image), p.saturation)
     if c.hue > 0:
-        image = _adjust_hue(image, p.hue)
+        image = _adjust_hue(_barrier(image), p.hue)
     return image
+
+
+def _barrier(image):
+    return jax.lax.optimization_barrier(image)
 
 
 def _check_images(images) -> None:
