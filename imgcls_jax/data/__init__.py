@@ -1,7 +1,9 @@
-"""The data layer: image folders, TFDS and arrays -> tf.data batches -> devices.
+"""The data layer: image folders, TFDS and arrays -> tf.data (or NumPy) batches -> devices.
 
 This is the only part of imgcls_jax that uses TensorFlow, and it imports it lazily (on first
-use). Names are resolved on first access, so ``import imgcls_jax.data`` stays cheap.
+use); where TensorFlow is not importable, folders are checked and decoded with Pillow and
+:class:`NumpyPipeline` feeds the device, which augments (``imgcls_jax.data.device_augment``).
+Names are resolved on first access, so ``import imgcls_jax.data`` stays cheap.
 """
 
 import importlib
@@ -9,7 +11,7 @@ import importlib
 _EXPORTS = {
     "dataset_audit": ["AuditReport", "audit"],
     "augment": ["AugmentConfig", "augment_image", "mix_batch", "save_augmentation_grid"],
-    "decode": ["IMAGE_EXTENSIONS", "RESIZE_MODES", "check_images", "load_image"],
+    "decode": ["IMAGE_EXTENSIONS", "RESIZE_MODES", "check_images", "load_image", "tensorflow_available"],
     "folders": [
         "DatasetError",
         "ImageFolder",
@@ -19,6 +21,7 @@ _EXPORTS = {
         "split_records",
         "write_manifest",
     ],
+    "numpy_pipeline": ["NumpyPipeline", "make_pipeline"],
     "pipeline": ["Pipeline", "Source", "from_arrays", "from_records", "from_tfds"],
     "prefetch": ["data_sharding", "prefetch_to_device", "to_device"],
 }
