@@ -161,10 +161,16 @@ def test_mfu_of_real_compiled_steps_is_at_most_one():
         "train": (make_train_step(split, optimizer), (init_state(split, optimizer), split.frozen,
                                                       {"image": images, "label": labels})),
     }  # fmt: skip
-    peak = measure_peak(("float32",), repeats=3)
-    for name, (step, args) in steps.items():
-        flops = compiled_flops(step, *args)
-        value = mfu(flops, best_seconds(step, args, donates_state=name == "train"), peak.flops)
+    flops = {name: compiled_flops(step, *args) for name, (step, args) in steps.items()}
+    before = measure_peak(("float32",), repeats=3)
+    seconds = {
+        name: best_seconds(step, args, donates_state=name == "train") for name, (step, args) in steps.items()
+    }
+    # the machine is shared: a load spike during one peak measurement must not pass for the peak
+    after = measure_peak(("float32",), repeats=3)
+    peak = max(before, after, key=lambda p: p.flops)
+    for name in steps:
+        value = mfu(flops[name], seconds[name], peak.flops)
         assert 0 < value <= 1, f"{name} step MFU {value:.2f} against {peak.describe()}: {peak.rates}"
 
 

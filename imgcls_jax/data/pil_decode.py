@@ -123,10 +123,13 @@ def resize_bilinear(image: np.ndarray, height: int, width: int) -> np.ndarray:
     (no antialiasing: downscaling samples, as Keras's ``image_dataset_from_directory``)."""
     y_lo, y_hi, y_lerp = _source_rows(image.shape[0], height)
     x_lo, x_hi, x_lerp = _source_rows(image.shape[1], width)
-    top_rows, bottom_rows = image[y_lo].astype(np.float32), image[y_hi].astype(np.float32)
+    # gather the output's samples first, in uint8 (rows, then columns: np.take copies whole rows)
+    rows_lo, rows_hi = image.take(y_lo, axis=0), image.take(y_hi, axis=0)
+    top_left, bottom_left = (r.take(x_lo, axis=1).astype(np.float32) for r in (rows_lo, rows_hi))
+    top_right, bottom_right = (r.take(x_hi, axis=1).astype(np.float32) for r in (rows_lo, rows_hi))
     x_lerp = x_lerp[None, :, None]
-    top = top_rows[:, x_lo] + (top_rows[:, x_hi] - top_rows[:, x_lo]) * x_lerp
-    bottom = bottom_rows[:, x_lo] + (bottom_rows[:, x_hi] - bottom_rows[:, x_lo]) * x_lerp
+    top = top_left + (top_right - top_left) * x_lerp  # TF's order of operations
+    bottom = bottom_left + (bottom_right - bottom_left) * x_lerp
     return top + (bottom - top) * y_lerp[:, None, None]
 
 
