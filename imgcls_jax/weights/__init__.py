@@ -15,6 +15,9 @@ from imgcls_jax.weights.keras import (
     validate,
     write_legacy_h5,
 )
+from imgcls_jax.weights.keras_arch import KerasModelInfo
+from imgcls_jax.weights.keras_export import to_keras
+from imgcls_jax.weights.keras_models import from_keras
 from imgcls_jax.weights.ported import is_ported_dir, read_ported, save_ported
 from imgcls_jax.weights.store import (
     IMAGENET,
@@ -33,14 +36,17 @@ log = logging.getLogger(__name__)
 __all__ = [
     "IMAGENET",
     "ChecksumError",
+    "KerasModelInfo",
     "LoadedWeights",
     "PublishedWeights",
     "WeightFileError",
     "WeightsUnavailableError",
+    "from_keras",
     "load_weights",
     "read_keras_weights",
     "resolve_imagenet",
     "save_ported",
+    "to_keras",
     "write_legacy_h5",
 ]
 
