@@ -18,6 +18,7 @@ from imgcls_jax.weights.keras import (
 from imgcls_jax.weights.keras_arch import KerasModelInfo
 from imgcls_jax.weights.keras_export import to_keras
 from imgcls_jax.weights.keras_models import from_keras
+from imgcls_jax.weights.keras_runs import write_run_folder
 from imgcls_jax.weights.ported import is_ported_dir, read_ported, save_ported
 from imgcls_jax.weights.store import (
     IMAGENET,
@@ -48,6 +49,7 @@ __all__ = [
     "save_ported",
     "to_keras",
     "write_legacy_h5",
+    "write_run_folder",
 ]
 
 

@@ -225,7 +225,10 @@ def match_architecture(
     layers = []
     for layer in flat.layers:
         if layer.class_name in IDENTITY_AT_INFERENCE:
-            notes.append(f"skipped {layer.name!r} ({layer.class_name}): the identity at inference")
+            notes.append(
+                f"skipped {layer.name!r} ({layer.class_name}): the identity at inference "
+                "(Keras's predict, or training=False)"
+            )
         else:
             layers.append(layer)
     start = 0
@@ -313,7 +316,7 @@ def _describe(arch, kwargs, denses, dropouts, flat, where, notes, input_shape) -
     return {
         "arch": arch,
         **kwargs,
-        "head_units": units,
+        "head_units": () if kwargs["include_top"] else units,
         "head_activation": act,
         "dropout": dropout if not kwargs["include_top"] else 0.0,
         "num_classes": (2 if binary else out_units) if output else None,

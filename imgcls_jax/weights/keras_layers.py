@@ -173,7 +173,8 @@ def _walk(model_config, where, path, legacy_group, counter, flat: FlatModel, top
             if previous is not None and inputs != [previous]:
                 raise WeightFileError(
                     f"{where}: layer {name!r} ({class_name}) takes its input from {inputs}, not from the "
-                    f"layer before it ({previous!r}): only a single chain of layers can be imported"
+                    f"layer before it ({previous!r}): only a single chain of layers (a VGG16/VGG19 base "
+                    "and a head) can be imported"
                 )
         previous = name
         if class_name == "InputLayer":
