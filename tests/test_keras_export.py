@@ -142,3 +142,24 @@ def test_probabilities_and_options(raw):
 
 def test_unit_preprocessing(raw):
     np.testing.assert_allclose(preprocess_input(raw, "unit"), raw.astype(np.float64) / 255.0, rtol=1e-6)
+
+
+def test_reading_and_writing_need_no_keras(tmp_path):
+    """to_keras then from_keras in a fresh process: neither Keras nor TensorFlow gets imported."""
+    import subprocess
+    import sys
+
+    code = f"""
+import sys
+from flax import nnx
+from imgcls_jax.models import VGG
+from imgcls_jax.weights import from_keras, to_keras
+model = VGG("vgg16", include_top=False, num_classes=2, pooling="avg", input_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+to_keras(model, r"{tmp_path}/m.keras")
+again, info = from_keras(r"{tmp_path}/m.keras")
+assert info.num_classes == 2 and info.pooling == "avg"
+print(sorted(m for m in ("keras", "tensorflow") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"
