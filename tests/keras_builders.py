@@ -48,10 +48,10 @@ def caffe(raw: np.ndarray) -> np.ndarray:
     return imagenet_utils.preprocess_input(raw.astype(np.float32), mode="caffe")
 
 
-def vgg_base(arch: str = "vgg16"):
+def vgg_base(arch: str = "vgg16", size: int = SIZE):
     k = keras()
     app = {"vgg16": k.applications.VGG16, "vgg19": k.applications.VGG19}[arch]
-    return app(weights=None, include_top=False, input_shape=(SIZE, SIZE, 3))
+    return app(weights=None, include_top=False, input_shape=(size, size, 3))
 
 
 def typical(base=None):
@@ -65,14 +65,14 @@ def typical(base=None):
     return k.Model(inputs, k.layers.Dense(5, activation="softmax")(x))
 
 
-def sequential_rescaling(base=None):
+def sequential_rescaling(base=None, size: int = SIZE):
     """Sequential: Rescaling(1/127.5, -1) (raw pixels in), VGG16 base, Flatten, Dense(3, sigmoid)."""
     k = keras()
     return k.Sequential(
         [
-            k.Input((SIZE, SIZE, 3)),
+            k.Input((size, size, 3)),
             k.layers.Rescaling(1 / 127.5, offset=-1),
-            base or vgg_base(),
+            base or vgg_base(size=size),
             k.layers.Flatten(),
             k.layers.Dense(3, activation="sigmoid"),
         ]
@@ -101,11 +101,11 @@ def prepared(model, raw: np.ndarray, seed: int, preprocess=caffe):
     return model
 
 
-def images(n: int = 6, seed: int = 0) -> np.ndarray:
-    """``uint8[n, 32, 32, 3]``: smooth random images (a few real-photo-like gradients + noise)."""
+def images(n: int = 6, seed: int = 0, size: int = SIZE) -> np.ndarray:
+    """``uint8[n, size, size, 3]``: blocky random images plus noise."""
     rng = np.random.default_rng(seed)
     coarse = rng.integers(0, 256, (n, 4, 4, 3)).astype(np.float32)
-    smooth = coarse.repeat(SIZE // 4, 1).repeat(SIZE // 4, 2)
+    smooth = coarse.repeat(size // 4, 1).repeat(size // 4, 2)
     return np.clip(smooth + rng.normal(0, 25, smooth.shape), 0, 255).astype(np.uint8)
 
 

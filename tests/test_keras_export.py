@@ -154,7 +154,8 @@ import sys
 from flax import nnx
 from imgcls_jax.models import VGG
 from imgcls_jax.weights import from_keras, to_keras
-model = VGG("vgg16", include_top=False, num_classes=2, pooling="avg", input_shape=(32, 32, 3), rngs=nnx.Rngs(0))
+model = VGG("vgg16", include_top=False, num_classes=2, pooling="avg", input_shape=(32, 32, 3),
+            rngs=nnx.Rngs(0))
 to_keras(model, r"{tmp_path}/m.keras")
 again, info = from_keras(r"{tmp_path}/m.keras")
 assert info.num_classes == 2 and info.pooling == "avg"

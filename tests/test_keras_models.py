@@ -84,23 +84,29 @@ def test_user_preprocessing_other_than_caffe(typical, raw):
 
 
 @pytest.fixture(scope="module")
-def rescaling_sigmoid(raw, base16, tmp_path_factory):
-    model = kb.prepared(
-        kb.sequential_rescaling(base16), raw, seed=4, preprocess=lambda x: x.astype("float32")
-    )
+def raw64():
+    return kb.images(4, seed=8, size=64)
+
+
+@pytest.fixture(scope="module")
+def rescaling_sigmoid(raw64, tmp_path_factory):
+    """64x64 inputs: Flatten reads a 2x2x512 map, so its (h, w, c) order is tested."""
+    model = kb.sequential_rescaling(size=64)
+    kb.prepared(model, raw64, seed=4, preprocess=lambda x: x.astype("float32"))
     tmp = tmp_path_factory.mktemp("seq")
     model.save(tmp / "m.keras")
     model.save(tmp / "m.h5")
-    return tmp, kb.keras_out(model, raw.astype("float32"))
+    return tmp, kb.keras_out(model, raw64.astype("float32"))
 
 
 @pytest.mark.parametrize("name", ["m.keras", "m.h5"])
-def test_sequential_rescaling_flatten_sigmoid(rescaling_sigmoid, raw, name):
+def test_sequential_rescaling_flatten_sigmoid(rescaling_sigmoid, raw64, name):
     tmp, expected = rescaling_sigmoid
     model, info = from_keras(tmp / name)
     assert (info.preprocessing, info.input_preprocessing) == ("tf", "none")
     assert (info.pooling, info.output_activation, info.num_classes) == (None, "sigmoid", 3)
-    kb.assert_probabilities_equal(model.probabilities(model(raw)), expected)
+    assert info.input_shape == (64, 64, 3) and model.head_logits.kernel.shape == (2 * 2 * 512, 3)
+    kb.assert_probabilities_equal(model.probabilities(model(raw64)), expected)
 
 
 @pytest.fixture(scope="module")

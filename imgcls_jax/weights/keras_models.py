@@ -23,6 +23,7 @@ import logging
 import re
 import tempfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import jax
@@ -108,15 +109,7 @@ def from_keras(
         raise ValueError(
             f"{where}: {len(names)} class names for a model with {plan.info.num_classes} classes"
         )
-    info = KerasModelInfo(
-        **{
-            **plan.info.__dict__,
-            "class_names": names,
-            "source": where,
-            "format": fmt,
-            "keras_version": keras_version,
-        }
-    )
+    info = replace(plan.info, class_names=names, source=where, format=fmt, keras_version=keras_version)
     model = build_model(info, arrays, dtype=dtype, seed=seed)
     for note in info.notes:
         log.info("%s: %s", where, note)
@@ -245,8 +238,8 @@ def _datasets_in_order(h5file, fmt: str) -> list[list]:
             )
     else:
         groups = []
-        h5file.visititems(
-            lambda name, obj: groups.append(name) if name.endswith("/vars") and len(obj) else None
+        h5file["layers"].visititems(  # the model's layers (not an optimizer's variables)
+            lambda name, obj: groups.append(f"layers/{name}") if name.endswith("vars") and len(obj) else None
         )
         found = [[h5file[g][k] for k in sorted(h5file[g], key=int)] for g in sorted(groups, key=_key)]
     return sorted(found, key=lambda ds: -len(ds[0].shape))  # stable: 4-D kernels first
