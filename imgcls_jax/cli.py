@@ -60,6 +60,9 @@ def train_config(args) -> tuple[TrainConfig, str]:
         described = f"{config.weights or 'none (from scratch)'} (from {args.config})"
         if args.weights is not None:
             overrides["weights"], described = resolve_weights(args.weights, args.model or config.model)
+        if args.init_from is not None:
+            overrides.update(init_from=args.init_from, weights=None)
+            described = f"the whole model of {args.init_from}"
         config = replace(config, **overrides)
         if not config.data:
             raise UsageError(f"no data: {args.config} has no 'data'; pass --data DIR")
@@ -67,11 +70,14 @@ def train_config(args) -> tuple[TrainConfig, str]:
     if not args.data:
         raise UsageError("no data: pass --data DIR (an image folder) or --config FILE")
     model = args.model or "vgg16"
-    weights, described = resolve_weights(args.weights or "auto", model)
+    if args.init_from is not None:
+        weights, described = None, f"the whole model of {args.init_from}"
+    else:
+        weights, described = resolve_weights(args.weights or "auto", model)
     config = recipe_config(
         args.data, weights=weights, run_dir=args.run_dir, model=model, epochs=args.epochs or 12,
         learning_rate=args.lr, image_size=args.image_size or 224, batch_size=args.batch_size or 32,
-        seed=args.seed or 0, dtype=args.dtype or "float32",
+        seed=args.seed or 0, dtype=args.dtype or "float32", init_from=args.init_from,
     )  # fmt: skip
     return config, described
 
@@ -151,6 +157,69 @@ def cmd_port_weights(args) -> int:
     return 0
 
 
+def cmd_import_keras(args) -> int:
+    from imgcls_jax.train import write_run_folder
+    from imgcls_jax.weights import from_keras
+
+    class_names = args.class_names.split(",") if args.class_names else None
+    model, info = from_keras(
+        args.model_file, architecture=args.architecture, preprocessing=args.preprocessing
+    )
+    out = write_run_folder(model, info, args.run_dir, class_names=class_names, data=args.data)
+    print(
+        f"imported {args.model_file} ({info.arch}, {info.num_classes} classes, {info.preprocessing} inputs)"
+    )
+    for note in info.notes:
+        print(f"note: {note}")
+    print(f"run dir: {out}  (imgcls-jax predict {out} IMAGES; with --data: imgcls-jax evaluate {out})")
+    return 0
+
+
+def cmd_export_keras(args) -> int:
+    from imgcls_jax.evaluate import load_run
+    from imgcls_jax.weights import to_keras
+
+    loaded = load_run(args.run_dir, args.checkpoint)
+    out = to_keras(loaded.model, args.out_file, input_preprocessing=args.input_preprocessing)
+    print(f"wrote {out} ({loaded.which} checkpoint, epoch {loaded.epoch}); classes: {loaded.class_names}")
+    return 0
+
+
+def _add_keras(sub) -> None:
+    from imgcls_jax.models import MODES
+
+    p = sub.add_parser("import-keras", help="a Keras transfer model (.keras / .h5) as a run folder")
+    p.add_argument(
+        "model_file", help="a .keras archive, a whole-model .h5, or a weights file with --architecture"
+    )
+    p.add_argument(
+        "run_dir", help="new folder for the run (then: imgcls-jax predict / evaluate / train --init-from)"
+    )
+    p.add_argument(
+        "--architecture", help="for a weights-only file: the .keras file or JSON config it belongs to"
+    )
+    p.add_argument(
+        "--preprocessing", choices=MODES,
+        help="what you apply to raw pixels before the Keras model (default: caffe, or none when the model "
+        "starts with preprocessing layers)",
+    )  # fmt: skip
+    p.add_argument(
+        "--class-names", help="the classes in output order, comma-separated (default class_0, ...)"
+    )
+    p.add_argument("--data", help="an image folder whose images become the run's test split (for evaluate)")
+    p.set_defaults(func=cmd_import_keras)
+    p = sub.add_parser("export-keras", help="a trained run as a Keras file (.keras or .h5) Keras loads")
+    p.add_argument("run_dir", help="a run folder written by 'train' or 'import-keras'")
+    p.add_argument("out_file", help="the Keras file to write: .keras (Keras 3) or .h5 (legacy)")
+    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="default: best")
+    p.add_argument(
+        "--input-preprocessing", choices=MODES,
+        help="what the Keras model's users will feed it (default: the run's own normalisation; 'none' adds "
+        "a Rescaling layer for raw pixels where possible)",
+    )  # fmt: skip
+    p.set_defaults(func=cmd_export_keras)
+
+
 def _add_train(sub, models: list[str]) -> None:
     p = sub.add_parser(
         "train",
@@ -172,6 +241,10 @@ def _add_train(sub, models: list[str]) -> None:
         "--weights",
         help="auto (default: ImageNet if available, else from scratch), imagenet, none, or a Keras .h5 / "
         "ported folder",
+    )
+    p.add_argument(
+        "--init-from",
+        help="a run folder or Keras model file whose whole model (head included) starts training",
     )
     p.add_argument("--epochs", type=int, help="recipe: epochs over all phases (default 12)")
     p.add_argument("--lr", type=float, help="recipe: peak learning rate (default 1e-3, 1e-4 from scratch)")
@@ -243,6 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train(sub, list_models())
     _add_evaluate_and_predict(sub)
     _add_audit_and_port(sub, list_models())
+    _add_keras(sub)
     add_tune_parser(sub)  # "tune": imgcls_jax.hpo (Optuna is imported only when it runs)
     return parser
 

@@ -251,6 +251,17 @@ class TrainConfig:
     #: Initializer of the kernels not loaded from ``weights``, for families that take one (VGG:
     #: ``glorot_uniform``, Keras's default, ``he_normal``, ``he_uniform``). None: the family's own.
     kernel_init: str | None = None
+    #: The input normalisation the model applies to raw pixels (``caffe``, ``tf``, ``torch``,
+    #: ``unit``, ``none``); None: the one its family's weights expect (VGG: ``caffe``).
+    preprocessing: str | None = None
+    #: The transfer head's hidden activation (a Keras name: ``relu``, ``gelu``, ``tanh``, ...).
+    head_activation: str = "relu"
+    #: How logits become probabilities in prediction: ``softmax``, or ``sigmoid`` (a Keras model
+    #: ending in sigmoid units; evaluated and predicted, not trained: ``fit`` is softmax).
+    output_activation: str = "softmax"
+    #: A run folder or a Keras model file (``.keras``, or ``.h5`` from ``model.save``) whose whole
+    #: model, head included, starts the training (its architecture must be this config's).
+    init_from: str | None = None
     augment: AugmentConfig = field(
         default_factory=lambda: AugmentConfig(flip="horizontal", rotation=0.05, zoom=0.1)
     )
@@ -326,6 +337,7 @@ class TrainConfig:
             _check(info.accepts("kernel_init"), "TrainConfig.kernel_init", f"None for {self.model}",
                    self.kernel_init)  # fmt: skip
             _choice("TrainConfig.kernel_init", self.kernel_init, KERNEL_INITS)
+        self._validate_head(info)
         for i, phase in enumerate(self.phases):
             phase.validate(f"TrainConfig.phases[{i}]")
             top = phase.trainable.startswith("top:") and int(phase.trainable[4:])
@@ -341,6 +353,29 @@ class TrainConfig:
                 f"phases of different image sizes {sizes} need a pooled head (pooling 'avg' or "
                 "'max'): with pooling None the head's first kernel depends on the input size"
             )
+
+    def _validate_head(self, info) -> None:
+        """The input normalisation, the head's activations and where the model starts from."""
+        from imgcls_jax.models.preprocessing import MODES
+        from imgcls_jax.models.vgg import HEAD_ACTIVATIONS, OUTPUT_ACTIVATIONS
+
+        if self.preprocessing is not None:
+            _choice("TrainConfig.preprocessing", self.preprocessing, MODES)
+        for name, choices, default in (
+            ("head_activation", sorted(HEAD_ACTIVATIONS), "relu"),
+            ("output_activation", OUTPUT_ACTIVATIONS, "softmax"),
+        ):
+            value = getattr(self, name)
+            _choice(f"TrainConfig.{name}", value, choices)
+            if value != default and not info.accepts(name):
+                raise ValueError(f"TrainConfig.{name}={value!r}: {self.model} takes no {name}")
+        if self.init_from is not None:
+            _check(isinstance(self.init_from, str) and bool(self.init_from), "TrainConfig.init_from",
+                   "None or a run folder / Keras model file path", self.init_from)  # fmt: skip
+            if self.weights is not None:
+                raise ValueError(
+                    "TrainConfig: set weights (the base's) or init_from (the whole model), not both"
+                )
 
     def _validate_training(self) -> None:
         _number("TrainConfig.label_smoothing", self.label_smoothing, 0, 1, high_open=True)

@@ -95,7 +95,10 @@ def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_si
 
     @jax.jit
     def probabilities(state, x):
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+        model = nnx.merge(graphdef, state)
+        logits = model(x)
+        # softmax, or sigmoid for a model with sigmoid outputs (an imported Keras model)
+        return model.probabilities(logits) if hasattr(model, "probabilities") else jax.nn.softmax(logits, -1)
 
     k = min(top_k, len(loaded.class_names))
     out = []

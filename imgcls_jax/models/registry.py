@@ -177,8 +177,11 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     (default: the last phase's)."""
     size = config.image_size_at() if input_size is None else input_size
     options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
+    for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
+        if getattr(config, name) != default:
+            options[name] = getattr(config, name)
     return create_model(
         config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
         pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
-        seed=config.seed, input_shape=(size, size, 3), **options,
+        seed=config.seed, input_shape=(size, size, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

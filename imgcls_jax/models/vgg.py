@@ -9,6 +9,7 @@ have no parameters and live in the forward pass.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,25 @@ KERNEL_INITS = {
     "he_uniform": nnx.initializers.he_uniform(),
 }
 _zeros = nnx.initializers.zeros_init()
+
+#: Activations of the transfer head's hidden layers, by their Keras names; each computes what
+#: ``keras.activations.<name>`` does (``gelu`` is the exact erf form, Keras's default).
+HEAD_ACTIVATIONS = {
+    "relu": nnx.relu,
+    "linear": lambda x: x,
+    "tanh": jnp.tanh,
+    "sigmoid": nnx.sigmoid,
+    "elu": nnx.elu,
+    "selu": nnx.selu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "silu": nnx.silu,
+    "swish": nnx.silu,
+    "softplus": nnx.softplus,
+    "relu6": jax.nn.relu6,
+}
+#: How logits become class probabilities: ``softmax`` (one class per image) or ``sigmoid``
+#: (independent classes, e.g. a Keras model ending in ``Dense(K, activation="sigmoid")``).
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def base_layer_specs(arch: str) -> list[LayerSpec]:
@@ -71,6 +91,10 @@ class VGG(Classifier):
       flatten when ``pooling=None``), then for each entry of ``head_units`` a Dense+ReLU layer
       (``head_fc1``, ...) followed by dropout, then ``head_logits`` (K). With no hidden units the
       dropout is applied to the pooled features. Returns logits ``float32[N, K]``.
+      ``head_activation`` names the hidden layers' activation (see :data:`HEAD_ACTIVATIONS`).
+
+    Outputs are always logits; :meth:`probabilities` turns them into class probabilities with
+    ``output_activation`` (``"softmax"``, the default, or ``"sigmoid"``).
 
     Inputs are RGB images ``[N, H, W, 3]``, ``uint8`` or float in ``[0, 255]``; the model applies
     ``preprocess_input(images, self.preprocessing)`` itself, so weights are never paired with the
@@ -104,11 +128,14 @@ class VGG(Classifier):
         preprocessing: str = "caffe",
         conv_impl: str = "auto",
         kernel_init: str = "glorot_uniform",
+        head_activation: str = "relu",
+        output_activation: str = "softmax",
         rngs: nnx.Rngs,
     ):
         num_classes, dtype = _check_options(
             arch, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, kernel_init
         )
+        _check_activations(include_top, head_activation, output_activation)
         height, width, channels = input_shape
 
         self.arch = arch
@@ -122,6 +149,8 @@ class VGG(Classifier):
         self.preprocessing = check_mode(preprocessing)
         self.conv_impl = check_impl(conv_impl)
         self.kernel_init = kernel_init
+        self.head_activation = head_activation
+        self.output_activation = output_activation
         conv_fn = ConvGeneralDilated(conv_impl)
 
         for spec in base_layer_specs(arch):
@@ -251,9 +280,19 @@ class VGG(Classifier):
 
         if not self.head_units:
             x = dropout(x, 0)
+        activation = HEAD_ACTIVATIONS[self.head_activation]
         for i in range(1, len(self.head_units) + 1):
-            x = dropout(nnx.relu(getattr(self, f"head_fc{i}")(x)), i)
+            x = dropout(activation(getattr(self, f"head_fc{i}")(x)), i)
         return self.head_logits(x).astype(jnp.float32)
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Class probabilities ``float32[N, K]`` from :meth:`__call__`'s logits ``[N, K]``: a
+        softmax over the classes, or an elementwise sigmoid when ``output_activation`` is
+        ``"sigmoid"``."""
+        logits = jnp.asarray(logits, jnp.float32)
+        if self.output_activation == "sigmoid":
+            return jax.nn.sigmoid(logits)
+        return jax.nn.softmax(logits, axis=-1)
 
 
 def _check_options(
@@ -282,3 +321,14 @@ def _check_options(
     if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return num_classes, dtype
+
+
+def _check_activations(include_top: bool, head_activation: str, output_activation: str) -> None:
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ValueError(
+            f"unknown head_activation {head_activation!r}; expected one of {sorted(HEAD_ACTIVATIONS)}"
+        )
+    if include_top and head_activation != "relu":
+        raise ValueError("head_activation configures the transfer head: use include_top=False")
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")

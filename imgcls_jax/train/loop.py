@@ -129,7 +129,18 @@ class Trainer:
         if self.main:
             config.to_json(run.config)
         self.class_names, self.train, self.evals = run_inputs(config, run.root, write=self.main)
+        if config.output_activation != "softmax":
+            raise ValueError(
+                f"TrainConfig.output_activation={config.output_activation!r}: fit trains with softmax "
+                "cross-entropy; such a model can be evaluated and used to predict, not trained here"
+            )
         self.model = model_from_config(config, len(self.class_names), input_size=config.image_size_at(0))
+        if config.init_from is not None:
+            from imgcls_jax.train.imported import initialize_from
+
+            log.info(
+                "the model starts from %s", initialize_from(self.model, config.init_from, self.class_names)
+            )
         nnx.update(self.model, self._placed(nnx.state(self.model), replicate=True))
         self.board = TensorBoard(run.tensorboard) if self.main else NoBoard()
         try:
