@@ -100,7 +100,8 @@ class NumpyPipeline:
         self.image_size = tuple(int(v) for v in image_size)
         self.batch_size = batch_size
         self.training = training
-        self.augment = augment
+        # as Pipeline: augmentation only for training, None when it would change nothing
+        self.augment = augment if (training and augment is not None and not augment.is_identity) else None
         self.resize = resize
         self.cache = cache
         self.shuffle_buffer = shuffle_buffer or source.num_examples

@@ -77,10 +77,7 @@ def predict(
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"arrays must be [N, H, W, 3] or [H, W, 3] RGB, got shape {images.shape}")
         if images.shape[1:3] != size:
-            from imgcls_jax.data.decode import resize_image
-
-            images = np.stack([np.round(resize_image(im, size, resize).numpy()) for im in images])
-            images = images.astype(np.uint8)
+            images = np.stack([_resized(im, size, resize) for im in images])
         sources = [f"array[{i}]" for i in range(len(images))]
     else:
         from imgcls_jax.data import load_image
@@ -88,6 +85,19 @@ def predict(
         sources = _image_files(inputs)
         images = np.stack([load_image(f, size, resize) for f in sources])
     return _predict_arrays(loaded, images, sources, top_k, batch_size)
+
+
+def _resized(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``image`` resized as the data pipelines resize (TensorFlow's, else the same in NumPy)."""
+    from imgcls_jax.data import tensorflow_available
+
+    if tensorflow_available():
+        from imgcls_jax.data.decode import resize_image
+
+        return np.round(resize_image(image, size, mode).numpy()).astype(np.uint8)
+    from imgcls_jax.data.pil_decode import resize_image
+
+    return resize_image(image, size, mode)
 
 
 def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_size: int):

@@ -135,7 +135,7 @@ def format_report(result: EvalResult, history: list[dict] | None = None) -> str:
 
 def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResult:
     """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots."""
-    from imgcls_jax.data import Pipeline, from_records, read_manifest
+    from imgcls_jax.data import from_records, make_pipeline, read_manifest
     from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
     loaded = load_run(run_dir, which)
@@ -146,7 +146,7 @@ def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResu
         raise ValueError(
             f"{run.root}: the manifest has no '{split}' split (splits: {sorted({r.split for r in records})})"
         )
-    pipeline = Pipeline(
+    pipeline = make_pipeline(  # tf.data where TensorFlow imports, else Pillow + NumPy
         from_records(chosen, class_names), image_size=loaded.image_size,
         batch_size=loaded.config.eval_batch_size or loaded.config.batch_size, training=False, cache=None,
     )  # fmt: skip

@@ -18,19 +18,33 @@ from imgcls_jax.train.features import FeatureBatches, compute_features
 log = logging.getLogger(__name__)
 
 
+def input_placement(config: TrainConfig) -> tuple[str, bool]:
+    """``(data backend, augment on the device)`` for ``config``'s ``data_backend`` and
+    ``augment_on`` (see :class:`~imgcls_jax.config.TrainConfig`): ``"auto"`` is tf.data where
+    TensorFlow imports; augmentation goes to the device on a GPU/TPU or with the NumPy pipeline."""
+    from imgcls_jax.data import tensorflow_available
+
+    backend = config.data_backend
+    if backend == "auto":
+        backend = "tf" if tensorflow_available() else "numpy"
+    if backend == "tf" and not tensorflow_available():
+        raise ValueError("TrainConfig.data_backend='tf' but TensorFlow is not importable here; use 'numpy'")
+    on_device = config.augment_on == "device" or (
+        config.augment_on == "auto" and (backend == "numpy" or jax.default_backend() != "cpu")
+    )
+    if backend == "numpy" and not on_device:
+        raise ValueError("the NumPy pipeline (no TensorFlow) augments on the device: set augment_on 'device'")
+    return backend, on_device
+
+
 def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
-    """The class names, the train ``Pipeline`` and one ``Pipeline`` per evaluation split of a run.
+    """The class names, the train pipeline and one pipeline per evaluation split of a run
+    (tf.data or NumPy ones, see :func:`input_placement`).
 
     Splits come from the folder (presplit) or ``split_records`` with ``config.seed``; ``write``
     saves them as ``run_dir/manifest.csv``. With several processes each pipeline holds this
     process's share (see :func:`process_share`) and batches of its per-process size."""
-    from imgcls_jax.data import (
-        Pipeline,
-        from_records,
-        scan_folder,
-        split_records,
-        write_manifest,
-    )
+    from imgcls_jax.data import from_records, make_pipeline, scan_folder, split_records, write_manifest
 
     found = scan_folder(config.data, exclude=config.exclude)
     records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
@@ -44,22 +58,27 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
     if jax.process_count() > 1:
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
+    backend, on_device = input_placement(config)
     size = (config.image_size_at(0),) * 2  # the first phase's; fit resizes for later phases
-    train = Pipeline(
-        from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
-        training=True, augment=config.augment, cache=config.cache, seed=config.seed,
+    train = make_pipeline(
+        from_records(by_split["train"], found.class_names), backend=backend, image_size=size,
+        batch_size=batch, training=True, augment=config.augment, cache=config.cache, seed=config.seed,
+        device_augment=on_device,
     )  # fmt: skip
     evals = {
-        name: Pipeline(
+        name: make_pipeline(
             from_records(rs, found.class_names),
+            backend=backend,
             image_size=size,
             batch_size=eval_batch,
             training=False,
             cache=config.cache,
+            device_augment=backend == "numpy",
         )  # fmt: skip
         for name, rs in by_split.items()
         if name != "train"
     }
+    log.info("input: %s pipeline, augmentation on the %s", backend, "device" if on_device else "host")
     return found.class_names, train, evals
 
 

@@ -214,10 +214,13 @@ class Trainer:
         self.train, self.evals = self.train.resized(size), {k: p.resized(size) for k, p in self.evals.items()}
         train, evals, forward = self._phase_inputs(index, names)
         placement = (self.mesh, config.fsdp_min_size) if jax.device_count() > 1 else None
+        augment = train.augment_on_device if forward is image_forward else None
+        seed_key = jax.random.key(config.seed)
         train_step = make_train_step(
             split, spec, hyper=hyper, label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-            dropout_key=jax.random.fold_in(jax.random.key(config.seed), index), forward=forward,
-            placement=placement,
+            dropout_key=jax.random.fold_in(seed_key, index), forward=forward, placement=placement,
+            augment=augment, num_classes=len(self.class_names),
+            augment_key=jax.random.fold_in(jax.random.fold_in(seed_key, 1_000_003), index),
         )  # fmt: skip
         log.info(
             "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", index,
