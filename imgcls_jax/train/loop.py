@@ -119,6 +119,7 @@ class Trainer:
         self.mesh = parallel.make_mesh()
         self.mode_max = config.monitor == "val_accuracy"
         self.stopped_early = False
+        self.phase: Phase | None = None  # the phase being trained (the last one, after run())
 
     # ----------------------------------------------------------------------------------- setup
     def run(self) -> FitResult:
@@ -183,7 +184,7 @@ class Trainer:
             epochs = self.config.phase_epochs(index)
             if self.latest is not None and epochs[-1] <= self.latest:
                 continue  # finished before the interruption; its parameters come with the restore
-            phase = self.start_phase(index)
+            phase = self.phase = self.start_phase(index)
             for epoch in epochs:
                 if self.latest is not None and epoch <= self.latest:
                     continue
