@@ -3,6 +3,7 @@ probabilities) -> train --init-from (fine-tune the imported model, head included
 -> Keras loads it and predicts what imgcls_jax predicts."""
 
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -116,3 +117,12 @@ def test_init_from_refuses_another_architecture_or_other_classes(keras_file, fol
         fit(TrainConfig(**base, head_units=(8,), preprocessing="tf"))
     with pytest.raises(ValueError, match="weights .* or init_from .*, not both"):
         TrainConfig(**base, weights="imagenet")
+    run = tmp_path / "imported"
+    assert cli.main(["import-keras", str(keras_file), str(run), "--class-names", ",".join(CLASSES)]) == 0
+    with pytest.raises(ValueError, match=r"head_units \(8,\) there, \(16,\) here"):
+        fit(TrainConfig(**{**base, "init_from": str(run)}, head_units=(16,)))
+    other = tmp_path / "other"  # the same images under other class names
+    for old, new in zip(CLASSES, ("cyan", "lime", "pink")):
+        shutil.copytree(folder / old, other / new)
+    with pytest.raises(ValueError, match="its classes"):
+        fit(TrainConfig(**{**base, "init_from": str(run), "data": str(other)}, head_units=(8,)))

@@ -115,6 +115,7 @@ def initialize_from(model, source, class_names: list[str]) -> str:
         theirs = read_manifest(run.manifest)[1]
         if theirs != list(class_names):
             raise ValueError(f"init_from {path}: its classes {theirs} are not this run's {list(class_names)}")
+        _check_same_model(model, TrainConfig.from_json(run.config), path)
         which = "best" if run.has_best() else "latest"
         epoch = restore_model(run, which, model)
         return f"{which} checkpoint (epoch {epoch}) of {path}"
@@ -139,3 +140,24 @@ def initialize_from(model, source, class_names: list[str]) -> str:
         raise ValueError(f"init_from {path}: its model is not this config's (first differences: {differ})")
     nnx.update(model, theirs)
     return f"Keras model {path}"
+
+
+#: What a run folder's config says about its model, and the model attribute it must match.
+_MODEL_FIELDS = {"model": "arch", "pooling": "pooling", "head_units": "head_units", "dropout": "dropout_rate",
+                 "head_activation": "head_activation", "output_activation": "output_activation"}  # fmt: skip
+
+
+def _check_same_model(model, config: TrainConfig, path: Path) -> None:
+    """``ValueError`` naming each difference between ``model`` and the model of ``config``."""
+    differ = []
+    for field, attribute in _MODEL_FIELDS.items():
+        mine, theirs = getattr(model, attribute, None), getattr(config, field)
+        if mine is not None and (tuple(mine) if isinstance(mine, list | tuple) else mine) != (
+            tuple(theirs) if isinstance(theirs, list | tuple) else theirs
+        ):
+            differ.append(f"{field} {theirs!r} there, {mine!r} here")
+    theirs = config.preprocessing
+    if theirs is not None and theirs != model.preprocessing:
+        differ.append(f"preprocessing {theirs!r} there, {model.preprocessing!r} here")
+    if differ:
+        raise ValueError(f"init_from {path}: its model is not this config's: {'; '.join(differ)}")
