@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = CHECKPOINT_CHOICES
 
 
+class RunMismatchError(ValueError):
+    """A run's ``config.json`` or ``manifest.csv`` describe another model than its checkpoint
+    holds (a file edited by hand, or copied from another run); the message names the layer."""
+
+
 @dataclass
 class LoadedRun:
     """A trained model with what is needed to use it."""
@@ -65,10 +70,53 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     config = TrainConfig.from_json(run.config)
     class_names = run_class_names(run.root)
     model = model_from_config(config, len(class_names), weights=None)
+    mismatch = _shape_mismatch(run.checkpoint_dir(which), model)  # before orbax fails on it, noisily
+    if mismatch is not None:
+        raise RunMismatchError(
+            f"{run.root}: the {which} checkpoint does not fit the model that config.json and manifest.csv "
+            f"({len(class_names)} classes) describe: {mismatch}. Were they edited? Restore them from the "
+            "run that wrote the checkpoint."
+        )
     epoch = restore_model(run, which, model)
     model.eval()
     log.info("loaded %s checkpoint of %s (epoch %d)", which, run.root, epoch)
     return LoadedRun(run.root, config, model, class_names, epoch, which)
+
+
+def _shape_mismatch(directory: Path, model) -> str | None:
+    """The first parameter whose shape in the newest checkpoint under ``directory`` differs from
+    ``model``'s (``"head_logits/kernel: checkpoint (8, 3), model (8, 4)"``), else ``None`` (also
+    when the checkpoint's metadata cannot be read: then the restore itself reports)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    if not directory.is_dir():
+        return None
+    steps = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not steps or not (steps[-1] / "params").is_dir():
+        return None
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns "_CHECKPOINT_METADATA does not exist": expected here
+    try:
+        stored = ocp.StandardCheckpointer().metadata(steps[-1] / "params").item_metadata.tree
+    except Exception:  # noqa: BLE001 - no readable metadata: nothing to compare, the restore reports
+        return None
+    finally:
+        absl.setLevel(level)
+    ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_stored = {_named(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    for key, leaf in jax.tree_util.tree_leaves_with_path(ours):
+        theirs = flat_stored.get(_named(key))  # a name missing there: not ours to judge, orbax will
+        if theirs is not None and tuple(theirs.shape) != tuple(leaf.shape):
+            return f"{_named(key)}: checkpoint {tuple(theirs.shape)}, model {tuple(leaf.shape)}"
+    return None
+
+
+def _named(path) -> str:
+    """A pytree key path as ``"head_logits/kernel"``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 @dataclass
@@ -135,16 +183,16 @@ def format_report(result: EvalResult, history: list[dict] | None = None) -> str:
 
 def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResult:
     """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots."""
-    from imgcls_jax.data import Pipeline, from_records, read_manifest
+    from imgcls_jax.data import DatasetError, Pipeline, from_records, read_manifest
     from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
     loaded = load_run(run_dir, which)
     run = RunDir(loaded.run_dir)
-    records, class_names = read_manifest(run.manifest, root=loaded.config.data)
+    records, class_names = read_manifest(run.manifest, root=loaded.config.data, check_splits=[split])
     chosen = [r for r in records if r.split == split]
     if not chosen:
-        raise ValueError(
-            f"{run.root}: the manifest has no '{split}' split (splits: {sorted({r.split for r in records})})"
+        raise DatasetError(
+            f"{run.manifest}: no '{split}' split (splits: {sorted({r.split for r in records})})"
         )
     pipeline = Pipeline(
         from_records(chosen, class_names), image_size=loaded.image_size,
