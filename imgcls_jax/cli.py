@@ -219,11 +219,28 @@ def check_train_files(config: TrainConfig) -> None:
     (both are made here). ``UsageError``."""
     if not Path(config.data).expanduser().is_dir():
         raise UsageError(f"{config.data}: no such folder (the image folder to train on)")
-    if config.weights not in (None, "imagenet") and not Path(config.weights).expanduser().exists():
-        raise UsageError(f"weights {config.weights}: no such file or folder")
+    if config.weights not in (None, "imagenet"):
+        weights = Path(config.weights).expanduser()
+        if not weights.exists():
+            raise UsageError(f"weights {config.weights}: no such file or folder")
+        if weights.is_file():
+            _check_hdf5(weights)
     _make_folder(config.run_dir, "run dir")
     if config.cache not in (None, "memory"):
         _make_folder(Path(config.cache).expanduser().absolute().parent, "cache folder")
+
+
+def _check_hdf5(path) -> None:
+    """``UsageError`` unless ``path`` is an HDF5 file (what a Keras weight file is), checked
+    before a model is built to load it into."""
+    import h5py
+
+    if not h5py.is_hdf5(path):
+        size = Path(path).stat().st_size
+        raise UsageError(
+            f"{path}: not an HDF5 file ({size} bytes); expected a Keras weight file (.h5 or .weights.h5) "
+            "or a folder written by 'imgcls-jax port-weights'"
+        )
 
 
 def check_train_model(config: TrainConfig) -> None:
@@ -280,9 +297,13 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
+    from imgcls_jax.data.folders import read_manifest
+
     with reading_input():
         run = _run_folder(args.run_dir, args.checkpoint)
         split = _split_to_evaluate(run.root, args.split)
+        data = TrainConfig.from_json(run.config).data
+        read_manifest(run.manifest, root=data, check_splits=[split])  # its images are all there
     from imgcls_jax.evaluate import evaluate_run
 
     report = evaluate_run(run.root, split=split, which=args.checkpoint)
@@ -292,11 +313,12 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgcls_jax.evaluate.predict import image_files
+    from imgcls_jax.evaluate.predict import check_inputs, image_files
 
     with reading_input():
         run = _run_folder(args.run_dir, args.checkpoint)
         files = image_files(args.inputs)
+        check_inputs(files)  # an unreadable file stops us before the model is loaded
     from imgcls_jax.evaluate import load_run, predict
 
     loaded = load_run(run.root, args.checkpoint)
@@ -329,6 +351,7 @@ def cmd_port_weights(args) -> int:
     out = Path(args.out_dir)
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"{out}: exists and is not empty; choose a new folder")
+    _check_hdf5(args.weights_file)
     _make_folder(out, "output folder")
     from imgcls_jax.models import create_model
     from imgcls_jax.weights import save_ported

@@ -86,6 +86,8 @@ def _short(value, limit: int = 200) -> str:
         text = repr(value)
     except ValueError:  # an int past Python's 4300-digit str() limit
         text = f"<an integer of about {value.bit_length() * 0.30103:.0f} digits>"
+    except RecursionError:
+        text = f"<a {type(value).__name__} nested too deep to print>"
     return text if len(text) <= limit else text[: limit - 5] + " ...>"
 
 
@@ -120,19 +122,30 @@ def _choice(where: str, value, choices: Sequence) -> None:
     _check(ok, where, f"one of {tuple(choices)}", value)
 
 
-def _known(cls, raw: dict, where: str) -> dict:
-    """``raw`` if its keys are ``cls``'s fields, else a ``ValueError`` naming the unknown ones."""
+def _known(cls, raw: dict, where: str, elsewhere: dict[str, type] | None = None) -> dict:
+    """``raw`` if its keys are ``cls``'s fields, else a :class:`ConfigError` naming the unknown
+    ones, with the field meant where one is close (in ``cls`` or, for a key that belongs to a
+    nested config, in ``elsewhere``: ``{"phases": PhaseConfig, ...}``)."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must be a JSON object of {cls.__name__} fields, got {_short(raw)}")
     known = {f.name for f in fields(cls)}
-    unknown = sorted(str(k) for k in set(raw) - known)
+    unknown = sorted(str(k) if len(str(k)) <= 60 else str(k)[:55] + " ..." for k in set(raw) - known)
     if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" for k in unknown if (m := _close(k, known))]
-        hint = f" ({'; '.join(hints)})" if hints else ""
+        hints = [_hint(k, known, elsewhere or {}) for k in unknown[:10]]
+        hint = f" ({'; '.join(h for h in hints if h)})" if any(hints) else ""
         raise ConfigError(
             f"unknown {cls.__name__} field(s) {unknown} in {where}{hint}; known: {sorted(known)}"
         )
     return raw
+
+
+def _hint(key: str, known: set[str], elsewhere: dict[str, type]) -> str:
+    if match := _close(key, known):
+        return f"{key!r}: did you mean {match[0]!r}?"
+    for holder, cls in elsewhere.items():
+        if match := _close(key, {f.name for f in fields(cls)}):
+            return f"{key!r}: {match[0]!r} is a field of {holder!r} ({cls.__name__}), not of the top level"
+    return ""
 
 
 @contextlib.contextmanager
@@ -287,12 +300,12 @@ class PhaseConfig:
         from imgcls_jax.models.base import parse_trainable  # plain Python, no JAX work
 
         self.epochs = _integer(f"{where}.epochs", self.epochs, 1)
-        long = isinstance(self.trainable, str) and len(self.trainable) > 16
-        _check(not long, f"{where}.trainable", "'head', 'all' or 'top:N'", self.trainable)
+        ok = isinstance(self.trainable, str) and len(self.trainable) <= 16  # no 5000-digit N to parse
         try:
-            parse_trainable(self.trainable)
-        except ValueError as e:
-            raise ConfigError(f"{where}.trainable: {e}") from None
+            ok = ok and bool(parse_trainable(self.trainable))
+        except ValueError:
+            ok = False
+        _check(ok, f"{where}.trainable", "'head', 'all' or 'top:N' (N >= 0)", self.trainable)
         _choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         _choice(f"{where}.schedule", self.schedule, PHASE_SCHEDULES)
         _number(f"{where}.learning_rate", self.learning_rate, 0, math.inf, low_open=True, high_open=True)
@@ -403,8 +416,10 @@ class TrainConfig:
         _check(isinstance(self.model, str), "TrainConfig.model", "a model name", self.model)
         try:
             info = model_info(self.model)
-        except ValueError as e:
-            raise ConfigError(f"TrainConfig.model: {e}") from None
+        except ValueError:
+            from imgcls_jax.models.registry import list_models
+
+            _check(False, "TrainConfig.model", f"a registered model, one of {list_models()}", self.model)
         _check(self.weights is None or isinstance(self.weights, str), "TrainConfig.weights",
                "None, 'imagenet' or a path", self.weights)  # fmt: skip
         if self.weights is not None:
@@ -432,8 +447,9 @@ class TrainConfig:
         sizes = sorted({self.phase_image_size(i) for i in range(len(self.phases))})
         if len(sizes) > 1 and self.pooling is None:
             raise ConfigError(
-                f"phases of different image sizes {sizes} need a pooled head (pooling 'avg' or "
-                "'max'): with pooling None the head's first kernel depends on the input size"
+                f"TrainConfig.phases of different image_size values {sizes} need a pooled head "
+                "(TrainConfig.pooling 'avg' or 'max'): with pooling None the head's first kernel "
+                "depends on the input size"
             )
 
     def _validate_training(self) -> None:
@@ -485,10 +501,11 @@ class TrainConfig:
     def from_json(cls, path_or_text) -> TrainConfig:
         """A config from a JSON file or text; errors name the file and the offending field."""
         raw, where, is_text = read_json(path_or_text, "config")
+        nested = {"phases": PhaseConfig, "augment": AugmentConfig}
         if is_text:
-            return cls(**_known(cls, raw, where))
+            return cls(**_known(cls, raw, where, nested))
         try:
-            return cls(**_known(cls, raw, where))
+            return cls(**_known(cls, raw, where, nested))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
 
@@ -503,8 +520,14 @@ def read_json(path_or_text, what: str) -> tuple[object, str, bool]:
     text = str(path_or_text)
     is_text = text.lstrip().startswith("{")
     where = what if is_text else text
-    if not is_text and not Path(text).is_file():
-        raise FileNotFoundError(f"{where}: no such {what} file")
+    try:
+        is_file = is_text or Path(text).is_file()
+    except OSError:  # e.g. a name too long for the file system
+        is_file = False
+    if not is_file:
+        raise FileNotFoundError(
+            f"{where if len(where) <= 200 else where[:195] + ' ...'}: no such {what} file"
+        )
     try:
         return json.loads(text if is_text else Path(text).read_text(encoding="utf-8")), where, is_text
     except UnicodeDecodeError as e:

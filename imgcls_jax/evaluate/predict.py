@@ -62,6 +62,20 @@ def image_files(inputs) -> list[str]:
     return files
 
 
+def check_inputs(files: Sequence[str]) -> None:
+    """Decode every file once: :class:`UnreadableImageError` listing those that fail (the first
+    five, and how many). What ``imgcls-jax predict`` does before it loads the model."""
+    from imgcls_jax.data.decode import check_images
+
+    bad = [c for c in check_images(list(files)) if c.reason]
+    if bad:
+        listing = "; ".join(f"{c.path}: {c.reason}" for c in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UnreadableImageError(
+            f"{len(bad)} of {len(files)} input file(s) cannot be decoded: {listing}{more}"
+        )
+
+
 def predict(
     loaded: LoadedRun,
     inputs,

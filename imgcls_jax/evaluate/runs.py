@@ -60,7 +60,13 @@ def run_class_names(run_dir) -> list[str]:
 
 def load_run(run_dir, which: str = "best") -> LoadedRun:
     """Rebuild a run's model from its ``config.json`` and restore its ``best`` (by the monitored
-    validation metric) or ``latest`` checkpoint."""
+    validation metric) or ``latest`` checkpoint.
+
+    Raises ``NotARunError`` (not a run folder), ``ConfigError``/``DatasetError`` (its config.json
+    or manifest.csv edited into something invalid), :class:`RunMismatchError` (edited into another
+    model than the checkpoint holds), ``FileNotFoundError`` (no such checkpoint)."""
+    from flax import nnx
+
     from imgcls_jax.models.registry import model_from_config
     from imgcls_jax.train.checkpoints import restore_model
 
@@ -69,14 +75,15 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     run.require("manifest.csv")
     config = TrainConfig.from_json(run.config)
     class_names = run_class_names(run.root)
-    model = model_from_config(config, len(class_names), weights=None)
-    mismatch = _shape_mismatch(run.checkpoint_dir(which), model)  # before orbax fails on it, noisily
+    build = lambda: model_from_config(config, len(class_names), weights=None)  # noqa: E731
+    mismatch = _shape_mismatch(run.checkpoint_dir(which), nnx.eval_shape(build))  # shapes only: cheap
     if mismatch is not None:
         raise RunMismatchError(
             f"{run.root}: the {which} checkpoint does not fit the model that config.json and manifest.csv "
             f"({len(class_names)} classes) describe: {mismatch}. Were they edited? Restore them from the "
             "run that wrote the checkpoint."
         )
+    model = build()
     epoch = restore_model(run, which, model)
     model.eval()
     log.info("loaded %s checkpoint of %s (epoch %d)", which, run.root, epoch)
@@ -186,14 +193,15 @@ def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResu
     from imgcls_jax.data import DatasetError, Pipeline, from_records, read_manifest
     from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
-    loaded = load_run(run_dir, which)
-    run = RunDir(loaded.run_dir)
-    records, class_names = read_manifest(run.manifest, root=loaded.config.data, check_splits=[split])
+    run = RunDir(run_dir).require("manifest.csv")  # the images first: before the model is built
+    data = TrainConfig.from_json(run.config).data
+    records, class_names = read_manifest(run.manifest, root=data, check_splits=[split])
     chosen = [r for r in records if r.split == split]
     if not chosen:
         raise DatasetError(
             f"{run.manifest}: no '{split}' split (splits: {sorted({r.split for r in records})})"
         )
+    loaded = load_run(run_dir, which)
     pipeline = Pipeline(
         from_records(chosen, class_names), image_size=loaded.image_size,
         batch_size=loaded.config.eval_batch_size or loaded.config.batch_size, training=False, cache=None,

@@ -74,15 +74,16 @@ def check_study_options(options: dict, where: str) -> None:
     (types from :func:`~imgcls_jax.hpo.search`'s signature)."""
     from imgcls_jax.hpo.search import search
 
-    hints = typing.get_type_hints(search)
+    hints = {"n_trials": int, **typing.get_type_hints(search)}
     for key, value in options.items():
         if key not in _study_keys():
             raise ConfigError(f"{where}: unknown 'study' option {key!r}; known: {sorted(_study_keys())}")
-        if not _conforms(value, hints[key]):
+        if key in hints and not _conforms(value, hints[key]):
             raise ConfigError(f"{where}: study option {key!r} must be {_describe(hints[key])}, got {value!r}")
         if isinstance(value, int | float) and not isinstance(value, bool):
             low, high = _STUDY_RANGES.get(key, (0, MAX_INT) if isinstance(value, int) else (0, math.inf))
-            if not (low <= value <= high and math.isfinite(value)) or (key == "timeout_s" and value == 0):
+            finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size
+            if not (finite and low <= value <= high) or (key == "timeout_s" and value == 0):
                 raise ConfigError(f"{where}: study option {key!r} must be in [{low}, {high}], got {value!r}")
 
 
