@@ -43,7 +43,8 @@ class UsageError(Exception):
 
 #: Exception classes that only a user's input can cause, as ``module:class``: a user's mistake
 #: wherever they are raised. Looked up only in modules already imported (a class whose module
-#: was never imported cannot have been raised), so the CLI starts without JAX or TensorFlow.
+#: was never imported cannot have been raised), so telling a mistake imports nothing more
+#: (TensorFlow, h5py, Optuna) than the command did.
 USER_ERRORS = (
     "imgcls_jax.config:ConfigError",
     "imgcls_jax.data.folders:DatasetError",

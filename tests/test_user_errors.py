@@ -175,6 +175,7 @@ MISTAKES = {
         (["train", "--data", "{data}", "--weights", "none", "--lr", "nan"], "learning_rate must be a number"),
         (["train", "--data", "{data}", "--weights", "none", "--image-size", "33"], "vgg16 at image size 33"),
         (["train", "--data", "{data}", "--weights", "{missing}"], "no such file or folder"),
+        (["train", "--data", "{data}", "--weights", "{fake_jpg}"], "fake.jpg: not an HDF5 file"),
         (["train", "--data", "{data}", "--weights", "none", "--run-dir", "{file}/run"], "run dir"),
         (["train", "--data", "{data}", "--model", "resnet"], "argument --model: invalid choice: 'resnet'"),
     ],
@@ -214,7 +215,6 @@ MISTAKES = {
     "port-weights": [
         (["port-weights", "{missing}", "{tmp}/ported"], "no such weight file"),
         (["port-weights", "{fake_jpg}", "{tmp}/ported"], "fake.jpg: not an HDF5 file (30 bytes)"),
-        (["train", "--data", "{data}", "--weights", "{fake_jpg}"], "fake.jpg: not an HDF5 file"),
         (["port-weights", "{fake_jpg}", "{data}"], "exists and is not empty"),
         (["port-weights", "{fake_jpg}", "{tmp}/ported", "--model", "vgg11"], "invalid choice: 'vgg11'"),
     ],
