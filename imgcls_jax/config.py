@@ -77,10 +77,10 @@ def _is_int(value) -> bool:
 
 def _check(ok: bool, where: str, what: str, value) -> None:
     if not ok:
-        raise ConfigError(f"{where} must be {what}, got {_short(value)}")
+        raise ConfigError(f"{where} must be {what}, got {short_repr(value)}")
 
 
-def _short(value, limit: int = 200) -> str:
+def short_repr(value, limit: int = 200) -> str:
     """``repr(value)``, cut to ``limit`` characters (a 5000-digit number stays readable)."""
     try:
         text = repr(value)
@@ -127,7 +127,7 @@ def _known(cls, raw: dict, where: str, elsewhere: dict[str, type] | None = None)
     ones, with the field meant where one is close (in ``cls`` or, for a key that belongs to a
     nested config, in ``elsewhere``: ``{"phases": PhaseConfig, ...}``)."""
     if not isinstance(raw, dict):
-        raise ConfigError(f"{where} must be a JSON object of {cls.__name__} fields, got {_short(raw)}")
+        raise ConfigError(f"{where} must be a JSON object of {cls.__name__} fields, got {short_repr(raw)}")
     known = {f.name for f in fields(cls)}
     unknown = sorted(str(k) if len(str(k)) <= 60 else str(k)[:55] + " ..." for k in set(raw) - known)
     if unknown:
@@ -376,7 +376,7 @@ class TrainConfig:
         self.augment = AugmentConfig.from_dict(self.augment, "TrainConfig.augment")
         if not isinstance(self.phases, list | tuple) or not self.phases:
             raise ConfigError(
-                f"TrainConfig.phases must be a non-empty list of phases, got {_short(self.phases)}"
+                f"TrainConfig.phases must be a non-empty list of phases, got {short_repr(self.phases)}"
             )
         self.phases = [_phase(p, f"TrainConfig.phases[{i}]") for i, p in enumerate(self.phases)]
         self._validate_data()
@@ -533,4 +533,4 @@ def read_json(path_or_text, what: str) -> tuple[object, str, bool]:
     except UnicodeDecodeError as e:
         raise ConfigError(f"{where}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
     except (ValueError, RecursionError) as e:  # JSONDecodeError is a ValueError
-        raise ConfigError(f"{where}: not valid JSON: {_short(str(e))}") from None
+        raise ConfigError(f"{where}: not valid JSON: {short_repr(str(e))}") from None

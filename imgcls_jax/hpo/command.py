@@ -24,7 +24,7 @@ import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgcls_jax.config import MAX_INT, ConfigError, TrainConfig, read_json
+from imgcls_jax.config import MAX_INT, ConfigError, TrainConfig, read_json, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -46,11 +46,12 @@ def _study_keys() -> set[str]:
     }
 
 
-#: Allowed ranges of the numeric study options (others: integers >= 0, numbers > 0). The sampler
-#: seed is ``seed + 7919 * worker + trials``, which must stay below 2**32 (numpy's seeds).
+#: Allowed [low, high] of the numeric study options (others: [0, MAX_INT] for integers, [0, inf)
+#: for numbers; ``timeout_s`` > 0). The sampler seed is ``seed + 7919 * worker + trials``, which
+#: must stay below 2**32 (numpy's seeds).
 _STUDY_RANGES = {
     "n_trials": (1, MAX_INT), "seed": (0, 2**31 - 1), "worker": (0, 100_000), "heartbeat_s": (1, 86_400),
-    "grace_s": (1, MAX_INT), "timeout_s": (0, math.inf),
+    "grace_s": (1, MAX_INT),
 }  # fmt: skip
 
 
@@ -79,12 +80,17 @@ def check_study_options(options: dict, where: str) -> None:
         if key not in _study_keys():
             raise ConfigError(f"{where}: unknown 'study' option {key!r}; known: {sorted(_study_keys())}")
         if key in hints and not _conforms(value, hints[key]):
-            raise ConfigError(f"{where}: study option {key!r} must be {_describe(hints[key])}, got {value!r}")
+            raise ConfigError(
+                f"{where}: study option {key!r} must be {_describe(hints[key])}, got {short_repr(value)}"
+            )
         if isinstance(value, int | float) and not isinstance(value, bool):
             low, high = _STUDY_RANGES.get(key, (0, MAX_INT) if isinstance(value, int) else (0, math.inf))
             finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size
             if not (finite and low <= value <= high) or (key == "timeout_s" and value == 0):
-                raise ConfigError(f"{where}: study option {key!r} must be in [{low}, {high}], got {value!r}")
+                brackets = f"({low}, {high})" if key == "timeout_s" else f"[{low}, {high}]"
+                raise ConfigError(
+                    f"{where}: study option {key!r} must be in {brackets}, got {short_repr(value)}"
+                )
 
 
 def _describe(hint) -> str:
