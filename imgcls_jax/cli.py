@@ -88,9 +88,11 @@ def reading_input():
 
 
 def _message(exc: BaseException) -> str:
-    """``exc``'s message on one line (its class name when it has none)."""
+    """``exc``'s message on one line (its class name when it has none), printable in UTF-8: a
+    path from undecodable command-line bytes (``\udcff``) is shown escaped."""
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    return "; ".join(lines) or type(exc).__name__
+    text = "; ".join(lines) or type(exc).__name__
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 class _Parser(argparse.ArgumentParser):

@@ -17,6 +17,8 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 
 from imgcls_jax import cli
@@ -325,3 +327,76 @@ def test_the_real_command_exits_2_with_one_line_on_stderr(tmp_path):
         f"imgcls-jax: error: --data {tmp_path / 'nonexistent'}: no such folder (the image folder to train on)"
     ], done.stderr
     assert "Traceback" not in done.stderr and done.stdout == ""
+
+
+class _Reached(Exception):
+    """Raised where a command would start its work: every check of its input passed."""
+
+
+def _stop_at_the_work(monkeypatch) -> None:
+    """Replace the work of every command (training, evaluating, loading a model, auditing,
+    building a model, searching) by raising :class:`_Reached`."""
+    search_module = importlib.import_module("imgcls_jax.hpo.search")
+    targets = [("imgcls_jax.train", "fit"), ("imgcls_jax.evaluate", "evaluate_run"),
+               ("imgcls_jax.evaluate", "load_run"), ("imgcls_jax.data", "audit"),
+               ("imgcls_jax.models", "create_model")]  # fmt: skip
+    for module, name in targets:
+        monkeypatch.setattr(importlib.import_module(module), name, _boom(_Reached(f"{module}.{name}")))
+    monkeypatch.setattr(search_module, "search", _boom(_Reached("search")))
+
+
+VALUES = st.one_of(
+    st.sampled_from(["0", "-1", "1", "2", "32", "33", "1e400", "nan", "-inf", "2147483648", "x", "", " ",
+                     "none", "auto", "imagenet", "best", "latest", "test", "val", "ünï cødé", "\udcff",
+                     "--data"]),
+    st.text(max_size=8).filter(lambda t: "\x00" not in t),
+)  # fmt: skip
+PATH_KEYS = ["data", "run", "missing", "file", "fake_jpg", "empty_dir", "one_class", "good", "typo",
+             "tune_ok", "tune_no_val", "bad_label_run", "extra_class_run", "no_best_run"]  # fmt: skip
+
+
+@st.composite
+def command_lines(draw, files):
+    """An argv for one command, built from the parser's own options: each option given or not,
+    its value a path of ``files``, a choice, or hostile text; positionals likewise."""
+    commands = cli.build_parser()._subparsers._group_actions[0].choices
+    name = draw(st.sampled_from(sorted(commands)))
+    argv = [name]
+    value = st.one_of(st.sampled_from(PATH_KEYS).map(lambda k: str(files[k])), VALUES)
+    for action in commands[name]._actions:
+        if "-h" in action.option_strings or "-v" in action.option_strings:
+            continue
+        if not action.option_strings:  # a positional: mostly one of the paths
+            paths = st.sampled_from(PATH_KEYS).map(lambda k: str(files[k]))
+            argv += draw(st.lists(st.one_of(paths, paths, paths, VALUES), min_size=1, max_size=2))
+        elif draw(st.booleans()):
+            argv.append(draw(st.sampled_from(action.option_strings)))
+            if action.nargs != 0:
+                argv.append(
+                    draw(st.one_of(st.sampled_from(action.choices), value) if action.choices else value)
+                )
+    return argv
+
+
+#: Command lines tried (IMGCLS_HOSTILE_EXAMPLES=3000 for a deeper search by hand: a third of it).
+LINES = int(os.environ.get("IMGCLS_HOSTILE_EXAMPLES", "300")) // 3
+
+
+@settings(max_examples=LINES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_any_command_line_is_accepted_or_one_line_with_status_2(files, monkeypatch, capsys, tmp_path, data):
+    """Arguments generated from the parser (hypothesis): the command reaches its work (all its
+    checks passed) or prints one ``imgcls-jax: error:`` line with exit status 2; never anything
+    else. The work itself is replaced, so nothing trains."""
+    monkeypatch.chdir(tmp_path)  # relative paths made up here land in the test's folder
+    _stop_at_the_work(monkeypatch)
+    argv = data.draw(command_lines(files))
+    try:
+        status = cli.main(argv)
+    except _Reached:
+        event(f"{argv[0]}: reached its work")
+        return
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    event(f"{argv[0]}: status {status}")
+    assert status == 2 and len(lines) == 1 and lines[0].startswith("imgcls-jax: error: "), (argv, status, err)
