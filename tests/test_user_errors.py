@@ -32,7 +32,7 @@ def files(tmp_path_factory):
     """Every path the mistakes below name: a tiny image folder, a run folder and copies of it
     edited by hand, bad config and tune files, a text file named .jpg."""
     tmp = tmp_path_factory.mktemp("user_errors")
-    data = tmp / "data"
+    data = tmp / "dätä 数据"  # a unicode path with a space, through every command
     rng = np.random.default_rng(0)
     for name, color in (("blue", (30, 30, 200)), ("red", (200, 30, 30))):
         (data / name).mkdir(parents=True)
