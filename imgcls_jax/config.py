@@ -1,9 +1,11 @@
 """The config objects from which a training run is fully reproducible (saved beside every run).
 
 ``TrainConfig`` owns its validation: a bad value (a wrong type, an unknown name, a number out of
-range, splits that do not sum to 1, a ``top:N`` deeper than the model) is a ``ValueError`` naming
-the field when the config is built, for every user, not at some epoch of a run. Nothing here
-imports JAX, TensorFlow or the models at import time.
+range, splits that do not sum to 1, a ``top:N`` deeper than the model) is a :class:`ConfigError`
+(a ``ValueError``) naming the field when the config is built, for every user, not at some epoch
+of a run. Integers must fit JAX's int32 (:data:`MAX_INT`; seeds :data:`MAX_SEED`), numbers be
+finite, paths be strings the file system can take; messages cut long values (:func:`short_repr`).
+Nothing here imports JAX, TensorFlow or the models at import time.
 """
 
 from __future__ import annotations
