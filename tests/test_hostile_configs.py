@@ -306,6 +306,22 @@ def distributions(draw):
     return spec
 
 
+@st.composite
+def sound_parameters(draw):
+    """``(path, distribution)`` pairs a user would write for a field of the config: a numeric
+    range from the field's own type hint, or choices of plausible values (often, not always,
+    valid for the field)."""
+    path, hint = draw(st.sampled_from(FIELD_PATHS))
+    dotted = ".".join(map(str, path))
+    if hint in (int, float) or hint in (int | None, float | None):
+        kind = "int" if int in typing.get_args(hint) or hint is int else "float"
+        low = draw(st.integers(0, 4) if kind == "int" else st.floats(0, 0.5))
+        high = low + draw(st.integers(1, 64) if kind == "int" else st.floats(0.01, 1))
+        return dotted, {"type": kind, "low": low, "high": high, "log": draw(st.booleans()) and low > 0}
+    choices = draw(st.lists(plausible(hint), min_size=1, max_size=3, unique_by=repr))
+    return dotted, {"type": "categorical", "choices": choices}
+
+
 def _search():
     from imgcls_jax.hpo.search import search
 
@@ -318,13 +334,20 @@ def _search_keywords() -> list[str]:
 
 STUDIES = st.one_of(
     st.just({"n_trials": 2}),
+    st.just({"n_trials": 2}),
     JSONISH,
     st.dictionaries(st.sampled_from(_search_keywords()), SCALARS, max_size=3),
 )
 
 
 @PROPERTY
-@given(st.dictionaries(SPACE_PATHS, distributions(), max_size=3), STUDIES)
+@given(
+    st.one_of(
+        st.dictionaries(SPACE_PATHS, distributions(), max_size=3),
+        st.lists(sound_parameters(), min_size=1, max_size=3).map(dict),
+    ),
+    STUDIES,
+)
 def test_a_hostile_tune_file_is_parsed_or_a_config_or_search_space_error(space, study):
     base = TrainConfig(**base_dict())
     try:
