@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import imgcls_jax
-from imgcls_jax.data import Pipeline, from_arrays
+from imgcls_jax.data import from_arrays, make_pipeline
 from imgcls_jax.models.vgg import check_input_shape
 from imgcls_jax.train import init_state, make_optimizer, make_train_step, split_model, trainable_layers
 
@@ -66,8 +66,9 @@ def test_sizes_keras_accepts_are_accepted():
     assert top.fc1.kernel.shape == (3 * 1 * 512, 4096)
 
 
-def test_pipeline_train_evaluate_predict_at_48x40(tmp_path):
-    """Images of other sizes, resized to 48x40 by the Pipeline, train (flatten head: 1x1x512
+@pytest.mark.parametrize("backend", ["tf", "numpy"])
+def test_pipeline_train_evaluate_at_48x40(backend):
+    """Images of other sizes, resized to 48x40 by either pipeline, train (flatten head: 1x1x512
     features) and evaluate; the evaluation's loss equals the cross-entropy of the model's own
     logits on the pipeline's batches (float32, 1e-5 relative)."""
     from imgcls_jax.evaluate.runs import evaluate_model
@@ -79,7 +80,9 @@ def test_pipeline_train_evaluate_predict_at_48x40(tmp_path):
     model = imgcls_jax.create_model("vgg16", num_classes=3, pooling=None, input_shape=(48, 40, 3))
     assert model.head_logits.kernel.shape == (512, 3)
 
-    train = Pipeline(source, image_size=(48, 40), batch_size=4, training=True, cache=None)
+    train = make_pipeline(
+        source, backend=backend, image_size=(48, 40), batch_size=4, training=True, cache=None
+    )
     split = split_model(model, trainable_layers(model, "top:1"))
     optimizer = make_optimizer("sgd", 1e-3, momentum=0.9)
     state = init_state(split, optimizer)
@@ -90,7 +93,9 @@ def test_pipeline_train_evaluate_predict_at_48x40(tmp_path):
         assert np.isfinite(float(metrics["loss"]))
     nnx_model = split.merge(state.params)
 
-    evaluation = Pipeline(source, image_size=(48, 40), batch_size=4, training=False, cache=None)
+    evaluation = make_pipeline(
+        source, backend=backend, image_size=(48, 40), batch_size=4, training=False, cache=None
+    )
     result = evaluate_model(nnx_model, evaluation, source.class_names)
     assert result.count == 6
     logits, seen = [], []
