@@ -8,6 +8,7 @@ have no parameters and live in the forward pass.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from functools import partial
 
@@ -23,6 +24,9 @@ from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 FILTERS = (64, 128, 256, 512, 512)
 POOLINGS = (None, "avg", "max")
+#: Smallest input height and width, as Keras's ``obtain_input_shape(min_size=32)`` for VGG: five
+#: 2x2/2 VALID poolings floor each side, ``H -> H // 2``, so ``block5_pool`` is ``H // 32`` high.
+MIN_SIZE = 32
 
 #: Kernel initializers by their Keras names. ``glorot_uniform`` is Keras's default (and what
 #: Keras's VGG16 uses); ``he_normal`` (truncated normal, variance 2 / fan_in, as Keras's) keeps
@@ -76,17 +80,47 @@ def top_layer_specs(num_classes: int, flat_features: int = 7 * 7 * 512) -> list[
     ]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_input_shape(input_shape) -> tuple[int, int, int]:
+    """``input_shape`` as ``(H, W, 3)`` ints, or the ``ValueError`` Keras's ``obtain_input_shape``
+    gives for VGG (three integers; at least 32x32), with what to do. Channels must be 3 (Keras only
+    warns for 1 or 4 without ImageNet weights): the model's ``preprocess_input`` reads RGB."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(_is_int(d) for d in shape):
+        raise ValueError(
+            f"`input_shape` must be a tuple of three integers (height, width, 3); received "
+            f"input_shape={input_shape!r}"
+        )
+    height, width, channels = shape = tuple(int(d) for d in shape)
+    if channels != 3:
+        raise ValueError(
+            f"The input must have 3 channels; received input_shape={shape}: the model preprocesses "
+            "RGB images (convert grayscale to RGB first)"
+        )
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(
+            f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; received input_shape={shape} "
+            "(VGG's five 2x2 poolings halve each side): use a larger input_shape"
+        )
+    return shape
+
+
 class VGG(Classifier):
     """VGG16/VGG19 backbone with the Keras top, a transfer head, or no head.
 
     Three shapes of model, as in ``keras.applications.VGG16``:
 
     * ``include_top=True``: the ImageNet classifier (``fc1``, ``fc2``, ``predictions``);
-      input must be ``input_shape`` (224x224 by default) because ``fc1`` is a dense layer over
-      the flattened 7x7x512 map. Returns logits ``float32[N, num_classes]``.
+      input must be ``input_shape`` (224x224 by default; ImageNet weights need exactly that, as
+      in Keras) because ``fc1`` is a dense layer over the flattened ``(H // 32) x (W // 32) x 512``
+      map. Returns logits ``float32[N, num_classes]``.
     * ``include_top=False, num_classes=None``: a feature extractor. ``pooling=None`` returns the
-      ``block5_pool`` map ``float32[N, H/32, W/32, 512]``; ``"avg"``/``"max"`` return
-      ``float32[N, 512]``. Any input size divisible by 32 works.
+      ``block5_pool`` map ``float32[N, H // 32, W // 32, 512]``; ``"avg"``/``"max"`` return
+      ``float32[N, 512]``. Any input of at least 32x32 works, non-square and odd sizes included:
+      each 2x2/2 VALID pooling drops an odd last row/column, as Keras's (180x180 gives 5x5).
     * ``include_top=False, num_classes=K``: a transfer head over the features: pooling (or
       flatten when ``pooling=None``), then for each entry of ``head_units`` a Dense+ReLU layer
       (``head_fc1``, ...) followed by dropout, then ``head_logits`` (K). With no hidden units the
@@ -136,7 +170,7 @@ class VGG(Classifier):
             arch, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, kernel_init
         )
         _check_activations(include_top, head_activation, output_activation)
-        height, width, channels = input_shape
+        height, width, channels = check_input_shape(input_shape)
 
         self.arch = arch
         self.include_top = include_top
@@ -222,11 +256,15 @@ class VGG(Classifier):
         return specs
 
     def features(self, images: jax.Array) -> jax.Array:
-        """``block5_pool`` output, ``dtype[N, H/32, W/32, 512]``, from raw RGB ``images``."""
+        """``block5_pool`` output, ``dtype[N, H // 32, W // 32, 512]``, from raw RGB ``images``
+        ``[N, H, W, 3]`` with H, W >= 32 (any size; it need not be ``input_shape``)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-        if images.shape[1] % 32 or images.shape[2] % 32:
-            raise ValueError(f"image height and width must be multiples of 32, got {images.shape}")
+        if images.shape[1] < MIN_SIZE or images.shape[2] < MIN_SIZE:
+            raise ValueError(
+                f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; received images of shape "
+                f"{images.shape} (five 2x2 poolings would leave an empty map): resize them first"
+            )
         x = preprocess_input(images, self.preprocessing, dtype=self.dtype)
         for b, n_conv in enumerate(BLOCKS[self.arch], start=1):
             for c in range(1, n_conv + 1):
@@ -306,9 +344,7 @@ def _check_options(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    height, width, channels = input_shape
-    if channels != 3 or height % 32 or width % 32 or height < 32 or width < 32:
-        raise ValueError(f"input_shape must be (H, W, 3) with H and W multiples of 32, got {input_shape}")
+    check_input_shape(input_shape)
     if include_top and (head_units or dropout):
         raise ValueError("head_units/dropout configure the transfer head: use include_top=False")
     if include_top and num_classes is None:

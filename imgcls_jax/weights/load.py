@@ -41,11 +41,19 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
     Raises:
       WeightFileError: the file does not fit the model (names, count, shapes), or is not a
         readable Keras weight file. The model is left untouched.
-      ValueError: the model's ``preprocessing`` differs from the weights'.
+      ValueError: the model's ``preprocessing`` differs from the weights'; ``"imagenet"`` for a
+        model with the top and an ``input_shape`` other than 224x224x3 (Keras's rule).
       WeightsUnavailableError, ChecksumError: for ``"imagenet"``.
     """
     published = None
     if isinstance(weights, str) and weights == "imagenet":
+        if model.include_top and tuple(model.input_shape) != (224, 224, 3):
+            raise ValueError(
+                "When setting `include_top=True` and loading `imagenet` weights, `input_shape` should "
+                f"be (224, 224, 3); received input_shape={tuple(model.input_shape)} (the ImageNet "
+                "top's fc1 reads a 7x7x512 map): use input_shape=(224, 224, 3), or include_top=False "
+                "for another size"
+            )
         path, published = resolve_imagenet(model.arch, model.include_top)
         preprocessing = published.preprocessing
     else:
