@@ -181,11 +181,11 @@ def image_size_hw(size, where: str = "image_size") -> tuple[int, int]:
     return int(size[0]), int(size[1])
 
 
-def _square_size(where: str, value) -> int:
-    """A (square) image side in [1, MAX_IMAGE_SIZE]: models and pipelines take one size."""
-    ok = _is_int(value) and 1 <= value <= MAX_IMAGE_SIZE
-    _check(ok, where, f"an integer >= 1 and <= {MAX_IMAGE_SIZE} (pixels; images are square)", value)
-    return int(value)
+def _image_size(where: str, value):
+    """An image size as the config keeps it: ``S`` (square) or ``(H, W)`` (a list from JSON becomes
+    a tuple), each side in [1, MAX_IMAGE_SIZE]; the family's own minimum is checked with the model."""
+    hw = image_size_hw(value, where)
+    return value if _is_int(value) else hw
 
 
 @dataclass(frozen=True)
@@ -296,7 +296,7 @@ class PhaseConfig:
     base_lr_multiplier: float = 1.0
     plateau_factor: float = 0.1
     plateau_patience: int = 2
-    image_size: int | None = None
+    image_size: int | tuple[int, int] | None = None
 
     def __post_init__(self):
         self.validate("PhaseConfig")
@@ -323,7 +323,7 @@ class PhaseConfig:
         _number(f"{where}.plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
         _integer(f"{where}.plateau_patience", self.plateau_patience, 1)
         if self.image_size is not None:
-            _square_size(f"{where}.image_size", self.image_size)
+            self.image_size = _image_size(f"{where}.image_size", self.image_size)
 
 
 def _phase(raw: dict | PhaseConfig, where: str) -> PhaseConfig:
@@ -345,7 +345,9 @@ class TrainConfig:
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.75, "val": 0.25})
     #: Folder-name glob patterns left out of ``data`` (e.g. ``["* GT"]``: segmentation masks).
     exclude: list[str] = field(default_factory=list)
-    image_size: int = 224
+    #: Input size in pixels: ``S`` (square) or ``[height, width]``; each side at least the model's
+    #: minimum (32 for the Keras families). Images are resized to it (``squash``).
+    image_size: int | tuple[int, int] = 224
     batch_size: int = 32
     eval_batch_size: int | None = None
     model: str = "vgg16"
@@ -424,7 +426,7 @@ class TrainConfig:
         ok = isinstance(self.exclude, list | tuple) and all(isinstance(p, str) for p in self.exclude)
         _check(ok, "TrainConfig.exclude", "a list of folder-name patterns", self.exclude)
         self.exclude = list(self.exclude)
-        _square_size("TrainConfig.image_size", self.image_size)
+        self.image_size = _image_size("TrainConfig.image_size", self.image_size)
         _integer("TrainConfig.batch_size", self.batch_size, 1)
         if self.eval_batch_size is not None:
             _integer("TrainConfig.eval_batch_size", self.eval_batch_size, 1)
@@ -478,7 +480,14 @@ class TrainConfig:
                     f"{len(info.stages)} stages ({', '.join(info.stages)}); top:N takes N in "
                     f"0..{len(info.stages)}"
                 )
-        sizes = sorted({self.phase_image_size(i) for i in range(len(self.phases))})
+        sizes = sorted({self.phase_size(i) for i in range(len(self.phases))})
+        for i, phase in enumerate(self.phases):
+            if min(self.phase_size(i)) < info.min_size:
+                where = "image_size" if phase.image_size is None else f"phases[{i}].image_size"
+                raise ConfigError(
+                    f"TrainConfig.{where}={self.phase_image_size(i)!r}: {self.model} takes images of "
+                    f"at least {info.min_size}x{info.min_size} pixels (as Keras's {self.model} does)"
+                )
         if len(sizes) > 1 and self.pooling is None:
             raise ConfigError(
                 f"TrainConfig.phases of different image_size values {sizes} need a pooled head "
@@ -523,9 +532,13 @@ class TrainConfig:
         if self.fsdp_min_size is not None:
             _integer("TrainConfig.fsdp_min_size", self.fsdp_min_size, 1, 2**63 - 1)
 
-    def phase_image_size(self, phase_index: int) -> int:
-        """Input height and width of phase ``phase_index``."""
+    def phase_image_size(self, phase_index: int):
+        """Phase ``phase_index``'s ``image_size`` as configured (``S`` or ``(H, W)``)."""
         return self.phases[phase_index].image_size or self.image_size
+
+    def phase_size(self, phase_index: int) -> tuple[int, int]:
+        """Input ``(height, width)`` of phase ``phase_index``."""
+        return image_size_hw(self.phase_image_size(phase_index))
 
     def phase_of_epoch(self, epoch: int) -> int:
         """Index of the phase that trains (0-based, run-wide) ``epoch``; the last phase for
@@ -542,11 +555,16 @@ class TrainConfig:
         start = sum(p.epochs for p in self.phases[:phase_index])
         return range(start, start + self.phases[phase_index].epochs)
 
-    def image_size_at(self, epoch: int | None = None) -> int:
-        """Input size the model had at ``epoch`` (default: the end of the run), the size at
-        which a checkpoint of that epoch is evaluated and predicts."""
+    def image_size_at(self, epoch: int | None = None):
+        """``image_size`` as configured (``S`` or ``(H, W)``) of the phase that trained ``epoch``
+        (default: the last phase); see :meth:`size_at`."""
         phase = len(self.phases) - 1 if epoch is None else self.phase_of_epoch(epoch)
         return self.phase_image_size(phase)
+
+    def size_at(self, epoch: int | None = None) -> tuple[int, int]:
+        """Input ``(height, width)`` the model had at ``epoch`` (default: the end of the run), the
+        size at which a checkpoint of that epoch is evaluated and predicts."""
+        return image_size_hw(self.image_size_at(epoch))
 
     def to_json(self, path=None) -> str:
         text = json.dumps(asdict(self), indent=2, sort_keys=True)

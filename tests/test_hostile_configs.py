@@ -263,7 +263,7 @@ def test_values_that_used_to_slip_through_are_refused():
     refused = {
         "seed": 2**70,  # jax.random.key: OverflowError at the first step
         "batch_size": 2**40,
-        "image_size": [64, 96],  # a TypeError (unhashable list) in phase_image_size's set
+        "image_size": [64, 31],  # below VGG16's 32 (a [H, W] list was a TypeError before)
         "dropout": 10**400,  # math.isfinite(10**400): OverflowError
         "head_units": [2**40],
         "data": "a\x00b",
@@ -274,6 +274,7 @@ def test_values_that_used_to_slip_through_are_refused():
     for name, value in refused.items():
         with pytest.raises(ConfigError, match=f"TrainConfig.{name}"):
             TrainConfig(**{"data": "x", name: value})
+    assert TrainConfig(data="x", image_size=[64, 96]).phase_size(0) == (64, 96)  # Keras takes it too
     with pytest.raises(ConfigError, match=r"TrainConfig.phases\[0\].learning_rate"):
         TrainConfig(phases=[{"learning_rate": 10**400}])
     with pytest.raises(ConfigError, match=r"TrainConfig.augment.rotation"):

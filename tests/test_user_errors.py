@@ -175,7 +175,11 @@ MISTAKES = {
         ),
         (["train", "--data", "{data}", "--batch-size", "many"], "argument --batch-size: must be an integer"),
         (["train", "--data", "{data}", "--weights", "none", "--lr", "nan"], "learning_rate must be a number"),
-        (["train", "--data", "{data}", "--weights", "none", "--image-size", "33"], "vgg16 at image size 33"),
+        (
+            ["train", "--data", "{data}", "--weights", "none", "--image-size", "48x31"],
+            "vgg16 takes images of at least 32x32",
+        ),
+        (["train", "--data", "{data}", "--image-size", "48x"], "argument --image-size: must be a size"),
         (["train", "--data", "{data}", "--weights", "{missing}"], "no such file or folder"),
         (["train", "--data", "{data}", "--weights", "{fake_jpg}"], "fake.jpg: not an HDF5 file"),
         (["train", "--data", "{data}", "--weights", "none", "--run-dir", "{file}/run"], "run dir"),

@@ -129,7 +129,7 @@ def check_train_model(config: TrainConfig) -> None:
     from imgcls_jax.train.loop import check_devices
 
     check_devices(config)
-    for size in sorted({config.phase_image_size(i) for i in range(len(config.phases))}):
+    for size in sorted({config.phase_size(i) for i in range(len(config.phases))}):
         try:
             nnx.eval_shape(lambda size=size: model_from_config(config, 2, weights=None, input_size=size))
         except ValueError as e:

@@ -88,6 +88,20 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _image_size(text: str):
+    """``S`` or ``HxW`` (pixels, each >= 1) -> ``S`` or ``(H, W)``."""
+    parts = text.lower().split("x")
+    try:
+        sides = [int(p) for p in parts]
+    except ValueError:
+        sides = []
+    if len(sides) not in (1, 2) or min(sides, default=0) < 1:
+        raise argparse.ArgumentTypeError(
+            f"must be a size in pixels, S or HxW (e.g. 224 or 180x240), got {text!r}"
+        )
+    return sides[0] if len(sides) == 1 else tuple(sides)
+
+
 def _fraction(text: str) -> float:
     try:
         value = float(text)

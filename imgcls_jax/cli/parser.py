@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from imgcls_jax.cli.commands import cmd_audit, cmd_evaluate, cmd_port_weights, cmd_predict, cmd_train
-from imgcls_jax.cli.errors import _fraction, _Parser, _positive_int
+from imgcls_jax.cli.errors import _fraction, _image_size, _Parser, _positive_int
 from imgcls_jax.cli.keras import _add_keras
 from imgcls_jax.hpo import add_tune_parser
 
@@ -39,8 +39,8 @@ def _add_train(sub, models: list[str]) -> None:
     p.add_argument("--epochs", type=_positive_int, help="recipe: epochs over all phases (default 12)")
     p.add_argument("--lr", type=float, help="recipe: peak learning rate (default 1e-3, 1e-4 from scratch)")
     p.add_argument(
-        "--image-size", type=_positive_int,
-        help="square input size in pixels (default 224; phases with their own image_size keep it)",
+        "--image-size", type=_image_size,
+        help="input size in pixels, S or HxW (default 224; phases with their own image_size keep it)",
     )  # fmt: skip
     p.add_argument(
         "--batch-size", type=_positive_int, help="training batch size (global, over all devices; default 32)"

@@ -46,8 +46,7 @@ class LoadedRun:
     @property
     def image_size(self) -> tuple[int, int]:
         """Input size of the restored epoch (its phase's ``image_size``)."""
-        size = self.config.image_size_at(self.epoch)
-        return size, size
+        return self.config.size_at(self.epoch)
 
 
 def run_class_names(run_dir) -> list[str]:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models.vgg import BLOCKS, VGG
+from imgcls_jax.models.vgg import BLOCKS, MIN_SIZE, VGG
 
 
 @dataclass(frozen=True)
@@ -25,12 +25,14 @@ class ModelInfo:
 
     ``preprocessing``: the input normalisation its published weights expect (the default when
     the caller sets none). ``stages``: its backbone's stage names, in order (``top:N`` takes N
-    in 0..len(stages)); empty when unknown (a user's model)."""
+    in 0..len(stages)); empty when unknown (a user's model). ``min_size``: the smallest image side
+    it takes (pixels)."""
 
     name: str
     build: Callable[..., nnx.Module]
     preprocessing: str = "caffe"
     stages: tuple[str, ...] = ()
+    min_size: int = 1
 
     def accepts(self, option: str) -> bool:
         params = inspect.signature(self.build).parameters
@@ -40,16 +42,17 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = ()):
+def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = (), min_size: int = 1):
     """Decorator: register ``fn(**options) -> model`` under ``name`` for :func:`create_model`.
 
     ``preprocessing``: what the family's published weights expect; ``stages``: its stage names
-    (for checking ``trainable="top:N"`` when a config is built)."""
+    (for checking ``trainable="top:N"`` when a config is built); ``min_size``: its smallest
+    image side (checked when a config is built too)."""
 
     def wrap(fn):
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, fn, preprocessing, tuple(stages))
+        _MODELS[name] = ModelInfo(name, fn, preprocessing, tuple(stages), min_size)
         return fn
 
     return wrap
@@ -71,12 +74,12 @@ def _vgg_stages(arch: str) -> tuple[str, ...]:
     return tuple(f"block{b}" for b in range(1, len(BLOCKS[arch]) + 1))
 
 
-@register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"))
+@register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"), min_size=MIN_SIZE)
 def vgg16(**options) -> VGG:
     return VGG("vgg16", **options)
 
 
-@register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))
+@register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"), min_size=MIN_SIZE)
 def vgg19(**options) -> VGG:
     return VGG("vgg19", **options)
 
@@ -173,9 +176,11 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
     """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
     classes: what training builds (with ``config.weights``), and evaluation and prediction
-    (``weights=None``, then their checkpoint). ``input_size``: the input height and width
+    (``weights=None``, then their checkpoint). ``input_size``: ``S`` or ``(height, width)``
     (default: the last phase's)."""
-    size = config.image_size_at() if input_size is None else input_size
+    from imgcls_jax.config import image_size_hw
+
+    height, width = config.size_at() if input_size is None else image_size_hw(input_size, "input_size")
     options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
     for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
         if getattr(config, name) != default:
@@ -183,5 +188,5 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     return create_model(
         config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
         pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
-        seed=config.seed, input_shape=(size, size, 3), preprocessing=config.preprocessing, **options,
+        seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

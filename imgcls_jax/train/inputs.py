@@ -59,7 +59,7 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     if jax.process_count() > 1:
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
     backend, on_device = input_placement(config)
-    size = (config.image_size_at(0),) * 2  # the first phase's; fit resizes for later phases
+    size = config.size_at(0)  # the first phase's; fit resizes for later phases
     train = make_pipeline(
         from_records(by_split["train"], found.class_names), backend=backend, image_size=size,
         batch_size=batch, training=True, augment=config.augment, cache=config.cache, seed=config.seed,

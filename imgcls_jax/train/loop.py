@@ -135,7 +135,7 @@ class Trainer:
                 f"TrainConfig.output_activation={config.output_activation!r}: fit trains with softmax "
                 "cross-entropy; such a model can be evaluated and used to predict, not trained here"
             )
-        self.model = model_from_config(config, len(self.class_names), input_size=config.image_size_at(0))
+        self.model = model_from_config(config, len(self.class_names), input_size=config.size_at(0))
         if config.init_from is not None:
             from imgcls_jax.train.imported import initialize_from
 
@@ -211,7 +211,7 @@ class Trainer:
         if restored:
             state = self._restore_state(split, state, restored)
         state, split.frozen = self._placed(state), self._placed(split.frozen, replicate=True)
-        size = (config.phase_image_size(index),) * 2
+        size = config.phase_size(index)
         self.train, self.evals = self.train.resized(size), {k: p.resized(size) for k, p in self.evals.items()}
         train, evals, forward = self._phase_inputs(index, names)
         placement = (self.mesh, config.fsdp_min_size) if jax.device_count() > 1 else None
