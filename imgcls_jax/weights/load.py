@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from imgcls_jax.weights.keras import FileLayers, WeightFileError, read_keras_weights, validate
 from imgcls_jax.weights.ported import is_ported_dir, read_ported
-from imgcls_jax.weights.store import cache_path, check_md5, load_converted, resolve_imagenet, save_converted
+from imgcls_jax.weights.store import cache_path, check_hash, load_converted, resolve_imagenet, save_converted
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class LoadedWeights:
 
 
 def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: bool = True) -> LoadedWeights:
-    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.VGG`) in place.
+    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.Classifier`) in place.
 
     Args:
       model: the model; its ``layer_specs()`` say which Keras layers the file must provide.
@@ -71,7 +71,7 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         layout = meta["layout"]
     else:
         if published is not None:
-            check_md5(path, published)
+            check_hash(path, published)
         layers, layout = read_keras_weights(path, specs, model.arch)
         if use_cache:
             try:
@@ -79,6 +79,8 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
             except OSError as exc:  # a read-only cache must not stop a load
                 log.warning("could not cache converted weights of %s: %s", path, exc)
 
+    if published is not None and hasattr(model, "adapt_imagenet_weights"):
+        layers = model.adapt_imagenet_weights(layers)  # what Keras's application adds to the file
     _assign(model, layers)
     log.info(
         "loaded %s weights (%s layout%s) from %s",
