@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.efficientnet import EfficientNet
+from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
+from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
 from imgcls_jax.models.vgg import BLOCKS, VGG
 
 
@@ -79,6 +82,26 @@ def vgg16(**options) -> VGG:
 @register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))
 def vgg19(**options) -> VGG:
     return VGG("vgg19", **options)
+
+
+def _efficientnet(arch: str):
+    """The builder of ``arch``: EfficientNet's options, no ``preprocessing`` (its normalisation is
+    inside the model)."""
+
+    def build(*, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, rngs,
+              drop_connect_rate: float | None = None, top_dropout: float | None = None,
+              depthwise_impl: str = "auto") -> EfficientNet:  # fmt: skip
+        return EfficientNet(
+            arch, include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
+            dropout=dropout, input_shape=input_shape, dtype=dtype, drop_connect_rate=drop_connect_rate,
+            top_dropout=top_dropout, depthwise_impl=depthwise_impl, rngs=rngs,
+        )  # fmt: skip
+
+    return build
+
+
+for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7
+    register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES)(_efficientnet(_arch))
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
