@@ -17,7 +17,7 @@ from imgcls_jax.models.efficientnet import EfficientNet, flops
 from imgcls_jax.models.efficientnet_arch import VARIANTS, base_layer_specs
 from imgcls_jax.perf import compiled_flops
 from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
-from imgcls_jax.weights import WeightFileError, load_weights, store, write_legacy_h5
+from imgcls_jax.weights import WeightFileError, load_weights, save_ported, store, write_legacy_h5
 from tests.helpers import write_random_legacy
 
 ARCHS = [f"efficientnetb{i}" for i in range(8)]
@@ -385,3 +385,15 @@ def test_published_table_matches_keras():
             assert published.url == efficientnet.BASE_WEIGHTS_PATH + arch + suffix
             assert published.file_hash == efficientnet.WEIGHTS_HASHES[variant][0 if top else 1]
             assert published.hash_algorithm == "md5" and published.preprocessing == "none"
+
+
+def test_ported_folder_round_trip(b0_files, tmp_path):
+    """``imgcls-jax port-weights``' folder holds every Keras weight (BatchNorm statistics and the
+    Normalization variables included) and loads back into an equal model."""
+    source = b0_files["notop_model"]
+    out = save_ported(source, tmp_path / "ported", source="random", preprocessing="none")
+    model = b0(include_top=False, weights=str(out))
+    for a, b in zip(snapshot(model), snapshot(source), strict=True):
+        np.testing.assert_array_equal(a, b)
+    with pytest.raises(WeightFileError, match="ported weights of 'efficientnetb0', but the model is 'vgg16'"):
+        imgcls_jax.create_model("vgg16", include_top=False, input_shape=(32, 32, 3), weights=str(out))

@@ -1,11 +1,12 @@
 """EfficientNet against Keras itself: ``keras.applications.EfficientNetB0(weights=None)`` with
 random weights and random BatchNorm statistics (``tests/bn_helpers.py``), saved in the legacy
 layout (Keras's own writer, as the published files) and as Keras 3 ``.weights.h5``, ported, and
-compared on the same raw images, at an even and an odd, non-square size (``correct_pad`` differs).
+compared on the same raw images, at an even and an odd, non-square size (``correct_pad`` differs),
+for B0 and once for B2.
 
-Tolerances: float32, max |flax - keras| <= 1e-4 * max |keras| (measured 1.5e-6 to 4.5e-6).
+Tolerances: float32, max |flax - keras| <= 1e-4 * max |keras| (measured 1.5e-6 to 6.0e-6).
 bfloat16 compute (float32 parameters and statistics) against Keras float32: <= 0.1 * max |keras|
-(measured 4.0e-2 and 4.8e-2 at 64 px: bfloat16 keeps 8 significant bits through 16 blocks of
+(measured 4.0e-2 to 5.2e-2 at 64 px: bfloat16 keeps 8 significant bits through 16 blocks of
 BatchNorm, squeeze-excite gating and residual sums; VGG's 16 layers measure 1e-2).
 """
 
@@ -24,36 +25,44 @@ from keras.src.applications import efficientnet as keras_efficientnet  # noqa: E
 F32_TOL = 1e-4
 BF16_TOL = 0.1
 SIZES = {"even": (64, 64), "odd": (49, 57)}
+#: (registry name, size, include_top): B0 at both sizes with and without the top, and B2 (width
+#: 1.1, depth 1.2: Keras's rounding of filters and repeats) once.
+CASES = [("efficientnetb0", s, top) for s in SIZES for top in (False, True)]
+CASES.append(("efficientnetb2", "odd", False))
 
 
-def keras_b0(size, include_top, pooling=None, weights=None):
-    return keras.applications.EfficientNetB0(
+def keras_app(arch, size, include_top, pooling=None, weights=None):
+    return getattr(keras.applications, f"EfficientNetB{arch[-1]}")(
         weights=weights, include_top=include_top, pooling=pooling, input_shape=(*size, 3),
         classifier_activation=None,
     )  # fmt: skip
+
+
+def keras_b0(size, include_top, pooling=None, weights=None):
+    return keras_app("efficientnetb0", size, include_top, pooling, weights)
 
 
 def images(size, n=2, seed=0):
     return np.random.default_rng(seed).integers(0, 256, (n, *size, 3)).astype(np.uint8)
 
 
-@pytest.fixture(scope="module", params=[(s, top) for s in SIZES for top in (False, True)], ids=str)
+@pytest.fixture(scope="module", params=CASES, ids=lambda case: "-".join(map(str, case)))
 def keras_files(request, tmp_path_factory):
-    """A random Keras EfficientNetB0, its files in both layouts, the Keras model the legacy file
+    """A random Keras EfficientNet, its files in both layouts, the Keras model the legacy file
     loads into (Keras users' path; it also makes Keras's Normalization read its weights), and
     our model of the same shape (weights loaded by the tests)."""
-    which, include_top = request.param
+    arch, which, include_top = request.param
     size = SIZES[which]
-    source = keras_b0(size, include_top)
+    source = keras_app(arch, size, include_top)
     randomize_keras(source, seed=len(which) + include_top)
-    files = save_both_layouts(source, tmp_path_factory.mktemp("b0"), f"b0_{which}_{include_top}")
-    reference = keras_b0(size, include_top)
+    files = save_both_layouts(source, tmp_path_factory.mktemp(arch), f"{arch}_{which}_{include_top}")
+    reference = keras_app(arch, size, include_top)
     reference.load_weights(files["legacy"])
     x = images(size)
-    ours = imgcls_jax.create_model("efficientnetb0", include_top=include_top, input_shape=(*size, 3))
+    ours = imgcls_jax.create_model(arch, include_top=include_top, input_shape=(*size, 3))
     return dict(
-        size=size, include_top=include_top, files=files, source=source, reference=reference, x=x,
-        theirs=np.asarray(reference(x.astype(np.float32))), ours=ours,
+        arch=arch, size=size, include_top=include_top, files=files, source=source, reference=reference,
+        x=x, theirs=np.asarray(reference(x.astype(np.float32))), ours=ours,
     )  # fmt: skip
 
 
@@ -81,7 +90,7 @@ def test_outputs_equal_keras(keras_files, layout):
 
 def test_create_model_with_a_file(keras_files):
     size, include_top = keras_files["size"], keras_files["include_top"]
-    if size != SIZES["odd"]:
+    if size != SIZES["odd"] or keras_files["arch"] != "efficientnetb0":
         pytest.skip("create_model(weights=path): once per top")
     model = imgcls_jax.create_model(
         "efficientnetb0",
@@ -97,7 +106,7 @@ def test_create_model_with_a_file(keras_files):
 @pytest.mark.parametrize("pooling", ["avg", "max"])
 def test_pooled_features_equal_keras(keras_files, pooling):
     size, x = keras_files["size"], keras_files["x"]
-    if keras_files["include_top"] or size != SIZES["even"]:
+    if keras_files["include_top"] or size != SIZES["even"] or keras_files["arch"] != "efficientnetb0":
         pytest.skip("pooling: once, at the even size, without the top")
     theirs_model = keras_b0(size, False, pooling=pooling)
     theirs_model.set_weights(keras_files["source"].get_weights())
@@ -113,8 +122,8 @@ def test_pooled_features_equal_keras(keras_files, pooling):
 
 def test_bfloat16_close_to_keras(keras_files):
     size, include_top, x = keras_files["size"], keras_files["include_top"], keras_files["x"]
-    if size != SIZES["even"]:
-        pytest.skip("bfloat16: at the even size")
+    if size != SIZES["even"] or not include_top or keras_files["arch"] != "efficientnetb0":
+        pytest.skip("bfloat16: once, B0 with its top at the even size")
     ours = imgcls_jax.create_model(
         "efficientnetb0", include_top=include_top, input_shape=(*size, 3), dtype="bfloat16",
         weights=keras_files["files"]["legacy"],

@@ -4,8 +4,9 @@ Layout is NHWC. Every Keras layer with weights is an attribute named as Keras na
 (``normalization``, ``stem_conv``, ``stem_bn``, ``block1a_dwconv``, ``block1a_se_reduce``,
 ``block2a_expand_conv``, ..., ``top_conv``, ``top_bn``, ``predictions``), so a Keras weight file
 maps one-to-one onto the model (:meth:`EfficientNet.layer_specs`). The architecture is Keras's
-table (:data:`BLOCKS_ARGS`) scaled by each variant's width and depth coefficients
-(:data:`VARIANTS`), with Keras's rounding.
+table scaled by each variant's width and depth coefficients, with Keras's rounding
+(:mod:`imgcls_jax.models.efficientnet_arch`); the layers beyond VGG's are in
+:mod:`imgcls_jax.models.layers`.
 
 What Keras does, and so this port does:
 
