@@ -22,7 +22,7 @@ def published_file(tmp_path, monkeypatch):
     path = tmp_path / "mirror" / pub.filename
     path.parent.mkdir()
     layers = write_random_legacy(path)
-    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(pub, md5=store.md5sum(path)))
+    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(pub, file_hash=store.md5sum(path)))
     return path, layers
 
 
@@ -37,7 +37,10 @@ def test_published_table_matches_keras():
         assert store.IMAGENET[(arch, True)].url == module.WEIGHTS_PATH
         assert store.IMAGENET[(arch, False)].url == module.WEIGHTS_PATH_NO_TOP
         source = open(module.__file__).read()
-        assert store.IMAGENET[(arch, True)].md5 in source and store.IMAGENET[(arch, False)].md5 in source
+        assert (
+            store.IMAGENET[(arch, True)].file_hash in source
+            and store.IMAGENET[(arch, False)].file_hash in source
+        )
 
 
 def test_keras_cache_location(monkeypatch, tmp_path):
@@ -53,7 +56,7 @@ def test_offline_error_says_what_to_put_where(monkeypatch):
         imgcls_jax.create_model("vgg16", num_classes=5, weights="imagenet", input_shape=(32, 32, 3))
     msg = str(err.value)
     pub = store.IMAGENET[NOTOP]
-    assert pub.filename in msg and pub.md5 in msg and "IMGCLS_JAX_WEIGHTS_DIR" in msg
+    assert pub.filename in msg and pub.file_hash in msg and "IMGCLS_JAX_WEIGHTS_DIR" in msg
     assert str(store.keras_cache_dir() / pub.filename) in msg
     assert not list(store.keras_cache_dir().glob("*"))  # no partial download left behind
 
@@ -71,7 +74,7 @@ def test_download_into_keras_cache_with_md5(published_file, monkeypatch):
 
 def test_download_with_wrong_md5_saves_nothing(published_file, monkeypatch):
     path, _ = published_file
-    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(store.IMAGENET[NOTOP], md5="0" * 32))
+    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(store.IMAGENET[NOTOP], file_hash="0" * 32))
     monkeypatch.setattr(
         store.PublishedWeights, "url", property(lambda self: (path.parent / self.filename).as_uri())
     )
@@ -167,3 +170,18 @@ def test_unwritable_cache_still_loads(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert not load_weights(small_notop(), path).from_cache
     assert "could not cache" in caplog.text
+
+
+def test_hash_algorithm_follows_the_hash_length(tmp_path):
+    """Keras's ``get_file`` rule: a 64-digit hash is a sha256, a 32-digit one an md5."""
+    import hashlib
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"some weights")
+    sha256 = hashlib.sha256(b"some weights").hexdigest()
+    published = dataclasses.replace(store.IMAGENET[NOTOP], file_hash=sha256)
+    assert published.hash_algorithm == "sha256" and store.IMAGENET[NOTOP].hash_algorithm == "md5"
+    store.check_hash(path, published)
+    with pytest.raises(ChecksumError, match=f"sha256 .* does not match the published sha256 {'0' * 64}"):
+        store.check_hash(path, dataclasses.replace(published, file_hash="0" * 64))
+    assert store.md5sum(path) == hashlib.md5(b"some weights").hexdigest()

@@ -1,6 +1,7 @@
 """Model definitions, the interface every family implements, and the registry by name."""
 
 from imgcls_jax.models.base import Classifier, LayerSpec, Trainable, parse_trainable
+from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.preprocessing import MODES, preprocess_input
 from imgcls_jax.models.registry import (
     ModelInfo,
@@ -17,6 +18,7 @@ __all__ = [
     "MODES",
     "VGG",
     "Classifier",
+    "EfficientNet",
     "LayerSpec",
     "ModelInfo",
     "Trainable",

@@ -28,10 +28,21 @@ TRAINABLE_FORMS = "'head', 'all' or 'top:N'"
 @dataclass(frozen=True)
 class LayerSpec:
     """Name and parameter shapes of one Keras layer, in Keras's weight order (e.g. kernel, bias;
-    BatchNorm: gamma, beta, moving mean, moving variance)."""
+    BatchNorm: gamma, beta, moving mean, moving variance).
+
+    ``weights``: the weights' Keras names, in that order, for messages (default: kernel, bias)."""
 
     name: str
     shapes: tuple[tuple[int, ...], ...]
+    weights: tuple[str, ...] = ()
+
+    @property
+    def weight_names(self) -> tuple[str, ...]:
+        """``weights``, or ``("kernel", "bias")`` cut to the number of shapes."""
+        return (
+            self.weights
+            or ("kernel", "bias", *(f"weight{i}" for i in range(2, len(self.shapes))))[: len(self.shapes)]
+        )
 
 
 @dataclass(frozen=True)
@@ -101,6 +112,13 @@ class Classifier(nnx.Module):
     def keras_variables(self, name: str) -> list[nnx.Variable]:
         """The variables of Keras layer ``name`` in the order of its weights in a Keras file."""
         raise NotImplementedError
+
+    def adapt_imagenet_weights(self, layers: dict[str, list]) -> dict[str, list]:
+        """Keras's published ImageNet file's arrays (``{layer: [arrays in Keras's order]}``,
+        validated, read-only) -> the arrays to assign, for what Keras's application does beyond
+        loading that file (e.g. EfficientNet's extra input rescaling). May raise ``ValueError``
+        for a model Keras would not load them into. Default: as they are."""
+        return layers
 
     # ----------------------------------------------------------------------------- shared logic
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:

@@ -16,6 +16,9 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.efficientnet import EfficientNet
+from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
+from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
 from imgcls_jax.models.vgg import BLOCKS, MIN_SIZE, VGG
 
 
@@ -82,6 +85,26 @@ def vgg16(**options) -> VGG:
 @register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"), min_size=MIN_SIZE)
 def vgg19(**options) -> VGG:
     return VGG("vgg19", **options)
+
+
+def _efficientnet(arch: str):
+    """The builder of ``arch``: EfficientNet's options, no ``preprocessing`` (its normalisation is
+    inside the model)."""
+
+    def build(*, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, rngs,
+              drop_connect_rate: float | None = None, top_dropout: float | None = None,
+              depthwise_impl: str = "auto") -> EfficientNet:  # fmt: skip
+        return EfficientNet(
+            arch, include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
+            dropout=dropout, input_shape=input_shape, dtype=dtype, drop_connect_rate=drop_connect_rate,
+            top_dropout=top_dropout, depthwise_impl=depthwise_impl, rngs=rngs,
+        )  # fmt: skip
+
+    return build
+
+
+for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7
+    register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(_efficientnet(_arch))
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
@@ -178,9 +201,10 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     classes: what training builds (with ``config.weights``), and evaluation and prediction
     (``weights=None``, then their checkpoint). ``input_size``: ``S`` or ``(height, width)``
     (default: the last phase's)."""
-    from imgcls_jax.config import image_size_hw
-
-    height, width = config.size_at() if input_size is None else image_size_hw(input_size, "input_size")
+    if input_size is None:
+        height, width = config.size_at()
+    else:
+        height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
     for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
         if getattr(config, name) != default:

@@ -116,7 +116,9 @@ def _train_program(split: SplitModel, optimizer, forward, placement, augment) ->
             batch = augment_train_batch(batch, jax.random.fold_in(keys[1], state.step), *augment)
 
         def loss_fn(params):
-            model = nnx.merge(graph, params, state.stats, frozen, rest)
+            # copy=True: fresh Variables at this trace level, so BatchNorm in training mode may
+            # update its statistics inside value_and_grad (else a TraceContextError)
+            model = nnx.merge(graph, params, state.stats, frozen, rest, copy=True)
             logits = forward(model, batch, key)
             loss = cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean()
             return loss, (logits, split.stats_of(model))

@@ -1,15 +1,19 @@
-"""Read (and write) Keras VGG weight files: legacy HDF5 and Keras 3 ``.weights.h5``.
+"""Read (and write) Keras weight files: legacy HDF5 and Keras 3 ``.weights.h5``.
 
 Two layouts are read:
 
 * **legacy HDF5** (Keras 1/2, and the keras-applications ImageNet files): the root (or a
   ``model_weights`` group, for whole-model saves) has a ``layer_names`` attribute; each layer
   group has a ``weight_names`` attribute, and the weights are the datasets at those paths,
-  in that order (kernel, bias). Names are whatever the writer chose: the published VGG16 files
-  use Keras-1 names such as ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``.
+  in Keras's order (kernel, bias; BatchNorm: gamma, beta, moving mean, moving variance). Names
+  are whatever the writer chose: the published VGG16 files use Keras-1 names such as
+  ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``.
 * **Keras 3** ``.weights.h5``: ``layers/<key>/vars/<i>``, where ``<key>`` is a class-based
   path (``conv2d``, ``conv2d_1``, ..., ``dense_2``) and ``vars`` carries the layer's real name
   in its ``name`` attribute when the writer recorded it.
+
+Layers Keras named after their class (``normalization``) may carry a session number in a file
+(``normalization_2``): they are matched by that prefix.
 
 Everything is validated against the model's layer specs (names, count, shapes) from the file's
 structure alone, before any array is read, so a wrong file never half-loads a model.
@@ -26,6 +30,7 @@ import numpy as np
 
 from imgcls_jax.models.vgg import LayerSpec
 
+#: Layers of a Keras classification top: VGG's three, the other families' ``predictions``.
 TOP_LAYERS = ("fc1", "fc2", "predictions")
 
 
@@ -35,7 +40,7 @@ class WeightFileError(ValueError):
 
 @dataclass
 class FileLayers:
-    """Structure of a weight file: Keras layer name -> its datasets, in kernel/bias order."""
+    """Structure of a weight file: Keras layer name -> its datasets, in Keras's weight order."""
 
     path: Path
     layout: str  # "legacy" or "keras3"
@@ -141,25 +146,38 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
     file.layers = renamed
 
 
+def _match_numbered_names(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
+    """Keras names a layer it was given no name for after its class (``normalization``) and
+    numbers the repeats of a session (``normalization_3``): an expected layer the file lacks takes
+    the file's one unexpected ``<name>_<n>``."""
+    expected = {s.name for s in specs}
+    for name in expected - set(file.layers):
+        numbered = re.compile(rf"{re.escape(name)}_\d+")
+        candidates = [k for k in file.layers if k not in expected and numbered.fullmatch(k)]
+        if len(candidates) == 1:
+            file.layers = {name if k == candidates[0] else k: v for k, v in file.layers.items()}
+
+
 def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
     """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, shapes)."""
     path = file.path
+    _match_numbered_names(file, specs)
     if file.layout == "keras3":
         _rename_keras3_by_order(file, specs)
     expected = [s.name for s in specs]
     found = list(file.layers)
     missing = [n for n in expected if n not in file.layers]
     extra = [n for n in found if n not in expected]
-    model_top = "fc1" in expected
+    model_top = "predictions" in expected
     if not model_top and set(extra) & set(TOP_LAYERS) and not missing:
         raise WeightFileError(
             f"{path}: file has the classification top ({', '.join(n for n in extra if n in TOP_LAYERS)}) "
             f"but the model was built with include_top=False: use the '_notop' file, or "
             f"include_top=True"
         )
-    if model_top and set(missing) == set(TOP_LAYERS) and not extra:
+    if model_top and missing and set(missing) <= set(TOP_LAYERS) and not extra:
         raise WeightFileError(
-            f"{path}: file has no classification top (fc1, fc2, predictions missing: a '_notop' "
+            f"{path}: file has no classification top ({', '.join(missing)} missing: a '_notop' "
             f"file) but the model was built with include_top=True: use the top file, or "
             f"include_top=False"
         )
@@ -175,34 +193,42 @@ def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
             f"unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}"
         )
     for spec in specs:
-        datasets = file.layers[spec.name]
-        shapes = [tuple(d.shape) for d in datasets]
-        if len(shapes) != len(spec.shapes):
-            raise WeightFileError(
-                f"{path}: layer {spec.name!r}: expected {len(spec.shapes)} weights (kernel, bias), "
-                f"found {len(shapes)}"
+        _check_layer(file, spec)
+
+
+def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
+    """Raise :class:`WeightFileError` unless ``file``'s layer ``spec.name`` has ``spec``'s number of
+    weights, their shapes, and float dtypes (a ``count``, as Keras's Normalization keeps, may be
+    an integer)."""
+    datasets = file.layers[spec.name]
+    shapes = [tuple(d.shape) for d in datasets]
+    if len(shapes) != len(spec.shapes):
+        raise WeightFileError(
+            f"{file.path}: layer {spec.name!r}: expected {len(spec.shapes)} weights "
+            f"({', '.join(spec.weight_names)}), found {len(shapes)}"
+        )
+    for what, want, got in zip(spec.weight_names, spec.shapes, shapes):
+        if want == got:
+            continue
+        msg = f"{file.path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
+        if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
+            msg += (
+                "; this is a Theano/channels-first (OIHW) kernel "
+                f"(file backend: {file.backend or 'unknown'}): use the "
+                "'tf_dim_ordering' (HWIO) file"
             )
-        for what, want, got in zip(("kernel", "bias"), spec.shapes, shapes):
-            if want == got:
-                continue
-            msg = f"{path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
-            if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
-                msg += (
-                    "; this is a Theano/channels-first (OIHW) kernel "
-                    f"(file backend: {file.backend or 'unknown'}): use the "
-                    "'tf_dim_ordering' (HWIO) file"
-                )
-            elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
-                msg += (
-                    f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
-                    "number of classes use include_top=False with num_classes"
-                )
-            raise WeightFileError(msg)
-        for what, dataset in zip(("kernel", "bias"), datasets):
-            if not np.issubdtype(dataset.dtype, np.floating):
-                raise WeightFileError(
-                    f"{path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
-                )
+        elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
+            msg += (
+                f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
+                "number of classes use include_top=False with num_classes"
+            )
+        raise WeightFileError(msg)
+    for what, dataset in zip(spec.weight_names, datasets):
+        counter = what == "count" and np.issubdtype(dataset.dtype, np.integer)  # Normalization's
+        if not (np.issubdtype(dataset.dtype, np.floating) or counter):
+            raise WeightFileError(
+                f"{file.path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
+            )
 
 
 def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[np.ndarray]]:
@@ -210,7 +236,7 @@ def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[
     out = {}
     for spec in specs:
         arrays = []
-        for what, dataset in zip(("kernel", "bias"), file.layers[spec.name]):
+        for what, dataset in zip(spec.weight_names, file.layers[spec.name], strict=True):
             array = np.asarray(dataset[()], dtype=np.float32)
             if not np.isfinite(array).all():
                 raise WeightFileError(
@@ -224,7 +250,8 @@ def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[
 def read_keras_weights(
     path, specs: Sequence[LayerSpec], arch: str
 ) -> tuple[dict[str, list[np.ndarray]], str]:
-    """Read a Keras weight file for a model with ``specs``: ``({name: [kernel, bias]}, layout)``.
+    """Read a Keras weight file for a model with ``specs``: ``({name: [arrays in Keras's order]},
+    layout)``.
 
     Raises :class:`WeightFileError` naming the file, the layer and expected vs found for every
     mismatch, before reading any array.
@@ -246,7 +273,9 @@ def write_legacy_h5(
 
     Args:
       path: output ``.h5`` file.
-      layers: Keras layer name -> ``[kernel, bias]`` arrays, HWIO kernels.
+      layers: Keras layer name -> ``[kernel, bias]`` arrays (HWIO kernels), or a mapping weight
+        name -> array in Keras's order (``{"gamma": ..., "beta": ..., "moving_mean": ...}``),
+        written with Keras 2 names (``stem_bn/gamma:0``) whatever ``weight_names`` says.
       layer_names: all layer names in model order, weightless ones (pools, input) included;
         defaults to the keys of ``layers``.
       weight_names: ``"applications"`` for the keras-applications style (``block1_conv1_W_1:0``,
@@ -262,12 +291,18 @@ def write_legacy_h5(
         for name in layer_names:
             group = f.create_group(name)
             arrays = layers.get(name, ())
-            if weight_names == "applications":
+            if isinstance(arrays, Mapping):
+                names, arrays = [f"{name}/{k}:0" for k in arrays], list(arrays.values())
+            elif weight_names == "applications":
                 names = [f"{name}_{k}_1:0" for k in ("W", "b")][: len(arrays)]
             elif weight_names == "keras2":
                 names = [f"{name}/{k}:0" for k in ("kernel", "bias")][: len(arrays)]
             else:
                 raise ValueError(f"weight_names must be 'applications' or 'keras2', got {weight_names!r}")
+            if len(names) < len(arrays):
+                raise ValueError(
+                    f"layer {name!r} has {len(arrays)} weights: pass them as a mapping weight name -> array"
+                )
             group.attrs["weight_names"] = np.array([n.encode() for n in names])
             for wname, array in zip(names, arrays):
                 group.create_dataset(wname, data=np.asarray(array))

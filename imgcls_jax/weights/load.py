@@ -10,7 +10,7 @@ import jax.numpy as jnp
 
 from imgcls_jax.weights.keras import FileLayers, WeightFileError, read_keras_weights, validate
 from imgcls_jax.weights.ported import is_ported_dir, read_ported
-from imgcls_jax.weights.store import cache_path, check_md5, load_converted, resolve_imagenet, save_converted
+from imgcls_jax.weights.store import cache_path, check_hash, load_converted, resolve_imagenet, save_converted
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,7 @@ class LoadedWeights:
 
 
 def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: bool = True) -> LoadedWeights:
-    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.VGG`) in place.
+    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.Classifier`) in place.
 
     Args:
       model: the model; its ``layer_specs()`` say which Keras layers the file must provide.
@@ -42,17 +42,19 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
       WeightFileError: the file does not fit the model (names, count, shapes), or is not a
         readable Keras weight file. The model is left untouched.
       ValueError: the model's ``preprocessing`` differs from the weights'; ``"imagenet"`` for a
-        model with the top and an ``input_shape`` other than 224x224x3 (Keras's rule).
+        model with the top and an ``input_shape`` other than its ``imagenet_size`` (224 unless the
+        model says otherwise), Keras's rule.
       WeightsUnavailableError, ChecksumError: for ``"imagenet"``.
     """
     published = None
     if isinstance(weights, str) and weights == "imagenet":
-        if model.include_top and tuple(model.input_shape) != (224, 224, 3):
+        size = getattr(model, "imagenet_size", 224)  # the size its published top was trained at
+        if model.include_top and tuple(model.input_shape) != (size, size, 3):
             raise ValueError(
                 "When setting `include_top=True` and loading `imagenet` weights, `input_shape` should "
-                f"be (224, 224, 3); received input_shape={tuple(model.input_shape)} (the ImageNet "
-                "top's fc1 reads a 7x7x512 map): use input_shape=(224, 224, 3), or include_top=False "
-                "for another size"
+                f"be {(size, size, 3)} for {model.arch}; received input_shape={tuple(model.input_shape)} "
+                f"(Keras's rule for its ImageNet top): use input_shape={(size, size, 3)}, or "
+                "include_top=False for another size"
             )
         path, published = resolve_imagenet(model.arch, model.include_top)
         preprocessing = published.preprocessing
@@ -79,7 +81,7 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         layout = meta["layout"]
     else:
         if published is not None:
-            check_md5(path, published)
+            check_hash(path, published)
         layers, layout = read_keras_weights(path, specs, model.arch)
         if use_cache:
             try:
@@ -87,6 +89,8 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
             except OSError as exc:  # a read-only cache must not stop a load
                 log.warning("could not cache converted weights of %s: %s", path, exc)
 
+    if published is not None and hasattr(model, "adapt_imagenet_weights"):
+        layers = model.adapt_imagenet_weights(layers)  # what Keras's application adds to the file
     _assign(model, layers)
     log.info(
         "loaded %s weights (%s layout%s) from %s",

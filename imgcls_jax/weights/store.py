@@ -5,13 +5,14 @@
 1. the directory in ``$IMGCLS_JAX_WEIGHTS_DIR`` (a folder holding Keras's file names);
 2. Keras's own cache, ``$KERAS_HOME/models`` (default ``~/.keras/models``), so files Keras
    already downloaded are reused;
-3. a download from Keras's published URL into that cache, checked against its published md5.
+3. a download from Keras's published URL into that cache, checked against its published hash
+   (md5 or sha256, told apart by length as Keras's ``get_file`` does).
 
 Offline, step 3 fails with a message naming the file, its URL and where to put it.
 
 Converted parameters are cached in ``$IMGCLS_JAX_CACHE`` (default
 ``$XDG_CACHE_HOME/imgcls_jax`` or ``~/.cache/imgcls_jax``) as one flat file per source file,
-keyed by the source's resolved path, size and modification time. A hit skips the md5 check,
+keyed by the source's resolved path, size and modification time. A hit skips the hash check,
 the HDF5 parsing and the finiteness scan, and memory-maps the arrays.
 """
 
@@ -41,25 +42,68 @@ class WeightsUnavailableError(FileNotFoundError):
 
 
 class ChecksumError(ValueError):
-    """A file claiming to be a published weight file does not have the published md5."""
+    """A file claiming to be a published weight file does not have the published hash."""
 
 
 @dataclass(frozen=True)
 class PublishedWeights:
-    """One of Keras's published ImageNet weight files and how its model expects inputs."""
+    """One of Keras's published ImageNet weight files and how its model expects inputs.
+
+    ``file_hash``: Keras's published md5 (32 hex digits) or sha256 (64). ``folder``: the URL
+    folder under ``base_url`` (default ``arch``; ``""`` for none)."""
 
     arch: str
     include_top: bool
     filename: str
-    md5: str
+    file_hash: str
     preprocessing: str = "caffe"
+    folder: str | None = None
+    base_url: str = _BASE_URL
 
     @property
     def url(self) -> str:
-        return f"{_BASE_URL}/{self.arch}/{self.filename}"
+        folder = self.arch if self.folder is None else self.folder
+        return "/".join(p for p in (self.base_url, folder, self.filename) if p)
+
+    @property
+    def hash_algorithm(self) -> str:
+        """``"sha256"`` for a 64-digit hash, else ``"md5"`` (Keras's ``get_file`` rule)."""
+        return "sha256" if len(self.file_hash) == 64 else "md5"
 
 
-# Names, URLs and md5 sums as published by keras.applications.vgg16 / vgg19.
+#: keras.applications.efficientnet's ``WEIGHTS_HASHES`` (md5 of the top and the notop file).
+_EFFICIENTNET_MD5 = {
+    "b0": ("902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d"),
+    "b1": ("1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432"),
+    "b2": ("b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39"),
+    "b3": ("ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226"),
+    "b4": ("18c95ad55216b8f92d7e70b3a046e2fc", "ebc24e6d6c33eaebbd558eafbeedf1ba"),
+    "b5": ("ace28f2a6363774853a83a0b21b9421a", "38879255a25d3c92d5e44e04ae6cec6f"),
+    "b6": ("165f6e37dce68623721b423839de8be5", "9ecce42647a20130c1f39a5d4cb75743"),
+    "b7": ("8c03f828fec3ef71311cd463b6759d99", "cbcfe4450ddf6f3ad90b1b398090fe4a"),
+}
+
+
+def _efficientnet_files() -> list[PublishedWeights]:
+    """EfficientNet's files sit at the root of ``keras-applications/`` (not under
+    ``tensorflow/``), named ``efficientnetb0.h5`` / ``efficientnetb0_notop.h5``; the model
+    normalises its inputs itself (preprocessing ``"none"``)."""
+    return [
+        PublishedWeights(
+            f"efficientnet{v}",
+            top,
+            f"efficientnet{v}{'' if top else '_notop'}.h5",
+            md5[0 if top else 1],
+            preprocessing="none",
+            folder="",
+            base_url="https://storage.googleapis.com/keras-applications",
+        )  # fmt: skip
+        for v, md5 in _EFFICIENTNET_MD5.items()
+        for top in (True, False)
+    ]
+
+
+# Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet).
 IMAGENET = {
     (w.arch, w.include_top): w
     for w in (
@@ -81,6 +125,7 @@ IMAGENET = {
             "vgg19_weights_tf_dim_ordering_tf_kernels_notop.h5",
             "253f8cb515780f3b799900260a226db6",
         ),
+        *_efficientnet_files(),
     )
 }
 
@@ -98,46 +143,58 @@ def converted_cache_dir() -> Path:
     return (Path(xdg) if xdg else Path.home() / ".cache") / "imgcls_jax"
 
 
-def md5sum(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.md5()
+def file_digest(path: Path, algorithm: str = "md5", chunk: int = 1 << 22) -> str:
+    """Hex digest of the file at ``path`` by ``algorithm`` (``"md5"`` or ``"sha256"``)."""
+    digest = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
 
 
-def check_md5(path: Path, published: PublishedWeights) -> None:
-    found = md5sum(path)
-    if found != published.md5:
+def md5sum(path: Path, chunk: int = 1 << 22) -> str:
+    return file_digest(path, "md5", chunk)
+
+
+def check_hash(path: Path, published: PublishedWeights) -> None:
+    """``ChecksumError`` unless the file at ``path`` has ``published``'s hash."""
+    algorithm = published.hash_algorithm
+    found = file_digest(path, algorithm)
+    if found != published.file_hash:
         raise ChecksumError(
-            f"{path}: md5 {found} does not match the published md5 {published.md5} of "
-            f"{published.filename}; the file is corrupt, truncated or a different file. "
+            f"{path}: {algorithm} {found} does not match the published {algorithm} {published.file_hash} "
+            f"of {published.filename}; the file is corrupt, truncated or a different file. "
             f"Delete it and download {published.url} again."
         )
 
 
+#: The name before hashes other than md5 were checked.
+check_md5 = check_hash
+
+
 def download(published: PublishedWeights, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``published`` to ``dest`` atomically, verifying its md5."""
+    """Download ``published`` to ``dest`` atomically, verifying its hash."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", published.url, dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
     try:
-        digest = hashlib.md5()
+        digest = hashlib.new(published.hash_algorithm)
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(published.url, timeout=timeout) as resp:
             while block := resp.read(1 << 22):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != published.md5:
+        if digest.hexdigest() != published.file_hash:
             raise ChecksumError(
-                f"download of {published.url} has md5 {digest.hexdigest()}, expected "
-                f"{published.md5}; nothing was saved. Try again."
+                f"download of {published.url} has {published.hash_algorithm} {digest.hexdigest()}, "
+                f"expected {published.file_hash}; nothing was saved. Try again."
             )
         os.replace(tmp, dest)
     except (urllib.error.URLError, OSError) as exc:
         raise WeightsUnavailableError(
             f"ImageNet weights for {published.arch} (include_top={published.include_top}) are not "
             f"available locally and could not be downloaded ({exc}). Download\n  {published.url}\n"
-            f"on a machine with internet (md5 {published.md5}) and put it at\n  {dest}\n"
+            f"on a machine with internet ({published.hash_algorithm} {published.file_hash}) and put it "
+            f"at\n  {dest}\n"
             f"or in the folder named by ${ENV_WEIGHTS_DIR}, or pass weights='/path/to/"
             f"{published.filename}'."
         ) from exc
@@ -165,7 +222,8 @@ def resolve_imagenet(
     if not allow_download:
         raise WeightsUnavailableError(
             f"{published.filename} not found (looked in {', '.join(map(str, candidates))}); "
-            f"download {published.url} (md5 {published.md5}) and put it in one of those places."
+            f"download {published.url} ({published.hash_algorithm} {published.file_hash}) and put it in "
+            "one of those places."
         )
     return download(published, candidates[-1]), published
 
