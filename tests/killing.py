@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
@@ -30,7 +31,50 @@ from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
 CHILD_TIMEOUT = 600
-TMP_SUFFIX = ".orbax-checkpoint-tmp"
+
+#: The child: ``imgcls-jax ARGS``, after ``{setup}`` (e.g. a patch simulating a fault); with
+#: ``{no_tf}`` TensorFlow cannot be imported (as where it is not installed: quicker to start).
+CHILD = """
+import sys
+if {no_tf}:
+    sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None
+{setup}
+from imgcls_jax import cli
+sys.exit(cli.main(sys.argv[1:]))
+"""
+
+#: A kill in the window where epoch ``{epoch}``'s checkpoint is finished and its ``best/`` save
+#: has not started (the two are written concurrently: a race, made certain here).
+KILL_BEFORE_BEST = """
+import os, signal
+from imgcls_jax.train.checkpoints import Checkpoints
+_save_best = Checkpoints._save_best
+def save_best(self, epoch, items, metrics):
+    if epoch == {epoch}:
+        self.latest.wait_until_finished()
+        print("KILLED BEFORE BEST", epoch, flush=True)
+        os.kill(os.getpid(), signal.SIGKILL)
+    _save_best(self, epoch, items, metrics)
+Checkpoints._save_best = save_best
+"""
+
+#: A kill while a dropped checkpoint is being deleted: half of its folder is gone, then SIGKILL
+#: (orbax deletes it, or renames it into ``.deleted/`` which is then emptied: killed in both).
+KILL_WHILE_DELETING = """
+import os, shutil, signal
+from orbax.checkpoint._src.path import deleter
+_delete = deleter.PathDeleter.delete
+def delete(self, path, *, destination=None, overwrite=False):
+    if destination is not None:
+        _delete(self, path, destination=destination, overwrite=overwrite)
+        path = destination
+    parts = sorted(path.iterdir())
+    for part in parts[: max(1, len(parts) // 2)]:
+        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    print("KILLED WHILE DELETING", path, flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+deleter.PathDeleter.delete = delete
+"""
 
 
 def make_data(root: Path, classes: int = 3, per_class: int = 12, size: int = 32) -> Path:
@@ -48,10 +92,12 @@ def make_data(root: Path, classes: int = 3, per_class: int = 12, size: int = 32)
 def make_config(data: Path, run_dir: Path, *, augment: bool, **kw) -> TrainConfig:
     """The multi-phase run of the tests: VGG16 at 32 px, a head of 8 units, batch 8; 2 epochs of
     the head (on cached base features when ``augment`` is off), then 2 epochs of ``top:1``; a
-    weight average (EMA) throughout; flips and shifts when ``augment``."""
+    weight average (EMA) throughout. With ``augment``: flips and shifts, tf.data (augmenting on
+    the host, on a CPU); without: the NumPy pipeline (no TensorFlow needed)."""
     base = dict(
         data=str(data), run_dir=str(run_dir), image_size=32, batch_size=8, head_units=(8,), seed=3,
         ema_decay=0.9, augment={"flip": "horizontal", "translation": 0.1} if augment else {},
+        data_backend="auto" if augment else "numpy",
         phases=[
             PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2),
             PhaseConfig(epochs=2, trainable="top:1", learning_rate=1e-3),
@@ -81,16 +127,19 @@ def run_child(
     kill_at: str | None = None,
     when: Callable[[], bool] | None = None,
     extra_env: dict | None = None,
-    argv: list[str] | None = None,
+    setup: str = "",
+    tensorflow: bool = True,
     log_path: Path | None = None,
 ) -> Child:
     """Run ``imgcls-jax train --config cfg_path`` to its end, or until it kills itself at
-    ``kill_at``, or until ``when()`` (polled every 10 ms) is true, when the test SIGKILLs it."""
+    ``kill_at``, or until ``when()`` (polled every 10 ms) is true, when the test SIGKILLs it.
+    ``setup``: Python run first in the child; ``tensorflow=False``: as if not installed."""
     extra = {"TQDM_DISABLE": "1", **(extra_env or {})}
     if kill_at is not None:
         extra[KILL_ENV] = kill_at
     env = helpers.child_env(ROOT, extra, cache)
-    command = argv or [sys.executable, "-m", "imgcls_jax.cli", "train", "--config", str(cfg_path)]
+    script = CHILD.format(no_tf=not tensorflow, setup=setup)
+    command = [sys.executable, "-c", script, "train", "--config", str(cfg_path)]
     log_path = log_path or cfg_path.with_suffix(f".{time.monotonic_ns()}.log")
     start = time.monotonic()
     with open(log_path, "w") as out:
@@ -114,7 +163,8 @@ def run_child(
 # ------------------------------------------------------------------------- what a run holds
 @dataclass
 class RunState:
-    """A run folder's checkpoints (finished steps; orbax temporary folders) and metrics epochs."""
+    """A run folder's checkpoints (finished steps; anything else in their folders: orbax
+    temporary folders, ``.deleted/``) and metrics epochs."""
 
     latest: list[int]
     best: list[int]
@@ -131,7 +181,7 @@ def _steps(folder: Path) -> tuple[list[int], list[str]]:
     if not folder.is_dir():
         return [], []
     steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())
-    tmp = sorted(f"{folder.name}/{p.name}" for p in folder.iterdir() if TMP_SUFFIX in p.name)
+    tmp = sorted(f"{folder.name}/{p.name}" for p in folder.iterdir() if not p.name.isdigit())
     return steps, tmp
 
 
@@ -197,7 +247,7 @@ def assert_same_run(straight: Path, resumed: Path) -> None:
     ``metrics.csv`` rows (but the images/s timing), each epoch once; the same final evaluation."""
     a, b = inspect_run(straight), inspect_run(resumed)
     assert not b.problems, b.problems
-    assert not b.tmp, f"orbax temporary folders left behind: {b.tmp}"
+    assert not b.tmp, f"left behind beside the checkpoints: {b.tmp}"
     assert (b.latest, b.best) == (a.latest, a.best), (b, a)
     for step in a.latest:
         x, y = restore_items(straight / "checkpoints", step), restore_items(resumed / "checkpoints", step)
@@ -216,3 +266,39 @@ def assert_same_run(straight: Path, resumed: Path) -> None:
     eval_a = json.loads((straight / "eval_val" / "metrics.json").read_text())
     eval_b = json.loads((resumed / "eval_val" / "metrics.json").read_text())
     assert eval_a == eval_b
+
+
+# ------------------------------------------------------------------------- shared fixtures
+@pytest.fixture(scope="session")
+def kill_setup(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """``(data folder, JAX compilation cache shared by the children, scratch root)``."""
+    root = tmp_path_factory.mktemp("kills")
+    return make_data(root / "data"), root / "jax_cache", root
+
+
+def write_config(root: Path, name: str, data: Path, *, augment: bool, run_dir: Path | None = None) -> Path:
+    """``root/name/cfg.json`` of :func:`make_config` (run folder ``root/name/run`` by default)."""
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    make_config(data, run_dir or folder / "run", augment=augment).to_json(folder / "cfg.json")
+    return folder / "cfg.json"
+
+
+def uninterrupted(kill_setup, augment: bool) -> Path:
+    data, cache, root = kill_setup
+    path = write_config(root, f"straight_{'aug' if augment else 'plain'}", data, augment=augment)
+    child = run_child(path, cache, tensorflow=augment)
+    assert child.returncode == 0, child.log[-4000:]
+    return path.parent / "run"
+
+
+@pytest.fixture(scope="session")
+def straight_run(kill_setup) -> Path:
+    """The run folder of an uninterrupted run without augmentation (NumPy pipeline)."""
+    return uninterrupted(kill_setup, augment=False)
+
+
+@pytest.fixture(scope="session")
+def straight_augmented_run(kill_setup) -> Path:
+    """The run folder of an uninterrupted run with augmentation (tf.data)."""
+    return uninterrupted(kill_setup, augment=True)

@@ -122,9 +122,8 @@ class Checkpoints:
                 max_to_keep=1, best_fn=lambda m: m[monitor], best_mode="max" if mode_max else "min", **common
             ),
         )
-        self._writing: int | None = None  # the epoch whose saves may still be running
+        self._writing: dict[Any, int] = {}  # manager -> the epoch it may still be writing
         self._monitor, self._mode_max = monitor, mode_max
-        self._trash = [run.checkpoints / TRASH, run.best / TRASH] if jax.process_index() == 0 else []
 
     def __enter__(self) -> Checkpoints:
         return self
@@ -151,8 +150,8 @@ class Checkpoints:
         epoch is the best so far. The writing goes on in the background (one process); a
         :class:`CheckpointWriteError` here may be the previous epoch's."""
         ocp = _orbax()
-        self.wait()  # orbax waits for the previous saves here anyway: their failure is named
-        self._writing = epoch
+        self._finish(self.latest)  # orbax waits for the previous save anyway: its failure is named
+        self._writing[self.latest] = epoch
         with self._failure(epoch, self.latest.directory):
             self.latest.save(
                 epoch, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
@@ -164,7 +163,8 @@ class Checkpoints:
     def _save_best(self, epoch: int, items: dict[str, Any], metrics: dict[str, float]) -> None:
         if epoch in self.best.all_steps():  # saved before a kill; a resumed run redoes it bit-equal
             return
-        self.wait()  # and empty .deleted/, where orbax moves what this save drops
+        self._finish(self.best)
+        self._writing[self.best] = epoch
         ocp = _orbax()
         model = {k: ocp.args.StandardSave(items[k]) for k in ("params", "batch_stats") if k in items}
         with self._failure(epoch, self.best.directory):
@@ -202,13 +202,14 @@ class Checkpoints:
         """Block until the asynchronous saves have finished; a :class:`CheckpointWriteError` if
         one failed."""
         for manager in (self.latest, self.best):
-            with self._failure(self._writing, manager.directory):
-                manager.wait_until_finished()
-        self._empty_trash()
+            self._finish(manager)
 
-    def _empty_trash(self) -> None:
-        for folder in self._trash:
-            shutil.rmtree(folder, ignore_errors=True)
+    def _finish(self, manager) -> None:
+        """Wait for ``manager``'s save; then empty its ``.deleted/`` (what the save dropped)."""
+        with self._failure(self._writing.get(manager), manager.directory):
+            manager.wait_until_finished()
+        if jax.process_index() == 0:
+            shutil.rmtree(Path(manager.directory) / TRASH, ignore_errors=True)
 
     def close(self) -> None:
         try:

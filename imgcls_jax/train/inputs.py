@@ -132,11 +132,16 @@ def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: i
 def feature_inputs(config: TrainConfig, model, train, evals: dict):
     """The frozen base's outputs for the train and evaluation images, as ``FeatureBatches`` with
     the batch sizes of ``train`` and ``evals`` (see :mod:`imgcls_jax.train.features`)."""
-    from imgcls_jax.data import Pipeline
+    from imgcls_jax.data import NumpyPipeline, make_pipeline
 
     start = time.perf_counter()
     bs = config.eval_batch_size or config.batch_size
-    ordered = Pipeline(train.source, image_size=train.image_size, batch_size=bs, training=False, cache=None)
+    # every train image once, in order, read as ``train`` reads them (tf.data or NumPy: TensorFlow
+    # may not be importable)
+    backend = "numpy" if isinstance(train, NumpyPipeline) else "tf"
+    ordered = make_pipeline(
+        train.source, backend=backend, image_size=train.image_size, batch_size=bs, training=False, cache=None
+    )
     feats, labels = compute_features(model, ordered)
     phase_train = FeatureBatches(feats, labels, batch_size=config.batch_size, training=True, seed=config.seed)
     phase_evals = {}
