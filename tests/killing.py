@@ -34,10 +34,12 @@ CHILD_TIMEOUT = 600
 
 #: The child: ``imgcls-jax ARGS``, after ``{setup}`` (e.g. a patch simulating a fault); with
 #: ``{no_tf}`` TensorFlow cannot be imported (as where it is not installed: quicker to start).
+#: Logging is set up first, as the command does (importing orbax first would take the root logger).
 CHILD = """
-import sys
+import logging, sys
 if {no_tf}:
     sys.modules["tensorflow"] = sys.modules["tensorflow_datasets"] = None
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 {setup}
 from imgcls_jax import cli
 sys.exit(cli.main(sys.argv[1:]))
@@ -58,19 +60,19 @@ def save_best(self, epoch, items, metrics):
 Checkpoints._save_best = save_best
 """
 
-#: A kill while a dropped checkpoint is being deleted: half of its folder is gone, then SIGKILL
+#: A kill while a dropped checkpoint is being deleted: half of its files are gone, then SIGKILL
 #: (orbax deletes it, or renames it into ``.deleted/`` which is then emptied: killed in both).
 KILL_WHILE_DELETING = """
-import os, shutil, signal
+import os, pathlib, signal
 from orbax.checkpoint._src.path import deleter
 _delete = deleter.PathDeleter.delete
 def delete(self, path, *, destination=None, overwrite=False):
     if destination is not None:
         _delete(self, path, destination=destination, overwrite=overwrite)
         path = destination
-    parts = sorted(path.iterdir())
-    for part in parts[: max(1, len(parts) // 2)]:
-        shutil.rmtree(part) if part.is_dir() else part.unlink()
+    files = sorted(p for p in pathlib.Path(os.fspath(path)).rglob("*") if p.is_file())
+    for file in files[: max(1, len(files) // 2)]:
+        file.unlink()
     print("KILLED WHILE DELETING", path, flush=True)
     os.kill(os.getpid(), signal.SIGKILL)
 deleter.PathDeleter.delete = delete

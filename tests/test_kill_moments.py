@@ -103,12 +103,16 @@ def seconds_after_training_starts(seconds: float):
 
 
 def random_moment(rng: random.Random) -> Moment:
-    seconds = rng.uniform(0.0, 3.0)
+    seconds = rng.uniform(0.0, 8.0)
     return Moment(
         f"{seconds:.2f} s after training starts (random)",
         when=seconds_after_training_starts(seconds),
         may_finish=True,
     )
+
+
+def next_epoch(latest: int | None) -> int:
+    return 0 if latest is None else latest + 1
 
 
 def final_eval_batch(latest: int | None, k: int = 1) -> Moment:
@@ -189,8 +193,6 @@ def test_kill_at_more_moments_resumes_bit_equal(kill_setup, straight_run):
     evaluation of a child that trained."""
     moments = [
         Moment("mid-epoch 0 (head on cached features)", kill_at="train_step@0:2"),
-        Moment("after epoch 0's metrics row, before its checkpoint", kill_at="metrics@0:1"),
-        Moment("during best/'s save of epoch 1", kill_at="save_best@1:1"),
         Moment("while a checkpoint's temporary folder exists (polled)", when=during_async_save),
         Moment("as soon as a checkpoint is finished (polled)", when=right_after_save),
         Moment(
@@ -198,9 +200,14 @@ def test_kill_at_more_moments_resumes_bit_equal(kill_setup, straight_run):
             setup=KILL_WHILE_DELETING,
             expect="KILLED WHILE DELETING",
         ),
-        Moment("during the async save of epoch 3, the last", kill_at="save@3:1"),
+        lambda latest: Moment(f"after epoch {next_epoch(latest)}'s metrics row, before its checkpoint",
+                              kill_at=f"metrics@{next_epoch(latest)}:1"),
+        lambda latest: Moment(f"during best/'s save of epoch {next_epoch(latest)}",
+                              kill_at=f"save_best@{next_epoch(latest)}:1"),
+        lambda latest: Moment(f"during the async save of epoch {next_epoch(latest)}",
+                              kill_at=f"save@{next_epoch(latest)}:1"),
         final_eval_batch,
-    ]
+    ]  # fmt: skip
     run_chain(kill_setup, "slow", moments, straight_run, augment=False)
 
 
