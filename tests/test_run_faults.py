@@ -112,6 +112,17 @@ def _fail_background_writes(monkeypatch):
     monkeypatch.setattr(ocdbt_utils, "merge_ocdbt_per_process_files", full)
 
 
+def test_an_epoch_the_folder_already_holds_is_an_error_not_a_silent_skip(tmp_path):
+    """orbax does not save an epoch <= its folder's latest (``save`` returns False): a run
+    started afresh (resume=False) into a used run folder would keep the old run's checkpoints."""
+    run = RunDir(tmp_path)
+    with _checkpoints(run) as ckpt:
+        ckpt.save(0, _items(0), None)
+    with pytest.raises(FileExistsError, match=r"epoch 0 was not saved: the folder already holds epoch 0"):
+        with _checkpoints(run) as ckpt:
+            ckpt.save(0, _items(5), None)
+
+
 def test_a_failed_background_write_is_a_clear_error_at_the_next_save(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     ckpt = _checkpoints(run)

@@ -153,8 +153,14 @@ class Checkpoints:
         self._finish(self.latest)  # orbax waits for the previous save anyway: its failure is named
         self._writing[self.latest] = epoch
         with self._failure(epoch, self.latest.directory):
-            self.latest.save(
+            saved = self.latest.save(
                 epoch, args=ocp.args.Composite(**{k: ocp.args.StandardSave(v) for k, v in items.items()})
+            )
+        if not saved:  # orbax skips, silently, an epoch not newer than the folder's latest
+            raise FileExistsError(
+                f"{self.latest.directory}: epoch {epoch} was not saved: the folder already holds epoch "
+                f"{self.latest.latest_step()} of an earlier run (resume=False into a used run folder?). "
+                "Resume instead, or train into a new run_dir."
             )
         kill_point("save", epoch)
         if best_metrics is not None:
