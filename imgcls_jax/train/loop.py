@@ -16,7 +16,10 @@ next epoch. Epoch ``e``'s data order and augmentation and every step's dropout m
 only on the seed, ``e`` and the step, so a run stopped after a checkpoint and resumed ends with
 the same parameters as an uninterrupted one. An epoch's ``metrics.csv`` row is written before
 its checkpoint, and a resumed run drops the rows of epochs after its checkpoint, so each epoch
-is in ``metrics.csv`` exactly once.
+is in ``metrics.csv`` exactly once. A resumed run first redoes the ``best/`` saves a kill cut
+short; one that had finished (its last epoch, or its early stop, checkpointed) trains nothing
+and returns the checkpoint's model. Tested by killing runs at many moments
+(tests/test_kill_moments.py, with :mod:`imgcls_jax.train.faults`).
 
 Devices and processes (``jax.distributed``, see :mod:`imgcls_jax.parallel`): ``fit`` runs
 data-parallel over every device of every process. ``batch_size`` is the global batch; each
