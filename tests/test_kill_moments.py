@@ -38,6 +38,7 @@ from imgcls_jax.train.checkpoints import TMP_SUFFIX
 from tests.killing import (
     KILL_BEFORE_BEST,
     KILL_WHILE_DELETING,
+    RunState,
     assert_same_run,
     inspect_run,
     run_child,
@@ -111,13 +112,16 @@ def random_moment(rng: random.Random) -> Moment:
     )
 
 
-def next_epoch(latest: int | None) -> int:
-    return 0 if latest is None else latest + 1
+def next_epoch(state: RunState | None) -> int:
+    """The first epoch not in ``checkpoints/`` nor ``best/`` (a resumed run skips the ``best/``
+    save of an epoch whose ``best/`` save finished before the kill)."""
+    return 1 + max([-1, *state.latest, *state.best]) if state else 0
 
 
-def final_eval_batch(latest: int | None, k: int = 1) -> Moment:
+def final_eval_batch(state: RunState | None, k: int = 1) -> Moment:
     """The ``k``-th batch of the final evaluation of a child that first trains the epochs after
-    ``latest`` (each validated in ``VAL_BATCHES`` batches)."""
+    the latest checkpoint (each validated in ``VAL_BATCHES`` batches)."""
+    latest = state.latest_step if state else None
     trained = EPOCHS - (0 if latest is None else latest + 1)
     name = f"during the final evaluation (after training {trained} epochs)"
     kill_at = f"eval_batch:{VAL_BATCHES * trained + k}"
@@ -125,16 +129,17 @@ def final_eval_batch(latest: int | None, k: int = 1) -> Moment:
 
 
 def run_chain(kill_setup, name: str, moments: list, straight: Path, *, augment: bool) -> list[str]:
-    """Kill one run at each of ``moments`` (a Moment, or a function of the latest finished
-    epoch giving one), resume it to the end, compare it with ``straight``; one line per moment."""
+    """Kill one run at each of ``moments`` (a Moment, or a function of what the run folder holds
+    giving one), resume it to the end, compare it with ``straight``; one line per moment."""
     data, cache, root = kill_setup
     path = write_config(root, name, data, augment=augment)
     run = path.parent / "run"
     findings = []
     for i, moment in enumerate(moments):
-        latest = inspect_run(run).latest_step if run.is_dir() else None
+        state = inspect_run(run) if run.is_dir() else None
+        latest = state.latest_step if state else None
         if not isinstance(moment, Moment):
-            moment = moment(latest)
+            moment = moment(state)
         log_path = path.parent / f"child{i}.log"
         when = moment.when(run, latest, log_path) if moment.when is not None else None
         child = run_child(
@@ -200,12 +205,12 @@ def test_kill_at_more_moments_resumes_bit_equal(kill_setup, straight_run):
             setup=KILL_WHILE_DELETING,
             expect="KILLED WHILE DELETING",
         ),
-        lambda latest: Moment(f"after epoch {next_epoch(latest)}'s metrics row, before its checkpoint",
-                              kill_at=f"metrics@{next_epoch(latest)}:1"),
-        lambda latest: Moment(f"during best/'s save of epoch {next_epoch(latest)}",
-                              kill_at=f"save_best@{next_epoch(latest)}:1"),
-        lambda latest: Moment(f"during the async save of epoch {next_epoch(latest)}",
-                              kill_at=f"save@{next_epoch(latest)}:1"),
+        lambda state: Moment(f"after epoch {next_epoch(state)}'s metrics row, before its checkpoint",
+                              kill_at=f"metrics@{next_epoch(state)}:1"),
+        lambda state: Moment(f"during best/'s save of epoch {next_epoch(state)}",
+                              kill_at=f"save_best@{next_epoch(state)}:1"),
+        lambda state: Moment(f"during the async save of epoch {next_epoch(state)}",
+                              kill_at=f"save@{next_epoch(state)}:1"),
         final_eval_batch,
     ]  # fmt: skip
     run_chain(kill_setup, "slow", moments, straight_run, augment=False)
