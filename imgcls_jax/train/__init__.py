@@ -2,7 +2,13 @@
 evaluation loop, run folders and checkpoints. No TensorFlow here (the data layer loads it when a
 run reads its images)."""
 
-from imgcls_jax.train.checkpoints import Checkpoints, model_items, restore_model, set_model_items
+from imgcls_jax.train.checkpoints import (
+    Checkpoints,
+    CheckpointWriteError,
+    model_items,
+    restore_model,
+    set_model_items,
+)
 from imgcls_jax.train.evaluation import EvalTotals, evaluate_batches
 from imgcls_jax.train.imported import initialize_from, write_run_folder
 from imgcls_jax.train.loop import FitResult, NonFiniteLossError, Trainer, fit
@@ -27,6 +33,7 @@ from imgcls_jax.train.steps import (
 
 __all__ = [
     "METRIC_FIELDS",
+    "CheckpointWriteError",
     "Checkpoints",
     "EvalTotals",
     "FitResult",
