@@ -134,7 +134,8 @@ def test_a_failed_background_write_is_a_clear_error_at_the_next_save(tmp_path, m
         ckpt.save(2, _items(2), None)
     message = str(caught.value)
     assert caught.value.errno == errno.ENOSPC
-    assert f"{run.checkpoints}: could not write the checkpoint of epoch 1 (No space left on device: the disk is full)" in message
+    full = "(No space left on device: the disk is full)"
+    assert f"{run.checkpoints}: could not write the checkpoint of epoch 1 {full}" in message
     assert f"The last finished checkpoint is epoch 0 in {run.checkpoints}" in message
     monkeypatch.undo()
     ckpt.close()
@@ -148,7 +149,8 @@ def test_a_failed_last_write_is_raised_when_the_run_ends(tmp_path, monkeypatch):
     run = RunDir(tmp_path / "run")
     _fail_background_writes(monkeypatch)
     with pytest.raises(
-        CheckpointWriteError, match=r"epoch 0 \(No space left on device: the disk is full\).*No checkpoint is finished"
+        CheckpointWriteError,
+        match=r"epoch 0 \(No space left on device: the disk is full\).*No checkpoint is finished",
     ):
         with _checkpoints(run) as ckpt:
             ckpt.save(0, _items(0), {"val_loss": 1.0, "val_accuracy": 0.5})
