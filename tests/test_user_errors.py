@@ -21,8 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+import imgcls_jax
 from imgcls_jax import cli
 from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.models.registry import model_info
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -417,3 +419,14 @@ def test_any_command_line_is_accepted_or_one_line_with_status_2(files, monkeypat
     lines = [line for line in err.splitlines() if line.strip()]
     event(f"{argv[0]}: status {status}")
     assert status == 2 and len(lines) == 1 and lines[0].startswith("imgcls-jax: error: "), (argv, status, err)
+
+
+@pytest.mark.parametrize("name", imgcls_jax.list_models())
+def test_the_train_command_checks_every_family(name):
+    """``imgcls-jax train`` builds each phase's model abstractly (``nnx.eval_shape``) before
+    training: every family's constructor must trace (EfficientNet's kernel initializer did not)."""
+    from imgcls_jax.cli.commands import check_train_model
+
+    size = model_info(name).min_size
+    config = TrainConfig(model=name, data="x", image_size=max(size, 32), weights=None)
+    check_train_model(config)

@@ -45,7 +45,9 @@ def init_conv_kernels(kernels: Sequence[nnx.Param], key: jax.Array) -> None:
     cost tens of seconds on a 2-core CPU), split in order; the result depends only on ``key``.
     """
     sizes = [int(np.prod(k.shape)) for k in kernels]
-    draw = np.asarray(jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32))
+    draw = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32)
+    if not isinstance(draw, jax.core.Tracer):  # under nnx.eval_shape it stays abstract
+        draw = np.asarray(draw)
     start = 0
     for kernel, size in zip(kernels, sizes):
         k0, k1, _, cout = kernel.shape
