@@ -43,6 +43,7 @@ from flax import nnx
 
 from imgcls_jax import parallel
 from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.train.callbacks import best_epoch, early_stopping_epoch, plateau_learning_rates
 from imgcls_jax.train.checkpoints import Checkpoints, model_items, set_model_items, state_item
 from imgcls_jax.train.evaluation import evaluate_batches
 from imgcls_jax.train.inputs import feature_inputs, run_inputs
@@ -357,20 +358,22 @@ class Trainer:
             if h["val_loss"] != "" and (epochs is None or h["epoch"] in epochs)
         ]
 
-    def _since_best(self, scores: list[float]) -> int:
-        return len(scores) - 1 - int(np.argmax(scores) if self.mode_max else np.argmin(scores))
-
     def plateau(self, phase: Phase, epoch: int) -> None:
-        """``schedule="plateau"``: scale the learning rate by ``plateau_factor`` each time the
-        monitored metric has not improved for ``plateau_patience`` epochs of this phase."""
-        scores = self._scores(phase.epochs)
-        if phase.config.schedule != "plateau" or not scores or self.history[-1]["val_loss"] == "":
+        """``schedule="plateau"``: the lr scale Keras's ``ReduceLROnPlateau(factor, patience,
+        min_delta)`` would have reached after this phase's epochs so far
+        (:func:`~imgcls_jax.train.callbacks.plateau_learning_rates` of their scores, so a resumed
+        run decides as an uninterrupted one)."""
+        scores, config = self._scores(phase.epochs), phase.config
+        if config.schedule != "plateau" or not scores or self.history[-1]["val_loss"] == "":
             return
-        stale = self._since_best(scores)
-        if stale and stale % phase.config.plateau_patience == 0:
-            scale = lr_scale(phase.state.opt_state) * phase.config.plateau_factor
+        scale = plateau_learning_rates(
+            scores, 1.0, mode_max=self.mode_max, factor=config.plateau_factor,
+            patience=config.plateau_patience, min_delta=config.plateau_min_delta,
+        )[-1]  # fmt: skip
+        if scale != lr_scale(phase.state.opt_state):
             phase.state = phase.state.replace(opt_state=set_lr_scale(phase.state.opt_state, scale))
-            log.info("plateau: %s flat for %d epochs, lr scale now %g", self.config.monitor, stale, scale)
+            log.info("plateau: %s did not improve for %d epochs, lr scale now %g", self.config.monitor,
+                     config.plateau_patience, scale)  # fmt: skip
 
     def save(self, phase: Phase, epoch: int, row: dict) -> None:
         """Checkpoint epoch ``epoch``: the model (with the weight average when there is one), the
@@ -390,11 +393,16 @@ class Trainer:
         self.checkpoints.save(epoch, items, best)
 
     def early_stopping(self, epoch: int) -> None:
+        """Stop after this epoch where Keras's ``EarlyStopping(patience)`` (``min_delta=0``) would,
+        over the run's scores so far (:func:`~imgcls_jax.train.callbacks.early_stopping_epoch`)."""
         scores, patience = self._scores(), self.config.early_stopping_patience
-        if scores and patience and self._since_best(scores) >= patience:
+        if not scores or not patience:
+            return
+        if early_stopping_epoch(scores, mode_max=self.mode_max, patience=patience) is not None:
+            best = best_epoch(scores, mode_max=self.mode_max)
             log.info(
-                "early stopping after epoch %d (%s flat for %d epochs)",
-                epoch, self.config.monitor, self._since_best(scores),
+                "early stopping after epoch %d (%s last improved %d scored epochs ago)",
+                epoch, self.config.monitor, len(scores) - 1 - best,
             )  # fmt: skip
             self.stopped_early = True
 
