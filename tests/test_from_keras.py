@@ -283,6 +283,37 @@ def test_fit_keeps_the_first_of_equal_best_scores_as_keras(tiny_folder, tmp_path
     assert best == 1 and load_run(result.run_dir, "best").epoch == best
 
 
+# ----------------------------------------------------------------- schedule and loss of compile()
+@pytest.mark.parametrize("total, warmup", [(120, 20), (87 * 12, 174), (50, 0)])
+def test_cosine_with_warmup_is_keras_cosine_decay(total, warmup):
+    """``PhaseConfig(schedule="cosine", warmup_epochs=)``'s rate at every step is
+    ``CosineDecay(0.0, decay_steps=total - warmup, warmup_target=lr, warmup_steps=warmup)``'s."""
+    from imgcls_jax.train.optim import make_schedule
+
+    ours = make_schedule("cosine", 2e-4, total, warmup_steps=warmup)
+    theirs = keras.optimizers.schedules.CosineDecay(
+        0.0 if warmup else 2e-4, decay_steps=total - warmup, alpha=0.0,
+        warmup_target=2e-4 if warmup else None, warmup_steps=warmup,
+    )  # fmt: skip
+    steps = np.arange(total + 1)
+    got = np.array([float(ours(int(t))) for t in steps])
+    want = np.array([float(theirs(int(t))) for t in steps])
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-11)
+
+
+def test_label_smoothing_is_keras_categorical_crossentropy():
+    from imgcls_jax.train.steps import cross_entropy
+
+    rng = np.random.default_rng(0)
+    logits, labels = rng.normal(0, 3, (64, 5)).astype(np.float32), rng.integers(0, 5, 64)
+    onehot = np.eye(5, dtype=np.float32)[labels]
+    for smoothing in (0.0, 0.1, 0.3):
+        ours = float(np.mean(cross_entropy(logits, labels, label_smoothing=smoothing)))
+        for from_logits, outputs in ((True, logits), (False, keras.ops.softmax(logits))):
+            loss = keras.losses.CategoricalCrossentropy(from_logits=from_logits, label_smoothing=smoothing)
+            np.testing.assert_allclose(ours, float(loss(onehot, outputs)), rtol=1e-5)
+
+
 # ------------------------------------------------------------------------- ImageDataGenerator
 def test_image_data_generator_arguments_convert_exactly(caplog):
     kwargs = dict(
