@@ -35,6 +35,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import statistics
 import sys
 import time
@@ -87,6 +88,7 @@ def run_imgcls_jax(config, out: Path) -> dict:
         ends.append(time.perf_counter())
         loads.append(load())
 
+    shutil.rmtree(config.run_dir, ignore_errors=True)  # from scratch each time
     start = time.perf_counter()
     result = fit(config, resume=False, callbacks=[timer])
     run = Path(result.run_dir)

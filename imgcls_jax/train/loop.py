@@ -47,7 +47,7 @@ from flax import nnx
 from imgcls_jax import parallel
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.train.callbacks import best_epoch, early_stopping_epoch, improvements, plateau_learning_rates
-from imgcls_jax.train.checkpoints import Checkpoints, model_items, set_model_items, state_item
+from imgcls_jax.train.checkpoints import Checkpoints, finished_steps, model_items, set_model_items, state_item
 from imgcls_jax.train.evaluation import evaluate_batches
 from imgcls_jax.train.faults import kill_point
 from imgcls_jax.train.inputs import feature_inputs, run_inputs
@@ -100,6 +100,18 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     return Trainer(config, resume=resume, callbacks=callbacks).run()
 
 
+def refuse_used_run_dir(run: RunDir) -> None:
+    """``resume=False`` into a folder that holds an earlier run's checkpoints: ``FileExistsError``
+    before anything is trained or written (the earlier run is not mixed in nor deleted)."""
+    held = [d.name for d in (run.checkpoints, run.best) if finished_steps(d)]
+    if held:
+        raise FileExistsError(
+            f"{run.root} holds checkpoints of an earlier run ({', '.join(held)}/): fit(resume=False) "
+            "does not overwrite them. Resume it (resume=True), train into a new run_dir, or move it aside "
+            "(imgcls-jax train --restart does: RUN_DIR.replaced-<time>)."
+        )
+
+
 def check_devices(config: TrainConfig) -> None:
     """The (global) batches must divide over every device of every process."""
     devices, processes = jax.device_count(), jax.process_count()
@@ -131,6 +143,8 @@ class Trainer:
         from imgcls_jax.models.registry import model_from_config
 
         config, run = self.config, self.run_dir
+        if not self.resume:
+            refuse_used_run_dir(run)
         run.root.mkdir(parents=True, exist_ok=True)
         if self.main:
             run.write_config(config)
