@@ -345,3 +345,28 @@ def test_the_quick_example_tune_file_is_valid():
     quick = load_tune_config(ROOT / "examples" / "configs" / "tune_flowers_quick.json")
     parse_space(quick.space, quick.base)
     assert quick.base.weights is None  # runs without network
+
+
+def test_the_search_space_can_choose_the_model(flowers, tmp_path):
+    """``"model"`` as a categorical: each trial builds and trains the family it drew (a BatchNorm
+    family included, its statistics checkpointed); an unknown family fails before any trial."""
+    from imgcls_jax.hpo.space import SearchSpaceError, parse_space
+
+    space = {"model": {"type": "categorical", "choices": ["vgg16", "efficientnetb0"]}}
+    with pytest.raises(SearchSpaceError, match="model"):
+        parse_space(
+            {"model": {"type": "categorical", "choices": ["vgg16", "resnet9000"]}},
+            base_config(flowers, tmp_path),
+        )
+    result = search(
+        base_config(flowers, tmp_path / "study", epochs=1), space, 3, sampler="random", seed=1, plots=False
+    )
+    drawn = []
+    for t in result.study.get_trials():
+        assert t.state.name == "COMPLETE"
+        run = Path(t.user_attrs["run_dir"])
+        assert TrainConfig.from_json(run / "config.json").model == t.params["model"]
+        has_stats = (run / "checkpoints" / "0" / "batch_stats").is_dir()
+        assert has_stats == (t.params["model"] == "efficientnetb0")
+        drawn.append(t.params["model"])
+    assert set(drawn) == {"vgg16", "efficientnetb0"}, drawn

@@ -13,7 +13,8 @@ Each entry maps a *path* into the config to a distribution::
       "augment_strength":       {"type": "float", "low": 0.0, "high": 1.5},
       "phases.1.trainable":     {"type": "categorical", "choices": ["top:1", "top:2", "all"]},
       "phases.0.schedule":      {"type": "categorical", "choices": ["constant", "cosine"]},
-      "label_smoothing":        {"type": "float", "low": 0.0, "high": 0.2}
+      "label_smoothing":        {"type": "float", "low": 0.0, "high": 0.2},
+      "model":                  {"type": "categorical", "choices": ["vgg16", "efficientnetb0"]}
     }
 
 A path is a ``TrainConfig`` field, then dict keys / list indices separated by dots; ``*``
