@@ -4,6 +4,10 @@ import importlib.util
 import logging
 from pathlib import Path
 
+import pytest
+
+import imgcls_jax
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -47,3 +51,24 @@ def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):
     assert "Classification Report" in out and "trained from scratch" in out
     for name in ("report.txt", "confusion_matrix.png", "learning_curves.png"):
         assert (tmp_path / "run" / "eval_val" / name).is_file()
+
+
+#: one model of each registered family (the others differ only in sizes)
+FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2")
+
+
+@pytest.mark.parametrize(
+    "name",
+    [pytest.param(n, marks=() if n.startswith("vgg") else pytest.mark.slow)  # minutes each on 2 cores
+     for n in FAMILIES if n in imgcls_jax.list_models()],
+)  # fmt: skip
+def test_example_trains_each_family(name, tmp_path, capsys):
+    """``examples/train.py --model NAME`` for each family (from scratch at 32x32, one epoch):
+    it trains, evaluates and the run records the model."""
+    from imgcls_jax import TrainConfig
+
+    example = load_example()
+    args = ["--model", name, "--weights", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "8"]
+    assert example.main([*args, "--run-dir", str(tmp_path / "run")]) == 0
+    assert "Classification Report" in capsys.readouterr().out
+    assert TrainConfig.from_json(tmp_path / "run" / "config.json").model == name
