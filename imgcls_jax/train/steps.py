@@ -111,7 +111,9 @@ def _train_program(split: SplitModel, optimizer, forward, placement) -> Callable
         key = jax.random.fold_in(dropout_key, state.step)
 
         def loss_fn(params):
-            model = nnx.merge(graph, params, state.stats, frozen, rest)
+            # copy=True: fresh Variables at this trace level, so trained BatchNorm layers can write
+            # their moving statistics here (the step's own ones belong to the outer jit trace)
+            model = nnx.merge(graph, params, state.stats, frozen, rest, copy=True)
             logits = forward(model, batch, key)
             loss = cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean()
             return loss, (logits, split.stats_of(model))
