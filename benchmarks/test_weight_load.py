@@ -29,7 +29,7 @@ def setup(tmp_path_factory):
     path.parent.mkdir()
     write_random_legacy(path, include_top=True)
     with pytest.MonkeyPatch.context() as mp:
-        mp.setitem(store.IMAGENET, KEY, dataclasses.replace(pub, md5=store.md5sum(path)))
+        mp.setitem(store.IMAGENET, KEY, dataclasses.replace(pub, file_hash=store.md5sum(path)))
         mp.setenv("IMGCLS_JAX_WEIGHTS_DIR", str(path.parent))
         mp.setenv("IMGCLS_JAX_CACHE", str(tmp / "cache"))
         yield imgcls_jax.create_model("vgg16"), tmp / "cache"

@@ -22,7 +22,7 @@ def published_file(tmp_path, monkeypatch):
     path = tmp_path / "mirror" / pub.filename
     path.parent.mkdir()
     layers = write_random_legacy(path)
-    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(pub, md5=store.md5sum(path)))
+    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(pub, file_hash=store.md5sum(path)))
     return path, layers
 
 
@@ -37,7 +37,7 @@ def test_published_table_matches_keras():
         assert store.IMAGENET[(arch, True)].url == module.WEIGHTS_PATH
         assert store.IMAGENET[(arch, False)].url == module.WEIGHTS_PATH_NO_TOP
         source = open(module.__file__).read()
-        assert store.IMAGENET[(arch, True)].md5 in source and store.IMAGENET[(arch, False)].md5 in source
+        assert store.IMAGENET[(arch, True)].file_hash in source and store.IMAGENET[(arch, False)].file_hash in source
 
 
 def test_keras_cache_location(monkeypatch, tmp_path):
@@ -53,7 +53,7 @@ def test_offline_error_says_what_to_put_where(monkeypatch):
         imgcls_jax.create_model("vgg16", num_classes=5, weights="imagenet", input_shape=(32, 32, 3))
     msg = str(err.value)
     pub = store.IMAGENET[NOTOP]
-    assert pub.filename in msg and pub.md5 in msg and "IMGCLS_JAX_WEIGHTS_DIR" in msg
+    assert pub.filename in msg and pub.file_hash in msg and "IMGCLS_JAX_WEIGHTS_DIR" in msg
     assert str(store.keras_cache_dir() / pub.filename) in msg
     assert not list(store.keras_cache_dir().glob("*"))  # no partial download left behind
 
@@ -71,7 +71,7 @@ def test_download_into_keras_cache_with_md5(published_file, monkeypatch):
 
 def test_download_with_wrong_md5_saves_nothing(published_file, monkeypatch):
     path, _ = published_file
-    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(store.IMAGENET[NOTOP], md5="0" * 32))
+    monkeypatch.setitem(store.IMAGENET, NOTOP, dataclasses.replace(store.IMAGENET[NOTOP], file_hash="0" * 32))
     monkeypatch.setattr(
         store.PublishedWeights, "url", property(lambda self: (path.parent / self.filename).as_uri())
     )

@@ -1,12 +1,14 @@
-"""Read (and write) Keras VGG weight files: legacy HDF5 and Keras 3 ``.weights.h5``.
+"""Read (and write) Keras weight files: legacy HDF5 and Keras 3 ``.weights.h5``.
 
 Two layouts are read:
 
 * **legacy HDF5** (Keras 1/2, and the keras-applications ImageNet files): the root (or a
   ``model_weights`` group, for whole-model saves) has a ``layer_names`` attribute; each layer
   group has a ``weight_names`` attribute, and the weights are the datasets at those paths,
-  in that order (kernel, bias). Names are whatever the writer chose: the published VGG16 files
-  use Keras-1 names such as ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``.
+  in that order (kernel, bias; BatchNorm: gamma, beta, moving mean, moving variance). Names are
+  whatever the writer chose: the published VGG16 files use Keras-1 names such as
+  ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``, Keras 3's legacy writer
+  ``block1_conv1/kernel``.
 * **Keras 3** ``.weights.h5``: ``layers/<key>/vars/<i>``, where ``<key>`` is a class-based
   path (``conv2d``, ``conv2d_1``, ..., ``dense_2``) and ``vars`` carries the layer's real name
   in its ``name`` attribute when the writer recorded it.
@@ -24,9 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls_jax.models.vgg import LayerSpec
+from imgcls_jax.models.base import LayerSpec
 
 TOP_LAYERS = ("fc1", "fc2", "predictions")
+#: Every name a Keras top layer has in the published files: VGG's, and the top dense layer as
+#: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``).
+TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits"}
 
 
 class WeightFileError(ValueError):
@@ -141,80 +146,136 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
     file.layers = renamed
 
 
-def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
-    """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, shapes)."""
+#: A layer name only one family's files have -> that family, for "it looks like" hints.
+FAMILY_MARKERS = {
+    "block1_conv1": "VGG",
+    "conv1_conv": "ResNet",
+    "bn_Conv1": "MobileNetV2",
+    "stem_conv": "EfficientNet",
+}
+
+
+def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
+    """Rename a file's layer that carries one of a spec's ``aliases`` to the spec's name."""
+    for spec in specs:
+        if spec.name in file.layers:
+            continue
+        for alias in spec.aliases:
+            if alias in file.layers:
+                file.layers = {spec.name if k == alias else k: v for k, v in file.layers.items()}
+                break
+
+
+def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:
+    if any(re.fullmatch(r"block[34]_conv4", n) for n in extra):
+        return " (it looks like a VGG19 file)"
+    if any(re.fullmatch(r"block[34]_conv4", n) for n in missing):
+        return " (it looks like a VGG16 file)"
+    for marker, family in FAMILY_MARKERS.items():
+        if marker in extra and not arch.lower().startswith(family.lower()):
+            return f" (it looks like a {family} file)"
+    return ""
+
+
+def _check_names(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
     path = file.path
-    if file.layout == "keras3":
-        _rename_keras3_by_order(file, specs)
     expected = [s.name for s in specs]
     found = list(file.layers)
     missing = [n for n in expected if n not in file.layers]
     extra = [n for n in found if n not in expected]
-    model_top = "fc1" in expected
-    if not model_top and set(extra) & set(TOP_LAYERS) and not missing:
+    if "predictions" not in expected and extra and set(extra) <= TOP_NAMES and not missing:
         raise WeightFileError(
-            f"{path}: file has the classification top ({', '.join(n for n in extra if n in TOP_LAYERS)}) "
+            f"{path}: file has the classification top ({', '.join(extra)}) "
             f"but the model was built with include_top=False: use the '_notop' file, or "
             f"include_top=True"
         )
-    if model_top and set(missing) == set(TOP_LAYERS) and not extra:
+    model_top = [n for n in expected if n in TOP_LAYERS]
+    if model_top and missing == model_top and not extra:
         raise WeightFileError(
-            f"{path}: file has no classification top (fc1, fc2, predictions missing: a '_notop' "
+            f"{path}: file has no classification top ({', '.join(model_top)} missing: a '_notop' "
             f"file) but the model was built with include_top=True: use the top file, or "
             f"include_top=False"
         )
     if missing or extra:
-        hint = ""
-        if any(re.fullmatch(r"block[34]_conv4", n) for n in extra):
-            hint = " (it looks like a VGG19 file)"
-        elif any(re.fullmatch(r"block[34]_conv4", n) for n in missing):
-            hint = " (it looks like a VGG16 file)"
         raise WeightFileError(
-            f"{path}: layers do not match {arch}{hint}: expected {len(expected)} weighted layers, "
-            f"found {len(found)}; missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-            f"unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}"
+            f"{path}: layers do not match {arch}{_family_hint(arch, missing, extra)}: expected "
+            f"{len(expected)} weighted layers, found {len(found)}; missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}"
         )
-    for spec in specs:
-        datasets = file.layers[spec.name]
-        shapes = [tuple(d.shape) for d in datasets]
-        if len(shapes) != len(spec.shapes):
-            raise WeightFileError(
-                f"{path}: layer {spec.name!r}: expected {len(spec.shapes)} weights (kernel, bias), "
-                f"found {len(shapes)}"
+
+
+def _shape_message(file: FileLayers, spec: LayerSpec, what: str, want: tuple, got: tuple) -> str:
+    msg = f"{file.path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
+    if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
+        msg += (
+            "; this is a Theano/channels-first (OIHW) kernel "
+            f"(file backend: {file.backend or 'unknown'}): use the "
+            "'tf_dim_ordering' (HWIO) file"
+        )
+    elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
+        msg += (
+            f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
+            "number of classes use include_top=False with num_classes"
+        )
+    return msg
+
+
+def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
+    datasets = file.layers[spec.name]
+    shapes = [tuple(d.shape) for d in datasets]
+    names = spec.weight_names
+    if len(shapes) != len(spec.shapes):
+        msg = (
+            f"{file.path}: layer {spec.name!r}: expected {len(spec.shapes)} weights "
+            f"({', '.join(names)}), found {len(shapes)}"
+        )
+        if "moving_variance" in names and len(shapes) < len(names):
+            msg += (
+                " (in the file: "
+                + ", ".join(str(getattr(d, "name", "?")).rsplit("/", 1)[-1] for d in datasets)
+                + "): its BatchNorm moving statistics are missing. A Keras file of this model "
+                "holds all four BatchNorm weights (gamma, beta, moving_mean, moving_variance); "
+                "save it with model.save_weights()"
             )
-        for what, want, got in zip(("kernel", "bias"), spec.shapes, shapes):
-            if want == got:
-                continue
-            msg = f"{path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
-            if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
-                msg += (
-                    "; this is a Theano/channels-first (OIHW) kernel "
-                    f"(file backend: {file.backend or 'unknown'}): use the "
-                    "'tf_dim_ordering' (HWIO) file"
-                )
-            elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
-                msg += (
-                    f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
-                    "number of classes use include_top=False with num_classes"
-                )
-            raise WeightFileError(msg)
-        for what, dataset in zip(("kernel", "bias"), datasets):
-            if not np.issubdtype(dataset.dtype, np.floating):
-                raise WeightFileError(
-                    f"{path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
-                )
+        raise WeightFileError(msg)
+    for what, want, got in zip(names, spec.shapes, shapes):
+        if want != got:
+            raise WeightFileError(_shape_message(file, spec, what, want, got))
+    for what, dataset in zip(names, datasets):
+        if not np.issubdtype(dataset.dtype, np.floating):
+            raise WeightFileError(
+                f"{file.path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
+            )
+
+
+def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
+    """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, number
+    of weights, shapes, float dtypes). A file layer named as one of a spec's ``aliases`` is
+    renamed to the spec's name first."""
+    if file.layout == "keras3":
+        _rename_keras3_by_order(file, specs)
+    _apply_aliases(file, specs)
+    _check_names(file, specs, arch)
+    for spec in specs:
+        _check_layer(file, spec)
 
 
 def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[np.ndarray]]:
-    """Read the validated datasets as float32 numpy arrays; reject non-finite values."""
+    """Read the validated datasets as float32 numpy arrays; reject non-finite values and
+    negative BatchNorm moving variances."""
     out = {}
     for spec in specs:
         arrays = []
-        for what, dataset in zip(("kernel", "bias"), file.layers[spec.name]):
+        for what, dataset in zip(spec.weight_names, file.layers[spec.name]):
             array = np.asarray(dataset[()], dtype=np.float32)
             if not np.isfinite(array).all():
                 raise WeightFileError(
                     f"{file.path}: layer {spec.name!r} {what} contains NaN or infinite values"
+                )
+            if what == "moving_variance" and (array < 0).any():
+                raise WeightFileError(
+                    f"{file.path}: layer {spec.name!r} moving_variance has negative values "
+                    f"(min {array.min():.3g}); a variance is >= 0: the file is corrupt"
                 )
             arrays.append(array)
         out[spec.name] = arrays

@@ -10,7 +10,14 @@ import jax.numpy as jnp
 
 from imgcls_jax.weights.keras import FileLayers, WeightFileError, read_keras_weights, validate
 from imgcls_jax.weights.ported import is_ported_dir, read_ported
-from imgcls_jax.weights.store import cache_path, check_md5, load_converted, resolve_imagenet, save_converted
+from imgcls_jax.weights.store import (
+    IMAGENET,
+    cache_path,
+    check_hash,
+    load_converted,
+    resolve_imagenet,
+    save_converted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,8 +32,10 @@ class LoadedWeights:
     from_cache: bool
 
 
-def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: bool = True) -> LoadedWeights:
-    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.VGG`) in place.
+def load_weights(
+    model, weights, *, preprocessing: str | None = None, use_cache: bool = True
+) -> LoadedWeights:
+    """Load Keras weights into ``model`` (a registered family, e.g. :class:`~imgcls_jax.models.VGG`) in place.
 
     Args:
       model: the model; its ``layer_specs()`` say which Keras layers the file must provide.
@@ -34,7 +43,9 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         legacy ``.h5`` or Keras 3 ``.weights.h5`` file, or a folder written by
         ``imgcls-jax port-weights`` (:func:`save_ported`; its preprocessing is recorded in it).
       preprocessing: the input normalisation the file's weights were trained with, for a
-        path (Keras's VGG files: ``"caffe"``). For ``"imagenet"`` the published mode is used.
+        path; default: the one of the family's published files (``"caffe"`` for VGG and
+        ResNet50, ``"tf"`` for MobileNetV2; ``"caffe"`` for a family without). For
+        ``"imagenet"`` the published mode is used.
       use_cache: read/write converted parameters from/to the cache (see
         :mod:`imgcls_jax.weights.store`).
 
@@ -45,8 +56,13 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
       WeightsUnavailableError, ChecksumError: for ``"imagenet"``.
     """
     published = None
+    if preprocessing is None:
+        family = IMAGENET.get((getattr(model, "arch", None), False))
+        preprocessing = family.preprocessing if family is not None else "caffe"
     if isinstance(weights, str) and weights == "imagenet":
-        path, published = resolve_imagenet(model.arch, model.include_top)
+        path, published = resolve_imagenet(
+            model.arch, model.include_top, input_shape=getattr(model, "input_shape", None)
+        )
         preprocessing = published.preprocessing
     else:
         path = Path(weights).expanduser()
@@ -71,7 +87,7 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         layout = meta["layout"]
     else:
         if published is not None:
-            check_md5(path, published)
+            check_hash(path, published)
         layers, layout = read_keras_weights(path, specs, model.arch)
         if use_cache:
             try:

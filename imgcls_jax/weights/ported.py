@@ -1,8 +1,10 @@
 """Ported weights as an orbax checkpoint: ``imgcls-jax port-weights file.h5 out_dir``.
 
-``out_dir/params/`` holds the Keras-named layers' parameters (``{layer: {"kernel", "bias"}}``,
-float32) as an orbax checkpoint and ``out_dir/imgcls_jax_weights.json`` says what they are
-(architecture, top or not, preprocessing, source file). ``load_weights(model, out_dir)`` and
+``out_dir/params/`` holds the Keras-named layers' weights (``{layer: {weight name: array}}``,
+float32, named as :attr:`~imgcls_jax.models.LayerSpec.weight_names`: kernel, bias; BatchNorm's
+gamma, beta, moving_mean, moving_variance) as an orbax checkpoint and
+``out_dir/imgcls_jax_weights.json`` says what they are (architecture, top or not,
+preprocessing, source file). ``load_weights(model, out_dir)`` and
 ``create_model(..., weights=out_dir)`` read it back with the same validation as a Keras file.
 """
 
@@ -32,8 +34,8 @@ def save_ported(model, out_dir, *, source: str, preprocessing: str) -> Path:
     out_dir.mkdir(parents=True, exist_ok=True)
     layers = {
         spec.name: {
-            "kernel": np.asarray(getattr(model, spec.name).kernel.get_value()),
-            "bias": np.asarray(getattr(model, spec.name).bias.get_value()),
+            what: np.asarray(variable.get_value())
+            for what, variable in zip(spec.weight_names, model.keras_variables(spec.name), strict=True)
         }
         for spec in model.layer_specs()
     }
@@ -52,7 +54,8 @@ def save_ported(model, out_dir, *, source: str, preprocessing: str) -> Path:
 
 
 def read_ported(path, specs, arch: str) -> tuple[dict, dict]:
-    """``(layers {name: [kernel, bias]}, meta)`` from a ported folder, validated against ``specs``."""
+    """``(layers {name: [weights in Keras's order]}, meta)`` from a ported folder, validated
+    against ``specs`` (a weight missing from a layer is reported by the validation)."""
     import orbax.checkpoint as ocp
 
     path = Path(path).absolute()
@@ -61,6 +64,9 @@ def read_ported(path, specs, arch: str) -> tuple[dict, dict]:
         raise WeightFileError(f"{path}: ported weights of {meta.get('arch')!r}, but the model is {arch!r}")
     with ocp.StandardCheckpointer() as checkpointer:
         raw = checkpointer.restore(path / "params")
-    layers = {name: [np.asarray(v["kernel"]), np.asarray(v["bias"])] for name, v in raw.items()}
+    order = {spec.name: spec.weight_names for spec in specs}
+    layers = {
+        name: [np.asarray(v[w]) for w in order.get(name, sorted(v)) if w in v] for name, v in raw.items()
+    }
     validate(FileLayers(path, "ported", layers), specs, arch)
     return layers, meta
