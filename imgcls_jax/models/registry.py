@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models import mobilenet, resnet
 from imgcls_jax.models.vgg import BLOCKS, VGG
 
 
@@ -79,6 +80,16 @@ def vgg16(**options) -> VGG:
 @register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))
 def vgg19(**options) -> VGG:
     return VGG("vgg19", **options)
+
+
+@register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES)
+def resnet50(**options) -> resnet.ResNet50:
+    return resnet.ResNet50(**options)
+
+
+@register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES)
+def mobilenetv2(**options) -> mobilenet.MobileNetV2:
+    return mobilenet.MobileNetV2(**options)
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

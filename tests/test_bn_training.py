@@ -1,0 +1,170 @@
+"""BatchNorm through training, at the model level, against Keras's ``train_on_batch``.
+
+The same random weights and moving statistics (tests/bn_helpers.py) in Keras (``include_top=False,
+pooling="avg"`` + ``Dense(K)``) and in ours (``create_model(..., num_classes=K, pooling="avg")``);
+one plain SGD step on the same batch, dropout off, with the last stages and the head trained:
+Keras freezes the other layers with ``layer.trainable = False`` (which since TF 2.0 also runs
+their BatchNorm in inference mode), ours through ``split_model(model, model.trainable_layers(...))``.
+
+Compared after the step: the loss, every trained weight, every trained BatchNorm's moving mean
+and variance (Keras: ``m <- 0.99 m + 0.01 batch`` for ResNet50, 0.999/0.001 for MobileNetV2),
+and that the frozen layers' statistics did not move in either framework.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import imgcls_jax
+from imgcls_jax.train import init_state, make_optimizer, make_train_step, split_model
+from tests.bn_helpers import BN_MODELS, images, keras, keras_model, randomize, save_both
+
+SIZE, K, N, LR = 64, 5, 8, 0.1
+#: what each family trains: its last stages and the head
+TRAINABLE = {"resnet50": "top:2", "mobilenetv2": "top:3"}
+#: |ours - keras| <= UPDATE_TOL * max |keras update| (+ 4 ulp of the value) for all but a
+#: fraction OUTLIERS of each weight tensor and moving statistic, and <= FLIP_TOL * max |update|
+#: for all. Why so loose: a one-step update is ill-conditioned in float32 here (training-mode
+#: BatchNorm over 8 images of 2x2 maps subtracts nearly equal numbers): against a float64 run of
+#: our model, Keras's own float32 update is up to 1.2e-2 of the update off for MobileNetV2 (ours
+#: 1.5e-2) and 4e-5 for ResNet50. Outliers: a ReLU input within float32 rounding of 0 switches
+#: in one framework and not in the other, which changes one channel's gradient and, a little,
+#: every layer below it (seen once on ResNet50: conv5_block3's output at 2e-5, one channel of
+#: conv5_block3_3_conv 22% off, layers below up to 1e-2).
+UPDATE_TOL = 3e-2
+OUTLIERS = 2e-3
+FLIP_TOL = 0.5
+#: ResNet50's convolution biases feed a BatchNorm, which in training mode subtracts the batch
+#: mean: they get no gradient, and must move by float32 noise only (in both frameworks)
+ZERO_GRAD_TOL = 1e-4
+
+
+@pytest.fixture(scope="module", params=BN_MODELS)
+def pair(request, tmp_path_factory):
+    """A Keras base with random weights and statistics, its file, a random head and a batch."""
+    arch = request.param
+    base = keras_model(arch, False, SIZE, pooling="avg")
+    randomize(base, seed=7)
+    files = save_both(base, tmp_path_factory.mktemp(arch), arch)
+    rng = np.random.default_rng(1)
+    channels = base.output_shape[-1]
+    head = [
+        rng.normal(0, channels**-0.5, (channels, K)).astype(np.float32),
+        rng.normal(0, 0.1, K).astype(np.float32),
+    ]
+    batch = {"image": images(N, SIZE, seed=2), "label": (np.arange(N) % K).astype(np.int32)}
+    return dict(arch=arch, base=base, file=files["legacy"], head=head, batch=batch)
+
+
+def keras_step(pair, trained: set[str]):
+    """Keras's weights of every layer, before and after one ``train_on_batch``, and the loss."""
+    from keras.applications import imagenet_utils
+
+    from tests.bn_helpers import KERAS_APPS
+
+    base = keras_model(pair["arch"], False, SIZE, pooling="avg")
+    base.set_weights(pair["base"].get_weights())
+    dense = keras.layers.Dense(K, name="head_logits")
+    model = keras.Sequential([base, dense])
+    model.build((None, SIZE, SIZE, 3))
+    dense.set_weights(pair["head"])
+    for layer in base.layers:
+        layer.trainable = layer.name in trained
+    model.compile(
+        optimizer=keras.optimizers.SGD(learning_rate=LR),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        jit_compile=False,
+    )
+    before = {layer.name: layer.get_weights() for layer in base.layers if layer.weights}
+    x = imagenet_utils.preprocess_input(
+        pair["batch"]["image"].astype(np.float32), mode=KERAS_APPS[pair["arch"]][1]
+    )
+    loss = float(model.train_on_batch(x, pair["batch"]["label"]))
+    after = {layer.name: layer.get_weights() for layer in base.layers if layer.weights}
+    after["head_logits"] = dense.get_weights()
+    before["head_logits"] = pair["head"]
+    return before, after, loss
+
+
+def ours_step(pair, trainable: str):
+    model = imgcls_jax.create_model(
+        pair["arch"], num_classes=K, pooling="avg", input_shape=(SIZE, SIZE, 3), weights=pair["file"]
+    )
+    model.head_logits.kernel.set_value(jnp.asarray(pair["head"][0]))
+    model.head_logits.bias.set_value(jnp.asarray(pair["head"][1]))
+    split = split_model(model, model.trainable_layers(trainable))
+    optimizer = make_optimizer("sgd", LR, momentum=0.0)
+    state = init_state(split, optimizer)
+    frozen_before = jax.tree.map(np.asarray, split.frozen)
+    state, metrics = make_train_step(split, optimizer)(state, split.frozen, pair["batch"])
+    return model, split, state, metrics, frozen_before
+
+
+def _ours_layer(model, state, name):
+    """Our layer's weights after the step in Keras's order, from the new params and stats."""
+    params = nnx.to_pure_dict(state.params)
+    stats = nnx.to_pure_dict(state.stats)
+    layer = getattr(model, name)
+    if isinstance(layer, nnx.BatchNorm):
+        p, s = params[name], stats[name]
+        return [p["scale"], p["bias"], s["mean"], s["var"]]
+    return [params[name]["kernel"], *([params[name]["bias"]] if "bias" in params[name] else [])]
+
+
+def test_one_step_equals_keras(pair):
+    trainable = TRAINABLE[pair["arch"]]
+    model, split, state, metrics, frozen_before = ours_step(pair, trainable)
+    trained = set(split.trained)
+    assert any(isinstance(getattr(model, n), nnx.BatchNorm) for n in trained)
+    before, after, loss = keras_step(pair, trained - {"head_logits"})
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+
+    worst, outliers, bias_moves = {}, {}, []
+    for name in sorted(trained):
+        ours, b_all, a_all = _ours_layer(model, state, name), before[name], after[name]
+        for i, (o, b, a) in enumerate(zip(ours, b_all, a_all, strict=True)):
+            if name.endswith("_conv") and i == 1:  # a bias under a training-mode BatchNorm:
+                kernel_update = np.abs(a_all[0] - b_all[0]).max()  # no gradient, mathematically
+                bias_moves.append(max(np.abs(np.asarray(o) - b).max(), np.abs(a - b).max()) / kernel_update)
+                continue
+            scale = np.abs(a - b).max()
+            err = np.abs(np.asarray(o) - a)
+            bad = err > UPDATE_TOL * scale + 4 * np.spacing(np.abs(a).max())
+            worst[f"{name}[{i}]"] = float(np.quantile(err, 1 - OUTLIERS) / scale)
+            outliers[f"{name}[{i}]"] = int(bad.sum())
+            assert bad.mean() <= OUTLIERS and err.max() <= FLIP_TOL * scale, (
+                name,
+                i,
+                bad.sum(),
+                err.max(),
+                scale,
+            )
+    print(
+        pair["arch"], "error / update at the 99.8th percentile, worst:",
+        sorted(worst.items(), key=lambda kv: -kv[1])[:3],
+        "outliers:", {k: v for k, v in outliers.items() if v},
+        "conv biases moved (/ kernel update):", max(bias_moves, default=0.0),
+    )  # fmt: skip
+    assert max(bias_moves, default=0.0) <= ZERO_GRAD_TOL
+
+    # frozen layers: Keras left their weights and statistics alone, and ours are not in the state
+    for name in set(before) - trained:
+        for b, a in zip(before[name], after[name], strict=True):
+            np.testing.assert_array_equal(a, b)
+    stat_layers = set(nnx.to_pure_dict(state.stats))
+    assert stat_layers == {n for n in trained if isinstance(getattr(model, n), nnx.BatchNorm)}
+    for a, b in zip(jax.tree.leaves(split.frozen), jax.tree.leaves(frozen_before), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), b)
+
+
+def test_frozen_base_step_uses_moving_statistics(pair):
+    """``trainable="head"``: no BatchNorm statistics to update, and the train step's logits are
+    the inference-mode logits (every BatchNorm of the base on its moving statistics)."""
+    model, split, state, metrics, _ = ours_step(pair, "head")
+    assert not jax.tree.leaves(state.stats)
+    logits = split.merge()(pair["batch"]["image"])
+    labels = jnp.asarray(pair["batch"]["label"])
+    expected = -jnp.take_along_axis(jax.nn.log_softmax(logits), labels[:, None], axis=1).mean()
+    np.testing.assert_allclose(float(metrics["loss"]), float(expected), rtol=1e-5)
