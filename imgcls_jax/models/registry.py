@@ -72,24 +72,24 @@ def _vgg_stages(arch: str) -> tuple[str, ...]:
     return tuple(f"block{b}" for b in range(1, len(BLOCKS[arch]) + 1))
 
 
-@register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"))
-def vgg16(**options) -> VGG:
-    return VGG("vgg16", **options)
+def _builder(cls, *args):
+    """``fn(**options) -> cls(*args, **options)`` whose signature lists the keyword options of
+    ``cls.__init__``, so :func:`create_model` knows which options the family takes."""
+
+    def build(**options):
+        return cls(*args, **options)
+
+    params = list(inspect.signature(cls.__init__).parameters.values())[1 + len(args) :]
+    build.__signature__ = inspect.Signature([p for p in params if p.kind is p.KEYWORD_ONLY])
+    return build
 
 
-@register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))
-def vgg19(**options) -> VGG:
-    return VGG("vgg19", **options)
-
-
-@register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES)
-def resnet50(**options) -> resnet.ResNet50:
-    return resnet.ResNet50(**options)
-
-
-@register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES)
-def mobilenetv2(**options) -> mobilenet.MobileNetV2:
-    return mobilenet.MobileNetV2(**options)
+register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"))(_builder(VGG, "vgg16"))
+register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))(_builder(VGG, "vgg19"))
+register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES)(_builder(resnet.ResNet50))
+register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES)(
+    _builder(mobilenet.MobileNetV2)
+)
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
