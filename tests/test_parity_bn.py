@@ -54,6 +54,12 @@ def files(request, tmp_path_factory):
     )
 
 
+def test_every_registered_family_is_compared_with_keras():
+    """VGG has its own file (tests/test_parity_keras.py); every other registered family needs
+    its Keras application in tests/bn_helpers.py's KERAS_APPS, which parametrizes these tests."""
+    assert set(imgcls_jax.list_models()) - {"vgg16", "vgg19"} <= set(BN_MODELS)
+
+
 def keras_variant(files, include_top, size, pooling=None):
     """The Keras model of ``files`` with the top or not, at ``size``, with its weights."""
     key = (include_top, size, pooling)
