@@ -10,7 +10,7 @@ from imgcls_jax import create_model
 from imgcls_jax.models import mobilenet, resnet
 from imgcls_jax.perf import compiled_flops
 from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
-from tests.bn_helpers import BN_MODELS, keras, keras_model
+from tests.keras_bn import BN_MODELS, keras, keras_model
 
 MODULES = {"resnet50": resnet, "mobilenetv2": mobilenet}
 #: XLA's count / the analytic "valid" count (convolutions and dense layers only): XLA adds the

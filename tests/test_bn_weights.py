@@ -15,7 +15,7 @@ from flax import nnx
 
 import imgcls_jax
 from imgcls_jax.weights import ChecksumError, WeightFileError, check_hash, load_weights, save_ported, store
-from tests.bn_helpers import keras, keras_model, randomize, save_legacy
+from tests.keras_bn import keras, keras_model, randomize, save_legacy
 
 SIZE = 32
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 import imgcls_jax
-from tests.bn_helpers import (
+from tests.keras_bn import (
     BN_MODELS,
     images,
     keras_model,
@@ -52,12 +52,6 @@ def files(request, tmp_path_factory):
         notop_files=save_both(notop, tmp, f"{arch}_notop"),
         variants={(True, SIZES[0], None): top, (False, SIZES[1], None): notop},
     )
-
-
-def test_every_registered_family_is_compared_with_keras():
-    """VGG has its own file (tests/test_parity_keras.py); every other registered family needs
-    its Keras application in tests/bn_helpers.py's KERAS_APPS, which parametrizes these tests."""
-    assert set(imgcls_jax.list_models()) - {"vgg16", "vgg19"} <= set(BN_MODELS)
 
 
 def keras_variant(files, include_top, size, pooling=None):
@@ -110,6 +104,14 @@ def test_outputs_equal_keras(files, layout):
         errors[(pooling + " call", size)] = max_rel_err(ours(x), theirs)
     print(arch, layout, {k: f"{v:.1e}" for k, v in errors.items()})
     assert max(errors.values()) <= F32_TOL, errors
+
+
+def test_outputs_depend_on_input(files):
+    """The comparison can fail: with calibrated moving statistics (tests/keras_bn.py) the outputs of
+    different images differ by far more than the tolerance (uncalibrated random statistics left
+    MobileNetV2's within 3.5e-4 of each other)."""
+    out = keras_out(files["top"], files["arch"], images(4, SIZES[0], seed=9))
+    assert np.abs(out - out.mean(axis=0)).max() > 1e3 * F32_TOL * np.abs(out).max()
 
 
 def test_bfloat16_close_to_keras(files):
