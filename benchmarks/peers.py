@@ -36,7 +36,9 @@ def synthetic_batch(size: int, batch: int):
 # ---------------------------------------------------------------- imgcls_jax
 
 
-def jax_runner(mode: str, size: int, batch: int, *, impl: str = "auto", dtype: str = "float32"):
+def jax_runner(
+    mode: str, size: int, batch: int, *, impl: str = "auto", dtype: str = "float32", arch: str = "vgg16"
+):
     """``(run, step, args)``: ``run()`` does one step; ``step(*args)`` is the jitted function it
     calls (for XLA's cost analysis). Images are uint8 on the default device, as the pipeline
     delivers them; the model's caffe preprocessing runs inside the step."""
@@ -54,10 +56,10 @@ def jax_runner(mode: str, size: int, batch: int, *, impl: str = "auto", dtype: s
     )
 
     images, labels = synthetic_batch(size, batch)
+    options = {"conv_impl": impl} if arch.startswith("vgg") else {}
     model = create_model(
-        "vgg16", num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3),
-        dtype=dtype, conv_impl=impl,
-    )  # fmt: skip
+        arch, num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3), dtype=dtype, **options
+    )
     x = jax.device_put(jnp.asarray(np.round(images).astype(np.uint8)))
     y = jax.device_put(jnp.asarray(labels))
     if mode == "forward":

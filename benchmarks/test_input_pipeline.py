@@ -8,6 +8,11 @@ cached: a later epoch served from the in-memory uint8 cache) and Keras's
 ``imgcls_jax-cached-noaug`` is the cached epoch without augmentation (shuffle + batch only):
 the ceiling of the host side once images are cached.
 
+Without TensorFlow (rows ``numpy-cold`` / ``numpy-cached``): ``NumpyPipeline`` decoding with Pillow
+in threads, then epochs from its uint8 cache; it does not augment, the device does: group
+``device-augment`` times ``device_augment.augment_batch`` (jitted, compile excluded) on a batch of
+32 already on the device, with this file's augmentation and with the whole set.
+
 Data: ``../shared/data/hymenoptera`` (398 photos, mostly 500x375) and ``flowers5`` (4,317
 photos, 128x128). Skipped when that folder is absent.
 """
@@ -56,6 +61,23 @@ def _ours(dataset: str, cached: bool, augment: bool = True):
     return (lambda: pipe.epoch(next(counter))), len(found.records)
 
 
+def _numpy(dataset: str, cached: bool):
+    from imgcls_jax.data import NumpyPipeline, from_records, scan_folder
+
+    found = scan_folder(DATA / dataset)
+    source = from_records(found.records, found.class_names)
+
+    def build():
+        return NumpyPipeline(source, image_size=SIZE, batch_size=BATCH, training=True, seed=0)
+
+    if not cached:  # each epoch decodes every file again (a new pipeline)
+        return (lambda: build().epoch(0)), len(found.records)
+    pipe = build()
+    pipe.images()
+    counter = iter(range(1, 10_000))
+    return (lambda: pipe.epoch(next(counter))), len(found.records)
+
+
 def _keras(dataset: str):
     import keras
     import tensorflow as tf
@@ -88,15 +110,27 @@ def _keras(dataset: str):
 
 @pytest.mark.parametrize("dataset", ["hymenoptera", "flowers5"])
 @pytest.mark.parametrize(
-    "pipeline", ["keras", "imgcls_jax-cold", "imgcls_jax-cached", "imgcls_jax-cached-noaug"]
+    "pipeline",
+    [
+        "keras",
+        "imgcls_jax-cold",
+        "imgcls_jax-cached",
+        "imgcls_jax-cached-noaug",
+        "numpy-cold",
+        "numpy-cached",
+    ],
 )
 def test_pipeline_throughput(benchmark, dataset, pipeline):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     benchmark.group = f"input-pipeline {dataset} 224px batch {BATCH}"
     if pipeline == "keras":
         pytest.importorskip("keras")
+        pytest.importorskip("tensorflow")
         make, images = _keras(dataset)
+    elif pipeline.startswith("numpy"):
+        make, images = _numpy(dataset, cached=pipeline == "numpy-cached")
     else:
+        pytest.importorskip("tensorflow")
         make, images = _ours(dataset, cached="cached" in pipeline, augment=not pipeline.endswith("noaug"))
     rounds = 2 if dataset == "hymenoptera" else 1
     rate = benchmark.pedantic(
@@ -104,6 +138,28 @@ def test_pipeline_throughput(benchmark, dataset, pipeline):
     )
     benchmark.extra_info["images_per_s"] = round(rate, 1)
     RATES[(dataset, pipeline)] = rate
+
+
+@pytest.mark.parametrize("config", ["geometry", "everything"])
+def test_device_augment_throughput(benchmark, config):
+    import jax
+    import numpy as np
+
+    from imgcls_jax.data import AugmentConfig
+    from imgcls_jax.data.device_augment import augment_batch
+
+    full = dict(AUG, random_resized_crop=True, brightness=0.2, contrast=0.2, saturation=0.2, hue=0.05)
+    cfg = AugmentConfig(**(AUG if config == "geometry" else full))
+    images = jax.device_put(np.random.default_rng(0).integers(0, 256, (BATCH, *SIZE, 3), dtype=np.uint8))
+    keys = [jax.random.key(i) for i in range(64)]
+    run = jax.jit(lambda x, k: augment_batch(x, k, cfg))
+    run(images, keys[0]).block_until_ready()  # compile
+    counter = iter(range(1, 10_000))
+    benchmark.group = f"device-augment {SIZE[0]}px batch {BATCH} on {jax.default_backend()}"
+    benchmark.pedantic(lambda: run(images, keys[next(counter) % 64]).block_until_ready(), rounds=10)
+    rate = BATCH / benchmark.stats.stats.median
+    benchmark.extra_info.update(images_per_s=round(rate, 1), batch_ms=round(1e3 * BATCH / rate, 2))
+    RATES[("device-augment", config)] = rate
 
 
 def test_report_ratios():

@@ -2,8 +2,10 @@
 
 Groups (pytest-benchmark ``group``):
 
-* ``peak-matmul``: the device's matmul rate in this run (``imgcls_jax.perf.peak_flops``), the
-  denominator of every MFU below.
+* ``peak-matmul``: the device's peak matmul rate in this run (``benchmarks.perf.measure_peak``:
+  the best of several shapes, of the step's dtype and float32, of JAX and of PyTorch/NumPy where
+  they run), the denominator of every MFU below, with the datasheet figure beside it where known.
+  ``test_no_mfu_above_one`` fails if any row's MFU exceeds 100% (the peak was not a peak).
 * ``eval-step``: imgcls_jax's jitted eval step (forward, masked loss sums, correct count) vs
   PyTorch ``inference_mode`` (eager, ``torch.compile``) vs Keras ``predict_on_batch``.
 * ``train-full``: one step training every layer (Adam), vs PyTorch and Keras ``train_on_batch``.
@@ -19,7 +21,7 @@ Groups (pytest-benchmark ``group``):
 Steps run on synthetic batches already on the device, so the device is timed alone; compile
 and warm-up are excluded (warm-up rounds), medians of the timed rounds. Each row records images/s,
 step ms, the step's FLOPs from XLA's cost analysis of imgcls_jax's compiled step (the same work
-for every framework of the row), the analytic count beside it (``imgcls_jax.perf.vgg_flops``,
+for every framework of the row), the analytic count beside it (``imgcls_jax.models.flops.vgg_flops``,
 XLA's padding convention), and MFU = XLA FLOPs / step time / measured peak. The last test prints
 the table with each imgcls_jax row's ratio to the fastest peer of its row.
 
@@ -52,8 +54,9 @@ import jax
 import pytest
 
 from benchmarks import peers
+from benchmarks.perf import compiled_flops, measure_peak, mfu
 from imgcls_jax.models import create_model
-from imgcls_jax.perf import compiled_flops, mfu, peak_flops, vgg_flops
+from imgcls_jax.models.flops import vgg_flops
 
 BACKEND = jax.default_backend()
 ACCEL = BACKEND != "cpu"
@@ -71,10 +74,15 @@ ROWS: dict[tuple[str, int, str], dict] = {}  # (group, batch, framework) -> extr
 _STATE: dict = {}  # peak FLOP/s and XLA FLOPs per (mode, batch), measured once per session
 
 
+def _measure_peak():
+    """The best matmul rate over shapes, dtypes (the step's and float32) and frameworks."""
+    if "peak_info" not in _STATE:
+        _STATE["peak_info"] = measure_peak((DTYPE,) if DTYPE == "float32" else (DTYPE, "float32"))
+    return _STATE["peak_info"]
+
+
 def _peak() -> float:
-    if "peak" not in _STATE:
-        _STATE["peak"] = peak_flops(DTYPE)
-    return _STATE["peak"]
+    return _measure_peak().flops
 
 
 def _out_of_memory(error: BaseException) -> bool:
@@ -134,18 +142,16 @@ def _record(benchmark, group: str, batch: int, framework: str, flops: dict | Non
 
 
 def test_peak_matmul(benchmark):
-    """Time the peak matmul as its own row (and keep the best for the MFU denominators)."""
-    import jax.numpy as jnp
-
-    size = 8192 if ACCEL else 2048
-    a = jnp.ones((size, size), DTYPE)
-    matmul = jax.jit(jnp.matmul)
+    """Measure the peak once, as its own row: every shape's rate goes into ``extra_info``."""
     benchmark.group = f"peak-matmul {DTYPE}"
-    benchmark.pedantic(lambda: matmul(a, a).block_until_ready(), rounds=ROUNDS, warmup_rounds=1)
-    rate = 2.0 * size**3 / benchmark.stats.stats.min
-    _STATE["peak"] = max(rate, _STATE.get("peak", 0.0))
-    benchmark.extra_info.update(size=size, dtype=DTYPE, peak_tflops=round(_STATE["peak"] / 1e12, 3))
-    assert rate > 0
+    benchmark.pedantic(_measure_peak, rounds=1, iterations=1)
+    peak = _measure_peak()
+    benchmark.extra_info.update(
+        dtype=DTYPE, peak_tflops=round(peak.flops / 1e12, 3), best=peak.best, device=peak.device,
+        datasheet_tflops=None if peak.datasheet is None else round(peak.datasheet / 1e12, 1),
+        rates_tflops={k: round(v / 1e12, 4) for k, v in peak.rates.items()},
+    )  # fmt: skip
+    assert peak.flops > 0
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -223,7 +229,7 @@ def test_e2e_epoch(benchmark, tmp_path):
 def _table() -> list[str]:
     lines = [
         f"VGG16 {SIZE}x{SIZE} {DTYPE} on {BACKEND} ({jax.devices()[0].device_kind}); "
-        f"peak {DTYPE} matmul {_STATE.get('peak', float('nan')) / 1e12:.2f} TFLOP/s measured in this run",
+        f"{_STATE['peak_info'].describe() if 'peak_info' in _STATE else 'peak not measured'}",
         "",
         "| group | batch | framework | img/s | step ms | GFLOP/img XLA | analytic | TFLOP/s | MFU "
         "| vs best peer |",
@@ -258,3 +264,12 @@ def test_print_table(capsys):
     if os.environ.get("IMGCLS_BENCH_TABLE"):
         Path(os.environ["IMGCLS_BENCH_TABLE"]).write_text("\n".join(lines) + "\n")
     assert len(lines) > 4
+
+
+def test_no_mfu_above_one():
+    """An MFU above 100% means the peak was not the device's peak: fail, naming the rows."""
+    if not ROWS:
+        pytest.skip("needs the step benchmarks in the same run")
+    over = {f"{g} batch {b} {f}": info["mfu"] for (g, b, f), info in ROWS.items() if info.get("mfu", 0) > 1}
+    peak = _STATE["peak_info"].describe() if "peak_info" in _STATE else "no peak"
+    assert not over, f"MFU above 100% against {peak}: {over}"

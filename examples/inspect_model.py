@@ -32,7 +32,7 @@ def main(argv=None):
         "--include-top", action="store_true", help="the 1000-class ImageNet top (224x224 input)"
     )
     parser.add_argument("--num-classes", type=int, default=18, help="classes of the transfer head")
-    parser.add_argument("--size", type=int, default=64, help="input height and width (multiple of 32)")
+    parser.add_argument("--size", type=int, default=64, help="input height and width (at least 32)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = parser.parse_args(argv)

@@ -9,7 +9,7 @@ from imgcls_jax.config import AugmentConfig, PhaseConfig, TrainConfig
 from imgcls_jax.evaluate import evaluate_run, load_run, predict
 from imgcls_jax.models import VGG, create_model, list_models, preprocess_input, register_model, summary
 from imgcls_jax.train import fit
-from imgcls_jax.weights import WeightFileError, WeightsUnavailableError, load_weights
+from imgcls_jax.weights import WeightFileError, WeightsUnavailableError, from_keras, load_weights, to_keras
 
 __version__ = "0.1.0"
 
@@ -25,6 +25,7 @@ __all__ = [
     "data",
     "evaluate_run",
     "fit",
+    "from_keras",
     "list_models",
     "load_run",
     "load_weights",
@@ -33,4 +34,5 @@ __all__ = [
     "preprocess_input",
     "register_model",
     "summary",
+    "to_keras",
 ]

@@ -1,128 +1,38 @@
-"""Throughput accounting: VGG's analytic FLOPs, XLA's count for a compiled step, the device's
-measured peak rate, and model FLOPs utilisation (MFU).
+"""Deprecated: this module's contents moved, and it goes away in the next release.
 
-FLOPs count a multiply-add as 2. :func:`vgg_flops` is the analytic count of the matmul work of
-one image (convolutions and dense layers; biases, ReLUs, pooling and the optimizer are left
-out). Two conventions for the 3x3 SAME convolutions:
-
-* ``padding="full"``: every output position does 9 taps: the textbook figure (VGG16 with its
-  ImageNet top: 15.47 GMACs = 30.9 GFLOP forward at 224x224).
-* ``padding="valid"``: taps that fall on the zero padding are not counted, as XLA's cost analysis
-  counts a convolution. On an ``H x H`` map each output row/column sees ``3H - 2`` of ``3H`` taps,
-  which matters on small maps (a 2x2 map keeps 4/9 of the taps) and less at 224 (3%).
-
-A training step costs forward + weight gradient + input gradient of every layer except the
-first (nothing asks for the gradient of the image): about 3x the forward pass. A frozen-base
-step costs the base's forward plus the head's three passes. The optimizer's update (Adam: ~10
-FLOPs per trained parameter per *step*) is not in the per-image count.
-
-:func:`compiled_flops` reads the FLOPs XLA itself counts for a jitted function at given
-arguments (elementwise work included), the figure the benchmark suite divides by time;
-:func:`peak_flops` times a large matmul on the device so MFU is against what the chip does in
-the same run, not a datasheet.
+* ``vgg_flops`` (the analytic FLOP count) -> :mod:`imgcls_jax.models.flops`;
+* ``compiled_flops``, ``peak_flops``, ``mfu`` (benchmark accounting) -> ``benchmarks/perf.py`` in
+  the source tree (``from benchmarks.perf import ...`` from the repository root); it is not part of
+  the installed package.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
+import warnings
 
-import jax
-import jax.numpy as jnp
+from imgcls_jax.models.flops import FLOP_MODES as MODES
+from imgcls_jax.models.flops import vgg_flops
 
-from imgcls_jax.models.vgg import BLOCKS, FILTERS
+warnings.warn(
+    "imgcls_jax.perf is deprecated and will be removed in the next release: use "
+    "imgcls_jax.models.flops.vgg_flops, and benchmarks/perf.py (compiled_flops, peak_flops, mfu) "
+    "in the source tree",
+    DeprecationWarning,
+    stacklevel=2,
+)
 
-MODES = ("forward", "train", "frozen")
-
-
-def _conv_taps(size: int, padding: str) -> int:
-    """Kernel taps summed over the output positions of one row (or column) of a 3x3 SAME conv."""
-    if padding == "full":
-        return 3 * size
-    if padding == "valid":
-        return 3 * size - 2 if size > 1 else 1
-    raise ValueError(f"padding must be 'full' or 'valid', got {padding!r}")
+_MOVED = ("compiled_flops", "peak_flops", "mfu")
+__all__ = ["MODES", "vgg_flops", *_MOVED]
 
 
-def _dense_shapes(model) -> list[tuple[int, int]]:
-    """``(in, out)`` of the model's dense layers in forward order (Keras top or transfer head)."""
-    shapes = []
-    for name in model.head_layers:
-        layer = getattr(model, name)
-        shapes.append(tuple(int(d) for d in layer.kernel[...].shape))
-    return shapes
-
-
-def vgg_flops(
-    model, image_size: int | tuple[int, int], mode: str = "forward", *, padding: str = "full"
-) -> float:
-    """Analytic FLOPs of one image through ``model`` (a :class:`imgcls_jax.models.VGG`).
-
-    Args:
-      model: the VGG, whose architecture and dense layers (top or head) are counted.
-      image_size: input height and width in pixels (an int for square inputs).
-      mode: ``"forward"`` (inference), ``"train"`` (all layers trained: forward, weight and input
-        gradients, no input gradient of the first conv) or ``"frozen"`` (base forward only, the
-        dense layers trained).
-      padding: ``"full"`` (9 taps everywhere, the textbook count) or ``"valid"`` (taps on the
-        zero padding not counted, XLA's convention).
-    Returns: FLOPs per image (float).
-    """
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    conv = []  # forward FLOPs of each conv layer, in order
-    cin = 3
-    for block, (n_conv, filters) in enumerate(zip(BLOCKS[model.arch], FILTERS)):
-        h, w = height >> block, width >> block
-        for _ in range(n_conv):
-            conv.append(2.0 * _conv_taps(h, padding) * _conv_taps(w, padding) * cin * filters)
-            cin = filters
-    dense = [2.0 * fin * fout for fin, fout in _dense_shapes(model)]
-    if mode == "forward":
-        return sum(conv) + sum(dense)
-    if mode == "frozen":
-        return sum(conv) + 3 * sum(dense)
-    return 3 * sum(conv) - conv[0] + 3 * sum(dense)
-
-
-def compiled_flops(fn: Callable, *args, **kwargs) -> float:
-    """FLOPs XLA's cost analysis counts for one call of jitted ``fn`` at these arguments.
-
-    ``fn`` must have ``.lower`` (a ``jax.jit`` result). Raises ``RuntimeError`` if the backend
-    gives no FLOP count (some plugins do not implement cost analysis).
-    """
-    analysis = fn.lower(*args, **kwargs).compile().cost_analysis()
-    if isinstance(analysis, list | tuple):  # older jax: one dict per computation
-        analysis = analysis[0] if analysis else None
-    if not analysis or "flops" not in analysis:
-        raise RuntimeError(f"no FLOP count from XLA's cost analysis on {jax.default_backend()!r}")
-    return float(analysis["flops"])
-
-
-def peak_flops(dtype="bfloat16", size: int | None = None, repeats: int = 5, device=None) -> float:
-    """The device's matmul rate, FLOP/s: best of ``repeats`` timed ``size x size`` matmuls.
-
-    ``size`` defaults to 8192 on accelerators and 2048 on CPU. The operands live on ``device``
-    (default: the first device) before timing; compile time is excluded.
-    """
-    device = jax.devices()[0] if device is None else device
-    size = size or (2048 if device.platform == "cpu" else 8192)
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.device_put(jax.random.normal(k, (size, size), jnp.dtype(dtype)), device) for k in keys)
-    matmul = jax.jit(jnp.matmul)
-    matmul(a, b).block_until_ready()
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        matmul(a, b).block_until_ready()
-        best = min(best, time.perf_counter() - start)
-    return 2.0 * size**3 / best
-
-
-def mfu(flops_per_step: float, seconds_per_step: float, peak: float) -> float:
-    """Model FLOPs utilisation: achieved FLOP/s (``flops_per_step / seconds_per_step``) over
-    ``peak`` FLOP/s, a fraction (0.5 = 50%)."""
-    if seconds_per_step <= 0 or peak <= 0:
-        raise ValueError(f"need positive time and peak, got {seconds_per_step} s and {peak} FLOP/s")
-    return flops_per_step / seconds_per_step / peak
+def __getattr__(name):
+    if name in _MOVED:
+        try:
+            from benchmarks import perf
+        except ImportError as exc:
+            raise ImportError(
+                f"imgcls_jax.perf.{name} moved to benchmarks/perf.py, which ships with the source tree "
+                "only: run from the repository root (from benchmarks.perf import ...)"
+            ) from exc
+        return getattr(perf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

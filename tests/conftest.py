@@ -5,6 +5,9 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import pytest
 
+# Session fixtures of the kill-and-resume tests (a data folder, uninterrupted runs to compare with)
+from tests.killing import kill_setup, straight_augmented_run, straight_run  # noqa: F401, E402
+
 
 @pytest.fixture(autouse=True)
 def isolated_weight_dirs(tmp_path_factory, monkeypatch):

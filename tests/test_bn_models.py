@@ -1,6 +1,7 @@
-"""The BatchNorm families through the registry (no Keras here: tests/test_parity_bn.py compares
+"""ResNet50 and MobileNetV2 through the registry (no Keras here: tests/test_parity_bn.py compares
 with Keras): options and their errors, stages and ``trainable`` specs, heads, dtypes, output and
-feature-map sizes, BatchNorm and dropout in training and inference mode."""
+feature-map sizes, the convolution implementations, BatchNorm and dropout in training and
+inference mode."""
 
 import jax
 import jax.numpy as jnp
@@ -10,8 +11,8 @@ from flax import nnx
 
 import imgcls_jax
 from imgcls_jax.models import model_info
+from tests.bn_helpers import BN_MODELS, forward
 
-BN_MODELS = ["mobilenetv2", "resnet50"]
 PREPROCESSING = {"resnet50": "caffe", "mobilenetv2": "tf"}
 FEATURES = {"resnet50": 2048, "mobilenetv2": 1280}
 
@@ -106,7 +107,8 @@ def test_feature_map_size(arch, height, width):
     "kwargs, match",
     [
         (dict(input_shape=(31, 32, 3)), "Input size must be at least 32x32"),
-        (dict(input_shape=(32, 32, 1)), r"\(H, W, 3\)"),
+        (dict(input_shape=(32, 32, 1)), "The input must have 3 channels"),
+        (dict(input_shape=(32, 32)), "must be a tuple of three integers"),
         (dict(pooling="mean"), "pooling must be"),
         (dict(include_top=True, head_units=(8,)), "include_top=False"),
         (dict(include_top=False, head_units=(8,)), "set num_classes"),
@@ -114,7 +116,8 @@ def test_feature_map_size(arch, height, width):
         (dict(num_classes=3, dropout=1.0), "dropout"),
         (dict(dtype="int8"), "dtype"),
         (dict(preprocessing="imagenet"), "unknown preprocessing mode"),
-        (dict(conv_impl="cudnn"), "conv_impl"),
+        (dict(conv_impl="cudnn"), "conv_impl"),  # resnet50: not one of them; mobilenetv2: no such option
+        (dict(depthwise_impl="im2col"), "depthwise_impl"),  # the reverse
         (dict(kernel_init="he_normal"), "does not take the option kernel_init"),
         (dict(weights="imagenet", include_top=True, num_classes=18), "1000 classes"),
     ],
@@ -130,6 +133,19 @@ def test_bad_inputs_at_call(arch):
         model(np.zeros((1, 32, 32, 4), np.uint8))
     with pytest.raises(ValueError, match="at least 32x32"):
         model(np.zeros((1, 32, 20, 3), np.uint8))
+
+
+#: Each family's implementation option and its two choices: ResNet50's 3x3 convolutions as XLA's
+#: convolution or im2col + matmul, MobileNetV2's depthwise ones as XLA's grouped convolution or
+#: shifted multiply-adds.
+IMPLS = {"resnet50": ("conv_impl", "xla", "im2col"), "mobilenetv2": ("depthwise_impl", "xla", "shift")}
+
+
+def test_implementations_agree(arch):
+    option, *choices = IMPLS[arch]
+    x = images(size=40)
+    out = [forward(small(arch, size=40, include_top=False, **{option: c}), x) for c in choices]
+    np.testing.assert_allclose(out[1], out[0], rtol=0, atol=1e-5 * np.abs(out[0]).max())
 
 
 def test_bfloat16_compute_keeps_float32_params_and_statistics(arch):

@@ -1,9 +1,8 @@
-"""Weight files of the BatchNorm families: Keras's published table (checked against what Keras
-itself asks for), checksums by algorithm, the file per input size, and bad files: each gets a
-clear error naming the file and the layer, and leaves the model untouched."""
+"""Weight files of ResNet50 and MobileNetV2: Keras's published table (checked against what Keras
+itself asks for), no hash where Keras publishes none, the file per input size, and bad files:
+each gets a clear error naming the file and the layer, and leaves the model untouched. (The
+hash algorithm by length: tests/test_store.py; EfficientNet's files: tests/test_efficientnet.py.)"""
 
-import dataclasses
-import hashlib
 import logging
 import warnings
 
@@ -14,8 +13,10 @@ import pytest
 from flax import nnx
 
 import imgcls_jax
-from imgcls_jax.weights import ChecksumError, WeightFileError, check_hash, load_weights, save_ported, store
-from tests.keras_bn import keras, keras_model, randomize, save_legacy
+from imgcls_jax.weights import WeightFileError, check_hash, load_weights, save_ported, store
+from tests.bn_helpers import BN_MODELS, keras_app, keras_preprocess, randomize_keras, save_both_layouts
+
+keras = pytest.importorskip("keras")
 
 SIZE = 32
 
@@ -25,13 +26,13 @@ def files(tmp_path_factory):
     """Keras-written random files (legacy layout) of both families, with and without the top."""
     tmp = tmp_path_factory.mktemp("bnfiles")
     out = {}
-    for arch in ("resnet50", "mobilenetv2"):
-        top = keras_model(arch, True, SIZE)
-        randomize(top, seed=3)
-        out[(arch, True)] = save_legacy(top, tmp / f"{arch}_top.h5")
-        notop = keras_model(arch, False, SIZE)
+    for arch in BN_MODELS:
+        top = keras_app(arch, True, SIZE)
+        randomize_keras(top, seed=3, preprocess=keras_preprocess(arch))
+        out[(arch, True)] = save_both_layouts(top, tmp, f"{arch}_top")["legacy"]
+        notop = keras_app(arch, False, SIZE)
         notop.set_weights(top.get_weights()[: len(notop.weights)])
-        out[(arch, False)] = save_legacy(notop, tmp / f"{arch}_notop.h5")
+        out[(arch, False)] = save_both_layouts(notop, tmp, f"{arch}_notop")["legacy"]
     return out
 
 
@@ -106,18 +107,16 @@ def test_imagenet_top_needs_a_published_size(arch, shape, match):
         store.resolve_imagenet(arch, True, input_shape=shape, allow_download=False)
 
 
-@pytest.mark.parametrize("algorithm", ["md5", "sha256"])
-def test_checksum_algorithm_from_hash_length(tmp_path, algorithm):
+def test_no_published_hash_is_not_checked(tmp_path, caplog):
+    """Keras publishes no hash for MobileNetV2's files (its ``get_file`` call passes none): the
+    file is taken as it is, as Keras takes it, and the log says so."""
     path = tmp_path / "w.h5"
     path.write_bytes(b"some weights")
-    digest = hashlib.new(algorithm, b"some weights").hexdigest()
-    pub = store.PublishedWeights("x", False, "w.h5", digest)
-    assert pub.hash_algorithm == algorithm
-    check_hash(path, pub)
-    wrong = dataclasses.replace(pub, file_hash=hashlib.new(algorithm, b"other").hexdigest())
-    with pytest.raises(ChecksumError, match=f"{algorithm} {digest} does not match the published {algorithm}"):
-        check_hash(path, wrong)
-    check_hash(path, dataclasses.replace(pub, file_hash=None))  # Keras publishes none: not checked
+    published = store.IMAGENET[("mobilenetv2", False)].for_size((128, 128, 3))
+    assert published.file_hash is None
+    with caplog.at_level(logging.INFO, logger="imgcls_jax.weights.store"):
+        check_hash(path, published)
+    assert "publishes no hash" in caplog.text
 
 
 # ------------------------------------------------------------------------ bad files

@@ -6,6 +6,7 @@ reference value (the two differ only in summation order over 9*Cin terms); bfloa
 tolerance XLA's own bfloat16 convolution also meets.
 """
 
+import re
 from functools import partial
 
 import hypothesis.strategies as st
@@ -124,13 +125,13 @@ def count_ops(model, images):
     return text.count("conv_general_dilated["), text.count("dot_general[")
 
 
-def vgg(impl, dtype=jnp.float32):
+def vgg(impl, dtype=jnp.float32, size=(32, 32)):
     return VGG(
         "vgg16",
         include_top=False,
         pooling="avg",
         num_classes=3,
-        input_shape=(32, 32, 3),
+        input_shape=(*size, 3),
         dtype=dtype,
         conv_impl=impl,
         rngs=nnx.Rngs(params=0, dropout=1),
@@ -198,15 +199,52 @@ def test_vgg16_bfloat16_im2col_close_to_xla():
     close(out, ref, 0.1)  # 13 bfloat16 layers deep: about 2^-8 per layer, compounded
 
 
-@pytest.mark.parametrize("shape", [(2, 4, 6, 3), (1, 2, 2, 5), (3, 8, 4, 2)])
+@pytest.mark.parametrize(
+    "shape",
+    [(2, 4, 6, 3), (1, 2, 2, 5), (3, 8, 4, 2), (2, 5, 7, 3), (1, 3, 2, 4), (2, 45, 22, 2), (1, 2, 3, 1)],
+)
 def test_max_pool_equals_nnx_max_pool_with_ties(shape):
+    """Values and gradient equal ``nnx.max_pool`` (VALID, 2x2/2) exactly, odd sizes included:
+    the odd last row/column is dropped and gets a zero gradient, as XLA's select-and-scatter."""
     rng = np.random.default_rng(0)
+    n, h, w, c = shape
     for x in (rng.integers(0, 3, shape), rng.normal(size=shape)):  # small ints: many ties
         x = jnp.asarray(x, jnp.float32)
-        g = jnp.asarray(rng.normal(size=(shape[0], shape[1] // 2, shape[2] // 2, shape[3])), jnp.float32)
+        g = jnp.asarray(rng.normal(size=(n, h // 2, w // 2, c)), jnp.float32)
         y_ref, vjp_ref = jax.vjp(lambda x: nnx.max_pool(x, (2, 2), strides=(2, 2), padding="VALID"), x)
         y, vjp = jax.vjp(max_pool_2x2, x)
+        assert y.shape == (n, h // 2, w // 2, c)
         np.testing.assert_array_equal(y, y_ref)
         np.testing.assert_array_equal(vjp(g)[0], vjp_ref(g)[0])
-    with pytest.raises(ValueError, match=r"even H and W.*\(1, 3, 4, 2\)"):
-        max_pool_2x2(jnp.zeros((1, 3, 4, 2)))
+        np.testing.assert_array_equal(jax.jit(jax.vjp(max_pool_2x2, x)[1])(g)[0], vjp_ref(g)[0])
+    for bad in ((1, 1, 4, 2), (3, 4, 2)):
+        with pytest.raises(ValueError, match=rf"H, W >= 2.*{re.escape(str(bad))}"):
+            max_pool_2x2(jnp.zeros(bad))
+
+
+@pytest.fixture(scope="module")
+def odd_case():
+    """VGG16 at 45x38 (maps 45x38, 22x19, 11x9, 5x4, 2x2: odd sides drop a row/column at every
+    pooling but the last), logits and gradients by XLA's convolution."""
+    rng = np.random.default_rng(2)
+    images = jnp.asarray(rng.integers(0, 256, (2, 45, 38, 3), dtype=np.uint8))
+    labels = jnp.asarray([0, 2])
+    return images, labels, loss_and_grads(vgg("xla", size=(45, 38)), images, labels)
+
+
+@pytest.mark.parametrize("impl", ["im2col", "auto"])
+def test_vgg16_at_odd_size_equals_xla(impl, odd_case):
+    """im2col/auto against XLA at an odd, non-square size: logits to 1e-5, gradients to 1e-4 of
+    the largest value (as at 32 px above)."""
+    images, labels, (loss_x, logits_x, grads_x) = odd_case
+    model = vgg(impl, size=(45, 38))
+    assert model.pool(model.features(images)).shape == (2, 512)
+    loss_i, logits_i, grads_i = loss_and_grads(model, images, labels)
+    close(logits_i, logits_x, F32_TOL)
+    close(loss_i, loss_x, F32_TOL)
+    flat_x, flat_i = dict(nnx.to_flat_state(grads_x)), dict(nnx.to_flat_state(grads_i))
+    assert flat_x.keys() == flat_i.keys()
+    for path in flat_x:
+        close(flat_i[path].get_value(), flat_x[path].get_value(), 1e-4)
+    if impl == "auto" and jax.default_backend() == "cpu":
+        assert count_ops(model, images) == (10, 4)  # block5 (2x2) + head as matmuls; block4 (5x4) by XLA

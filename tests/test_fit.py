@@ -242,7 +242,7 @@ def test_image_size_by_phase_and_epoch():
     with pytest.raises(ValueError, match="need a pooled head"):
         TrainConfig(pooling=None, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
     TrainConfig(pooling=None, image_size=96, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
-    with pytest.raises(ValueError, match="image_size must be an integer >= 1"):
+    with pytest.raises(ValueError, match=r"image_size must be an integer in \[1, 8192\]"):
         PhaseConfig(image_size=0)
 
 
@@ -277,3 +277,43 @@ def test_state_item_written_before_ema_still_restores(tmp_path):
     assert int(restored["step"]) == 7
     for a, b in zip(jax_leaves((params, opt_state)), jax_leaves((restored["params"], restored["opt_state"]))):
         np.testing.assert_array_equal(a, b)
+
+
+def test_device_augmentation_in_the_step_resumes_exactly(tiny_data, tmp_path, caplog):
+    """augment_on="device": the train step augments (and mixes) the uint8 batch with a key folded
+    with the step, so a run stopped after an epoch and resumed ends bit-equal to an uninterrupted
+    one; without augmentation the weights end elsewhere (the augmentation did act)."""
+    from imgcls_jax.train.loop import fit
+
+    augment = {"flip": "horizontal", "translation": 0.1, "rotation": 0.05, "mixup_alpha": 0.4}
+    phases = [PhaseConfig(epochs=2, trainable="top:1", learning_rate=1e-3)]
+    kw = dict(phases=phases, augment=augment, augment_on="device")
+    with caplog.at_level("INFO", logger="imgcls_jax.train"):
+        straight = fit(config(tiny_data, tmp_path / "straight", **kw))
+    assert "augmentation on the device" in caplog.text
+    stopped = config(tiny_data, tmp_path / "stopped", **kw)
+    with pytest.raises(_Stop):
+        fit(stopped, callbacks=[_stop_after(0)])
+    resumed = fit(stopped)
+    for a, b in zip(_params(straight.model), _params(resumed.model)):
+        np.testing.assert_array_equal(a, b)
+    plain = fit(config(tiny_data, tmp_path / "plain", phases=phases, augment={}))
+    assert any(not np.array_equal(a, b) for a, b in zip(_params(straight.model), _params(plain.model)))
+
+
+def test_non_square_sizes_keras_accepts_train_evaluate_and_predict(tiny_data, tmp_path):
+    """image_size [48, 40] (not multiples of 32, as Keras's VGG16 takes): trained, saved,
+    evaluated and predicting at that size; below the model's 32 is refused when built."""
+    from imgcls_jax import evaluate_run, fit, load_run, predict
+
+    cfg = config(tiny_data, tmp_path / "hw", image_size=[48, 40], augment={},
+                 phases=[PhaseConfig(epochs=1, trainable="top:1", learning_rate=1e-3)])  # fmt: skip
+    assert cfg.image_size == (48, 40) and TrainConfig.from_json(cfg.to_json()) == cfg
+    fit(cfg)
+    loaded = load_run(tmp_path / "hw", "latest")
+    assert loaded.image_size == (48, 40) and loaded.model.input_shape == (48, 40, 3)
+    assert evaluate_run(tmp_path / "hw", split="val", which="latest").count == 8
+    (pred,) = predict(loaded, np.zeros((30, 50, 3), np.uint8), top_k=1)
+    assert pred.label in ("blue", "red")
+    with pytest.raises(ValueError, match="vgg16 takes images of at least 32x32"):
+        TrainConfig(image_size=[48, 31])

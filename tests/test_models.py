@@ -30,7 +30,8 @@ def test_import_and_model_do_not_import_tensorflow():
 
 def test_registry():
     names = imgcls_jax.list_models()
-    assert {"vgg16", "vgg19", "resnet50", "mobilenetv2"} <= set(names) and names == sorted(names)
+    assert {"vgg16", "vgg19", "efficientnetb0", "resnet50", "mobilenetv2"} <= set(names)
+    assert names == sorted(names)
     with pytest.raises(ValueError, match="unknown model 'vgg11'"):
         imgcls_jax.create_model("vgg11")
     with pytest.raises(ValueError, match="already registered"):
@@ -128,8 +129,10 @@ def test_kernel_init_scale(init, std_times_sqrt_fan_in):
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(input_shape=(30, 30, 3)), "multiples of 32"),
-        (dict(input_shape=(32, 32, 1)), r"\(H, W, 3\)"),
+        (dict(input_shape=(31, 64, 3)), r"at least 32x32; received input_shape=\(31, 64, 3\)"),
+        (dict(input_shape=(32, 32, 1)), "must have 3 channels"),
+        (dict(input_shape=(32, 32)), "tuple of three integers"),
+        (dict(weights="imagenet", input_shape=(64, 64, 3)), r"`input_shape` should be \(224, 224, 3\)"),
         (dict(pooling="mean"), "pooling must be"),
         (dict(include_top=True, head_units=(8,)), "include_top=False"),
         (dict(num_classes=0), "num_classes must be >= 1"),
@@ -152,8 +155,10 @@ def test_bad_inputs_at_call():
         model(images(size=64))
     with pytest.raises(ValueError, match=r"\[N, H, W, 3\]"):
         model(np.zeros((1, 32, 32, 4), np.uint8))
-    with pytest.raises(ValueError, match="multiples of 32"):
+    with pytest.raises(ValueError, match="built for input_shape"):
         model(np.zeros((1, 40, 40, 3), np.uint8))
+    with pytest.raises(ValueError, match=r"at least 32x32; received images of shape \(1, 31, 40, 3\)"):
+        model(np.zeros((1, 31, 40, 3), np.uint8))
 
 
 @pytest.mark.parametrize("mode", ["caffe", "torch", "tf"])

@@ -141,3 +141,81 @@ def test_transfer_head_on_ported_base(keras_files):
     theirs.set_weights(keras_files["model"].get_weights())
     assert_close(ours.features(x).mean(axis=(1, 2)), keras_out(theirs, x), F32_TOL)
     assert ours(x).shape == (2, 18)
+
+
+# Sizes Keras builds that are not multiples of 32 (non-square, odd at the input or at an inner
+# pooling: 180 -> 90 -> 45 -> 22 -> 11 -> 5), and the smallest, 32; a few per architecture.
+ANY_SIZES = [("vgg16", (48, 48)), ("vgg16", (100, 60)), ("vgg16", (180, 180)), ("vgg19", (32, 32))]
+ANY_SIZES += [("vgg19", (224, 160)), ("vgg19", (299, 299))]
+
+
+@pytest.fixture(scope="module")
+def notop_file(request, tmp_path_factory):
+    """A random-weight top-less Keras model of ``request.param`` (the arch) and its Keras 3 weight
+    file (conv weights fit every input size)."""
+    arch = request.param
+    model = keras_vgg(arch, False, 32)
+    randomize(model, seed=7 + len(arch))
+    path = tmp_path_factory.mktemp(f"{arch}any") / f"{arch}.weights.h5"
+    model.save_weights(path)
+    return model.get_weights(), path
+
+
+def keras_any(arch, size, **kw):
+    return KERAS_APPS[arch](weights=None, input_shape=(*size, 3), classifier_activation=None, **kw)
+
+
+def _size_id(v):
+    return v if isinstance(v, str) else "x".join(map(str, v))
+
+
+@pytest.mark.parametrize("notop_file, size", ANY_SIZES, indirect=["notop_file"], ids=_size_id)
+def test_any_size_keras_accepts(notop_file, size, request):
+    """Top-less VGG at sizes that are not multiples of 32: shapes equal Keras's for pooling
+    None/avg/max, values within 1e-4 of max |keras| (measured <= 4.2e-6)."""
+    arch = request.node.callspec.params["notop_file"]
+    weights, path = notop_file
+    x = np.random.default_rng(sum(size)).integers(0, 256, (2, *size, 3)).astype(np.uint8)
+    for pooling in (None, "avg", "max"):
+        theirs = keras_any(arch, size, include_top=False, pooling=pooling)
+        theirs.set_weights(weights)
+        ours = imgcls_jax.create_model(
+            arch, include_top=False, pooling=pooling, input_shape=(*size, 3), weights=str(path)
+        )
+        want = keras_out(theirs, x)
+        assert tuple(theirs.output_shape[1:]) == want.shape[1:]
+        if pooling is None:
+            assert want.shape == (2, size[0] // 32, size[1] // 32, 512)
+        assert_close(ours(x), want, F32_TOL)
+
+
+@pytest.mark.parametrize("notop_file", ["vgg16"], indirect=True)
+def test_flatten_heads_at_odd_size_equal_keras(notop_file, tmp_path):
+    """At 100x60 (block5_pool 3x1): Keras's top built there (weights=None: Keras builds fc1 over
+    3*1*512 = 1536 features) and a pooling=None transfer head (Keras: Flatten + Dense) equal
+    Keras's logits within 1e-4 of max |keras| (measured <= 2e-6): same flat size, same order."""
+    size, k = (100, 60), 5
+    weights, path = notop_file
+    x = np.random.default_rng(1).integers(0, 256, (2, *size, 3)).astype(np.uint8)
+    top = keras_any("vgg16", size, include_top=True)
+    randomize(top, seed=3)
+    top.save_weights(tmp_path / "top.weights.h5")
+    ours = imgcls_jax.create_model("vgg16", input_shape=(*size, 3), weights=str(tmp_path / "top.weights.h5"))
+    assert ours.include_top and ours.fc1.kernel.shape == (1536, 4096)
+    assert_close(ours(x), keras_out(top, x), F32_TOL)
+
+    base = keras_any("vgg16", size, include_top=False)
+    base.set_weights(weights)
+    dense = keras.layers.Dense(k)
+    head = keras.Sequential([base, keras.layers.Flatten(), dense])
+    head.build((None, *size, 3))
+    rng = np.random.default_rng(4)
+    kernel, bias = rng.normal(0, 0.05, (1536, k)).astype(np.float32), rng.normal(0, 0.1, k).astype(np.float32)
+    dense.set_weights([kernel, bias])
+    ours = imgcls_jax.create_model(
+        "vgg16", num_classes=k, pooling=None, input_shape=(*size, 3), weights=str(path)
+    )
+    assert ours.head_logits.kernel.shape == (1536, k)
+    ours.head_logits.kernel.set_value(kernel)
+    ours.head_logits.bias.set_value(bias)
+    assert_close(ours(x), keras_out(head, x), F32_TOL)

@@ -37,8 +37,10 @@ def test_published_table_matches_keras():
         assert store.IMAGENET[(arch, True)].url == module.WEIGHTS_PATH
         assert store.IMAGENET[(arch, False)].url == module.WEIGHTS_PATH_NO_TOP
         source = open(module.__file__).read()
-        assert store.IMAGENET[(arch, True)].file_hash in source
-        assert store.IMAGENET[(arch, False)].file_hash in source
+        assert (
+            store.IMAGENET[(arch, True)].file_hash in source
+            and store.IMAGENET[(arch, False)].file_hash in source
+        )
 
 
 def test_keras_cache_location(monkeypatch, tmp_path):
@@ -168,3 +170,18 @@ def test_unwritable_cache_still_loads(tmp_path, monkeypatch, caplog):
     with caplog.at_level(logging.WARNING):
         assert not load_weights(small_notop(), path).from_cache
     assert "could not cache" in caplog.text
+
+
+def test_hash_algorithm_follows_the_hash_length(tmp_path):
+    """Keras's ``get_file`` rule: a 64-digit hash is a sha256, a 32-digit one an md5."""
+    import hashlib
+
+    path = tmp_path / "w.h5"
+    path.write_bytes(b"some weights")
+    sha256 = hashlib.sha256(b"some weights").hexdigest()
+    published = dataclasses.replace(store.IMAGENET[NOTOP], file_hash=sha256)
+    assert published.hash_algorithm == "sha256" and store.IMAGENET[NOTOP].hash_algorithm == "md5"
+    store.check_hash(path, published)
+    with pytest.raises(ChecksumError, match=f"sha256 .* does not match the published sha256 {'0' * 64}"):
+        store.check_hash(path, dataclasses.replace(published, file_hash="0" * 64))
+    assert store.md5sum(path) == hashlib.md5(b"some weights").hexdigest()

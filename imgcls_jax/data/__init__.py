@@ -1,13 +1,21 @@
-"""The data layer: image folders, TFDS and arrays -> tf.data batches -> devices.
+"""The data layer: image folders, TFDS and arrays -> tf.data (or NumPy) batches -> devices.
 
-Only the pipelines use TensorFlow (tf.data), and they import it lazily, when they first run:
-importing this package does not load it.
+Only the tf.data pipelines use TensorFlow, and they import it lazily, when they first run:
+importing this package does not load it. Where TensorFlow is not importable, folders are checked
+and decoded with Pillow and :class:`NumpyPipeline` feeds the device, which augments
+(:mod:`imgcls_jax.data.device_augment`).
 """
 
 from imgcls_jax.config import AugmentConfig
 from imgcls_jax.data.augment import augment_image, mix_batch, save_augmentation_grid
 from imgcls_jax.data.dataset_audit import AuditReport, audit
-from imgcls_jax.data.decode import IMAGE_EXTENSIONS, RESIZE_MODES, check_images, load_image
+from imgcls_jax.data.decode import (
+    IMAGE_EXTENSIONS,
+    RESIZE_MODES,
+    check_images,
+    load_image,
+    tensorflow_available,
+)
 from imgcls_jax.data.folders import (
     DatasetError,
     ImageFolder,
@@ -17,6 +25,7 @@ from imgcls_jax.data.folders import (
     split_records,
     write_manifest,
 )
+from imgcls_jax.data.numpy_pipeline import NumpyPipeline, make_pipeline
 from imgcls_jax.data.pipeline import Pipeline, Source, from_arrays, from_records, from_tfds
 from imgcls_jax.data.prefetch import data_sharding, prefetch_to_device, to_device
 from imgcls_jax.data.sharding import shard_records
@@ -28,6 +37,7 @@ __all__ = [
     "AuditReport",
     "DatasetError",
     "ImageFolder",
+    "NumpyPipeline",
     "Pipeline",
     "Record",
     "Source",
@@ -39,6 +49,7 @@ __all__ = [
     "from_records",
     "from_tfds",
     "load_image",
+    "make_pipeline",
     "mix_batch",
     "prefetch_to_device",
     "read_manifest",
@@ -46,6 +57,7 @@ __all__ = [
     "scan_folder",
     "shard_records",
     "split_records",
+    "tensorflow_available",
     "to_device",
     "write_manifest",
 ]

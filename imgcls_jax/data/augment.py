@@ -55,32 +55,69 @@ def augment_image(image: tf.Tensor, seed: Seed, config: AugmentConfig) -> tf.Ten
     image = tf.cast(tf.convert_to_tensor(image), tf.float32)
     if config.is_identity:
         return image
-    static_shape = image.shape
+    return _apply_params(image, _sample_params(tf.shape(image), seed, config), config)
+
+
+def _sample_params(shape, seed: Seed, config: AugmentConfig) -> dict:
+    """The random parameters :func:`augment_image` draws for an image of ``shape`` ([H, W, C]).
+
+    Returns a dict of scalar tensors (those of ops switched off in ``config`` are absent):
+    ``flip_h``, ``flip_v`` (bool), ``crop`` (int32[4]: top, left, height, width in input pixels),
+    ``angle`` (radians), ``zoom``, ``shift`` (float32[2]: dy, dx in pixels), ``brightness`` (grey
+    levels added), ``contrast``, ``saturation`` (factors) and ``hue`` (turns).
+    """
+    tf = _tf()
     seeds = dict(zip(_OPS, tf.unstack(tf.random.experimental.stateless_split(seed, len(_OPS)))))
     uniform = tf.random.stateless_uniform
     c = config
+    params = {}
     if c.flip in ("horizontal", "horizontal_and_vertical"):
-        image = _random_flip(image, seeds["flip_h"], axis=1)
+        params["flip_h"] = uniform([], seeds["flip_h"]) < 0.5
     if c.flip in ("vertical", "horizontal_and_vertical"):
-        image = _random_flip(image, seeds["flip_v"], axis=0)
+        params["flip_v"] = uniform([], seeds["flip_v"]) < 0.5
     if c.random_resized_crop:
-        image = _random_resized_crop(image, seeds["crop"], c.crop_scale, c.crop_ratio)
+        params["crop"] = _sample_crop(shape, seeds["crop"], c.crop_scale, c.crop_ratio)
     if c.rotation > 0 or c.zoom > 0 or c.translation > 0:
-        size = tf.cast(tf.shape(image)[:2], tf.float32)
-        angle = uniform([], seeds["rotation"], -c.rotation, c.rotation) * (2 * math.pi)
-        zoom = 1.0 + uniform([], seeds["zoom"], -c.zoom, c.zoom)
-        shift = uniform([2], seeds["translation"], -c.translation, c.translation) * size  # (dy, dx) pixels
-        matrix = _affine_matrix(size[0], size[1], angle, zoom, shift[1], shift[0])
-        image = _apply_affine(image, matrix, c.fill_mode, c.fill_value)
+        size = tf.cast(shape[:2], tf.float32)
+        params["angle"] = uniform([], seeds["rotation"], -c.rotation, c.rotation) * (2 * math.pi)
+        params["zoom"] = 1.0 + uniform([], seeds["zoom"], -c.zoom, c.zoom)
+        params["shift"] = uniform([2], seeds["translation"], -c.translation, c.translation) * size
     if c.brightness > 0:
-        image = _adjust_brightness(image, uniform([], seeds["brightness"], -c.brightness, c.brightness) * 255)
+        params["brightness"] = uniform([], seeds["brightness"], -c.brightness, c.brightness) * 255
     if c.contrast > 0:
-        image = _adjust_contrast(image, uniform([], seeds["contrast"], 1 - c.contrast, 1 + c.contrast))
+        params["contrast"] = uniform([], seeds["contrast"], 1 - c.contrast, 1 + c.contrast)
     if c.saturation > 0:
-        image = _adjust_saturation(image, uniform([], seeds["sat"], 1 - c.saturation, 1 + c.saturation))
+        params["saturation"] = uniform([], seeds["sat"], 1 - c.saturation, 1 + c.saturation)
     if c.hue > 0:
-        delta = uniform([], seeds["hue"], -c.hue, c.hue)
-        image = tf.clip_by_value(tf.image.adjust_hue(image / 255.0, delta) * 255.0, 0.0, 255.0)
+        params["hue"] = uniform([], seeds["hue"], -c.hue, c.hue)
+    return params
+
+
+def _apply_params(image, params: dict, config: AugmentConfig):
+    """Applies :func:`_sample_params`'s (or any explicit) parameters to float32[H, W, 3] ``image``,
+    in :func:`augment_image`'s order; ops without a parameter in ``params`` are skipped."""
+    tf = _tf()
+    static_shape = image.shape
+    p = params
+    if "flip_h" in p:
+        image = _flip(image, p["flip_h"], axis=1)
+    if "flip_v" in p:
+        image = _flip(image, p["flip_v"], axis=0)
+    if "crop" in p:
+        image = _crop_and_resize(image, p["crop"])
+    if "angle" in p:
+        size = tf.cast(tf.shape(image)[:2], tf.float32)
+        shift = tf.cast(p["shift"], tf.float32)
+        matrix = _affine_matrix(size[0], size[1], p["angle"], p["zoom"], shift[1], shift[0])
+        image = _apply_affine(image, matrix, config.fill_mode, config.fill_value)
+    if "brightness" in p:
+        image = _adjust_brightness(image, p["brightness"])
+    if "contrast" in p:
+        image = _adjust_contrast(image, p["contrast"])
+    if "saturation" in p:
+        image = _adjust_saturation(image, p["saturation"])
+    if "hue" in p:
+        image = tf.clip_by_value(tf.image.adjust_hue(image / 255.0, p["hue"]) * 255.0, 0.0, 255.0)
     return tf.ensure_shape(image, static_shape)
 
 
@@ -112,16 +149,16 @@ def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) ->
     )
 
 
-def _random_flip(image, seed, axis: int):
+def _flip(image, flip, axis: int):
+    """``image`` reversed along ``axis`` where the bool scalar ``flip`` is true, else unchanged."""
     tf = _tf()
-    flip = tf.random.stateless_uniform([], seed) < 0.5
     return tf.cond(flip, lambda: tf.reverse(image, [axis]), lambda: image)
 
 
-def _random_resized_crop(image, seed, scale: tuple[float, float], ratio: tuple[float, float]):
-    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop), resized back to [H, W]."""
+def _sample_crop(shape, seed, scale: tuple[float, float], ratio: tuple[float, float]):
+    """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop) for an image of
+    ``shape`` ([H, W, C]): int32[4], the box's (top, left, height, width)."""
     tf = _tf()
-    shape = tf.shape(image)
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     s_area, s_ratio, s_offset = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     area = h * w * tf.random.stateless_uniform([_CROP_ATTEMPTS], s_area, scale[0], scale[1])
@@ -138,9 +175,15 @@ def _random_resized_crop(image, seed, scale: tuple[float, float], ratio: tuple[f
     u = tf.random.stateless_uniform([2], s_offset)
     top = tf.where(found, tf.minimum(tf.floor(u[0] * (h - ch + 1)), h - ch), tf.floor((h - ch) / 2))
     left = tf.where(found, tf.minimum(tf.floor(u[1] * (w - cw + 1)), w - cw), tf.floor((w - cw) / 2))
-    top, left, ch, cw = (tf.cast(v, tf.int32) for v in (top, left, ch, cw))
+    return tf.cast(tf.stack([top, left, ch, cw]), tf.int32)
+
+
+def _crop_and_resize(image, box):
+    """The ``box`` (int32[4]: top, left, height, width) of ``image``, resized (bilinear) back to [H, W]."""
+    tf = _tf()
+    top, left, ch, cw = tf.unstack(tf.cast(box, tf.int32))
     crop = image[top : top + ch, left : left + cw]
-    return tf.image.resize(crop, shape[:2], method="bilinear")
+    return tf.image.resize(crop, tf.shape(image)[:2], method="bilinear")
 
 
 def _affine_matrix(height, width, angle, zoom, dx, dy):
@@ -252,9 +295,15 @@ def _mixup(images, labels, lam):
 
 
 def _cutmix(images, labels, lam, seed):
+    shape = _tf().shape(images)
+    return _paste_box(images, labels, _cutmix_box(shape[1], shape[2], lam, seed))
+
+
+def _cutmix_box(h, w, lam, seed):
+    """CutMix's box for ``h x w`` images and weight ``lam``: int32[4], (y0, y1, x0, x1), rows
+    ``y0 <= y < y1`` and columns ``x0 <= x < x1`` (sides ``sqrt(1 - lam)`` times h and w, centre
+    uniform, clipped to the image)."""
     tf = _tf()
-    shape = tf.shape(images)
-    h, w = shape[1], shape[2]
     cut = tf.sqrt(1.0 - lam)
     half_h = tf.cast(tf.cast(h, tf.float32) * cut, tf.int32) // 2
     half_w = tf.cast(tf.cast(w, tf.float32) * cut, tf.int32) // 2
@@ -263,9 +312,19 @@ def _cutmix(images, labels, lam, seed):
     cx = tf.minimum(tf.cast(u[1] * tf.cast(w, tf.float32), tf.int32), w - 1)
     y0, y1 = tf.clip_by_value(cy - half_h, 0, h), tf.clip_by_value(cy + half_h, 0, h)
     x0, x1 = tf.clip_by_value(cx - half_w, 0, w), tf.clip_by_value(cx + half_w, 0, w)
+    return tf.stack([y0, y1, x0, x1])
+
+
+def _paste_box(images, labels, box):
+    """Pastes ``box`` (int32[4]: y0, y1, x0, x1) of the reversed batch into each image; labels are
+    mixed by the box's area fraction."""
+    tf = _tf()
+    shape = tf.shape(images)
+    h, w = shape[1], shape[2]
+    y0, y1, x0, x1 = tf.unstack(tf.cast(box, tf.int32))
     rows, cols = tf.range(h)[:, None], tf.range(w)[None, :]
-    box = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
-    mixed = tf.where(box[None, :, :, None], images[::-1], images)
+    inside = (rows >= y0) & (rows < y1) & (cols >= x0) & (cols < x1)
+    mixed = tf.where(inside[None, :, :, None], images[::-1], images)
     kept = 1.0 - tf.cast((y1 - y0) * (x1 - x0), tf.float32) / tf.cast(h * w, tf.float32)
     return mixed, kept * labels + (1.0 - kept) * labels[::-1]
 

@@ -9,27 +9,34 @@ identified by their first bytes, not their extension, so a text file named ``.jp
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+
+from imgcls_jax.data.formats import (  # noqa: F401  (their home before formats.py)
+    CROP_FRACTION,
+    IMAGE_EXTENSIONS,
+    RESIZE_MODES,
+    ImageCheck,
+    sniff_format,
+)
 
 log = logging.getLogger(__name__)
 
-#: File extensions listed as images (lower case), as Keras's ``image_dataset_from_directory``.
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif")
-RESIZE_MODES = ("squash", "center_crop", "pad")
-#: ImageNet-style evaluation: resize the shorter side to size / CROP_FRACTION, then crop.
-CROP_FRACTION = 0.875
 
-_MAGIC = (
-    (b"\xff\xd8\xff", "jpeg"),
-    (b"\x89PNG\r\n\x1a\n", "png"),
-    (b"GIF87a", "gif"),
-    (b"GIF89a", "gif"),
-    (b"BM", "bmp"),
-)
+def tensorflow_available() -> bool:
+    """Whether TensorFlow can be imported here, without importing it (``False`` also where an
+    import hook or ``sys.modules["tensorflow"] = None`` blocks it). Where it is not, this module's
+    checks and :func:`load_image` use Pillow (:mod:`imgcls_jax.data.pil_decode`)."""
+    if "tensorflow" in sys.modules:
+        return sys.modules["tensorflow"] is not None
+    try:
+        return importlib.util.find_spec("tensorflow") is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def _tf():
@@ -40,28 +47,14 @@ def _tf():
     return tf
 
 
-def sniff_format(head: bytes) -> str | None:
-    """The image format from a file's first bytes (``"jpeg"``, ``"png"``, ...), else ``None``."""
-    for magic, name in _MAGIC:
-        if head.startswith(magic):
-            return name
-    return None
-
-
-@dataclass(frozen=True)
-class ImageCheck:
-    """Result of :func:`check_image`: ``reason`` is ``None`` for a decodable image."""
-
-    path: str
-    reason: str | None = None
-    format: str | None = None
-    height: int = 0
-    width: int = 0
-    channels: int = 0
-
-
 def check_image(path: str) -> ImageCheck:
-    """Read and fully decode one file; never raises (the failure is in ``reason``)."""
+    """Read and fully decode one file; never raises (the failure is in ``reason``). With
+    TensorFlow's decoders, the ones the tf.data pipeline uses; with Pillow's where TensorFlow is not
+    importable."""
+    if not tensorflow_available():
+        from imgcls_jax.data import pil_decode
+
+        return pil_decode.check_image(path)
     tf = _tf()
     try:
         with open(path, "rb") as f:
@@ -87,7 +80,7 @@ def check_image(path: str) -> ImageCheck:
 
 
 def check_images(paths: Sequence[str], workers: int | None = None) -> list[ImageCheck]:
-    """:func:`check_image` for many files, in threads (TF decoding releases the GIL)."""
+    """:func:`check_image` for many files, in threads (TF's and Pillow's decoding release the GIL)."""
     workers = workers or min(8, (os.cpu_count() or 1) * 2)
     if len(paths) < 2 * workers:
         return [check_image(p) for p in paths]
@@ -99,10 +92,17 @@ def decode_image(data):
     """Encoded bytes (a scalar ``tf.string``) -> ``uint8[H, W, 3]``; usable inside tf.data.
 
     16-bit PNGs are scaled to 8 bits; grayscale becomes RGB; alpha is dropped; GIF gives its
-    first frame.
+    first frame. JPEGs use libjpeg's accurate integer IDCT (``dct_method="INTEGER_ACCURATE"``, the
+    default of libjpeg itself, Pillow and torchvision), not TensorFlow's default fast one, which is
+    up to ~20 grey levels off on real photos; so this and Pillow's decoding
+    (:mod:`imgcls_jax.data.pil_decode`) give the same pixels.
     """
     tf = _tf()
-    image = tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False)
+    image = tf.cond(
+        tf.io.is_jpeg(data),
+        lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
+        lambda: tf.io.decode_image(data, channels=3, dtype=tf.uint8, expand_animations=False),
+    )
     image.set_shape([None, None, 3])
     return image
 
@@ -140,8 +140,13 @@ def load_image(path: str, size: tuple[int, int] | None = None, mode: str = "squa
     """Read, decode and (optionally) resize one file eagerly; returns a numpy array.
 
     ``uint8[H, W, 3]`` without ``size``; ``uint8[size[0], size[1], 3]`` (rounded) with it.
-    Raises ``ValueError`` naming the file for anything :func:`check_image` rejects.
+    Raises ``ValueError`` naming the file for anything :func:`check_image` rejects. Where TensorFlow is
+    not importable, ``pil_decode.load_image`` (the same pixels).
     """
+    if not tensorflow_available():
+        from imgcls_jax.data import pil_decode
+
+        return pil_decode.load_image(path, size, mode)
     tf = _tf()
     check = check_image(path)
     if check.reason:

@@ -16,7 +16,7 @@ import fnmatch
 import logging
 import os
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -265,16 +265,101 @@ def write_manifest(path, records: Sequence[Record], class_names: Sequence[str], 
     return path
 
 
-def read_manifest(path, root=None) -> tuple[list[Record], list[str]]:
-    """Read a manifest written by :func:`write_manifest`: ``(records, class_names)``."""
-    records, names = [], {}
-    with open(path, newline="", encoding="utf-8") as f:
-        for row in csv.DictReader(f):
-            names[int(row["label"])] = row["class_name"]
-            if not row["path"]:  # a class without images (see write_manifest)
-                continue
-            p = os.path.join(root, row["path"]) if root is not None else row["path"]
-            records.append(Record(p, int(row["label"]), row["split"]))
+#: The columns of a manifest, in the order :func:`write_manifest` writes them.
+MANIFEST_COLUMNS = ("path", "label", "class_name", "split")
+
+
+def read_manifest(path, root=None, *, check_splits: Collection[str] = ()) -> tuple[list[Record], list[str]]:
+    """Read a manifest written by :func:`write_manifest`: ``(records, class_names)``.
+
+    Paths are joined to ``root`` when given; the images of the splits in ``check_splits`` must
+    exist (what evaluating a split needs; prediction only needs the class names).
+
+    Raises:
+      DatasetError: naming the file and line, for a manifest edited into something else: no
+        such file, missing columns, a row of the wrong length, a label that is not an integer
+        >= 0, a label named two ways or a name given two labels, a duplicate path, a split name
+        other than letters, digits, ``_`` and ``-``, labels that are not 0..K-1; with
+        ``check_splits``, no image at all, or images of those splits that do not exist (the first
+        few listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"{path}: no such manifest file")
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            records, names = _manifest_rows(path, csv.reader(f), root)
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{path}: not a UTF-8 text file ({e.reason} at byte {e.start})") from None
+    except csv.Error as e:
+        raise DatasetError(f"{path}: not a readable CSV file: {e}") from None
     if sorted(names) != list(range(len(names))):
-        raise DatasetError(f"{path}: labels {sorted(names)} are not 0..K-1")
-    return records, [names[i] for i in range(len(names))]
+        missing = sorted(set(range(max(names, default=-1) + 1)) - set(names))
+        raise DatasetError(
+            f"{path}: labels {sorted(names)} are not 0..K-1 (no line for label(s) {missing}; a class "
+            "without images keeps a line with an empty path)"
+        )
+    if not records and check_splits:  # a manifest of class names alone (an imported model) is fine
+        raise DatasetError(f"{path}: lists no images")
+    if check_splits:
+        _check_manifest_files(path, [(r, line) for r, line in records if r.split in check_splits], root)
+    return [r for r, _ in records], [names[i][0] for i in range(len(names))]
+
+
+def _manifest_rows(path: Path, reader, root) -> tuple[list[tuple[Record, int]], dict[int, tuple[str, int]]]:
+    """``([(record, line)], {label: (class name, first line)})`` of a manifest's rows."""
+    from imgcls_jax.config import SPLIT_NAME
+
+    header = next(reader, None)
+    if header is None or [h.strip() for h in header] != list(MANIFEST_COLUMNS):
+        raise DatasetError(f"{path}, line 1: the header must be {','.join(MANIFEST_COLUMNS)}, got {header!r}")
+    records, names, labels_of, seen = [], {}, {}, {}
+    for row in reader:
+        line = reader.line_num
+        where = f"{path}, line {line}"
+        if not row:
+            continue  # a blank line
+        if len(row) != len(MANIFEST_COLUMNS):
+            raise DatasetError(f"{where}: expected {len(MANIFEST_COLUMNS)} fields, got {len(row)}: {row!r}")
+        rel, label_text, name, split = row
+        label = int(label_text) if label_text.strip().isdecimal() and label_text.isascii() else None
+        if label is None:
+            raise DatasetError(f"{where}: label {label_text!r} is not an integer >= 0")
+        if not name:
+            raise DatasetError(f"{where}: empty class name for label {label}")
+        if label in names and names[label][0] != name:
+            first = names[label]
+            raise DatasetError(f"{where}: label {label} is {name!r} here but {first[0]!r} on line {first[1]}")
+        if name in labels_of and labels_of[name][0] != label:
+            first = labels_of[name]
+            raise DatasetError(
+                f"{where}: class {name!r} has label {label} here but {first[0]} on line {first[1]}"
+            )
+        names.setdefault(label, (name, line))
+        labels_of.setdefault(name, (label, line))
+        if not rel:  # a class without images (see write_manifest)
+            continue
+        if split and not SPLIT_NAME.fullmatch(split):
+            raise DatasetError(f"{where}: split {split!r} must be letters, digits, '_' and '-'")
+        full = os.path.join(root, rel) if root is not None else rel
+        key = os.path.normpath(full)
+        if key in seen:
+            raise DatasetError(f"{where}: {rel!r} is listed again (first on line {seen[key]})")
+        seen[key] = line
+        records.append((Record(full, label, split), line))
+    return records, names
+
+
+def _check_manifest_files(path: Path, records: list[tuple[Record, int]], root) -> None:
+    missing = [(r, line) for r, line in records if not os.path.isfile(r.path)]
+    if not missing:
+        return
+    listing = "; ".join(f"line {line}: {r.path}" for r, line in missing[:5])
+    more = f"; and {len(missing) - 5} more" if len(missing) > 5 else ""
+    hint = (
+        f" (paths are relative to the run's data folder {root}; if the images moved, set 'data' in "
+        "the run's config.json)"
+        if root is not None
+        else ""
+    )
+    raise DatasetError(f"{path}: {len(missing)} listed image(s) not found: {listing}{more}{hint}")

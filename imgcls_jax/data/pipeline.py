@@ -47,6 +47,12 @@ class Source:
     #: () -> a hex digest of the images and labels (the key of a file cache); ``None``: the
     #: source cannot be cached in files.
     fingerprint: Callable[[], str] | None = field(default=None, repr=False)
+    #: int32[N] class indices, and the files (``paths``) or uint8[N, H, W, 3] ``images`` they
+    #: label: what the TensorFlow-free :class:`~imgcls_jax.data.numpy_pipeline.NumpyPipeline`
+    #: reads (``None`` for TFDS sources, which need TensorFlow).
+    labels: np.ndarray | None = field(default=None, repr=False)
+    paths: list[str] | None = field(default=None, repr=False)
+    images: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_classes(self) -> int:
@@ -82,7 +88,9 @@ def from_records(records: Sequence[Record], class_names: Sequence[str]) -> Sourc
             digest.update(f"{path}\0{label}\0{when}\n".encode())
         return digest.hexdigest()
 
-    return Source(len(paths), list(class_names), make, f"{len(paths)} files", fingerprint)
+    return Source(
+        len(paths), list(class_names), make, f"{len(paths)} files", fingerprint, labels=labels, paths=paths
+    )
 
 
 def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = None) -> Source:
@@ -116,7 +124,10 @@ def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = 
         digest.update(labels.astype(np.int64).tobytes())
         return digest.hexdigest()
 
-    return Source(len(images), names, make, f"{len(images)} arrays", fingerprint)
+    return Source(
+        len(images), names, make, f"{len(images)} arrays", fingerprint,
+        labels=labels.astype(np.int32), images=images,
+    )  # fmt: skip
 
 
 def from_tfds(name: str, split: str, *, data_dir=None, image_key="image", label_key="label") -> Source:
@@ -213,6 +224,9 @@ class Pipeline:
         partial files of an interrupted first epoch are removed when the pipeline is built.
       shuffle_buffer: default: the whole dataset (exact shuffle of the cached uint8 images).
       seed: shuffling and augmentation seed.
+      device_augment: leave ``augment`` (mixup and cutmix too) to the train step on the device
+        (:func:`imgcls_jax.data.device_augment.augment_train_batch` with
+        :attr:`augment_on_device`): batches are the cached images, unaugmented, labels int32.
     """
 
     def __init__(
@@ -227,6 +241,7 @@ class Pipeline:
         cache: str | None = "memory",
         shuffle_buffer: int | None = None,
         seed: int = 0,
+        device_augment: bool = False,
     ):
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
@@ -242,6 +257,7 @@ class Pipeline:
         self.augment = augment if (training and augment is not None and not augment.is_identity) else None
         self.resize = resize
         self.seed = seed
+        self.device_augment = device_augment
         self.cache = cache
         self.cache_files: Path | None = None  # the file prefix of a file cache
         self.shuffle_buffer = shuffle_buffer or source.num_examples
@@ -265,6 +281,12 @@ class Pipeline:
     def num_examples(self) -> int:
         return self.source.num_examples
 
+    @property
+    def augment_on_device(self) -> AugmentConfig | None:
+        """The augmentation the train step must apply on the device (``None``: nothing to do, the
+        batches are augmented already or augmentation is off)."""
+        return self.augment if self.device_augment else None
+
     def resized(self, image_size: tuple[int, int]) -> Pipeline:
         """The same pipeline (source, batches, augmentation, cache kind, seed) at another
         ``image_size``; ``self`` when the size is unchanged."""
@@ -273,7 +295,7 @@ class Pipeline:
         return Pipeline(
             self.source, image_size=image_size, batch_size=self.batch_size, training=self.training,
             augment=self.augment, resize=self.resize, cache=self.cache,
-            shuffle_buffer=self.shuffle_buffer, seed=self.seed,
+            shuffle_buffer=self.shuffle_buffer, seed=self.seed, device_augment=self.device_augment,
         )  # fmt: skip
 
     def __len__(self) -> int:
@@ -291,7 +313,7 @@ class Pipeline:
                 self.shuffle_buffer, seed=self.seed * 1_000_003 + epoch, reshuffle_each_iteration=False
             )
             ds = ds.enumerate(start=epoch * n)
-            aug, seed = self.augment, self.seed
+            aug, seed = (None if self.device_augment else self.augment), self.seed
 
             def train_map(index, example):
                 image, label = example

@@ -22,6 +22,11 @@ from imgcls_jax.evaluate.runs import LoadedRun
 log = logging.getLogger(__name__)
 
 
+class UnreadableImageError(ValueError):
+    """An input image that cannot be decoded (empty, truncated, not an image despite its name);
+    the message names the file."""
+
+
 @dataclass
 class Prediction:
     """Top-k classes of one image, most probable first."""
@@ -34,7 +39,9 @@ class Prediction:
         return self.top_k[0][0]
 
 
-def _image_files(inputs) -> list[str]:
+def image_files(inputs) -> list[str]:
+    """The image files ``inputs`` names: files as given, folders searched recursively (sorted, by
+    extension). ``FileNotFoundError`` for a path that does not exist or a folder without images."""
     from imgcls_jax.data import IMAGE_EXTENSIONS
 
     items = [inputs] if isinstance(inputs, str | os.PathLike) else list(inputs)
@@ -55,6 +62,20 @@ def _image_files(inputs) -> list[str]:
     return files
 
 
+def check_inputs(files: Sequence[str]) -> None:
+    """Decode every file once: :class:`UnreadableImageError` listing those that fail (the first
+    five, and how many). What ``imgcls-jax predict`` does before it loads the model."""
+    from imgcls_jax.data.decode import check_images
+
+    bad = [c for c in check_images(list(files)) if c.reason]
+    if bad:
+        listing = "; ".join(f"{c.path}: {c.reason}" for c in bad[:5])
+        more = f"; and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise UnreadableImageError(
+            f"{len(bad)} of {len(files)} input file(s) cannot be decoded: {listing}{more}"
+        )
+
+
 def predict(
     loaded: LoadedRun,
     inputs,
@@ -69,6 +90,8 @@ def predict(
     """
     if top_k < 1:
         raise ValueError(f"top_k must be >= 1, got {top_k}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     size = loaded.image_size
     if isinstance(inputs, np.ndarray | jax.Array):
         images = np.asarray(inputs)
@@ -77,17 +100,39 @@ def predict(
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"arrays must be [N, H, W, 3] or [H, W, 3] RGB, got shape {images.shape}")
         if images.shape[1:3] != size:
-            from imgcls_jax.data.decode import resize_image
-
-            images = np.stack([np.round(resize_image(im, size, resize).numpy()) for im in images])
-            images = images.astype(np.uint8)
+            images = np.stack([_resized(im, size, resize) for im in images])
         sources = [f"array[{i}]" for i in range(len(images))]
     else:
         from imgcls_jax.data import load_image
 
-        sources = _image_files(inputs)
-        images = np.stack([load_image(f, size, resize) for f in sources])
+        sources = image_files(inputs)
+        images = np.stack([_load(load_image, f, size, resize) for f in sources])
     return _predict_arrays(loaded, images, sources, top_k, batch_size)
+
+
+def _resized(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
+    """``image`` resized as the data pipelines resize (TensorFlow's, else the same in NumPy)."""
+    from imgcls_jax.data import tensorflow_available
+
+    if tensorflow_available():
+        from imgcls_jax.data.decode import resize_image
+
+        return np.round(resize_image(image, size, mode).numpy()).astype(np.uint8)
+    from imgcls_jax.data.pil_decode import resize_image
+
+    return resize_image(image, size, mode)
+
+
+def _load(load_image, path: str, size: tuple[int, int], resize: str) -> np.ndarray:
+    """``load_image``, its "cannot decode this file" ``ValueError`` as :class:`UnreadableImageError`."""
+    from imgcls_jax.data.decode import RESIZE_MODES
+
+    if resize not in RESIZE_MODES:
+        raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
+    try:
+        return load_image(path, size, resize)
+    except ValueError as e:
+        raise UnreadableImageError(f"{e} (not an image this library can decode)") from e
 
 
 def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_size: int):
@@ -95,7 +140,10 @@ def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_si
 
     @jax.jit
     def probabilities(state, x):
-        return jax.nn.softmax(nnx.merge(graphdef, state)(x), axis=-1)
+        model = nnx.merge(graphdef, state)
+        logits = model(x)
+        # softmax, or sigmoid for a model with sigmoid outputs (an imported Keras model)
+        return model.probabilities(logits) if hasattr(model, "probabilities") else jax.nn.softmax(logits, -1)
 
     k = min(top_k, len(loaded.class_names))
     out = []

@@ -27,6 +27,11 @@ log = logging.getLogger(__name__)
 CHECKPOINTS = CHECKPOINT_CHOICES
 
 
+class RunMismatchError(ValueError):
+    """A run's ``config.json`` or ``manifest.csv`` describe another model than its checkpoint
+    holds (a file edited by hand, or copied from another run); the message names the layer."""
+
+
 @dataclass
 class LoadedRun:
     """A trained model with what is needed to use it."""
@@ -41,8 +46,7 @@ class LoadedRun:
     @property
     def image_size(self) -> tuple[int, int]:
         """Input size of the restored epoch (its phase's ``image_size``)."""
-        size = self.config.image_size_at(self.epoch)
-        return size, size
+        return self.config.size_at(self.epoch)
 
 
 def run_class_names(run_dir) -> list[str]:
@@ -55,7 +59,13 @@ def run_class_names(run_dir) -> list[str]:
 
 def load_run(run_dir, which: str = "best") -> LoadedRun:
     """Rebuild a run's model from its ``config.json`` and restore its ``best`` (by the monitored
-    validation metric) or ``latest`` checkpoint."""
+    validation metric) or ``latest`` checkpoint.
+
+    Raises ``NotARunError`` (not a run folder), ``ConfigError``/``DatasetError`` (its config.json
+    or manifest.csv edited into something invalid), :class:`RunMismatchError` (edited into another
+    model than the checkpoint holds), ``FileNotFoundError`` (no such checkpoint)."""
+    from flax import nnx
+
     from imgcls_jax.models.registry import model_from_config
     from imgcls_jax.train.checkpoints import restore_model
 
@@ -64,11 +74,55 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     run.require("manifest.csv")
     config = TrainConfig.from_json(run.config)
     class_names = run_class_names(run.root)
-    model = model_from_config(config, len(class_names), weights=None)
+    build = lambda: model_from_config(config, len(class_names), weights=None)  # noqa: E731
+    mismatch = _shape_mismatch(run.checkpoint_dir(which), nnx.eval_shape(build))  # shapes only: cheap
+    if mismatch is not None:
+        raise RunMismatchError(
+            f"{run.root}: the {which} checkpoint does not fit the model that config.json and manifest.csv "
+            f"({len(class_names)} classes) describe: {mismatch}. Were they edited? Restore them from the "
+            "run that wrote the checkpoint."
+        )
+    model = build()
     epoch = restore_model(run, which, model)
     model.eval()
     log.info("loaded %s checkpoint of %s (epoch %d)", which, run.root, epoch)
     return LoadedRun(run.root, config, model, class_names, epoch, which)
+
+
+def _shape_mismatch(directory: Path, model) -> str | None:
+    """The first parameter whose shape in the newest checkpoint under ``directory`` differs from
+    ``model``'s (``"head_logits/kernel: checkpoint (8, 3), model (8, 4)"``), else ``None`` (also
+    when the checkpoint's metadata cannot be read: then the restore itself reports)."""
+    import jax
+    import orbax.checkpoint as ocp
+    from flax import nnx
+
+    if not directory.is_dir():
+        return None
+    steps = sorted((p for p in directory.iterdir() if p.name.isdigit()), key=lambda p: int(p.name))
+    if not steps or not (steps[-1] / "params").is_dir():
+        return None
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)  # orbax warns "_CHECKPOINT_METADATA does not exist": expected here
+    try:
+        stored = ocp.StandardCheckpointer().metadata(steps[-1] / "params").item_metadata.tree
+    except Exception:  # noqa: BLE001 - no readable metadata: nothing to compare, the restore reports
+        return None
+    finally:
+        absl.setLevel(level)
+    ours = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    flat_stored = {_named(k): v for k, v in jax.tree_util.tree_leaves_with_path(stored)}
+    for key, leaf in jax.tree_util.tree_leaves_with_path(ours):
+        theirs = flat_stored.get(_named(key))  # a name missing there: not ours to judge, orbax will
+        if theirs is not None and tuple(theirs.shape) != tuple(leaf.shape):
+            return f"{_named(key)}: checkpoint {tuple(theirs.shape)}, model {tuple(leaf.shape)}"
+    return None
+
+
+def _named(path) -> str:
+    """A pytree key path as ``"head_logits/kernel"``."""
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
 @dataclass
@@ -135,18 +189,19 @@ def format_report(result: EvalResult, history: list[dict] | None = None) -> str:
 
 def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResult:
     """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots."""
-    from imgcls_jax.data import Pipeline, from_records, read_manifest
+    from imgcls_jax.data import DatasetError, from_records, make_pipeline, read_manifest
     from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
-    loaded = load_run(run_dir, which)
-    run = RunDir(loaded.run_dir)
-    records, class_names = read_manifest(run.manifest, root=loaded.config.data)
+    run = RunDir(run_dir).require("manifest.csv")  # the images first: before the model is built
+    data = TrainConfig.from_json(run.config).data
+    records, class_names = read_manifest(run.manifest, root=data, check_splits=[split])
     chosen = [r for r in records if r.split == split]
     if not chosen:
-        raise ValueError(
-            f"{run.root}: the manifest has no '{split}' split (splits: {sorted({r.split for r in records})})"
+        raise DatasetError(
+            f"{run.manifest}: no '{split}' split (splits: {sorted({r.split for r in records})})"
         )
-    pipeline = Pipeline(
+    loaded = load_run(run_dir, which)
+    pipeline = make_pipeline(  # tf.data where TensorFlow imports, else Pillow + NumPy
         from_records(chosen, class_names), image_size=loaded.image_size,
         batch_size=loaded.config.eval_batch_size or loaded.config.batch_size, training=False, cache=None,
     )  # fmt: skip

@@ -18,10 +18,13 @@ import argparse
 import inspect
 import json
 import logging
-from dataclasses import dataclass, field
+import math
+import types
+import typing
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgcls_jax.config import TrainConfig, read_json
+from imgcls_jax.config import MAX_INT, ConfigError, TrainConfig, read_json, short_repr
 
 log = logging.getLogger(__name__)
 
@@ -43,29 +46,93 @@ def _study_keys() -> set[str]:
     }
 
 
+#: Allowed [low, high] of the numeric study options (others: [0, MAX_INT] for integers, [0, inf)
+#: for numbers; ``timeout_s`` > 0). The sampler seed is ``seed + 7919 * worker + trials``, which
+#: must stay below 2**32 (numpy's seeds).
+_STUDY_RANGES = {
+    "n_trials": (1, MAX_INT), "seed": (0, 2**31 - 1), "worker": (0, 100_000), "heartbeat_s": (1, 86_400),
+    "grace_s": (1, MAX_INT),
+}  # fmt: skip
+
+
+def _conforms(value, hint) -> bool:
+    """Whether a JSON value fits a type hint of :func:`~imgcls_jax.hpo.search` (bools are not
+    numbers; a path may be a string)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok and (hint is float or isinstance(value, int))
+    if hint is Path:
+        return isinstance(value, str)
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def check_study_options(options: dict, where: str) -> None:
+    """``ConfigError`` naming the option for an unknown one or a value of the wrong type or range
+    (types from :func:`~imgcls_jax.hpo.search`'s signature)."""
+    from imgcls_jax.hpo.search import search
+
+    hints = {"n_trials": int, **typing.get_type_hints(search)}
+    for key, value in options.items():
+        if key not in _study_keys():
+            raise ConfigError(f"{where}: unknown 'study' option {key!r}; known: {sorted(_study_keys())}")
+        if key in hints and not _conforms(value, hints[key]):
+            raise ConfigError(
+                f"{where}: study option {key!r} must be {_describe(hints[key])}, got {short_repr(value)}"
+            )
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            low, high = _STUDY_RANGES.get(key, (0, MAX_INT) if isinstance(value, int) else (0, math.inf))
+            finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size
+            if not (finite and low <= value <= high) or (key == "timeout_s" and value == 0):
+                brackets = f"({low}, {high})" if key == "timeout_s" else f"[{low}, {high}]"
+                raise ConfigError(
+                    f"{where}: study option {key!r} must be in {brackets}, got {short_repr(value)}"
+                )
+
+
+def _describe(hint) -> str:
+    text = str(hint).replace("pathlib.", "").replace("NoneType", "null")
+    return text.replace("<class '", "").replace("'>", "")
+
+
 def load_tune_config(path_or_text) -> TuneConfig:
-    """Read a tune file (path or JSON text); errors name the file and the offending key."""
+    """Read a tune file (path or JSON text); errors name the file and the offending key.
+
+    Raises ``FileNotFoundError`` for a missing file, :class:`~imgcls_jax.config.ConfigError` for
+    everything else (its base config too)."""
     raw, where, is_text = read_json(path_or_text, "tune")
     text = str(path_or_text)
     if not isinstance(raw, dict):
-        raise ValueError(f"{where}: expected a JSON object with 'base', 'space' and 'study'")
+        raise ConfigError(f"{where}: expected a JSON object with 'base', 'space' and 'study'")
     unknown = sorted(set(raw) - {"base", "space", "study"})
     if unknown or "base" not in raw or "space" not in raw:
-        raise ValueError(
+        raise ConfigError(
             f"{where}: needs keys 'base' and 'space' (and optionally 'study'); unknown: {unknown}"
         )
     base = raw["base"]
     if isinstance(base, str):
         base_path = Path(base) if is_text else Path(text).parent / base
-        base = TrainConfig.from_json(base_path)
+        try:
+            base = TrainConfig.from_json(base_path)
+        except FileNotFoundError as e:
+            raise ConfigError(f"{where}: 'base': {e}") from None
     elif isinstance(base, dict):
-        base = TrainConfig.from_json(json.dumps(base))
+        try:
+            base = TrainConfig.from_json(json.dumps(base))
+        except ValueError as e:
+            raise ConfigError(f"{where}: 'base': {e}") from None
     else:
-        raise ValueError(f"{where}: 'base' must be a TrainConfig object or a path to one, got {base!r}")
+        raise ConfigError(f"{where}: 'base' must be a TrainConfig object or a path to one, got {base!r}")
     study = raw.get("study", {})
-    bad = sorted(set(study) - _study_keys()) if isinstance(study, dict) else ["<not an object>"]
+    if not isinstance(study, dict):
+        raise ConfigError(f"{where}: 'study' must be an object of options, got {study!r}")
+    bad = sorted(set(study) - _study_keys())
     if bad:
-        raise ValueError(f"{where}: unknown 'study' option(s) {bad}; known: {sorted(_study_keys())}")
+        raise ConfigError(f"{where}: unknown 'study' option(s) {bad}; known: {sorted(_study_keys())}")
+    check_study_options(study, where)
     return TuneConfig(base, raw["space"], dict(study))
 
 
@@ -96,13 +163,20 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def tune_main(args: argparse.Namespace) -> int:
-    """Run ``imgcls-jax tune``; returns the exit status (0, or 1 when no trial completed)."""
-    from dataclasses import replace
+def prepare_tune(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
+    """``(base config, space, search options)`` of ``imgcls-jax tune``, everything checked that
+    can be before a trial runs (the tune file, the options, the space, the data folder and its
+    validation split, the study folder). Raises only :class:`~imgcls_jax.config.ConfigError`,
+    :class:`~imgcls_jax.hpo.space.SearchSpaceError` and ``DatasetError``: the user's mistakes."""
+    from imgcls_jax.data.folders import DatasetError
+    from imgcls_jax.hpo.search import _check_validation_split
+    from imgcls_jax.hpo.space import parse_space
+    from imgcls_jax.hpo.study import make_pruner, make_sampler
 
-    from imgcls_jax.hpo.search import search
-
-    tune = load_tune_config(args.config)
+    try:
+        tune = load_tune_config(args.config)
+    except FileNotFoundError as e:
+        raise ConfigError(str(e)) from None
     options = dict(tune.study)
     for key in ("n_trials", "storage", "study_name", "study_dir", "worker", "seed", "timeout_s"):
         value = getattr(args, key, None)
@@ -113,9 +187,28 @@ def tune_main(args: argparse.Namespace) -> int:
     if getattr(args, "no_plots", False):
         options["plots"] = False
     if "n_trials" not in options:
-        raise ValueError(f"{args.config}: give study.n_trials in the file or --n-trials")
+        raise ConfigError(f"{args.config}: give study.n_trials in the file or --n-trials")
+    check_study_options(options, f"{args.config} (with the command-line options)")
     base = replace(tune.base, data=args.data) if getattr(args, "data", None) else tune.base
-    result = search(base, tune.space, options.pop("n_trials"), **options)
+    if not Path(base.data).expanduser().is_dir():
+        raise DatasetError(f"{base.data}: no such folder (the base config's data)")
+    parse_space(tune.space, base)
+    try:
+        _check_validation_split(base)
+        make_sampler(options.get("sampler", "tpe"), 0, options.get("sampler_options"))
+        make_pruner(options.get("pruner", "median"), options.get("pruner_options"), 1)
+        Path(options.get("study_dir") or base.run_dir).expanduser().mkdir(parents=True, exist_ok=True)
+    except (ValueError, OSError) as e:
+        raise ConfigError(f"{args.config}: {e}") from None
+    return base, tune.space, options
+
+
+def tune_main(args: argparse.Namespace) -> int:
+    """Run ``imgcls-jax tune``; returns the exit status (0, or 1 when no trial completed)."""
+    from imgcls_jax.hpo.search import search
+
+    base, space, options = prepare_tune(args)
+    result = search(base, space, options.pop("n_trials"), **options)
     log.info("trials by state: %s; trial table %s", result.states, result.trials_csv)
     if result.best_config_path is None:
         log.error("no trial completed: nothing to export")

@@ -33,6 +33,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -109,8 +110,20 @@ def parse_space(space: dict, base: TrainConfig) -> list[Param]:
     return params
 
 
+def _finite(value) -> bool:
+    """A finite int or float (not a bool; an int too large for a float is not finite)."""
+    if not isinstance(value, int | float) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
+
+
 def _parse_param(path: str, spec: dict) -> Param:
-    if not isinstance(spec, dict) or spec.get("type") not in _KEYS:
+    if not isinstance(path, str):
+        raise SearchSpaceError(f"search space: parameter names must be strings, got {path!r}")
+    if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec.get("type") not in _KEYS:
         raise SearchSpaceError(
             f"search space {path!r}: expected {{'type': 'float'|'int'|'categorical', ...}}, got {spec!r}"
         )
@@ -127,9 +140,11 @@ def _parse_param(path: str, spec: dict) -> Param:
         if len({json.dumps(c, sort_keys=True) for c in choices}) != len(choices):
             raise SearchSpaceError(f"search space {path!r}: duplicate choices in {choices!r}")
         return Param(path, kind, choices=tuple(choices))
-    low, high, log, step = spec.get("low"), spec.get("high"), bool(spec.get("log", False)), spec.get("step")
+    low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
+    if not isinstance(log, bool):
+        raise SearchSpaceError(f"search space {path!r}: 'log' must be true or false, got {log!r}")
     numbers = (low, high) if step is None else (low, high, step)
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in numbers):
+    if not all(_finite(v) for v in numbers):
         raise SearchSpaceError(f"search space {path!r}: low/high/step must be finite numbers, got {spec!r}")
     if kind == "int" and not all(float(v).is_integer() for v in numbers):
         raise SearchSpaceError(
@@ -164,7 +179,7 @@ def _resolve(tree: dict, path: str) -> list[tuple[Any, Any]]:
             if isinstance(node, (list, tuple)):
                 if part == "*":
                     keys = range(len(node))
-                elif part.isdigit() and int(part) < len(node):
+                elif re.fullmatch("[0-9]{1,9}", part) and int(part) < len(node):
                     keys = [int(part)]
                 else:
                     raise SearchSpaceError(
@@ -229,7 +244,7 @@ def _checked(path: str, old, value):
 
 
 def _scaled_augment(augment: dict, strength) -> dict:
-    if not isinstance(strength, (int, float)) or strength < 0:
+    if not _finite(strength) or strength < 0:
         raise ValueError(f"{AUGMENT_STRENGTH} must be a number >= 0, got {strength!r}")
     scaled = dict(augment)
     for name, high in _STRENGTH_FIELDS.items():

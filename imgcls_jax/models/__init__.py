@@ -2,6 +2,7 @@
 
 from imgcls_jax.models.base import Classifier, LayerSpec, Trainable, parse_trainable
 from imgcls_jax.models.convnet import KerasConvNet
+from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.mobilenet import MobileNetV2
 from imgcls_jax.models.preprocessing import MODES, preprocess_input
 from imgcls_jax.models.registry import (
@@ -20,6 +21,7 @@ __all__ = [
     "MODES",
     "VGG",
     "Classifier",
+    "EfficientNet",
     "KerasConvNet",
     "LayerSpec",
     "MobileNetV2",

@@ -116,6 +116,13 @@ class Classifier(nnx.Module):
         """The variables of Keras layer ``name`` in the order of its weights in a Keras file."""
         raise NotImplementedError
 
+    def adapt_imagenet_weights(self, layers: dict[str, list]) -> dict[str, list]:
+        """Keras's published ImageNet file's arrays (``{layer: [arrays in Keras's order]}``,
+        validated, read-only) -> the arrays to assign, for what Keras's application does beyond
+        loading that file (e.g. EfficientNet's extra input rescaling). May raise ``ValueError``
+        for a model Keras would not load them into. Default: as they are."""
+        return layers
+
     # ----------------------------------------------------------------------------- shared logic
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (or features, without a head) of raw RGB ``images`` ``[N, H, W, 3]``, uint8 or

@@ -1,7 +1,8 @@
 """VGG's layers in forms XLA:CPU runs fast: 3x3 convolutions and 2x2 max pooling.
 
 3x3 SAME stride-1 convolutions run as XLA's convolution or as im2col + one matmul, chosen per
-backend and shape; :func:`max_pool_2x2` is max pooling with a cheaper gradient.
+backend and shape; :func:`max_pool_2x2` is max pooling with a cheaper gradient. Both take any
+map size (odd ones included).
 
 XLA:CPU compiles some convolution shapes into very slow loops (a 3x3 conv on a 2x2 map with 512
 channels at batch 32: ~270 ms, vs ~2.5 ms as a matmul), and its weight-gradient convolutions are
@@ -188,27 +189,37 @@ class ConvGeneralDilated:
         )
 
 
-@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
-    """2x2 stride-2 VALID max pooling of NHWC ``x`` ``[N, H, W, C]`` (H, W even) -> ``[N, H/2, W/2, C]``.
+    """2x2 stride-2 VALID max pooling of NHWC ``x`` ``[N, H, W, C]`` -> ``[N, H // 2, W // 2, C]``.
 
-    Same values and gradient as ``nnx.max_pool(x, (2, 2), strides=(2, 2))``, whose gradient
-    (XLA's select-and-scatter) goes to the first maximum of each window in row-major order; here
-    that gradient is a mask of elementwise ops on a reshaped view, which XLA:CPU runs 3-25x faster
-    than its select-and-scatter at VGG's shapes (``benchmarks/RESULTS.md``).
+    An odd last row or column is dropped, as VALID pooling does (Keras's ``MaxPooling2D`` and
+    ``nnx.max_pool(x, (2, 2), strides=(2, 2))``: a 45x45 map pools to 22x22); its gradient is zero.
+    Same values and gradient as ``nnx.max_pool``, whose gradient (XLA's select-and-scatter) goes to
+    the first maximum of each window in row-major order; here that gradient is a mask of
+    elementwise ops on a reshaped view, which XLA:CPU runs 3-25x faster than its
+    select-and-scatter at VGG's shapes (``benchmarks/RESULTS.md``). H and W must be at least 2.
     """
+    if x.ndim != 4 or x.shape[1] < 2 or x.shape[2] < 2:
+        raise ValueError(f"max_pool_2x2 needs an NHWC input [N, H, W, C] with H, W >= 2, got shape {x.shape}")
+    h, w = x.shape[1] // 2 * 2, x.shape[2] // 2 * 2
+    if (h, w) != x.shape[1:3]:
+        x = x[:, :h, :w, :]  # VALID: the odd row/column is outside every window
+    return _max_pool_even(x)
+
+
+@jax.custom_vjp
+def _max_pool_even(x: jax.Array) -> jax.Array:
+    """:func:`max_pool_2x2` of ``x`` with even H and W, with the fast gradient."""
     return _windows(x).max(axis=(2, 4))
 
 
 def _windows(x: jax.Array) -> jax.Array:
-    if x.ndim != 4 or x.shape[1] % 2 or x.shape[2] % 2:
-        raise ValueError(f"max_pool_2x2 needs an NHWC input with even H and W, got shape {x.shape}")
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c)
 
 
 def _max_pool_fwd(x):
-    y = max_pool_2x2(x)
+    y = _max_pool_even(x)
     return y, (x, y)
 
 
@@ -227,4 +238,4 @@ def _max_pool_bwd(res, g):
     return (jnp.stack([top, bottom], axis=2).reshape(x.shape),)
 
 
-max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
+_max_pool_even.defvjp(_max_pool_fwd, _max_pool_bwd)

@@ -6,8 +6,11 @@ blocks (``expanded_conv``, ``block_1`` .. ``block_16``): 1x1 ``_expand`` (6x the
 the first block) + ``_expand_BN`` + ReLU6, 3x3 ``_depthwise`` + ``_depthwise_BN`` + ReLU6 (stride
 2: Keras's ``correct_pad`` zero padding then VALID; stride 1: SAME), 1x1 ``_project`` +
 ``_project_BN`` (linear), plus the input when shapes allow; then 1x1 ``Conv_1`` (1280) +
-``Conv_1_bn`` + ReLU6. No convolution has a bias. BatchNorm: epsilon 1e-3, momentum 0.999.
-Inputs are normalised with ``"tf"`` preprocessing (to [-1, 1]), as Keras's ImageNet weights expect.
+``Conv_1_bn`` + ReLU6. No convolution has a bias; kernels start as Keras's (glorot uniform).
+BatchNorm: epsilon 1e-3, momentum 0.999, in float32 under bfloat16 compute too. Inputs are
+normalised with ``"tf"`` preprocessing (to [-1, 1]), as Keras's ImageNet weights expect. The
+top, head and weight mapping are :class:`~imgcls_jax.models.convnet.KerasConvNet`'s; the
+depthwise convolutions :class:`~imgcls_jax.models.layers.DepthwiseConv2D` (``depthwise_impl``).
 """
 
 from __future__ import annotations
@@ -18,15 +21,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models.convnet import (
-    ConvOp,
+from imgcls_jax.models.convnet import KerasConvNet
+from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
+from imgcls_jax.models.layers import (
+    BatchNorm,
     DepthwiseConv2D,
-    KerasConvNet,
-    batch_norm,
-    conv,
+    choose_depthwise_impl,
+    conv2d,
     correct_pad,
-    count_flops,
-    same_pads,
+    init_glorot_kernels,
 )
 
 #: ``(expansion, output channels, stride)`` of the inverted residual blocks 0..16 (alpha 1.0).
@@ -56,18 +59,21 @@ def _block_layers(i: int) -> tuple[str, ...]:
     return tuple(f"{block_prefix(i)}_{p}" for p in (("expand", "expand_BN") if i else ()) + parts)
 
 
-def _same_out(n: int) -> int:
-    return -(-n // 2)
+def _depthwise_pads(size: tuple[int, int], stride: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Keras's padding of a 3x3 depthwise convolution: ``correct_pad`` at stride 2 (then VALID),
+    SAME at stride 1."""
+    return correct_pad(size, 3) if stride == 2 else ((1, 1), (1, 1))
 
 
 class MobileNetV2(KerasConvNet):
     """``keras.applications.MobileNetV2(alpha=1.0)`` (top, transfer head or features; see
     :class:`~imgcls_jax.models.convnet.KerasConvNet`). Stages, named as Keras's layers: ``Conv1``
     (stem), ``expanded_conv``, ``block_1`` .. ``block_16``, ``Conv_1``; features
-    ``[N, h, w, 1280]`` with ``h = ceil(H / 32)``. Any input of at least 32x32 (Keras's rule).
-    Other widths (``alpha``) are not implemented: ``ValueError``."""
+    ``[N, ceil(H / 32), ceil(W / 32), 1280]``. Any input of at least 32x32 (Keras's rule). Other
+    widths (``alpha``) are not implemented: ``ValueError``. ``depthwise_impl``: see
+    :func:`~imgcls_jax.models.layers.choose_depthwise_impl`."""
 
-    feature_channels = LAST_FILTERS
+    preprocessing = "tf"
     #: keras-applications' MobileNetV2 named its top ``Logits``, which its published files keep
     keras_aliases = {"predictions": ("Logits",)}
 
@@ -83,7 +89,7 @@ class MobileNetV2(KerasConvNet):
         dtype=jnp.float32,
         preprocessing: str = "tf",
         alpha: float = 1.0,
-        conv_impl: str = "auto",
+        depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if alpha != 1.0:
@@ -94,34 +100,35 @@ class MobileNetV2(KerasConvNet):
         self._setup(
             "mobilenetv2", include_top=include_top, pooling=pooling, num_classes=num_classes,
             head_units=head_units, dropout=dropout, input_shape=input_shape, dtype=dtype,
-            preprocessing=preprocessing, conv_impl=conv_impl,
+            preprocessing=preprocessing,
         )  # fmt: skip
         self.alpha = 1.0
-        options = dict(use_bias=False, dtype=self.dtype, impl=self.conv_impl, rngs=rngs)
-        self.Conv1 = conv(3, STEM_FILTERS, 3, strides=2, padding="SAME", **options)
+        choose_depthwise_impl(depthwise_impl)  # checks the name
+        self.depthwise_impl = depthwise_impl
+        self.Conv1 = self._conv(3, STEM_FILTERS, 3, rngs, strides=2, padding="SAME")
         self.bn_Conv1 = self._bn(STEM_FILTERS, rngs)
         cin = STEM_FILTERS
-        for i, (expansion, cout, stride) in enumerate(BLOCKS):
+        for i, (expansion, cout, _) in enumerate(BLOCKS):
             p, width = block_prefix(i), expansion * cin
             if i:
-                setattr(self, f"{p}_expand", conv(cin, width, 1, **options))
+                setattr(self, f"{p}_expand", self._conv(cin, width, 1, rngs))
                 setattr(self, f"{p}_expand_BN", self._bn(width, rngs))
-            padding = "correct_pad" if stride == 2 else "SAME"
-            depthwise = DepthwiseConv2D(
-                width, 3, strides=stride, padding=padding, dtype=self.dtype, rngs=rngs
-            )
-            setattr(self, f"{p}_depthwise", depthwise)
+            setattr(self, f"{p}_depthwise", DepthwiseConv2D(width, 3, dtype=self.dtype, impl=depthwise_impl))
             setattr(self, f"{p}_depthwise_BN", self._bn(width, rngs))
-            setattr(self, f"{p}_project", conv(width, cout, 1, **options))
+            setattr(self, f"{p}_project", self._conv(width, cout, 1, rngs))
             setattr(self, f"{p}_project_BN", self._bn(cout, rngs))
             cin = cout
-        self.Conv_1 = conv(cin, LAST_FILTERS, 1, **options)
+        self.Conv_1 = self._conv(cin, LAST_FILTERS, 1, rngs)
         self.Conv_1_bn = self._bn(LAST_FILTERS, rngs)
-        self._build_head(rngs)
+        init_glorot_kernels(self.conv_kernels(), rngs.params())
+        self._build_head(LAST_FILTERS, rngs)
+
+    def _conv(self, cin: int, cout: int, k: int, rngs: nnx.Rngs, **options) -> nnx.Conv:
+        return conv2d(cin, cout, k, use_bias=False, dtype=self.dtype, rngs=rngs, **options)
 
     @staticmethod
-    def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-        return batch_norm(features, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs)
+    def _bn(channels: int, rngs: nnx.Rngs) -> BatchNorm:
+        return BatchNorm(channels, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs)
 
     @property
     def stages(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
@@ -130,45 +137,43 @@ class MobileNetV2(KerasConvNet):
         blocks = tuple((block_prefix(i), _block_layers(i)) for i in range(len(BLOCKS)))
         return (("Conv1", ("Conv1", "bn_Conv1")), *blocks, ("Conv_1", ("Conv_1", "Conv_1_bn")))
 
-    def feature_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """``(h, w)`` of the last map for input ``(H, W)``: five halvings ``n -> ceil(n / 2)``."""
-        out = []
-        for n in image_size:
-            for _ in range(5):
-                n = _same_out(n)
-            out.append(n)
-        return tuple(out)
-
-    def backbone(self, x: jax.Array) -> jax.Array:
-        """tf-preprocessed images ``[N, H, W, 3]`` -> the ``out_relu`` map ``[N, h, w, 1280]``."""
-        x = relu6(self.bn("bn_Conv1", self.Conv1(x)))
+    def backbone(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """tf-preprocessed images ``[N, H, W, 3]`` -> the ``out_relu`` map ``[N, h, w, 1280]``
+        (``dropout_key`` unused: no stochastic layer in the backbone)."""
+        x = relu6(self.bn_Conv1(self.Conv1(x)))
         for i in range(len(BLOCKS)):
             x = self._block(i, x)
-        return relu6(self.bn("Conv_1_bn", self.Conv_1(x)))
+        return relu6(self.Conv_1_bn(self.Conv_1(x)))
 
     def _block(self, i: int, x: jax.Array) -> jax.Array:
-        p = block_prefix(i)
-        y = relu6(self.bn(f"{p}_expand_BN", getattr(self, f"{p}_expand")(x))) if i else x
-        y = relu6(self.bn(f"{p}_depthwise_BN", getattr(self, f"{p}_depthwise")(y)))
-        y = self.bn(f"{p}_project_BN", getattr(self, f"{p}_project")(y))
+        """Keras's ``_inverted_res_block``: expand, depthwise (padded as Keras pads it), project,
+        and the input added when the shapes allow (stride 1, as many channels)."""
+        p, stride = block_prefix(i), BLOCKS[i][2]
+
+        def bn(name, y):
+            return getattr(self, f"{p}_{name}_BN")(y)
+
+        y = relu6(bn("expand", getattr(self, f"{p}_expand")(x))) if i else x
+        y = jnp.pad(y, ((0, 0), *_depthwise_pads(y.shape[1:3], stride), (0, 0)))
+        y = relu6(bn("depthwise", getattr(self, f"{p}_depthwise")(y, stride)))
+        y = bn("project", getattr(self, f"{p}_project")(y))
         return x + y if x.shape == y.shape else y
 
 
-def conv_ops(image_size: int | tuple[int, int]) -> list[ConvOp]:
-    """MobileNetV2's convolutions for one ``image_size`` input, in forward order (for :func:`flops`)."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+def conv_ops(model: MobileNetV2, image_size: int | tuple[int, int]) -> list[ConvOp]:
+    """MobileNetV2's convolutions for one ``image_size`` input, in forward order (for :func:`flops`;
+    ``model`` is there for the signature every family's ``conv_ops`` has: this one is fixed)."""
+    h, w = square(image_size)
     ops = [ConvOp(h, w, 3, 2, (same_pads(h, 3, 2), same_pads(w, 3, 2)), 3, STEM_FILTERS)]
     (h, w), cin = ops[0].out, STEM_FILTERS
-    none = ((0, 0), (0, 0))
     for i, (expansion, cout, stride) in enumerate(BLOCKS):
         width = expansion * cin
         if i:
-            ops.append(ConvOp(h, w, 1, 1, none, cin, width))
-        pad = correct_pad if stride == 2 else (lambda n, k: same_pads(n, k, 1))
-        depthwise = ConvOp(h, w, 3, stride, (pad(h, 3), pad(w, 3)), width, width, groups=width)
-        (h, w), cin = depthwise.out, cout
-        ops += [depthwise, ConvOp(h, w, 1, 1, none, width, cout)]
-    return [*ops, ConvOp(h, w, 1, 1, none, cin, LAST_FILTERS)]
+            ops.append(ConvOp(h, w, 1, 1, NO_PADDING, cin, width))
+        ops.append(ConvOp(h, w, 3, stride, _depthwise_pads((h, w), stride), width, width, groups=width))
+        (h, w), cin = ops[-1].out, cout
+        ops.append(ConvOp(h, w, 1, 1, NO_PADDING, width, cout))
+    return [*ops, ConvOp(h, w, 1, 1, NO_PADDING, cin, LAST_FILTERS)]
 
 
 def flops(
@@ -188,4 +193,4 @@ def flops(
         ``"valid"`` (taps on zero padding left out, as XLA's cost analysis counts convolutions).
     Returns: FLOPs per image (float).
     """
-    return count_flops(model, conv_ops(image_size), mode, padding)
+    return count_flops(model, conv_ops(model, image_size), mode, padding)

@@ -9,8 +9,9 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-#: Modes understood by :func:`preprocess_input`; ``"none"`` is the identity.
-MODES = ("caffe", "torch", "tf", "none")
+#: Modes understood by :func:`preprocess_input`; ``"none"`` is the identity, ``"unit"`` scales
+#: to ``[0, 1]`` (what a Keras model with a ``Rescaling(1/255)`` layer in front computes).
+MODES = ("caffe", "torch", "tf", "none", "unit")
 
 # Keras's constants, verbatim: caffe means are in BGR order, torch statistics in RGB order.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -32,7 +33,7 @@ def preprocess_input(images, mode: str = "caffe", dtype=jnp.float32):
       images: ``uint8`` or float array ``[..., H, W, 3]``, RGB, values in ``[0, 255]``.
       mode: ``"caffe"`` (RGB->BGR, subtract the BGR ImageNet mean, no scaling; Keras VGG16/19),
         ``"torch"`` (``/255`` then per-channel mean/std), ``"tf"`` (``/127.5 - 1``) or
-        ``"none"`` (cast only).
+        ``"unit"`` (``/255``) or ``"none"`` (cast only).
       dtype: the float dtype of the result (the arithmetic is done in float32 first).
 
     Returns:
@@ -46,6 +47,8 @@ def preprocess_input(images, mode: str = "caffe", dtype=jnp.float32):
         x = x / 127.5 - 1.0
     elif mode == "torch":
         x = (x / 255.0 - np.asarray(TORCH_MEAN_RGB, np.float32)) / np.asarray(TORCH_STD_RGB, np.float32)
+    elif mode == "unit":
+        x = x / 255.0
     elif mode == "caffe":
         x = x[..., ::-1] - np.asarray(CAFFE_MEAN_BGR, np.float32)
     return x.astype(dtype)

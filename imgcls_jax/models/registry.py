@@ -17,7 +17,10 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models import mobilenet, resnet
-from imgcls_jax.models.vgg import BLOCKS, VGG
+from imgcls_jax.models.efficientnet import EfficientNet
+from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
+from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
+from imgcls_jax.models.vgg import BLOCKS, MIN_SIZE, VGG
 
 
 @dataclass(frozen=True)
@@ -26,12 +29,14 @@ class ModelInfo:
 
     ``preprocessing``: the input normalisation its published weights expect (the default when
     the caller sets none). ``stages``: its backbone's stage names, in order (``top:N`` takes N
-    in 0..len(stages)); empty when unknown (a user's model)."""
+    in 0..len(stages)); empty when unknown (a user's model). ``min_size``: the smallest image side
+    it takes (pixels)."""
 
     name: str
     build: Callable[..., nnx.Module]
     preprocessing: str = "caffe"
     stages: tuple[str, ...] = ()
+    min_size: int = 1
 
     def accepts(self, option: str) -> bool:
         params = inspect.signature(self.build).parameters
@@ -41,16 +46,17 @@ class ModelInfo:
 _MODELS: dict[str, ModelInfo] = {}
 
 
-def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = ()):
+def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = (), min_size: int = 1):
     """Decorator: register ``fn(**options) -> model`` under ``name`` for :func:`create_model`.
 
     ``preprocessing``: what the family's published weights expect; ``stages``: its stage names
-    (for checking ``trainable="top:N"`` when a config is built)."""
+    (for checking ``trainable="top:N"`` when a config is built); ``min_size``: its smallest
+    image side (checked when a config is built too)."""
 
     def wrap(fn):
         if name in _MODELS:
             raise ValueError(f"model {name!r} is already registered")
-        _MODELS[name] = ModelInfo(name, fn, preprocessing, tuple(stages))
+        _MODELS[name] = ModelInfo(name, fn, preprocessing, tuple(stages), min_size)
         return fn
 
     return wrap
@@ -74,7 +80,8 @@ def _vgg_stages(arch: str) -> tuple[str, ...]:
 
 def _builder(cls, *args):
     """``fn(**options) -> cls(*args, **options)`` whose signature lists the keyword options of
-    ``cls.__init__``, so :func:`create_model` knows which options the family takes."""
+    ``cls.__init__``, so :func:`create_model` knows which options the family takes (one it does
+    not take is its clear error, not a ``TypeError``)."""
 
     def build(**options):
         return cls(*args, **options)
@@ -84,10 +91,18 @@ def _builder(cls, *args):
     return build
 
 
-register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"))(_builder(VGG, "vgg16"))
-register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"))(_builder(VGG, "vgg19"))
-register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES)(_builder(resnet.ResNet50))
-register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES)(
+for _arch in BLOCKS:  # vgg16, vgg19
+    register_model(_arch, preprocessing="caffe", stages=_vgg_stages(_arch), min_size=MIN_SIZE)(
+        _builder(VGG, _arch)
+    )
+for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7: normalisation inside the model
+    register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(
+        _builder(EfficientNet, _arch)
+    )
+register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min_size=32)(
+    _builder(resnet.ResNet50)
+)
+register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
 
@@ -184,12 +199,18 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
     """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
     classes: what training builds (with ``config.weights``), and evaluation and prediction
-    (``weights=None``, then their checkpoint). ``input_size``: the input height and width
+    (``weights=None``, then their checkpoint). ``input_size``: ``S`` or ``(height, width)``
     (default: the last phase's)."""
-    size = config.image_size_at() if input_size is None else input_size
+    if input_size is None:
+        height, width = config.size_at()
+    else:
+        height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
+    for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
+        if getattr(config, name) != default:
+            options[name] = getattr(config, name)
     return create_model(
         config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
         pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
-        seed=config.seed, input_shape=(size, size, 3), **options,
+        seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

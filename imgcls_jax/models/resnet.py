@@ -6,8 +6,10 @@ Stem ``conv1``: ``ZeroPadding2D(3)`` + 7x7/2 ``conv1_conv`` + ``conv1_bn`` + ReL
 ``conv{s}_block{b}``: 1x1 ``_1_conv`` (carrying the stage's stride, 2 from ``conv3`` on), 3x3 SAME
 ``_2_conv``, 1x1 ``_3_conv`` (4x the filters), each followed by its ``_bn`` (ReLU after the first
 two), added to the shortcut (the first block's is a strided 1x1 ``_0_conv`` + ``_0_bn``) and
-ReLU. Convolutions have biases. BatchNorm: epsilon 1.001e-5, momentum 0.99 (Keras's default).
-Inputs are normalised with ``"caffe"`` preprocessing, as Keras's ImageNet weights expect.
+ReLU. Convolutions have biases; kernels start as Keras's (glorot uniform), biases at zero.
+BatchNorm: epsilon 1.001e-5, momentum 0.99 (Keras's default), in float32 under bfloat16 compute
+too. Inputs are normalised with ``"caffe"`` preprocessing, as Keras's ImageNet weights expect.
+The top, head and weight mapping are :class:`~imgcls_jax.models.convnet.KerasConvNet`'s.
 """
 
 from __future__ import annotations
@@ -17,16 +19,12 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax import lax
 
-from imgcls_jax.models.convnet import (
-    ConvOp,
-    KerasConvNet,
-    batch_norm,
-    conv,
-    count_flops,
-    max_pool_3x3_s2,
-    same_pads,
-)
+from imgcls_jax.models.conv import ConvGeneralDilated, check_impl
+from imgcls_jax.models.convnet import KerasConvNet
+from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
+from imgcls_jax.models.layers import BatchNorm, conv2d, init_glorot_kernels
 
 #: ``(stage, bottleneck filters, blocks, stride of its first block)``; outputs 4x the filters.
 STACKS = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("conv5", 512, 3, 2))
@@ -34,21 +32,30 @@ STACKS = (("conv2", 64, 3, 1), ("conv3", 128, 4, 2), ("conv4", 256, 6, 2), ("con
 STAGE_NAMES = ("conv1", *(stage for stage, *_ in STACKS))
 BN_EPSILON = 1.001e-5
 BN_MOMENTUM = 0.99
+FEATURES = 2048
 
 
-def _pool_size(n: int) -> int:
-    """Map size after the stem (7x7/2 conv on 3-padded input, then 3x3/2 pool on 1-padded)."""
-    n = (n + 6 - 7) // 2 + 1
-    return (n + 2 - 3) // 2 + 1
+def max_pool_3x3_s2(x: jax.Array) -> jax.Array:
+    """Keras's ``ZeroPadding2D(1)`` + ``MaxPooling2D(3, strides=2)`` (VALID): ``[N, H, W, C]`` ->
+    ``[N, (H - 1) // 2 + 1, (W - 1) // 2 + 1, C]``. The padding is zeros, as Keras's (after a
+    ReLU, so never above a window's maximum)."""
+    x = jnp.pad(x, ((0, 0), (1, 1), (1, 1), (0, 0)))
+    return lax.reduce_window(x, -jnp.inf, lax.max, (1, 3, 3, 1), (1, 2, 2, 1), "VALID")
+
+
+def _block_parts(block: int) -> tuple[str, ...]:
+    """The parts of block ``block`` (1-based): the first has the shortcut convolution ``0``."""
+    return ("0", "1", "2", "3") if block == 1 else ("1", "2", "3")
 
 
 class ResNet50(KerasConvNet):
     """``keras.applications.ResNet50`` (top, transfer head or features; see
     :class:`~imgcls_jax.models.convnet.KerasConvNet`). Stages: ``conv1`` (stem), ``conv2`` ..
-    ``conv5``; features ``[N, h, w, 2048]`` with ``h = ceil(H / 32)`` for ``H`` a multiple of 32.
-    Any input of at least 32x32 (Keras's rule)."""
+    ``conv5``; features ``[N, ceil(H / 32), ceil(W / 32), 2048]``. Any input of at least 32x32
+    (Keras's rule). ``conv_impl``: how the 3x3 stride-1 convolutions run
+    (:mod:`imgcls_jax.models.conv`: ``"auto"``, ``"xla"``, ``"im2col"``; the others are XLA's)."""
 
-    feature_channels = 2048
+    preprocessing = "caffe"
     #: the published top file's dense layer is ``probs`` (keras-applications' ``resnet_common``)
     keras_aliases = {"predictions": ("probs",)}
 
@@ -69,57 +76,53 @@ class ResNet50(KerasConvNet):
         self._setup(
             "resnet50", include_top=include_top, pooling=pooling, num_classes=num_classes,
             head_units=head_units, dropout=dropout, input_shape=input_shape, dtype=dtype,
-            preprocessing=preprocessing, conv_impl=conv_impl,
+            preprocessing=preprocessing,
         )  # fmt: skip
-        options = dict(dtype=self.dtype, impl=self.conv_impl, rngs=rngs)
-        self.conv1_conv = conv(3, 64, 7, strides=2, padding=((3, 3), (3, 3)), **options)
-        self.conv1_bn = self._bn(64, rngs)
+        self.conv_impl = check_impl(conv_impl)
+        self.conv1_conv = self._conv(3, 64, 7, 2, rngs)  # after conv1_pad: ZeroPadding2D(3)
+        self.conv1_bn = BatchNorm(64, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs)
         cin = 64
         for stage, filters, blocks, stride in STACKS:
             for b in range(1, blocks + 1):
                 name, s = f"{stage}_block{b}", stride if b == 1 else 1
-                if b == 1:
-                    setattr(self, f"{name}_0_conv", conv(cin, 4 * filters, 1, strides=s, **options))
-                    setattr(self, f"{name}_0_bn", self._bn(4 * filters, rngs))
-                setattr(self, f"{name}_1_conv", conv(cin, filters, 1, strides=s, **options))
-                setattr(self, f"{name}_1_bn", self._bn(filters, rngs))
-                setattr(self, f"{name}_2_conv", conv(filters, filters, 3, padding="SAME", **options))
-                setattr(self, f"{name}_2_bn", self._bn(filters, rngs))
-                setattr(self, f"{name}_3_conv", conv(filters, 4 * filters, 1, **options))
-                setattr(self, f"{name}_3_bn", self._bn(4 * filters, rngs))
+                shapes = {"0": (cin, 4 * filters, 1, s), "1": (cin, filters, 1, s)}
+                shapes.update({"2": (filters, filters, 3, 1), "3": (filters, 4 * filters, 1, 1)})
+                for part in _block_parts(b):
+                    fin, fout, k, strides = shapes[part]
+                    setattr(self, f"{name}_{part}_conv", self._conv(fin, fout, k, strides, rngs))
+                    setattr(
+                        self,
+                        f"{name}_{part}_bn",
+                        BatchNorm(fout, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs),
+                    )
                 cin = 4 * filters
-        self._build_head(rngs)
+        init_glorot_kernels(self.conv_kernels(), rngs.params())
+        self._build_head(FEATURES, rngs)
 
-    @staticmethod
-    def _bn(features: int, rngs: nnx.Rngs) -> nnx.BatchNorm:
-        return batch_norm(features, epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs)
+    def _conv(self, cin: int, cout: int, k: int, strides: int, rngs: nnx.Rngs) -> nnx.Conv:
+        """A VALID convolution with bias, except the 3x3 ones: SAME, run by ``conv_impl``."""
+        if k == 3:
+            return conv2d(cin, cout, 3, padding="SAME", use_bias=True, dtype=self.dtype, rngs=rngs,
+                          conv_general_dilated=ConvGeneralDilated(self.conv_impl))  # fmt: skip
+        return conv2d(cin, cout, k, strides=strides, use_bias=True, dtype=self.dtype, rngs=rngs)
 
     @property
     def stages(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """``("conv1", ("conv1_conv", "conv1_bn")), ("conv2", ("conv2_block1_0_conv", ...)), ...``"""
         out = [("conv1", ("conv1_conv", "conv1_bn"))]
         for stage, _, blocks, _ in STACKS:
-            layers = []
-            for b in range(1, blocks + 1):
-                parts = ("0", "1", "2", "3") if b == 1 else ("1", "2", "3")
-                layers += [f"{stage}_block{b}_{p}_{kind}" for p in parts for kind in ("conv", "bn")]
+            layers = [
+                f"{stage}_block{b}_{p}_{kind}" for b in range(1, blocks + 1) for p in _block_parts(b)
+                for kind in ("conv", "bn")
+            ]  # fmt: skip
             out.append((stage, tuple(layers)))
         return tuple(out)
 
-    def feature_size(self, image_size: tuple[int, int]) -> tuple[int, int]:
-        """``(h, w)`` of the ``conv5`` map for input ``(H, W)``: the stem, then three stride-2
-        1x1 convolutions (VALID: ``n -> (n - 1) // 2 + 1``)."""
-        out = []
-        for n in image_size:
-            n = _pool_size(n)
-            for _ in range(3):
-                n = (n - 1) // 2 + 1
-            out.append(n)
-        return tuple(out)
-
-    def backbone(self, x: jax.Array) -> jax.Array:
-        """Caffe-preprocessed images ``[N, H, W, 3]`` -> the ``conv5`` map ``[N, h, w, 2048]``."""
-        x = nnx.relu(self.bn("conv1_bn", self.conv1_conv(x)))
+    def backbone(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
+        """Caffe-preprocessed images ``[N, H, W, 3]`` -> the ``conv5`` map ``[N, h, w, 2048]``
+        (``dropout_key`` unused: no stochastic layer in the backbone)."""
+        x = jnp.pad(x, ((0, 0), (3, 3), (3, 3), (0, 0)))  # conv1_pad
+        x = nnx.relu(self.conv1_bn(self.conv1_conv(x)))
         x = max_pool_3x3_s2(x)  # pool1_pad + pool1_pool
         for stage, _, blocks, _ in STACKS:
             for b in range(1, blocks + 1):
@@ -127,31 +130,34 @@ class ResNet50(KerasConvNet):
         return x
 
     def _block(self, name: str, x: jax.Array, shortcut_conv: bool) -> jax.Array:
-        layer = lambda part: getattr(self, f"{name}_{part}")  # noqa: E731
-        shortcut = self.bn(f"{name}_0_bn", layer("0_conv")(x)) if shortcut_conv else x
-        y = nnx.relu(self.bn(f"{name}_1_bn", layer("1_conv")(x)))
-        y = nnx.relu(self.bn(f"{name}_2_bn", layer("2_conv")(y)))
-        y = self.bn(f"{name}_3_bn", layer("3_conv")(y))
-        return nnx.relu(shortcut + y)
+        def conv_bn(part, y):
+            return getattr(self, f"{name}_{part}_bn")(getattr(self, f"{name}_{part}_conv")(y))
+
+        shortcut = conv_bn("0", x) if shortcut_conv else x
+        y = nnx.relu(conv_bn("1", x))
+        y = nnx.relu(conv_bn("2", y))
+        return nnx.relu(shortcut + conv_bn("3", y))
 
 
-def conv_ops(image_size: int | tuple[int, int]) -> list[ConvOp]:
-    """ResNet50's convolutions for one ``image_size`` input, in forward order (for :func:`flops`)."""
-    h, w = (image_size, image_size) if isinstance(image_size, int) else image_size
+def conv_ops(model: ResNet50, image_size: int | tuple[int, int]) -> list[ConvOp]:
+    """ResNet50's convolutions for one ``image_size`` input, in forward order (for :func:`flops`;
+    ``model`` is there for the signature every family's ``conv_ops`` has: this one is fixed)."""
+    h, w = square(image_size)
     ops = [ConvOp(h, w, 7, 2, ((3, 3), (3, 3)), 3, 64)]
-    h, w, cin = _pool_size(h), _pool_size(w), 64
+    h, w = (-(-n // 2) for n in ops[0].out)  # pool1: 3x3/2 on the 1-padded map
+    cin = 64
     for _, filters, blocks, stride in STACKS:
         for b in range(1, blocks + 1):
             s = stride if b == 1 else 1
             if b == 1:
-                ops.append(ConvOp(h, w, 1, s, ((0, 0), (0, 0)), cin, 4 * filters))
-            first = ConvOp(h, w, 1, s, ((0, 0), (0, 0)), cin, filters)
+                ops.append(ConvOp(h, w, 1, s, NO_PADDING, cin, 4 * filters))
+            first = ConvOp(h, w, 1, s, NO_PADDING, cin, filters)
             h, w = first.out
             pads = (same_pads(h, 3, 1), same_pads(w, 3, 1))
             ops += [
                 first,
                 ConvOp(h, w, 3, 1, pads, filters, filters),
-                ConvOp(h, w, 1, 1, ((0, 0), (0, 0)), filters, 4 * filters),
+                ConvOp(h, w, 1, 1, NO_PADDING, filters, 4 * filters),
             ]
             cin = 4 * filters
     return ops
@@ -175,4 +181,4 @@ def flops(
         XLA's cost analysis counts convolutions).
     Returns: FLOPs per image (float).
     """
-    return count_flops(model, conv_ops(image_size), mode, padding)
+    return count_flops(model, conv_ops(model, image_size), mode, padding)

@@ -8,7 +8,9 @@ have no parameters and live in the forward pass.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
+from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,9 @@ from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 BLOCKS = {"vgg16": (2, 2, 3, 3, 3), "vgg19": (2, 2, 4, 4, 4)}
 FILTERS = (64, 128, 256, 512, 512)
 POOLINGS = (None, "avg", "max")
+#: Smallest input height and width, as Keras's ``obtain_input_shape(min_size=32)`` for VGG: five
+#: 2x2/2 VALID poolings floor each side, ``H -> H // 2``, so ``block5_pool`` is ``H // 32`` high.
+MIN_SIZE = 32
 
 #: Kernel initializers by their Keras names. ``glorot_uniform`` is Keras's default (and what
 #: Keras's VGG16 uses); ``he_normal`` (truncated normal, variance 2 / fan_in, as Keras's) keeps
@@ -35,6 +40,25 @@ KERNEL_INITS = {
     "he_uniform": nnx.initializers.he_uniform(),
 }
 _zeros = nnx.initializers.zeros_init()
+
+#: Activations of the transfer head's hidden layers, by their Keras names; each computes what
+#: ``keras.activations.<name>`` does (``gelu`` is the exact erf form, Keras's default).
+HEAD_ACTIVATIONS = {
+    "relu": nnx.relu,
+    "linear": lambda x: x,
+    "tanh": jnp.tanh,
+    "sigmoid": nnx.sigmoid,
+    "elu": nnx.elu,
+    "selu": nnx.selu,
+    "gelu": partial(jax.nn.gelu, approximate=False),
+    "silu": nnx.silu,
+    "swish": nnx.silu,
+    "softplus": nnx.softplus,
+    "relu6": jax.nn.relu6,
+}
+#: How logits become class probabilities: ``softmax`` (one class per image) or ``sigmoid``
+#: (independent classes, e.g. a Keras model ending in ``Dense(K, activation="sigmoid")``).
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
 
 
 def base_layer_specs(arch: str) -> list[LayerSpec]:
@@ -56,21 +80,55 @@ def top_layer_specs(num_classes: int, flat_features: int = 7 * 7 * 512) -> list[
     ]
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def check_input_shape(input_shape) -> tuple[int, int, int]:
+    """``input_shape`` as ``(H, W, 3)`` ints, or the ``ValueError`` Keras's ``obtain_input_shape``
+    gives for VGG (three integers; at least 32x32), with what to do. Channels must be 3 (Keras only
+    warns for 1 or 4 without ImageNet weights): the model's ``preprocess_input`` reads RGB."""
+    shape = tuple(input_shape) if isinstance(input_shape, (tuple, list)) else None
+    if shape is None or len(shape) != 3 or not all(_is_int(d) for d in shape):
+        raise ValueError(
+            f"`input_shape` must be a tuple of three integers (height, width, 3); received "
+            f"input_shape={input_shape!r}"
+        )
+    height, width, channels = shape = tuple(int(d) for d in shape)
+    if channels != 3:
+        raise ValueError(
+            f"The input must have 3 channels; received input_shape={shape}: the model preprocesses "
+            "RGB images (convert grayscale to RGB first)"
+        )
+    if height < MIN_SIZE or width < MIN_SIZE:
+        raise ValueError(
+            f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; received input_shape={shape} "
+            "(VGG's five 2x2 poolings halve each side): use a larger input_shape"
+        )
+    return shape
+
+
 class VGG(Classifier):
     """VGG16/VGG19 backbone with the Keras top, a transfer head, or no head.
 
     Three shapes of model, as in ``keras.applications.VGG16``:
 
     * ``include_top=True``: the ImageNet classifier (``fc1``, ``fc2``, ``predictions``);
-      input must be ``input_shape`` (224x224 by default) because ``fc1`` is a dense layer over
-      the flattened 7x7x512 map. Returns logits ``float32[N, num_classes]``.
+      input must be ``input_shape`` (224x224 by default; ImageNet weights need exactly that, as
+      in Keras) because ``fc1`` is a dense layer over the flattened ``(H // 32) x (W // 32) x 512``
+      map. Returns logits ``float32[N, num_classes]``.
     * ``include_top=False, num_classes=None``: a feature extractor. ``pooling=None`` returns the
-      ``block5_pool`` map ``float32[N, H/32, W/32, 512]``; ``"avg"``/``"max"`` return
-      ``float32[N, 512]``. Any input size divisible by 32 works.
+      ``block5_pool`` map ``float32[N, H // 32, W // 32, 512]``; ``"avg"``/``"max"`` return
+      ``float32[N, 512]``. Any input of at least 32x32 works, non-square and odd sizes included:
+      each 2x2/2 VALID pooling drops an odd last row/column, as Keras's (180x180 gives 5x5).
     * ``include_top=False, num_classes=K``: a transfer head over the features: pooling (or
       flatten when ``pooling=None``), then for each entry of ``head_units`` a Dense+ReLU layer
       (``head_fc1``, ...) followed by dropout, then ``head_logits`` (K). With no hidden units the
       dropout is applied to the pooled features. Returns logits ``float32[N, K]``.
+      ``head_activation`` names the hidden layers' activation (see :data:`HEAD_ACTIVATIONS`).
+
+    Outputs are always logits; :meth:`probabilities` turns them into class probabilities with
+    ``output_activation`` (``"softmax"``, the default, or ``"sigmoid"``).
 
     Inputs are RGB images ``[N, H, W, 3]``, ``uint8`` or float in ``[0, 255]``; the model applies
     ``preprocess_input(images, self.preprocessing)`` itself, so weights are never paired with the
@@ -104,12 +162,15 @@ class VGG(Classifier):
         preprocessing: str = "caffe",
         conv_impl: str = "auto",
         kernel_init: str = "glorot_uniform",
+        head_activation: str = "relu",
+        output_activation: str = "softmax",
         rngs: nnx.Rngs,
     ):
         num_classes, dtype = _check_options(
             arch, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, kernel_init
         )
-        height, width, channels = input_shape
+        _check_activations(include_top, head_activation, output_activation)
+        height, width, channels = check_input_shape(input_shape)
 
         self.arch = arch
         self.include_top = include_top
@@ -122,6 +183,8 @@ class VGG(Classifier):
         self.preprocessing = check_mode(preprocessing)
         self.conv_impl = check_impl(conv_impl)
         self.kernel_init = kernel_init
+        self.head_activation = head_activation
+        self.output_activation = output_activation
         conv_fn = ConvGeneralDilated(conv_impl)
 
         for spec in base_layer_specs(arch):
@@ -193,11 +256,15 @@ class VGG(Classifier):
         return specs
 
     def features(self, images: jax.Array) -> jax.Array:
-        """``block5_pool`` output, ``dtype[N, H/32, W/32, 512]``, from raw RGB ``images``."""
+        """``block5_pool`` output, ``dtype[N, H // 32, W // 32, 512]``, from raw RGB ``images``
+        ``[N, H, W, 3]`` with H, W >= 32 (any size; it need not be ``input_shape``)."""
         if images.ndim != 4 or images.shape[-1] != 3:
             raise ValueError(f"expected images [N, H, W, 3], got shape {images.shape}")
-        if images.shape[1] % 32 or images.shape[2] % 32:
-            raise ValueError(f"image height and width must be multiples of 32, got {images.shape}")
+        if images.shape[1] < MIN_SIZE or images.shape[2] < MIN_SIZE:
+            raise ValueError(
+                f"Input size must be at least {MIN_SIZE}x{MIN_SIZE}; received images of shape "
+                f"{images.shape} (five 2x2 poolings would leave an empty map): resize them first"
+            )
         x = preprocess_input(images, self.preprocessing, dtype=self.dtype)
         for b, n_conv in enumerate(BLOCKS[self.arch], start=1):
             for c in range(1, n_conv + 1):
@@ -251,9 +318,19 @@ class VGG(Classifier):
 
         if not self.head_units:
             x = dropout(x, 0)
+        activation = HEAD_ACTIVATIONS[self.head_activation]
         for i in range(1, len(self.head_units) + 1):
-            x = dropout(nnx.relu(getattr(self, f"head_fc{i}")(x)), i)
+            x = dropout(activation(getattr(self, f"head_fc{i}")(x)), i)
         return self.head_logits(x).astype(jnp.float32)
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Class probabilities ``float32[N, K]`` from :meth:`__call__`'s logits ``[N, K]``: a
+        softmax over the classes, or an elementwise sigmoid when ``output_activation`` is
+        ``"sigmoid"``."""
+        logits = jnp.asarray(logits, jnp.float32)
+        if self.output_activation == "sigmoid":
+            return jax.nn.sigmoid(logits)
+        return jax.nn.softmax(logits, axis=-1)
 
 
 def _check_options(
@@ -267,9 +344,7 @@ def _check_options(
         raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
     if not 0.0 <= dropout < 1.0:
         raise ValueError(f"dropout must be in [0, 1), got {dropout}")
-    height, width, channels = input_shape
-    if channels != 3 or height % 32 or width % 32 or height < 32 or width < 32:
-        raise ValueError(f"input_shape must be (H, W, 3) with H and W multiples of 32, got {input_shape}")
+    check_input_shape(input_shape)
     if include_top and (head_units or dropout):
         raise ValueError("head_units/dropout configure the transfer head: use include_top=False")
     if include_top and num_classes is None:
@@ -282,3 +357,14 @@ def _check_options(
     if dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
     return num_classes, dtype
+
+
+def _check_activations(include_top: bool, head_activation: str, output_activation: str) -> None:
+    if head_activation not in HEAD_ACTIVATIONS:
+        raise ValueError(
+            f"unknown head_activation {head_activation!r}; expected one of {sorted(HEAD_ACTIVATIONS)}"
+        )
+    if include_top and head_activation != "relu":
+        raise ValueError("head_activation configures the transfer head: use include_top=False")
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}")

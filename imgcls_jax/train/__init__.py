@@ -2,8 +2,15 @@
 evaluation loop, run folders and checkpoints. No TensorFlow here (the data layer loads it when a
 run reads its images)."""
 
-from imgcls_jax.train.checkpoints import Checkpoints, model_items, restore_model, set_model_items
+from imgcls_jax.train.checkpoints import (
+    Checkpoints,
+    CheckpointWriteError,
+    model_items,
+    restore_model,
+    set_model_items,
+)
 from imgcls_jax.train.evaluation import EvalTotals, evaluate_batches
+from imgcls_jax.train.imported import initialize_from, write_run_folder
 from imgcls_jax.train.loop import FitResult, NonFiniteLossError, Trainer, fit
 from imgcls_jax.train.optim import (
     OptimizerSpec,
@@ -26,6 +33,7 @@ from imgcls_jax.train.steps import (
 
 __all__ = [
     "METRIC_FIELDS",
+    "CheckpointWriteError",
     "Checkpoints",
     "EvalTotals",
     "FitResult",
@@ -43,6 +51,7 @@ __all__ = [
     "fit",
     "head_forward",
     "image_forward",
+    "initialize_from",
     "init_state",
     "lr_scale",
     "make_eval_step",
@@ -55,4 +64,5 @@ __all__ = [
     "set_model_items",
     "split_model",
     "trainable_layers",
+    "write_run_folder",
 ]

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import jax
 import numpy as np
 
+from imgcls_jax.train.faults import kill_point
+
 SUMS = ("loss_sum", "correct", "top5", "count", "confusion")
 
 
@@ -66,6 +68,7 @@ def evaluate_batches(
     for seen, batch in enumerate(parallel.prefetch_to_device(padded, mesh=mesh), start=1):
         if num_batches is not None and seen > num_batches:
             raise ValueError(f"evaluate_batches: more batches than num_batches={num_batches}")
+        kill_point("eval_batch")
         out = eval_fn(batch)
         sums = {k: out[k] for k in SUMS}
         totals = sums if totals is None else jax.tree.map(lambda a, b: a + b, totals, sums)

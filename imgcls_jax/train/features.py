@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imgcls_jax.train.faults import kill_point
 from imgcls_jax.train.steps import cached_jit
 
 
@@ -43,6 +44,7 @@ def compute_features(model, pipeline) -> tuple[np.ndarray, np.ndarray]:
         mask = np.asarray(batch["mask"])
         feats.append(np.asarray(base(state, batch["image"]))[mask])
         labels.append(np.asarray(batch["label"])[mask])
+        kill_point("features")
     features, labels = np.concatenate(feats), np.concatenate(labels).astype(np.int32)
     if len(labels) != pipeline.num_examples:
         raise RuntimeError(f"computed features of {len(labels)} images, expected {pipeline.num_examples}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -18,24 +19,38 @@ from imgcls_jax.train.features import FeatureBatches, compute_features
 log = logging.getLogger(__name__)
 
 
+def input_placement(config: TrainConfig) -> tuple[str, bool]:
+    """``(data backend, augment on the device)`` for ``config``'s ``data_backend`` and
+    ``augment_on`` (see :class:`~imgcls_jax.config.TrainConfig`): ``"auto"`` is tf.data where
+    TensorFlow imports; augmentation goes to the device on a GPU/TPU or with the NumPy pipeline."""
+    from imgcls_jax.data import tensorflow_available
+
+    backend = config.data_backend
+    if backend == "auto":
+        backend = "tf" if tensorflow_available() else "numpy"
+    if backend == "tf" and not tensorflow_available():
+        raise ValueError("TrainConfig.data_backend='tf' but TensorFlow is not importable here; use 'numpy'")
+    on_device = config.augment_on == "device" or (
+        config.augment_on == "auto" and (backend == "numpy" or jax.default_backend() != "cpu")
+    )
+    if backend == "numpy" and not on_device:
+        raise ValueError("the NumPy pipeline (no TensorFlow) augments on the device: set augment_on 'device'")
+    return backend, on_device
+
+
 def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
-    """The class names, the train ``Pipeline`` and one ``Pipeline`` per evaluation split of a run.
+    """The class names, the train pipeline and one pipeline per evaluation split of a run
+    (tf.data or NumPy ones, see :func:`input_placement`).
 
     Splits come from the folder (presplit) or ``split_records`` with ``config.seed``; ``write``
     saves them as ``run_dir/manifest.csv``. With several processes each pipeline holds this
     process's share (see :func:`process_share`) and batches of its per-process size."""
-    from imgcls_jax.data import (
-        Pipeline,
-        from_records,
-        scan_folder,
-        split_records,
-        write_manifest,
-    )
+    from imgcls_jax.data import from_records, make_pipeline, scan_folder, split_records
 
     found = scan_folder(config.data, exclude=config.exclude)
     records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
     if write:
-        write_manifest(run_dir / "manifest.csv", records, found.class_names, root=found.root)
+        write_manifest_atomically(run_dir / "manifest.csv", records, found.class_names, root=found.root)
     by_split: dict[str, list] = {}
     for r in records:
         by_split.setdefault(r.split, []).append(r)
@@ -44,23 +59,42 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
     if jax.process_count() > 1:
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)
-    size = (config.image_size_at(0),) * 2  # the first phase's; fit resizes for later phases
-    train = Pipeline(
-        from_records(by_split["train"], found.class_names), image_size=size, batch_size=batch,
-        training=True, augment=config.augment, cache=config.cache, seed=config.seed,
+    backend, on_device = input_placement(config)
+    size = config.size_at(0)  # the first phase's; fit resizes for later phases
+    train = make_pipeline(
+        from_records(by_split["train"], found.class_names), backend=backend, image_size=size,
+        batch_size=batch, training=True, augment=config.augment, cache=config.cache, seed=config.seed,
+        device_augment=on_device,
     )  # fmt: skip
     evals = {
-        name: Pipeline(
+        name: make_pipeline(
             from_records(rs, found.class_names),
+            backend=backend,
             image_size=size,
             batch_size=eval_batch,
             training=False,
             cache=config.cache,
+            device_augment=backend == "numpy",
         )  # fmt: skip
         for name, rs in by_split.items()
         if name != "train"
     }
+    log.info("input: %s pipeline, augmentation on the %s", backend, "device" if on_device else "host")
     return found.class_names, train, evals
+
+
+def write_manifest_atomically(path: Path, records, class_names, root) -> None:
+    """:func:`imgcls_jax.data.write_manifest` through a temporary file renamed over ``path``: a
+    kill or a full disk leaves the old manifest or the new one, never a torn one."""
+    from imgcls_jax.data import write_manifest
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write_manifest(tmp, records, class_names, root=root)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise OSError(e.errno, f"{path}: could not write the manifest ({e.strerror})") from e
 
 
 def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: int):
@@ -98,11 +132,16 @@ def process_share(config: TrainConfig, by_split: dict, batch: int, eval_batch: i
 def feature_inputs(config: TrainConfig, model, train, evals: dict):
     """The frozen base's outputs for the train and evaluation images, as ``FeatureBatches`` with
     the batch sizes of ``train`` and ``evals`` (see :mod:`imgcls_jax.train.features`)."""
-    from imgcls_jax.data import Pipeline
+    from imgcls_jax.data import NumpyPipeline, make_pipeline
 
     start = time.perf_counter()
     bs = config.eval_batch_size or config.batch_size
-    ordered = Pipeline(train.source, image_size=train.image_size, batch_size=bs, training=False, cache=None)
+    # every train image once, in order, read as ``train`` reads them (tf.data or NumPy: TensorFlow
+    # may not be importable)
+    backend = "numpy" if isinstance(train, NumpyPipeline) else "tf"
+    ordered = make_pipeline(
+        train.source, backend=backend, image_size=train.image_size, batch_size=bs, training=False, cache=None
+    )
     feats, labels = compute_features(model, ordered)
     phase_train = FeatureBatches(feats, labels, batch_size=config.batch_size, training=True, seed=config.seed)
     phase_evals = {}

@@ -16,7 +16,10 @@ next epoch. Epoch ``e``'s data order and augmentation and every step's dropout m
 only on the seed, ``e`` and the step, so a run stopped after a checkpoint and resumed ends with
 the same parameters as an uninterrupted one. An epoch's ``metrics.csv`` row is written before
 its checkpoint, and a resumed run drops the rows of epochs after its checkpoint, so each epoch
-is in ``metrics.csv`` exactly once.
+is in ``metrics.csv`` exactly once. A resumed run first redoes the ``best/`` saves a kill cut
+short; one that had finished (its last epoch, or its early stop, checkpointed) trains nothing
+and returns the checkpoint's model. Tested by killing runs at many moments
+(tests/test_kill_moments.py, with :mod:`imgcls_jax.train.faults`).
 
 Devices and processes (``jax.distributed``, see :mod:`imgcls_jax.parallel`): ``fit`` runs
 data-parallel over every device of every process. ``batch_size`` is the global batch; each
@@ -45,6 +48,7 @@ from imgcls_jax import parallel
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.train.checkpoints import Checkpoints, model_items, set_model_items, state_item
 from imgcls_jax.train.evaluation import evaluate_batches
+from imgcls_jax.train.faults import kill_point
 from imgcls_jax.train.inputs import feature_inputs, run_inputs
 from imgcls_jax.train.monitor import NoBoard, TensorBoard, progress
 from imgcls_jax.train.optim import OptimizerSpec, lr_scale, set_lr_scale
@@ -119,6 +123,7 @@ class Trainer:
         self.mesh = parallel.make_mesh()
         self.mode_max = config.monitor == "val_accuracy"
         self.stopped_early = False
+        self.phase: Phase | None = None  # the phase being trained (the last one, after run())
 
     # ----------------------------------------------------------------------------------- setup
     def run(self) -> FitResult:
@@ -127,9 +132,20 @@ class Trainer:
         config, run = self.config, self.run_dir
         run.root.mkdir(parents=True, exist_ok=True)
         if self.main:
-            config.to_json(run.config)
+            run.write_config(config)
         self.class_names, self.train, self.evals = run_inputs(config, run.root, write=self.main)
-        self.model = model_from_config(config, len(self.class_names), input_size=config.image_size_at(0))
+        if config.output_activation != "softmax":
+            raise ValueError(
+                f"TrainConfig.output_activation={config.output_activation!r}: fit trains with softmax "
+                "cross-entropy; such a model can be evaluated and used to predict, not trained here"
+            )
+        self.model = model_from_config(config, len(self.class_names), input_size=config.size_at(0))
+        if config.init_from is not None:
+            from imgcls_jax.train.imported import initialize_from
+
+            log.info(
+                "the model starts from %s", initialize_from(self.model, config.init_from, self.class_names)
+            )
         nnx.update(self.model, self._placed(nnx.state(self.model), replicate=True))
         self.board = TensorBoard(run.tensorboard) if self.main else NoBoard()
         try:
@@ -137,6 +153,8 @@ class Trainer:
                              mode_max=self.mode_max) as self.checkpoints:  # fmt: skip
                 self.latest = self.checkpoints.latest_step() if self.resume else None
                 self.history = self._start_history()
+                if self.latest is not None:
+                    self._complete_best()
                 self._train_phases()
         finally:
             self.board.close()
@@ -155,6 +173,27 @@ class Trainer:
         log.info("resuming %s after epoch %d", self.run_dir.root, self.latest)
         return rows
 
+    def _complete_best(self) -> None:
+        """``best/`` saves a kill cut short, redone from their checkpoints (see
+        :meth:`~imgcls_jax.train.checkpoints.Checkpoints.complete_best`)."""
+        targets = {k: self._target(v, replicate=True) for k, v in model_items(self.model).items()}
+        self.checkpoints.complete_best(self.history, lambda epoch: self.checkpoints.restore(epoch, targets))
+
+    def _finished_before(self) -> bool:
+        """Resuming a run whose last epoch, or early stop, was checkpointed: nothing to train;
+        ``self.model`` gets the latest checkpoint (what a finished run returns)."""
+        if self.latest is None:
+            return False
+        if self.latest < self.config.phase_epochs(len(self.config.phases) - 1)[-1]:
+            self.early_stopping(self.latest)  # the uninterrupted run stopped after this epoch
+            if not self.stopped_early:
+                return False
+        log.info(
+            "%s: finished before (epoch %d checkpointed), nothing to train", self.run_dir.root, self.latest
+        )
+        self._restore_model(inside=False)
+        return True
+
     def _placed(self, tree, *, replicate: bool = False):
         """``tree`` on the mesh: replicated, or the trained state's layout (FSDP leaves sharded)."""
         if jax.device_count() == 1:
@@ -168,11 +207,13 @@ class Trainer:
         return parallel.restore_target(tree, parallel.tree_shardings(tree, self.mesh, fsdp_min_size=fsdp))
 
     def _train_phases(self) -> None:
+        if self._finished_before():
+            return
         for index in range(len(self.config.phases)):
             epochs = self.config.phase_epochs(index)
             if self.latest is not None and epochs[-1] <= self.latest:
                 continue  # finished before the interruption; its parameters come with the restore
-            phase = self.start_phase(index)
+            phase = self.phase = self.start_phase(index)
             for epoch in epochs:
                 if self.latest is not None and epoch <= self.latest:
                     continue
@@ -199,14 +240,17 @@ class Trainer:
         if restored:
             state = self._restore_state(split, state, restored)
         state, split.frozen = self._placed(state), self._placed(split.frozen, replicate=True)
-        size = (config.phase_image_size(index),) * 2
+        size = config.phase_size(index)
         self.train, self.evals = self.train.resized(size), {k: p.resized(size) for k, p in self.evals.items()}
         train, evals, forward = self._phase_inputs(index, names)
         placement = (self.mesh, config.fsdp_min_size) if jax.device_count() > 1 else None
+        augment = train.augment_on_device if forward is image_forward else None
+        seed_key = jax.random.key(config.seed)
         train_step = make_train_step(
             split, spec, hyper=hyper, label_smoothing=config.label_smoothing, ema_decay=config.ema_decay,
-            dropout_key=jax.random.fold_in(jax.random.key(config.seed), index), forward=forward,
-            placement=placement,
+            dropout_key=jax.random.fold_in(seed_key, index), forward=forward, placement=placement,
+            augment=augment, num_classes=len(self.class_names),
+            augment_key=jax.random.fold_in(jax.random.fold_in(seed_key, 1_000_003), index),
         )  # fmt: skip
         log.info(
             "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", index,
@@ -265,6 +309,7 @@ class Trainer:
         first_step = int(phase.state.step)
         for batch in parallel.prefetch_to_device(phase.train.epoch(epoch), mesh=self.mesh):
             phase.state, m = phase.train_step(phase.state, phase.split.frozen, batch)
+            kill_point("train_step", epoch)
             losses.append(m["loss"])
             accs.append(m["accuracy"])
             if bar is not None:
@@ -304,10 +349,15 @@ class Trainer:
         """Loss and accuracy of the ``val`` split (if any) into ``row``, every image once."""
         if "val" not in phase.evals:
             return
-        pipeline, state = phase.evals["val"], phase.state
+        pipeline, state, epoch = phase.evals["val"], phase.state, row["epoch"]
         many = jax.process_count() > 1
+
+        def step(batch):
+            kill_point("validate", epoch)
+            return phase.eval_step(state.eval_params, phase.split.frozen, batch, stats=state.stats)
+
         totals = evaluate_batches(
-            lambda batch: phase.eval_step(state.eval_params, phase.split.frozen, batch, stats=state.stats),
+            step,
             pipeline.epoch(0), mesh=self.mesh,
             num_batches=parallel.max_over_processes(len(pipeline)) if many else None,
             expected=None if many else pipeline.num_examples,
@@ -323,6 +373,7 @@ class Trainer:
         self.plateau(phase, epoch)
         if self.main:
             self.run_dir.append_metrics(row)
+        kill_point("metrics", epoch)
         self.save(phase, epoch, row)
         self.board.scalars(
             epoch, {f"epoch/{k}": v for k, v in row.items() if k not in ("epoch", "phase", "step")}

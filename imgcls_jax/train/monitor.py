@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 
 class NoBoard:
@@ -19,17 +22,26 @@ class TensorBoard:
     """Scalars as TensorBoard event files in ``path`` (tensorboardX: no TensorFlow needed)."""
 
     def __init__(self, path: Path):
-        from tensorboardX import SummaryWriter
-
+        try:
+            from tensorboardX import SummaryWriter
+        except ImportError:  # a machine with only the accelerator stack (e.g. no tensorboardX)
+            log.warning(
+                "tensorboardX is not installed: no TensorBoard events in %s (metrics.csv has them)", path
+            )
+            self._writer = None
+            return
         self._writer = SummaryWriter(str(path))
 
     def scalars(self, step: int, values: dict):
+        if self._writer is None:
+            return
         for name, value in values.items():
             if value not in ("", None):
                 self._writer.add_scalar(name, float(value), step)
 
     def close(self):
-        self._writer.close()
+        if self._writer is not None:
+            self._writer.close()
 
 
 def progress(total_images: int, desc: str):

@@ -78,13 +78,15 @@ def recipe_config(
     batch_size: int = 32,
     seed: int = 0,
     dtype: str = "float32",
+    init_from: str | None = None,
 ) -> TrainConfig:
     """The recipe as a :class:`~imgcls_jax.config.TrainConfig` (``weights`` as resolved by
-    :func:`resolve_weights`); ``run_dir`` defaults to ``runs/<data folder name>``."""
+    :func:`resolve_weights`); ``run_dir`` defaults to ``runs/<data folder name>``. With
+    ``init_from`` (a pretrained whole model, head included), the transfer-learning phases."""
     return TrainConfig(
         data=str(data), run_dir=str(run_dir or Path("runs") / Path(data).resolve().name), model=model,
         weights=weights, image_size=image_size, batch_size=batch_size, seed=seed, dtype=dtype,
         pooling="avg", head_units=(256,), dropout=0.5, monitor="val_accuracy",
         augment=AugmentConfig(flip="horizontal", rotation=0.05, zoom=0.1, translation=0.1),
-        phases=recipe_phases(weights, epochs, learning_rate),
+        phases=recipe_phases(weights or init_from, epochs, learning_rate), init_from=init_from,
     )  # fmt: skip

@@ -21,8 +21,12 @@ needs) and ``ema`` (the weight average of the trained layers, with EMA). ``best/
 from __future__ import annotations
 
 import csv
+import io
+import logging
 import os
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 METRIC_FIELDS = [
     "epoch", "phase", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
@@ -80,29 +84,58 @@ class RunDir:
     def has_best(self) -> bool:
         return self.best.is_dir() and any(p.name.isdigit() for p in self.best.iterdir())
 
+    def write_config(self, config) -> None:
+        """Write ``config.json`` (a ``TrainConfig``) atomically (see :meth:`_replace`)."""
+        self._replace(self.config, config.to_json() + "\n", "config.json")
+
     # ------------------------------------------------------------------------------ metrics.csv
     def read_history(self, upto: int | None = None) -> list[dict]:
-        """The rows of ``metrics.csv`` (typed), those of epochs ``<= upto`` when given."""
+        """The rows of ``metrics.csv`` (typed), those of epochs ``<= upto`` when given. A last
+        row without its line end (cut short by a full disk) is left out: it is always that of
+        an epoch without a checkpoint, which a resumed run trains again."""
         if not self.metrics.is_file():
             return []
-        with open(self.metrics, newline="") as f:
-            rows = [_typed(row) for row in csv.DictReader(f)]
+        text = self.metrics.read_text()
+        if text and not text.endswith("\n"):
+            cut = text.rfind("\n") + 1
+            log.warning("%s: its last row is incomplete, left out: %r", self.metrics, text[cut:])
+            text = text[:cut]
+        rows = [_typed(row) for row in csv.DictReader(io.StringIO(text, newline=""))]
         return [r for r in rows if upto is None or r["epoch"] <= upto]
 
     def write_history(self, rows: list[dict]) -> None:
-        """Replace ``metrics.csv`` with the header and ``rows`` (atomically: a kill leaves the old
-        file or the new one, never a torn one)."""
-        tmp = self.metrics.with_suffix(".csv.tmp")
-        with open(tmp, "w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(METRIC_FIELDS)
-            writer.writerows([row[k] for k in METRIC_FIELDS] for row in rows)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.metrics)
+        """Replace ``metrics.csv`` with the header and ``rows`` (atomically, see :meth:`_replace`)."""
+        out = io.StringIO(newline="")
+        writer = csv.writer(out)
+        writer.writerow(METRIC_FIELDS)
+        writer.writerows([row[k] for k in METRIC_FIELDS] for row in rows)
+        self._replace(self.metrics, out.getvalue(), "metrics.csv")
 
     def append_metrics(self, row: dict) -> None:
-        with open(self.metrics, "a", newline="") as f:
-            csv.writer(f).writerow([row[k] for k in METRIC_FIELDS])
-            f.flush()
-            os.fsync(f.fileno())
+        """Add an epoch's row to ``metrics.csv`` (an ``OSError`` naming the file if it fails)."""
+        out = io.StringIO(newline="")
+        csv.writer(out).writerow([row[k] for k in METRIC_FIELDS])
+        try:
+            with open(self.metrics, "a", newline="") as f:
+                f.write(out.getvalue())
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            raise OSError(
+                e.errno, f"{self.metrics}: could not add epoch {row['epoch']}'s row ({e.strerror})"
+            ) from e
+
+    def _replace(self, path: Path, text: str, what: str) -> None:
+        """Write ``text`` to ``path`` through a temporary file renamed over it: a kill or a full
+        disk leaves the old file or the new one, never a torn one; an ``OSError`` naming
+        ``path`` if it fails."""
+        tmp = path.with_name(path.name + ".tmp")
+        try:
+            with open(tmp, "w", newline="") as f:
+                f.write(text)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except OSError as e:
+            tmp.unlink(missing_ok=True)
+            raise OSError(e.errno, f"{path}: could not write {what} ({e.strerror})") from e

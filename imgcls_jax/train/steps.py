@@ -26,6 +26,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from imgcls_jax.config import AugmentConfig
+from imgcls_jax.data.device_augment import augment_train_batch
 from imgcls_jax.train.metrics import confusion_matrix_update, topk_correct
 from imgcls_jax.train.optim import OptimizerSpec
 from imgcls_jax.train.state import SplitModel, TrainState, ema_update
@@ -103,16 +105,19 @@ def _constrain(tree, placement):
     return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh, fsdp_min_size=fsdp_min_size))
 
 
-def _train_program(split: SplitModel, optimizer, forward, placement) -> Callable:
-    """The jitted ``(state, frozen, rest, batch, hyper, dropout_key) -> (state, metrics)``."""
+def _train_program(split: SplitModel, optimizer, forward, placement, augment) -> Callable:
+    """The jitted ``(state, frozen, rest, batch, hyper, keys) -> (state, metrics)``; ``keys``:
+    the dropout key and the augmentation key, each folded with the step number."""
     graph = split.train_graph
 
-    def step(state: TrainState, frozen, rest, batch, hyper, dropout_key):
-        key = jax.random.fold_in(dropout_key, state.step)
+    def step(state: TrainState, frozen, rest, batch, hyper, keys):
+        key = jax.random.fold_in(keys[0], state.step)
+        if augment is not None:  # (config, num_classes): augment the uint8 batch on the device
+            batch = augment_train_batch(batch, jax.random.fold_in(keys[1], state.step), *augment)
 
         def loss_fn(params):
-            # copy=True: fresh Variables at this trace level, so trained BatchNorm layers can write
-            # their moving statistics here (the step's own ones belong to the outer jit trace)
+            # copy=True: fresh Variables at this trace level, so BatchNorm in training mode may
+            # update its statistics inside value_and_grad (else a TraceContextError)
             model = nnx.merge(graph, params, state.stats, frozen, rest, copy=True)
             logits = forward(model, batch, key)
             loss = cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean()
@@ -147,6 +152,9 @@ def make_train_step(
     schedule: optax.Schedule | None = None,
     forward=image_forward,
     placement: tuple | None = None,
+    augment: AugmentConfig | None = None,
+    num_classes: int | None = None,
+    augment_key=None,
 ) -> Callable:
     """A train step ``(state, frozen, batch) -> (state, metrics)``, compiled once per process for
     each (train graph, optimizer structure, ``forward``, ``placement``) and input shape.
@@ -165,6 +173,10 @@ def make_train_step(
         (``batch["features"]``, cached base outputs).
       placement: ``(mesh, fsdp_min_size)`` to pin the new state to the shardings of
         :func:`imgcls_jax.parallel.tree_shardings` (several devices), or None.
+      augment: augment each batch on the device first
+        (:func:`imgcls_jax.data.device_augment.augment_train_batch`, ``num_classes`` for mixup and
+        cutmix), with ``fold_in(augment_key, step)`` (default key: ``key(1)``): the same pixels
+        for the same step, so a resumed run replays them.
 
     ``batch``: ``{"image": uint8[B, H, W, 3], "label": int[B] or float[B, K]}``. ``metrics``:
     float32 ``loss``, ``accuracy`` (against the argmax of soft labels), ``grad_norm`` and
@@ -183,20 +195,24 @@ def make_train_step(
         "label_smoothing": label_smoothing,
         "ema_decay": 0.999 if ema_decay is None else ema_decay,
     }
+    if augment is not None and (forward is not image_forward or num_classes is None):
+        raise ValueError("make_train_step: device augmentation needs image batches and num_classes")
+    aug = None if augment is None else (augment, num_classes)
     jitted = cached_jit(
-        ("train", split.train_graph, opt, forward, placement),
-        lambda: _train_program(split, opt, forward, placement),
+        ("train", split.train_graph, opt, forward, placement, aug),
+        lambda: _train_program(split, opt, forward, placement, aug),
     )
     numbers = {k: jnp.asarray(v, jnp.float32) for k, v in numbers.items()}
-    dropout_key = jax.random.key(0) if dropout_key is None else dropout_key
+    keys = (
+        jax.random.key(0) if dropout_key is None else dropout_key,
+        jax.random.key(1) if augment_key is None else augment_key,
+    )
     rest = split.rest
 
     def train_step(state, frozen, batch):
-        return jitted(state, frozen, rest, batch, numbers, dropout_key)
+        return jitted(state, frozen, rest, batch, numbers, keys)
 
-    train_step.lower = lambda state, frozen, batch: jitted.lower(
-        state, frozen, rest, batch, numbers, dropout_key
-    )
+    train_step.lower = lambda state, frozen, batch: jitted.lower(state, frozen, rest, batch, numbers, keys)
     return train_step
 
 

@@ -7,6 +7,9 @@ from imgcls_jax.weights.keras import (
     validate,
     write_legacy_h5,
 )
+from imgcls_jax.weights.keras_arch import KerasModelInfo
+from imgcls_jax.weights.keras_export import to_keras
+from imgcls_jax.weights.keras_models import from_keras
 from imgcls_jax.weights.load import LoadedWeights, load_weights
 from imgcls_jax.weights.ported import is_ported_dir, read_ported, save_ported
 from imgcls_jax.weights.store import (
@@ -26,6 +29,7 @@ __all__ = [
     "IMAGENET",
     "ChecksumError",
     "FileLayers",
+    "KerasModelInfo",
     "LoadedWeights",
     "PublishedWeights",
     "WeightFileError",
@@ -33,6 +37,7 @@ __all__ = [
     "cache_path",
     "check_hash",
     "check_md5",
+    "from_keras",
     "is_ported_dir",
     "load_converted",
     "load_weights",
@@ -41,6 +46,7 @@ __all__ = [
     "resolve_imagenet",
     "save_converted",
     "save_ported",
+    "to_keras",
     "validate",
     "write_legacy_h5",
 ]

@@ -5,13 +5,17 @@ Two layouts are read:
 * **legacy HDF5** (Keras 1/2, and the keras-applications ImageNet files): the root (or a
   ``model_weights`` group, for whole-model saves) has a ``layer_names`` attribute; each layer
   group has a ``weight_names`` attribute, and the weights are the datasets at those paths,
-  in that order (kernel, bias; BatchNorm: gamma, beta, moving mean, moving variance). Names are
-  whatever the writer chose: the published VGG16 files use Keras-1 names such as
-  ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``, Keras 3's legacy writer
-  ``block1_conv1/kernel``.
+  in Keras's order (kernel, bias; BatchNorm: gamma, beta, moving mean, moving variance). Names
+  are whatever the writer chose: the published VGG16 files use Keras-1 names such as
+  ``block1_conv1_W_1:0``, Keras 2 writes ``block1_conv1/kernel:0``.
 * **Keras 3** ``.weights.h5``: ``layers/<key>/vars/<i>``, where ``<key>`` is a class-based
   path (``conv2d``, ``conv2d_1``, ..., ``dense_2``) and ``vars`` carries the layer's real name
   in its ``name`` attribute when the writer recorded it.
+
+Layers Keras named after their class (``normalization``) may carry a session number in a file
+(``normalization_2``): they are matched by that prefix. A layer the published files name
+otherwise (a spec's ``aliases``: keras-applications' ``probs`` and ``Logits`` tops) is matched by
+that name; Keras itself loads those files by layer order.
 
 Everything is validated against the model's layer specs (names, count, shapes) from the file's
 structure alone, before any array is read, so a wrong file never half-loads a model.
@@ -28,10 +32,18 @@ import numpy as np
 
 from imgcls_jax.models.base import LayerSpec
 
+#: Layers of a Keras classification top: VGG's three, the other families' ``predictions``.
 TOP_LAYERS = ("fc1", "fc2", "predictions")
-#: Every name a Keras top layer has in the published files: VGG's, and the top dense layer as
+#: Every name a Keras top layer has in the published files: those, and the top dense layer as
 #: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``).
 TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits"}
+#: A layer name only one family's files have -> that family, for "it looks like" hints.
+FAMILY_MARKERS = {
+    "block1_conv1": "VGG",
+    "conv1_conv": "ResNet",
+    "bn_Conv1": "MobileNetV2",
+    "stem_conv": "EfficientNet",
+}
 
 
 class WeightFileError(ValueError):
@@ -40,7 +52,7 @@ class WeightFileError(ValueError):
 
 @dataclass
 class FileLayers:
-    """Structure of a weight file: Keras layer name -> its datasets, in kernel/bias order."""
+    """Structure of a weight file: Keras layer name -> its datasets, in Keras's weight order."""
 
     path: Path
     layout: str  # "legacy" or "keras3"
@@ -146,27 +158,28 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
     file.layers = renamed
 
 
-#: A layer name only one family's files have -> that family, for "it looks like" hints.
-FAMILY_MARKERS = {
-    "block1_conv1": "VGG",
-    "conv1_conv": "ResNet",
-    "bn_Conv1": "MobileNetV2",
-    "stem_conv": "EfficientNet",
-}
+def _match_numbered_names(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
+    """Keras names a layer it was given no name for after its class (``normalization``) and
+    numbers the repeats of a session (``normalization_3``): an expected layer the file lacks takes
+    the file's one unexpected ``<name>_<n>``."""
+    expected = {s.name for s in specs}
+    for name in expected - set(file.layers):
+        numbered = re.compile(rf"{re.escape(name)}_\d+")
+        candidates = [k for k in file.layers if k not in expected and numbered.fullmatch(k)]
+        if len(candidates) == 1:
+            file.layers = {name if k == candidates[0] else k: v for k, v in file.layers.items()}
 
 
 def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
     """Rename a file's layer that carries one of a spec's ``aliases`` to the spec's name."""
     for spec in specs:
-        if spec.name in file.layers:
-            continue
-        for alias in spec.aliases:
-            if alias in file.layers:
-                file.layers = {spec.name if k == alias else k: v for k, v in file.layers.items()}
-                break
+        alias = next((a for a in spec.aliases if a in file.layers), None)
+        if spec.name not in file.layers and alias is not None:
+            file.layers = {spec.name if k == alias else k: v for k, v in file.layers.items()}
 
 
 def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:
+    """`` (it looks like a <family> file)`` when the unexpected layers say whose file it is."""
     if any(re.fullmatch(r"block[34]_conv4", n) for n in extra):
         return " (it looks like a VGG19 file)"
     if any(re.fullmatch(r"block[34]_conv4", n) for n in missing):
@@ -178,21 +191,22 @@ def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str
 
 
 def _check_names(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
+    """``WeightFileError`` unless ``file`` has exactly the layers ``specs`` name; a top file for
+    a top-less model (and the reverse) is said as such."""
     path = file.path
     expected = [s.name for s in specs]
     found = list(file.layers)
     missing = [n for n in expected if n not in file.layers]
     extra = [n for n in found if n not in expected]
-    if "predictions" not in expected and extra and set(extra) <= TOP_NAMES and not missing:
+    model_top = "predictions" in expected
+    if not model_top and extra and set(extra) <= TOP_NAMES and not missing:
         raise WeightFileError(
-            f"{path}: file has the classification top ({', '.join(extra)}) "
-            f"but the model was built with include_top=False: use the '_notop' file, or "
-            f"include_top=True"
+            f"{path}: file has the classification top ({', '.join(extra)}) but the model was built "
+            f"with include_top=False: use the '_notop' file, or include_top=True"
         )
-    model_top = [n for n in expected if n in TOP_LAYERS]
-    if model_top and missing == model_top and not extra:
+    if model_top and missing and set(missing) <= set(TOP_LAYERS) and not extra:
         raise WeightFileError(
-            f"{path}: file has no classification top ({', '.join(model_top)} missing: a '_notop' "
+            f"{path}: file has no classification top ({', '.join(missing)} missing: a '_notop' "
             f"file) but the model was built with include_top=True: use the top file, or "
             f"include_top=False"
         )
@@ -204,54 +218,10 @@ def _check_names(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> Non
         )
 
 
-def _shape_message(file: FileLayers, spec: LayerSpec, what: str, want: tuple, got: tuple) -> str:
-    msg = f"{file.path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
-    if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
-        msg += (
-            "; this is a Theano/channels-first (OIHW) kernel "
-            f"(file backend: {file.backend or 'unknown'}): use the "
-            "'tf_dim_ordering' (HWIO) file"
-        )
-    elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
-        msg += (
-            f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
-            "number of classes use include_top=False with num_classes"
-        )
-    return msg
-
-
-def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
-    datasets = file.layers[spec.name]
-    shapes = [tuple(d.shape) for d in datasets]
-    names = spec.weight_names
-    if len(shapes) != len(spec.shapes):
-        msg = (
-            f"{file.path}: layer {spec.name!r}: expected {len(spec.shapes)} weights "
-            f"({', '.join(names)}), found {len(shapes)}"
-        )
-        if "moving_variance" in names and len(shapes) < len(names):
-            msg += (
-                " (in the file: "
-                + ", ".join(str(getattr(d, "name", "?")).rsplit("/", 1)[-1] for d in datasets)
-                + "): its BatchNorm moving statistics are missing. A Keras file of this model "
-                "holds all four BatchNorm weights (gamma, beta, moving_mean, moving_variance); "
-                "save it with model.save_weights()"
-            )
-        raise WeightFileError(msg)
-    for what, want, got in zip(names, spec.shapes, shapes):
-        if want != got:
-            raise WeightFileError(_shape_message(file, spec, what, want, got))
-    for what, dataset in zip(names, datasets):
-        if not np.issubdtype(dataset.dtype, np.floating):
-            raise WeightFileError(
-                f"{file.path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
-            )
-
-
 def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
     """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, number
-    of weights, shapes, float dtypes). A file layer named as one of a spec's ``aliases`` is
-    renamed to the spec's name first."""
+    of weights, shapes, float dtypes); see the module docstring for the names matched."""
+    _match_numbered_names(file, specs)
     if file.layout == "keras3":
         _rename_keras3_by_order(file, specs)
     _apply_aliases(file, specs)
@@ -260,13 +230,56 @@ def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
         _check_layer(file, spec)
 
 
+def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
+    """Raise :class:`WeightFileError` unless ``file``'s layer ``spec.name`` has ``spec``'s number of
+    weights, their shapes, and float dtypes (a ``count``, as Keras's Normalization keeps, may be
+    an integer)."""
+    datasets = file.layers[spec.name]
+    shapes = [tuple(d.shape) for d in datasets]
+    if len(shapes) != len(spec.shapes):
+        msg = (
+            f"{file.path}: layer {spec.name!r}: expected {len(spec.shapes)} weights "
+            f"({', '.join(spec.weight_names)}), found {len(shapes)}"
+        )
+        if "moving_variance" in spec.weight_names and len(shapes) < len(spec.shapes):
+            found = ", ".join(str(getattr(d, "name", "?")).rsplit("/", 1)[-1] for d in datasets)
+            msg += (
+                f" (in the file: {found}): its BatchNorm moving statistics are missing. A Keras file "
+                "of this model holds all four BatchNorm weights (gamma, beta, moving_mean, "
+                "moving_variance); save it with model.save_weights()"
+            )
+        raise WeightFileError(msg)
+    for what, want, got in zip(spec.weight_names, spec.shapes, shapes):
+        if want == got:
+            continue
+        msg = f"{file.path}: layer {spec.name!r} {what}: expected shape {want}, found {got}"
+        if len(want) == 4 and got == (want[3], want[2], want[0], want[1]):
+            msg += (
+                "; this is a Theano/channels-first (OIHW) kernel "
+                f"(file backend: {file.backend or 'unknown'}): use the "
+                "'tf_dim_ordering' (HWIO) file"
+            )
+        elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
+            msg += (
+                f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
+                "number of classes use include_top=False with num_classes"
+            )
+        raise WeightFileError(msg)
+    for what, dataset in zip(spec.weight_names, datasets):
+        counter = what == "count" and np.issubdtype(dataset.dtype, np.integer)  # Normalization's
+        if not (np.issubdtype(dataset.dtype, np.floating) or counter):
+            raise WeightFileError(
+                f"{file.path}: layer {spec.name!r} {what} has dtype {dataset.dtype}, expected float"
+            )
+
+
 def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[np.ndarray]]:
     """Read the validated datasets as float32 numpy arrays; reject non-finite values and
     negative BatchNorm moving variances."""
     out = {}
     for spec in specs:
         arrays = []
-        for what, dataset in zip(spec.weight_names, file.layers[spec.name]):
+        for what, dataset in zip(spec.weight_names, file.layers[spec.name], strict=True):
             array = np.asarray(dataset[()], dtype=np.float32)
             if not np.isfinite(array).all():
                 raise WeightFileError(
@@ -285,7 +298,8 @@ def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[
 def read_keras_weights(
     path, specs: Sequence[LayerSpec], arch: str
 ) -> tuple[dict[str, list[np.ndarray]], str]:
-    """Read a Keras weight file for a model with ``specs``: ``({name: [kernel, bias]}, layout)``.
+    """Read a Keras weight file for a model with ``specs``: ``({name: [arrays in Keras's order]},
+    layout)``.
 
     Raises :class:`WeightFileError` naming the file, the layer and expected vs found for every
     mismatch, before reading any array.
@@ -307,7 +321,9 @@ def write_legacy_h5(
 
     Args:
       path: output ``.h5`` file.
-      layers: Keras layer name -> ``[kernel, bias]`` arrays, HWIO kernels.
+      layers: Keras layer name -> ``[kernel, bias]`` arrays (HWIO kernels), or a mapping weight
+        name -> array in Keras's order (``{"gamma": ..., "beta": ..., "moving_mean": ...}``),
+        written with Keras 2 names (``stem_bn/gamma:0``) whatever ``weight_names`` says.
       layer_names: all layer names in model order, weightless ones (pools, input) included;
         defaults to the keys of ``layers``.
       weight_names: ``"applications"`` for the keras-applications style (``block1_conv1_W_1:0``,
@@ -323,12 +339,18 @@ def write_legacy_h5(
         for name in layer_names:
             group = f.create_group(name)
             arrays = layers.get(name, ())
-            if weight_names == "applications":
+            if isinstance(arrays, Mapping):
+                names, arrays = [f"{name}/{k}:0" for k in arrays], list(arrays.values())
+            elif weight_names == "applications":
                 names = [f"{name}_{k}_1:0" for k in ("W", "b")][: len(arrays)]
             elif weight_names == "keras2":
                 names = [f"{name}/{k}:0" for k in ("kernel", "bias")][: len(arrays)]
             else:
                 raise ValueError(f"weight_names must be 'applications' or 'keras2', got {weight_names!r}")
+            if len(names) < len(arrays):
+                raise ValueError(
+                    f"layer {name!r} has {len(arrays)} weights: pass them as a mapping weight name -> array"
+                )
             group.attrs["weight_names"] = np.array([n.encode() for n in names])
             for wname, array in zip(names, arrays):
                 group.create_dataset(wname, data=np.asarray(array))

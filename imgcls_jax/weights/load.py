@@ -35,7 +35,7 @@ class LoadedWeights:
 def load_weights(
     model, weights, *, preprocessing: str | None = None, use_cache: bool = True
 ) -> LoadedWeights:
-    """Load Keras weights into ``model`` (a registered family, e.g. :class:`~imgcls_jax.models.VGG`) in place.
+    """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.Classifier`) in place.
 
     Args:
       model: the model; its ``layer_specs()`` say which Keras layers the file must provide.
@@ -44,15 +44,17 @@ def load_weights(
         ``imgcls-jax port-weights`` (:func:`save_ported`; its preprocessing is recorded in it).
       preprocessing: the input normalisation the file's weights were trained with, for a
         path; default: the one of the family's published files (``"caffe"`` for VGG and
-        ResNet50, ``"tf"`` for MobileNetV2; ``"caffe"`` for a family without). For
-        ``"imagenet"`` the published mode is used.
+        ResNet50, ``"tf"`` for MobileNetV2, ``"none"`` for EfficientNet; ``"caffe"`` for a family
+        without). For ``"imagenet"`` the published mode is used.
       use_cache: read/write converted parameters from/to the cache (see
         :mod:`imgcls_jax.weights.store`).
 
     Raises:
       WeightFileError: the file does not fit the model (names, count, shapes), or is not a
         readable Keras weight file. The model is left untouched.
-      ValueError: the model's ``preprocessing`` differs from the weights'.
+      ValueError: the model's ``preprocessing`` differs from the weights'; ``"imagenet"`` for a
+        model with the top and an ``input_shape`` its top was not trained at (Keras's rule, see
+        :mod:`imgcls_jax.weights.store`).
       WeightsUnavailableError, ChecksumError: for ``"imagenet"``.
     """
     published = None
@@ -60,9 +62,7 @@ def load_weights(
         family = IMAGENET.get((getattr(model, "arch", None), False))
         preprocessing = family.preprocessing if family is not None else "caffe"
     if isinstance(weights, str) and weights == "imagenet":
-        path, published = resolve_imagenet(
-            model.arch, model.include_top, input_shape=getattr(model, "input_shape", None)
-        )
+        path, published = resolve_imagenet(model.arch, model.include_top, input_shape=model.input_shape)
         preprocessing = published.preprocessing
     else:
         path = Path(weights).expanduser()
@@ -95,6 +95,8 @@ def load_weights(
             except OSError as exc:  # a read-only cache must not stop a load
                 log.warning("could not cache converted weights of %s: %s", path, exc)
 
+    if published is not None and hasattr(model, "adapt_imagenet_weights"):
+        layers = model.adapt_imagenet_weights(layers)  # what Keras's application adds to the file
     _assign(model, layers)
     log.info(
         "loaded %s weights (%s layout%s) from %s",
