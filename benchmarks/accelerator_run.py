@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import logging
+import shutil
 import statistics
 import sys
 import tempfile
@@ -189,6 +190,7 @@ def section_e2e(results: dict, data: Path, out: Path, cfg: dict) -> None:
     from imgcls_jax.parallel import prefetch_to_device
     from imgcls_jax.train import Trainer
 
+    shutil.rmtree(out / "e2e_run", ignore_errors=True)  # a run from scratch each time
     config = TrainConfig(
         data=str(data),
         run_dir=str(out / "e2e_run"),

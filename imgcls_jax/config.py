@@ -272,9 +272,12 @@ class PhaseConfig:
     ``trainable``: ``"head"``, ``"all"`` or ``"top:N"`` (the model's last N stages + head; for
     VGG a stage is a convolution block). ``learning_rate`` is the peak rate of ``schedule`` (per
     optimizer step), after ``warmup_epochs`` of linear warmup. ``schedule``: ``constant``,
-    ``cosine``, ``piecewise``, ``exponential`` or ``plateau`` (constant, multiplied by
-    ``plateau_factor`` when the monitored validation metric has not improved for
-    ``plateau_patience`` epochs). ``momentum`` and ``nesterov`` are SGD's.
+    ``cosine``, ``piecewise``, ``exponential`` or ``plateau``: constant, multiplied by
+    ``plateau_factor`` after ``plateau_patience`` epochs in which the monitored validation metric
+    did not improve on its best by more than ``plateau_min_delta`` (absolute), exactly as Keras's
+    ``ReduceLROnPlateau(factor, patience, min_delta)`` with its defaults ``cooldown=0``,
+    ``min_lr=0`` (decided by :func:`imgcls_jax.train.callbacks.plateau_learning_rates`; the
+    default ``plateau_min_delta`` is Keras's 1e-4). ``momentum`` and ``nesterov`` are SGD's.
     ``base_lr_multiplier`` scales the learning rate of the backbone relative to the head
     (e.g. 0.1 when fine-tuning). ``weight_decay``: L2 added to the gradient for sgd/adam,
     decoupled for adamw.
@@ -297,6 +300,7 @@ class PhaseConfig:
     plateau_factor: float = 0.1
     plateau_patience: int = 2
     image_size: int | tuple[int, int] | None = None
+    plateau_min_delta: float = 1e-4
 
     def __post_init__(self):
         self.validate("PhaseConfig")
@@ -322,6 +326,7 @@ class PhaseConfig:
         _number(f"{where}.base_lr_multiplier", self.base_lr_multiplier, 0, math.inf, high_open=True)
         _number(f"{where}.plateau_factor", self.plateau_factor, 0, 1, low_open=True, high_open=True)
         _integer(f"{where}.plateau_patience", self.plateau_patience, 1)
+        _number(f"{where}.plateau_min_delta", self.plateau_min_delta, 0, math.inf, high_open=True)
         if self.image_size is not None:
             self.image_size = _image_size(f"{where}.image_size", self.image_size)
 

@@ -186,3 +186,28 @@ def test_port_weights_round_trip(tmp_path, capsys):
         create_model("vgg19", weights=str(tmp_path / "ported"), **kw)
     assert cli.main(["port-weights", str(h5), str(tmp_path / "ported")]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
+
+
+def test_restart_moves_the_earlier_run_aside_and_resume_false_refuses_a_used_folder(trained_run, tmp_path):
+    """``fit(resume=False)`` into a folder with checkpoints is a ``FileExistsError`` before any
+    training (the earlier run is neither mixed in nor deleted); ``train --restart`` renames the
+    folder to ``RUN_DIR.replaced-<time>`` and trains from scratch."""
+    import dataclasses
+    import shutil
+
+    from imgcls_jax.train import fit
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run, run)
+    config = dataclasses.replace(TrainConfig.from_json(run / "config.json"), run_dir=str(run))
+    before = (run / "metrics.csv").read_text()
+    with pytest.raises(FileExistsError, match=r"holds checkpoints of an earlier run \(checkpoints, best/\)"):
+        fit(config, resume=False)
+    assert (run / "metrics.csv").read_text() == before  # nothing written
+
+    config.to_json(tmp_path / "config.json")
+    assert cli.main(["train", "--config", str(tmp_path / "config.json"), "--restart", "--no-eval"]) == 0
+    (moved,) = tmp_path.glob("run.replaced-*")
+    assert (moved / "metrics.csv").read_text() == before and (moved / "best").is_dir()
+    rows = (run / "metrics.csv").read_text().splitlines()
+    assert len(rows) == 1 + config.phases[0].epochs  # a fresh run: its own epochs only

@@ -44,8 +44,8 @@ jax.distributed.shutdown()
 """
 
 
-def run_two_processes(cfg_path: Path, outs: list[Path], cache: Path) -> list[str]:
-    """Run :data:`CHILD` as processes 0 and 1; both must exit 0 within ``TIMEOUT`` s."""
+def run_two_processes(cfg_path: Path, outs: list[Path], cache: Path, child: str = CHILD) -> list[str]:
+    """Run ``child`` (:data:`CHILD`) as processes 0 and 1; both must exit 0 within ``TIMEOUT`` s."""
     port = helpers.free_port()
     envs = [
         helpers.child_env(
@@ -61,7 +61,7 @@ def run_two_processes(cfg_path: Path, outs: list[Path], cache: Path) -> list[str
         )
         for pid in range(len(outs))
     ]
-    argvs = [[sys.executable, "-c", CHILD, str(cfg_path), str(out)] for out in outs]
+    argvs = [[sys.executable, "-c", child, str(cfg_path), str(out)] for out in outs]
     return helpers.run_children(argvs, envs, TIMEOUT)
 
 

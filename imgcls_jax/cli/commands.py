@@ -136,6 +136,27 @@ def check_train_model(config: TrainConfig) -> None:
             raise UsageError(f"{config.model} at image size {size}: {_message(e)}") from e
 
 
+def move_run_aside(run_dir: Path) -> Path | None:
+    """``--restart``: rename an existing, non-empty ``run_dir`` to ``RUN_DIR.replaced-<UTC time>``
+    (nothing is deleted) so the run starts from scratch; returns the new name (None: nothing
+    moved). Process 0 renames; the others wait for it."""
+    import datetime
+
+    import jax
+
+    target = None
+    if jax.process_index() == 0 and run_dir.is_dir() and any(run_dir.iterdir()):
+        stamp = datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S")
+        target = run_dir.with_name(f"{run_dir.name}.replaced-{stamp}")
+        run_dir.rename(target)
+        log.warning("--restart: moved the earlier run %s aside to %s", run_dir, target)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("imgcls-jax train --restart")
+    return target
+
+
 def cmd_train(args) -> int:
     import jax
 
@@ -151,7 +172,9 @@ def cmd_train(args) -> int:
     from imgcls_jax.evaluate import evaluate_run
     from imgcls_jax.train import RunDir, fit
 
-    result = fit(config, resume=not args.restart)
+    if args.restart:
+        move_run_aside(Path(config.run_dir))
+    result = fit(config)
     if args.no_eval:
         return 0
     if jax.process_index() != 0:  # several processes trained together: process 0 reports

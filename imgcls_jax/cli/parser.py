@@ -47,7 +47,12 @@ def _add_train(sub, models: list[str]) -> None:
     )
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="compute dtype; parameters stay float32")
     p.add_argument("--seed", type=int, help="seed for the split, init, shuffling, augmentation, dropout")
-    p.add_argument("--restart", action="store_true", help="ignore existing checkpoints in the run dir")
+    p.add_argument(
+        "--restart",
+        action="store_true",
+        help="start from scratch: an existing run folder is renamed to RUN_DIR.replaced-<time> "
+        "(nothing is deleted); without it a run folder with checkpoints is resumed",
+    )
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
     p.set_defaults(func=cmd_train)
 

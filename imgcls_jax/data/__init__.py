@@ -25,6 +25,7 @@ from imgcls_jax.data.folders import (
     split_records,
     write_manifest,
 )
+from imgcls_jax.data.keras_generator import from_image_data_generator
 from imgcls_jax.data.numpy_pipeline import NumpyPipeline, make_pipeline
 from imgcls_jax.data.pipeline import Pipeline, Source, from_arrays, from_records, from_tfds
 from imgcls_jax.data.prefetch import data_sharding, prefetch_to_device, to_device
@@ -45,6 +46,7 @@ __all__ = [
     "augment_image",
     "check_images",
     "data_sharding",
+    "from_image_data_generator",
     "from_arrays",
     "from_records",
     "from_tfds",

@@ -28,6 +28,7 @@ from typing import Any
 import jax
 from flax import nnx
 
+from imgcls_jax.train.callbacks import improvements
 from imgcls_jax.train.faults import kill_point
 from imgcls_jax.train.rundir import RunDir
 
@@ -180,21 +181,24 @@ class Checkpoints:
     def complete_best(self, history: list[dict], model_items_of: Callable[[int], dict[str, Any]]) -> None:
         """When resuming: the ``best/`` saves of the finished checkpoints newer than ``best/``'s
         newest, which a kill cut short (``history``: the ``metrics.csv`` rows;
-        ``model_items_of(epoch)``: that checkpoint's model items). ``best/`` saves run in epoch
-        order, so an older one missing from ``best/`` was finished, and removed as not the best;
-        one worse than ``best/``'s best would be removed again, and is not saved."""
+        ``model_items_of(epoch)``: that checkpoint's model items). An epoch goes into ``best/``
+        when its score improves on every earlier one (:func:`~imgcls_jax.train.callbacks.improvements`,
+        as :meth:`Trainer.save <imgcls_jax.train.loop.Trainer.save>` decides)."""
         newest = max(self.best.all_steps(), default=-1)
-        rows = {row["epoch"]: row for row in history}
+        scored = [row for row in history if row["val_loss"] != ""]
+        improved = dict(
+            zip(
+                (row["epoch"] for row in scored),
+                improvements([float(row[self._monitor]) for row in scored], mode_max=self._mode_max),
+                strict=True,
+            )
+        )
+        rows = {row["epoch"]: row for row in scored}
         for epoch in sorted(self.latest.all_steps()):
-            row, best = rows.get(epoch), rows.get(self.best.best_step())
-            if epoch <= newest or row is None or row["val_loss"] == "":
+            if epoch <= newest or not improved.get(epoch, False):
                 continue
-            if best is not None and best["val_loss"] != "":
-                score, top = row[self._monitor], best[self._monitor]
-                if (score < top) if self._mode_max else (score > top):
-                    continue
             log.info("epoch %d's best/ save did not finish before the interruption: saving it now", epoch)
-            metrics = {"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}
+            metrics = {"val_loss": rows[epoch]["val_loss"], "val_accuracy": rows[epoch]["val_accuracy"]}
             self._save_best(epoch, model_items_of(epoch), metrics)
 
     def restore(self, epoch: int, targets: dict[str, Any]) -> dict[str, Any]:

@@ -14,6 +14,7 @@ from pathlib import Path
 import jax
 
 from imgcls_jax.config import TrainConfig
+from imgcls_jax.data.folders import DatasetError
 from imgcls_jax.train.features import FeatureBatches, compute_features
 
 log = logging.getLogger(__name__)
@@ -55,7 +56,7 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     for r in records:
         by_split.setdefault(r.split, []).append(r)
     if "train" not in by_split:
-        raise ValueError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
+        raise DatasetError(f"{config.data}: no 'train' split (splits: {sorted(by_split)})")
     batch, eval_batch = config.batch_size, config.eval_batch_size or config.batch_size
     if jax.process_count() > 1:
         by_split, batch, eval_batch = process_share(config, by_split, batch, eval_batch)

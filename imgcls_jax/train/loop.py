@@ -46,7 +46,8 @@ from flax import nnx
 
 from imgcls_jax import parallel
 from imgcls_jax.config import PhaseConfig, TrainConfig
-from imgcls_jax.train.checkpoints import Checkpoints, model_items, set_model_items, state_item
+from imgcls_jax.train.callbacks import best_epoch, early_stopping_epoch, improvements, plateau_learning_rates
+from imgcls_jax.train.checkpoints import Checkpoints, finished_steps, model_items, set_model_items, state_item
 from imgcls_jax.train.evaluation import evaluate_batches
 from imgcls_jax.train.faults import kill_point
 from imgcls_jax.train.inputs import feature_inputs, run_inputs
@@ -99,6 +100,18 @@ def fit(config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callabl
     return Trainer(config, resume=resume, callbacks=callbacks).run()
 
 
+def refuse_used_run_dir(run: RunDir) -> None:
+    """``resume=False`` into a folder that holds an earlier run's checkpoints: ``FileExistsError``
+    before anything is trained or written (the earlier run is not mixed in nor deleted)."""
+    held = [d.name for d in (run.checkpoints, run.best) if finished_steps(d)]
+    if held:
+        raise FileExistsError(
+            f"{run.root} holds checkpoints of an earlier run ({', '.join(held)}/): fit(resume=False) "
+            "does not overwrite them. Resume it (resume=True), train into a new run_dir, or move it aside "
+            "(imgcls-jax train --restart does: RUN_DIR.replaced-<time>)."
+        )
+
+
 def check_devices(config: TrainConfig) -> None:
     """The (global) batches must divide over every device of every process."""
     devices, processes = jax.device_count(), jax.process_count()
@@ -130,6 +143,8 @@ class Trainer:
         from imgcls_jax.models.registry import model_from_config
 
         config, run = self.config, self.run_dir
+        if not self.resume:
+            refuse_used_run_dir(run)
         run.root.mkdir(parents=True, exist_ok=True)
         if self.main:
             run.write_config(config)
@@ -394,24 +409,28 @@ class Trainer:
             if h["val_loss"] != "" and (epochs is None or h["epoch"] in epochs)
         ]
 
-    def _since_best(self, scores: list[float]) -> int:
-        return len(scores) - 1 - int(np.argmax(scores) if self.mode_max else np.argmin(scores))
-
     def plateau(self, phase: Phase, epoch: int) -> None:
-        """``schedule="plateau"``: scale the learning rate by ``plateau_factor`` each time the
-        monitored metric has not improved for ``plateau_patience`` epochs of this phase."""
-        scores = self._scores(phase.epochs)
-        if phase.config.schedule != "plateau" or not scores or self.history[-1]["val_loss"] == "":
+        """``schedule="plateau"``: the lr scale Keras's ``ReduceLROnPlateau(factor, patience,
+        min_delta)`` would have reached after this phase's epochs so far
+        (:func:`~imgcls_jax.train.callbacks.plateau_learning_rates` of their scores, so a resumed
+        run decides as an uninterrupted one)."""
+        scores, config = self._scores(phase.epochs), phase.config
+        if config.schedule != "plateau" or not scores or self.history[-1]["val_loss"] == "":
             return
-        stale = self._since_best(scores)
-        if stale and stale % phase.config.plateau_patience == 0:
-            scale = lr_scale(phase.state.opt_state) * phase.config.plateau_factor
+        scale = plateau_learning_rates(
+            scores, 1.0, mode_max=self.mode_max, factor=config.plateau_factor,
+            patience=config.plateau_patience, min_delta=config.plateau_min_delta,
+        )[-1]  # fmt: skip
+        if scale != lr_scale(phase.state.opt_state):
             phase.state = phase.state.replace(opt_state=set_lr_scale(phase.state.opt_state, scale))
-            log.info("plateau: %s flat for %d epochs, lr scale now %g", self.config.monitor, stale, scale)
+            log.info("plateau: %s did not improve for %d epochs, lr scale now %g", self.config.monitor,
+                     config.plateau_patience, scale)  # fmt: skip
 
     def save(self, phase: Phase, epoch: int, row: dict) -> None:
         """Checkpoint epoch ``epoch``: the model (with the weight average when there is one), the
-        optimizer state and the raw weights; into ``best/`` too when it is the best epoch."""
+        optimizer state and the raw weights; into ``best/`` too when its score improves on every
+        earlier epoch's (strictly: of equal scores the first stays, as Keras's
+        ``ModelCheckpoint(save_best_only=True)``)."""
         state = phase.state
         nnx.update(self.model, state.eval_params)
         nnx.update(self.model, state.stats)
@@ -419,19 +438,21 @@ class Trainer:
         items["state"] = state_item(state)
         if state.ema is not None:
             items["ema"] = state.ema
-        best = (
-            None
-            if row["val_loss"] == ""
-            else {"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]}
-        )
+        improved = row["val_loss"] != "" and improvements(self._scores(), mode_max=self.mode_max)[-1]
+        best = {"val_loss": row["val_loss"], "val_accuracy": row["val_accuracy"]} if improved else None
         self.checkpoints.save(epoch, items, best)
 
     def early_stopping(self, epoch: int) -> None:
+        """Stop after this epoch where Keras's ``EarlyStopping(patience)`` (``min_delta=0``) would,
+        over the run's scores so far (:func:`~imgcls_jax.train.callbacks.early_stopping_epoch`)."""
         scores, patience = self._scores(), self.config.early_stopping_patience
-        if scores and patience and self._since_best(scores) >= patience:
+        if not scores or not patience:
+            return
+        if early_stopping_epoch(scores, mode_max=self.mode_max, patience=patience) is not None:
+            best = best_epoch(scores, mode_max=self.mode_max)
             log.info(
-                "early stopping after epoch %d (%s flat for %d epochs)",
-                epoch, self.config.monitor, self._since_best(scores),
+                "early stopping after epoch %d (%s last improved %d scored epochs ago)",
+                epoch, self.config.monitor, len(scores) - 1 - best,
             )  # fmt: skip
             self.stopped_early = True
 
