@@ -83,7 +83,7 @@ def test_train_frozen_and_valid_counts(arch):
         module.flops(model, 64, padding="same")
 
 
-#: (arch, mode) cases; EfficientNet's train step (53 s to compile on a loaded 2-core CPU) is slow
+#: (arch, mode) cases; EfficientNet's train step (38-53 s on a loaded 2-core CPU) is marked slow
 CASES = [
     pytest.param(arch, mode, marks=[pytest.mark.slow] if (arch, mode) == ("efficientnetb0", "train") else [])
     for arch in sorted(MODULES)
