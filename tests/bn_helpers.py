@@ -1,13 +1,14 @@
-"""Helpers for the BatchNorm families' tests: Keras models with random weights and random
-(calibrated) BatchNorm statistics saved in both Keras layouts, and jitted forward passes.
+"""Helpers for the BatchNorm families' tests (EfficientNet, ResNet50, MobileNetV2): Keras models
+with random weights and random (calibrated) BatchNorm statistics saved in both Keras layouts,
+the Keras applications by registry name, and jitted forward passes.
 
 Random weights alone are not enough for a test that can fail: with BatchNorm moving statistics
-drawn independently of the activations, a deep random EfficientNet's output stops depending on
-its input after a few blocks (measured: relative change 1e-7 between two random images), so a
-port that computed the early layers wrongly would still "match". :func:`randomize_keras`
-therefore sets each BatchNorm's moving statistics to the batch statistics of a random batch,
-then perturbs them (mean +- 0.2 std, variance x 0.5-2): every layer stays input-dependent and the
-statistics are random and positive.
+drawn independently of the activations, a deep random network's output stops depending on its
+input after a few blocks (measured: relative change 1e-7 between two random images for
+EfficientNet, 3.5e-4 for MobileNetV2 at 32 px), so a port that computed the early layers wrongly
+would still "match". :func:`randomize_keras` therefore sets each BatchNorm's moving statistics to
+the batch statistics of a random batch, then perturbs them (mean +- 0.2 std, variance x 0.5-2):
+every layer stays input-dependent and the statistics are random and positive.
 """
 
 from functools import cache
@@ -17,11 +18,54 @@ import jax
 import numpy as np
 from flax import nnx
 
+#: Registry name -> (its ``keras.applications`` model, the ``preprocess_input`` mode of its
+#: weights; None: it normalises inside the model).
+KERAS_APPS = {
+    "efficientnetb0": ("EfficientNetB0", None),
+    "mobilenetv2": ("MobileNetV2", "tf"),
+    "resnet50": ("ResNet50", "caffe"),
+}
+#: The families tests/test_parity_bn.py, test_bn_training.py, test_bn_models.py and
+#: test_bn_weights.py take (EfficientNet has its own test files: odd non-square sizes, its
+#: Normalization and ImageNet rescaling, drop connect).
+BN_MODELS = ["mobilenetv2", "resnet50"]
 
-def randomize_keras(model, seed: int, calibrate: bool = True) -> None:
+
+def keras_app(arch: str, include_top: bool, size: int, pooling=None, classes: int = 1000):
+    """``keras.applications.<arch>(weights=None)`` at ``size`` x ``size``, logits at the top."""
+    import keras
+
+    app = getattr(keras.applications, KERAS_APPS[arch][0])
+    if include_top:
+        return app(weights=None, input_shape=(size, size, 3), classes=classes, classifier_activation=None)
+    return app(weights=None, include_top=False, input_shape=(size, size, 3), pooling=pooling)
+
+
+def keras_preprocess(arch: str):
+    """Keras's ``preprocess_input`` of ``arch``'s weights, on raw float32 RGB images."""
+    from keras.applications import imagenet_utils
+
+    mode = KERAS_APPS[arch][1]
+    if mode is None:
+        return lambda x: np.asarray(x, np.float32)
+    return lambda x: imagenet_utils.preprocess_input(np.asarray(x, np.float32), mode=mode)
+
+
+def keras_out(model, arch: str, images: np.ndarray) -> np.ndarray:
+    """The Keras model's output on raw uint8 ``images``, preprocessed as its weights expect."""
+    return np.asarray(model(keras_preprocess(arch)(images)))
+
+
+def images(n: int, size: int, seed: int = 0) -> np.ndarray:
+    """``n`` random uint8 RGB images ``size`` x ``size``."""
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -> None:
     """Random weights for every layer of the Keras ``model`` (He-scaled kernels, gamma in
     [0.5, 1.5], beta and biases ~N(0, 0.1-0.2), Normalization mean in [0.3, 0.6] and variance in
-    [0.03, 0.1]); BatchNorm statistics calibrated as the module docstring says."""
+    [0.03, 0.1]); BatchNorm statistics calibrated as the module docstring says, on random images
+    passed through ``preprocess`` (what the model expects of raw pixels; default: as they are)."""
     rng = np.random.default_rng(seed)
     draw = {
         "bias": lambda s: rng.normal(0, 0.1, s),
@@ -48,17 +92,18 @@ def randomize_keras(model, seed: int, calibrate: bool = True) -> None:
         if hasattr(layer, "finalize_state"):  # Normalization reads its variables only then
             layer.finalize_state()
     if calibrate:
-        _calibrate_batchnorm(model, rng)
+        _calibrate_batchnorm(model, rng, preprocess or (lambda x: x))
 
 
-def _calibrate_batchnorm(model, rng) -> None:
+def _calibrate_batchnorm(model, rng, preprocess) -> None:
     bns = [layer for layer in model.layers if type(layer).__name__ == "BatchNormalization"]
-    images = rng.integers(0, 256, (8, *model.input_shape[1:3], 3)).astype(np.float32)
+    batch = preprocess(rng.integers(0, 256, (8, *model.input_shape[1:3], 3)).astype(np.float32))
+    momentum = [bn.momentum for bn in bns]
     for bn in bns:
         bn.momentum = 0.0
-    model(images, training=True)  # moving statistics := this batch's statistics
-    for bn in bns:
-        bn.momentum = 0.99
+    model(batch, training=True)  # moving statistics := this batch's statistics
+    for bn, m in zip(bns, momentum, strict=True):
+        bn.momentum = m
         gamma, beta, mean, var = bn.get_weights()
         mean = mean + rng.normal(0, 0.2, mean.shape) * np.sqrt(var)
         var = var * rng.uniform(0.5, 2.0, var.shape)
@@ -88,13 +133,18 @@ def forward(model, images, method: str = "__call__") -> np.ndarray:
     return np.asarray(_jitted(graph, method)(state, images))
 
 
-def assert_close(ours, theirs, tol: float) -> float:
-    """max |ours - theirs| <= tol * max |theirs|; returns the ratio (printed for the record)."""
-    ours, theirs = np.asarray(ours), np.asarray(theirs)
+def rel_err(ours, theirs) -> float:
+    """``max |ours - theirs| / max |theirs|`` (same shapes, ``theirs`` not all zero)."""
+    ours, theirs = np.asarray(ours, np.float64), np.asarray(theirs, np.float64)
     assert ours.shape == theirs.shape, (ours.shape, theirs.shape)
     scale = np.abs(theirs).max()
     assert scale > 0
-    err = float(np.abs(ours - theirs).max() / scale)
+    return float(np.abs(ours - theirs).max() / scale)
+
+
+def assert_close(ours, theirs, tol: float) -> float:
+    """max |ours - theirs| <= tol * max |theirs|; returns the ratio (printed for the record)."""
+    err = rel_err(ours, theirs)
     print(f"max abs diff / max |keras| = {err:.2e} (tolerance {tol})")
     assert err <= tol, f"relative error {err:.3g} > {tol}"
     return err

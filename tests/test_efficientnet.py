@@ -1,6 +1,6 @@
 """EfficientNet B0-B7: the architecture against Keras's (layer names, weight shapes, drop connect
-rates, parameter counts), options and Keras's size rules, training-mode semantics, analytic
-FLOPs against XLA's count, and bad weight files. Outputs against Keras: test_efficientnet_parity.py;
+rates, parameter counts), options and Keras's size rules, training-mode semantics, and bad weight
+files (analytic FLOPs: tests/test_bn_flops.py). Outputs against Keras: test_efficientnet_parity.py;
 a training step against Keras: test_efficientnet_train.py."""
 
 import dataclasses
@@ -13,10 +13,9 @@ import pytest
 from flax import nnx
 
 import imgcls_jax
-from imgcls_jax.models.efficientnet import EfficientNet, flops
+from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import VARIANTS, base_layer_specs
-from imgcls_jax.perf import compiled_flops
-from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
+from imgcls_jax.train import split_model
 from imgcls_jax.weights import WeightFileError, load_weights, save_ported, store, write_legacy_h5
 from tests.helpers import write_random_legacy
 
@@ -205,53 +204,8 @@ def test_drop_connect_follows_the_dropout_key(stochastic):
 
 
 # ------------------------------------------------------------------------------- FLOPs
-def test_flops_textbook_figure():
-    """EfficientNet-B0: 0.39 B multiply-adds at 224 (Tan & Le 2019, table 2)."""
-    assert flops(b0(input_shape=(224, 224, 3)), 224) / 2e9 == pytest.approx(0.39, abs=0.005)
-    model = b0(num_classes=5, pooling="avg", head_units=(16,))
-    dense = 2.0 * (1280 * 16 + 16 * 5)
-    forward = flops(model, 32)
-    assert flops(model, 32, "frozen") == pytest.approx(forward + 2 * dense)
-    assert flops(model, 32, padding="valid") < forward
-    with pytest.raises(ValueError, match="mode must be one of"):
-        flops(model, 32, "backward")
-
-
-def _xla_flops(mode, batch=8, size=32):
-    model = b0(num_classes=5, pooling="avg", head_units=(16,), input_shape=(size, size, 3))
-    images, labels = jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch,), jnp.int32)
-    split = split_model(model, model.trainable_layers("head" if mode == "frozen" else "all"))
-    if mode == "forward":
-        batch_in = {"image": images, "label": labels, "mask": jnp.ones(batch, bool)}
-        xla = compiled_flops(make_eval_step(split), split.trainable, split.frozen, batch_in)
-    else:
-        optimizer = make_optimizer("sgd", 0.1, momentum=0.0)
-        step = make_train_step(split, optimizer)
-        xla = compiled_flops(
-            step, init_state(split, optimizer), split.frozen, {"image": images, "label": labels}
-        )
-    return xla, batch * flops(model, size, mode, padding="valid"), batch * flops(model, size, mode)
-
-
-@pytest.mark.parametrize("mode", ["forward", "frozen"])
-def test_flops_match_xla_cost_analysis(mode):
-    """XLA's count of the compiled step adds the elementwise work (BatchNorm, swish, the
-    squeeze-excite product and sigmoid's arithmetic, pooling, softmax): measured 1.10x the
-    analytic count at 32 px and batch 8 (padding taps left out), 1.05x with them."""
-    xla, valid, full = _xla_flops(mode)
-    print(f"{mode}: XLA / analytic (valid) = {xla / valid:.3f}, (full) = {xla / full:.3f}")
-    assert valid <= full
-    assert 1.0 <= xla / valid < 1.2
-
-
-@pytest.mark.slow
-def test_train_flops_match_xla_cost_analysis():
-    """A train step (every layer, SGD): measured XLA / analytic (valid) 1.39 at 32 px and batch
-    8: in training, BatchNorm's batch statistics and every elementwise layer's gradient add per
-    activation about what a 1x1 convolution of 16-40 channels costs."""
-    xla, valid, full = _xla_flops("train")
-    print(f"train: XLA / analytic (valid) = {xla / valid:.3f}, (full) = {xla / full:.3f}")
-    assert 1.0 <= xla / valid < 1.6
+# FLOPs: tests/test_bn_flops.py (against Keras's layers, the paper's 0.39 B multiply-adds and XLA's
+# count, with ResNet50 and MobileNetV2)
 
 
 # -------------------------------------------------------------------- bad weight files

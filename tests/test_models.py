@@ -30,7 +30,8 @@ def test_import_and_model_do_not_import_tensorflow():
 
 def test_registry():
     names = imgcls_jax.list_models()
-    assert {"vgg16", "vgg19", "efficientnetb0"} <= set(names) and names == sorted(names)
+    assert {"vgg16", "vgg19", "efficientnetb0", "resnet50", "mobilenetv2"} <= set(names)
+    assert names == sorted(names)
     with pytest.raises(ValueError, match="unknown model 'vgg11'"):
         imgcls_jax.create_model("vgg11")
     with pytest.raises(ValueError, match="already registered"):

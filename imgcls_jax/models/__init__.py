@@ -1,7 +1,9 @@
 """Model definitions, the interface every family implements, and the registry by name."""
 
 from imgcls_jax.models.base import Classifier, LayerSpec, Trainable, parse_trainable
+from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.efficientnet import EfficientNet
+from imgcls_jax.models.mobilenet import MobileNetV2
 from imgcls_jax.models.preprocessing import MODES, preprocess_input
 from imgcls_jax.models.registry import (
     ModelInfo,
@@ -11,6 +13,7 @@ from imgcls_jax.models.registry import (
     model_info,
     register_model,
 )
+from imgcls_jax.models.resnet import ResNet50
 from imgcls_jax.models.summary import summary
 from imgcls_jax.models.vgg import VGG
 
@@ -19,8 +22,11 @@ __all__ = [
     "VGG",
     "Classifier",
     "EfficientNet",
+    "KerasConvNet",
     "LayerSpec",
+    "MobileNetV2",
     "ModelInfo",
+    "ResNet50",
     "Trainable",
     "create_model",
     "list_models",

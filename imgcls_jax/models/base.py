@@ -30,11 +30,14 @@ class LayerSpec:
     """Name and parameter shapes of one Keras layer, in Keras's weight order (e.g. kernel, bias;
     BatchNorm: gamma, beta, moving mean, moving variance).
 
-    ``weights``: the weights' Keras names, in that order, for messages (default: kernel, bias)."""
+    ``weights``: the weights' Keras names, in that order, for messages (default: kernel, bias).
+    ``aliases``: other names Keras's published files use for this layer (e.g. a top layer that
+    older Keras versions named differently; Keras itself loads those files by layer order)."""
 
     name: str
     shapes: tuple[tuple[int, ...], ...]
     weights: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
 
     @property
     def weight_names(self) -> tuple[str, ...]:

@@ -1,14 +1,18 @@
 """Analytic FLOP counts of the models, per image: what benchmarks divide by time.
 
-FLOPs count a multiply-add as 2. :func:`vgg_flops` is the analytic count of the matmul work of
-one image (convolutions and dense layers; biases, ReLUs, pooling and the optimizer are left
-out). Two conventions for the 3x3 SAME convolutions:
+FLOPs count a multiply-add as 2: the matmul work of one image (convolutions and dense layers;
+biases, BatchNorm, activations, pooling and the optimizer are left out). A family lists its
+forward pass's convolutions as :class:`ConvOp` (input size, kernel, stride, the zero padding
+the model applies, channels, groups) and :func:`count_flops` adds them up for a mode
+(:func:`vgg_flops`; ``flops`` in :mod:`~imgcls_jax.models.efficientnet`,
+:mod:`~imgcls_jax.models.resnet`, :mod:`~imgcls_jax.models.mobilenet`). Two conventions for the
+taps that fall on zero padding:
 
-* ``padding="full"``: every output position does 9 taps: the textbook figure (VGG16 with its
-  ImageNet top: 15.47 GMACs = 30.9 GFLOP forward at 224x224).
-* ``padding="valid"``: taps that fall on the zero padding are not counted, as XLA's cost analysis
-  counts a convolution. On an ``H x H`` map each output row/column sees ``3H - 2`` of ``3H`` taps,
-  which matters on small maps (a 2x2 map keeps 4/9 of the taps) and less at 224 (3%).
+* ``padding="full"``: every output position does ``k x k`` taps: the textbook figure (VGG16 with
+  its ImageNet top: 15.47 GMACs = 30.9 GFLOP forward at 224x224).
+* ``padding="valid"``: taps on the zero padding are not counted, as XLA's cost analysis counts a
+  convolution. On an ``H x H`` map a 3x3 SAME convolution's output rows see ``3H - 2`` of ``3H``
+  taps, which matters on small maps (a 2x2 map keeps 4/9 of the taps) and less at 224 (3%).
 
 A training step costs forward + weight gradient + input gradient of every layer except the
 first (nothing asks for the gradient of the image): about 3x the forward pass. A frozen-base
@@ -18,28 +22,89 @@ FLOPs per trained parameter per *step*) is not in the per-image count.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 from imgcls_jax.models.vgg import BLOCKS, FILTERS
 
 #: What a step does with each image: inference, training every layer, or training the head only.
 FLOP_MODES = ("forward", "train", "frozen")
+NO_PADDING = ((0, 0), (0, 0))
 
 
-def _conv_taps(size: int, padding: str) -> int:
-    """Kernel taps summed over the output positions of one row (or column) of a 3x3 SAME conv."""
+@dataclass(frozen=True)
+class ConvOp:
+    """One convolution of a forward pass: input ``(h, w)``, square kernel ``k``, ``stride``, zero
+    padding ``pads = ((top, bottom), (left, right))`` (explicit or SAME's implicit one), channels
+    ``cin -> cout``, ``groups`` (``cin`` for a depthwise convolution)."""
+
+    h: int
+    w: int
+    k: int
+    stride: int
+    pads: tuple[tuple[int, int], tuple[int, int]]
+    cin: int
+    cout: int
+    groups: int = 1
+
+    @property
+    def out(self) -> tuple[int, int]:
+        """The output ``(h, w)``."""
+        (top, bottom), (left, right) = self.pads
+        return (
+            (self.h + top + bottom - self.k) // self.stride + 1,
+            (self.w + left + right - self.k) // self.stride + 1,
+        )
+
+    def flops(self, padding: str = "full") -> float:
+        """Forward FLOPs of one image (multiply-add = 2); ``padding="valid"`` leaves out the taps
+        on the zero padding."""
+        taps = [
+            _taps(n, o, self.k, self.stride, p[0], padding)
+            for n, o, p in zip((self.h, self.w), self.out, self.pads)
+        ]
+        return 2.0 * taps[0] * taps[1] * self.cin * self.cout / self.groups
+
+
+def _taps(size: int, out: int, k: int, stride: int, before: int, padding: str) -> int:
+    """Kernel taps summed over the ``out`` output positions along one axis of length ``size``."""
     if padding == "full":
-        return 3 * size
-    if padding == "valid":
-        return 3 * size - 2 if size > 1 else 1
-    raise ValueError(f"padding must be 'full' or 'valid', got {padding!r}")
+        return out * k
+    if padding != "valid":
+        raise ValueError(f"padding must be 'full' or 'valid', got {padding!r}")
+    return sum(1 for o in range(out) for j in range(k) if 0 <= o * stride + j - before < size)
 
 
-def _dense_shapes(model) -> list[tuple[int, int]]:
-    """``(in, out)`` of the model's dense layers in forward order (Keras top or transfer head)."""
-    shapes = []
-    for name in model.head_layers:
-        layer = getattr(model, name)
-        shapes.append(tuple(int(d) for d in layer.kernel[...].shape))
-    return shapes
+def same_pads(size: int, k: int, stride: int) -> tuple[int, int]:
+    """The zero padding ``(before, after)`` of a ``"SAME"`` convolution along an axis of ``size``
+    (TensorFlow's and XLA's rule: the odd pixel after)."""
+    out = -(-size // stride)
+    total = max((out - 1) * stride + k - size, 0)
+    return (total // 2, total - total // 2)
+
+
+def square(image_size: int | Sequence[int]) -> tuple[int, int]:
+    """``(height, width)`` of an ``image_size`` given as one int or a pair."""
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
+def count_flops(model, ops: Sequence[ConvOp], mode: str = "forward", padding: str = "full") -> float:
+    """FLOPs of one image through ``model``: the convolutions ``ops`` (its backbone's, in forward
+    order) and the dense layers of its top or head (``model.head_layers``).
+
+    ``mode``: ``"forward"``; ``"train"`` (every layer's forward, weight gradient and input
+    gradient, except the first convolution's input gradient: 3 x forward - first conv);
+    ``"frozen"`` (the backbone's forward, the dense layers' three passes). ``padding``: see the
+    module docstring."""
+    if mode not in FLOP_MODES:
+        raise ValueError(f"mode must be one of {FLOP_MODES}, got {mode!r}")
+    convs = [op.flops(padding) for op in ops]
+    dense = [2.0 * float(getattr(model, name).kernel.size) for name in model.head_layers]
+    if mode == "forward":
+        return sum(convs) + sum(dense)
+    if mode == "frozen":
+        return sum(convs) + 3 * sum(dense)
+    return 3 * sum(convs) - convs[0] + 3 * sum(dense)
 
 
 def vgg_flops(
@@ -57,19 +122,11 @@ def vgg_flops(
         zero padding not counted, XLA's convention).
     Returns: FLOPs per image (float).
     """
-    if mode not in FLOP_MODES:
-        raise ValueError(f"mode must be one of {FLOP_MODES}, got {mode!r}")
-    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    conv = []  # forward FLOPs of each conv layer, in order
-    cin = 3
+    height, width = square(image_size)
+    ops, cin = [], 3
     for block, (n_conv, filters) in enumerate(zip(BLOCKS[model.arch], FILTERS)):
         h, w = height >> block, width >> block
         for _ in range(n_conv):
-            conv.append(2.0 * _conv_taps(h, padding) * _conv_taps(w, padding) * cin * filters)
+            ops.append(ConvOp(h, w, 3, 1, ((1, 1), (1, 1)), cin, filters))
             cin = filters
-    dense = [2.0 * fin * fout for fin, fout in _dense_shapes(model)]
-    if mode == "forward":
-        return sum(conv) + sum(dense)
-    if mode == "frozen":
-        return sum(conv) + 3 * sum(dense)
-    return 3 * sum(conv) - conv[0] + 3 * sum(dense)
+    return count_flops(model, ops, mode, padding)

@@ -1,6 +1,7 @@
-"""Keras layers the convolutional families share beyond VGG's: ``Normalization``,
-``DepthwiseConv2D``, ``imagenet_utils.correct_pad``, swish, and Keras's convolution kernel
-initializer drawn in one program.
+"""Keras layers the BatchNorm families (EfficientNet, ResNet50, MobileNetV2) share beyond VGG's:
+``BatchNormalization`` (:class:`BatchNorm`), ``Conv2D`` (:func:`conv2d`), ``Normalization``,
+``DepthwiseConv2D``, ``imagenet_utils.correct_pad``, swish, and Keras's kernel initializers
+drawn in one program.
 
 Layers keep Keras's weight shapes, so weight files copy as they are. Layout NHWC.
 """
@@ -36,24 +37,79 @@ def _host_constant(value: float):
 _zeros, _ones = _host_constant(0.0), _host_constant(1.0)
 
 
+def _fill_kernels(kernels: Sequence[nnx.Param], draw: jax.Array, scale) -> None:
+    """Set each kernel to its slice of ``draw`` (a flat float32 array, consumed in order) times
+    ``scale(shape)``."""
+    if not isinstance(draw, jax.core.Tracer):  # under nnx.eval_shape it stays abstract
+        draw = np.asarray(draw)
+    start = 0
+    for kernel in kernels:
+        size = int(np.prod(kernel.shape))
+        value = draw[start : start + size].reshape(kernel.shape) * np.float32(scale(kernel.shape))
+        kernel.set_value(jnp.asarray(value))
+        start += size
+
+
 def init_conv_kernels(kernels: Sequence[nnx.Param], key: jax.Array) -> None:
-    """Keras's ``CONV_KERNEL_INITIALIZER`` for every kernel (HWIO or depthwise ``[k, k, C, 1]``):
-    ``VarianceScaling(2.0, "fan_out", "truncated_normal")``, i.e. a normal truncated at two
-    standard deviations, std ``sqrt(2 / fan_out) / 0.8796`` with ``fan_out = k * k * shape[-1]``.
+    """EfficientNet's ``CONV_KERNEL_INITIALIZER`` for every kernel (HWIO or depthwise
+    ``[k, k, C, 1]``): ``VarianceScaling(2.0, "fan_out", "truncated_normal")``, i.e. a normal
+    truncated at two standard deviations, std ``sqrt(2 / fan_out) / 0.8796`` with
+    ``fan_out = k * k * shape[-1]``.
 
     All kernels come from one draw (one compiled program instead of one per kernel shape, which
     cost tens of seconds on a 2-core CPU), split in order; the result depends only on ``key``.
     """
-    sizes = [int(np.prod(k.shape)) for k in kernels]
-    draw = jax.random.truncated_normal(key, -2.0, 2.0, (sum(sizes),), jnp.float32)
-    if not isinstance(draw, jax.core.Tracer):  # under nnx.eval_shape it stays abstract
-        draw = np.asarray(draw)
-    start = 0
-    for kernel, size in zip(kernels, sizes):
-        k0, k1, _, cout = kernel.shape
-        std = math.sqrt(2.0 / (k0 * k1 * cout)) / 0.87962566103423978
-        kernel.set_value(jnp.asarray(draw[start : start + size].reshape(kernel.shape) * np.float32(std)))
-        start += size
+    total = sum(int(np.prod(k.shape)) for k in kernels)
+    draw = jax.random.truncated_normal(key, -2.0, 2.0, (total,), jnp.float32)
+    _fill_kernels(kernels, draw, lambda s: math.sqrt(2.0 / (s[0] * s[1] * s[-1])) / 0.87962566103423978)
+
+
+def init_glorot_kernels(kernels: Sequence[nnx.Param], key: jax.Array) -> None:
+    """Keras's default ``glorot_uniform`` for every kernel (HWIO ``Conv2D``, depthwise
+    ``[k, k, C, 1]``, dense ``[in, out]``): uniform in ``+-sqrt(6 / (fan_in + fan_out))`` with
+    Keras's fans (``fan_in = prod(shape[:-1])``, ``fan_out = prod(shape[:-2]) * shape[-1]``).
+    One draw for all, as :func:`init_conv_kernels`."""
+    total = sum(int(np.prod(k.shape)) for k in kernels)
+    draw = jax.random.uniform(key, (total,), jnp.float32, -1.0, 1.0)
+
+    def limit(shape):
+        fan_in, fan_out = np.prod(shape[:-1]), np.prod(shape[:-2]) * shape[-1]
+        return math.sqrt(6.0 / (fan_in + fan_out))
+
+    _fill_kernels(kernels, draw, limit)
+
+
+class BatchNorm(nnx.BatchNorm):
+    """Keras's ``BatchNormalization`` over the channels, as Keras computes it under mixed
+    precision: in float32 whatever the input dtype (parameters and moving statistics float32),
+    the output cast back to the input's dtype. ``scale``/``bias``/``mean``/``var`` are Keras's
+    gamma/beta/moving_mean/moving_variance (the last two ``nnx.BatchStat``). Built in inference
+    mode; in training mode (``.train()``) the batch statistics (biased variance, computed as
+    ``mean((x - mean)^2)``) normalise and ``moving <- momentum * moving + (1 - momentum) * batch``.
+    """
+
+    def __init__(self, channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs):
+        super().__init__(
+            channels, epsilon=epsilon, momentum=momentum, use_running_average=True, use_fast_variance=False,
+            dtype=jnp.float32, param_dtype=jnp.float32, scale_init=_ones, bias_init=_zeros, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+        """``x`` ``[N, H, W, C]`` (any float dtype) -> normalised, same shape and dtype."""
+        return super().__call__(x, **kwargs).astype(x.dtype)
+
+
+def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool,
+           dtype, conv_general_dilated=None, rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
+    """Keras's ``Conv2D`` (HWIO kernel ``[k, k, cin, cout]``, optional bias) computing in ``dtype``
+    with float32 parameters. Kernel and bias start at zero: the family draws its kernels with
+    :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start at zero).
+    ``conv_general_dilated``: e.g. VGG's :class:`~imgcls_jax.models.conv.ConvGeneralDilated`."""
+    extra = {} if conv_general_dilated is None else {"conv_general_dilated": conv_general_dilated}
+    return nnx.Conv(
+        cin, cout, (kernel, kernel), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
+        param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, rngs=rngs, **extra,
+    )  # fmt: skip
 
 
 class Normalization(nnx.Module):

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models import mobilenet, resnet
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -77,34 +78,33 @@ def _vgg_stages(arch: str) -> tuple[str, ...]:
     return tuple(f"block{b}" for b in range(1, len(BLOCKS[arch]) + 1))
 
 
-@register_model("vgg16", preprocessing="caffe", stages=_vgg_stages("vgg16"), min_size=MIN_SIZE)
-def vgg16(**options) -> VGG:
-    return VGG("vgg16", **options)
+def _builder(cls, *args):
+    """``fn(**options) -> cls(*args, **options)`` whose signature lists the keyword options of
+    ``cls.__init__``, so :func:`create_model` knows which options the family takes (one it does
+    not take is its clear error, not a ``TypeError``)."""
 
+    def build(**options):
+        return cls(*args, **options)
 
-@register_model("vgg19", preprocessing="caffe", stages=_vgg_stages("vgg19"), min_size=MIN_SIZE)
-def vgg19(**options) -> VGG:
-    return VGG("vgg19", **options)
-
-
-def _efficientnet(arch: str):
-    """The builder of ``arch``: EfficientNet's options, no ``preprocessing`` (its normalisation is
-    inside the model)."""
-
-    def build(*, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype, rngs,
-              drop_connect_rate: float | None = None, top_dropout: float | None = None,
-              depthwise_impl: str = "auto") -> EfficientNet:  # fmt: skip
-        return EfficientNet(
-            arch, include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
-            dropout=dropout, input_shape=input_shape, dtype=dtype, drop_connect_rate=drop_connect_rate,
-            top_dropout=top_dropout, depthwise_impl=depthwise_impl, rngs=rngs,
-        )  # fmt: skip
-
+    params = list(inspect.signature(cls.__init__).parameters.values())[1 + len(args) :]
+    build.__signature__ = inspect.Signature([p for p in params if p.kind is p.KEYWORD_ONLY])
     return build
 
 
-for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7
-    register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(_efficientnet(_arch))
+for _arch in BLOCKS:  # vgg16, vgg19
+    register_model(_arch, preprocessing="caffe", stages=_vgg_stages(_arch), min_size=MIN_SIZE)(
+        _builder(VGG, _arch)
+    )
+for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7: normalisation inside the model
+    register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(
+        _builder(EfficientNet, _arch)
+    )
+register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min_size=32)(
+    _builder(resnet.ResNet50)
+)
+register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
+    _builder(mobilenet.MobileNetV2)
+)
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

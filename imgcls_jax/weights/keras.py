@@ -13,7 +13,9 @@ Two layouts are read:
   in its ``name`` attribute when the writer recorded it.
 
 Layers Keras named after their class (``normalization``) may carry a session number in a file
-(``normalization_2``): they are matched by that prefix.
+(``normalization_2``): they are matched by that prefix. A layer the published files name
+otherwise (a spec's ``aliases``: keras-applications' ``probs`` and ``Logits`` tops) is matched by
+that name; Keras itself loads those files by layer order.
 
 Everything is validated against the model's layer specs (names, count, shapes) from the file's
 structure alone, before any array is read, so a wrong file never half-loads a model.
@@ -28,10 +30,20 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls_jax.models.vgg import LayerSpec
+from imgcls_jax.models.base import LayerSpec
 
 #: Layers of a Keras classification top: VGG's three, the other families' ``predictions``.
 TOP_LAYERS = ("fc1", "fc2", "predictions")
+#: Every name a Keras top layer has in the published files: those, and the top dense layer as
+#: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``).
+TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits"}
+#: A layer name only one family's files have -> that family, for "it looks like" hints.
+FAMILY_MARKERS = {
+    "block1_conv1": "VGG",
+    "conv1_conv": "ResNet",
+    "bn_Conv1": "MobileNetV2",
+    "stem_conv": "EfficientNet",
+}
 
 
 class WeightFileError(ValueError):
@@ -158,22 +170,39 @@ def _match_numbered_names(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
             file.layers = {name if k == candidates[0] else k: v for k, v in file.layers.items()}
 
 
-def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
-    """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, shapes)."""
+def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
+    """Rename a file's layer that carries one of a spec's ``aliases`` to the spec's name."""
+    for spec in specs:
+        alias = next((a for a in spec.aliases if a in file.layers), None)
+        if spec.name not in file.layers and alias is not None:
+            file.layers = {spec.name if k == alias else k: v for k, v in file.layers.items()}
+
+
+def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:
+    """`` (it looks like a <family> file)`` when the unexpected layers say whose file it is."""
+    if any(re.fullmatch(r"block[34]_conv4", n) for n in extra):
+        return " (it looks like a VGG19 file)"
+    if any(re.fullmatch(r"block[34]_conv4", n) for n in missing):
+        return " (it looks like a VGG16 file)"
+    for marker, family in FAMILY_MARKERS.items():
+        if marker in extra and not arch.lower().startswith(family.lower()):
+            return f" (it looks like a {family} file)"
+    return ""
+
+
+def _check_names(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
+    """``WeightFileError`` unless ``file`` has exactly the layers ``specs`` name; a top file for
+    a top-less model (and the reverse) is said as such."""
     path = file.path
-    _match_numbered_names(file, specs)
-    if file.layout == "keras3":
-        _rename_keras3_by_order(file, specs)
     expected = [s.name for s in specs]
     found = list(file.layers)
     missing = [n for n in expected if n not in file.layers]
     extra = [n for n in found if n not in expected]
     model_top = "predictions" in expected
-    if not model_top and set(extra) & set(TOP_LAYERS) and not missing:
+    if not model_top and extra and set(extra) <= TOP_NAMES and not missing:
         raise WeightFileError(
-            f"{path}: file has the classification top ({', '.join(n for n in extra if n in TOP_LAYERS)}) "
-            f"but the model was built with include_top=False: use the '_notop' file, or "
-            f"include_top=True"
+            f"{path}: file has the classification top ({', '.join(extra)}) but the model was built "
+            f"with include_top=False: use the '_notop' file, or include_top=True"
         )
     if model_top and missing and set(missing) <= set(TOP_LAYERS) and not extra:
         raise WeightFileError(
@@ -182,16 +211,21 @@ def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
             f"include_top=False"
         )
     if missing or extra:
-        hint = ""
-        if any(re.fullmatch(r"block[34]_conv4", n) for n in extra):
-            hint = " (it looks like a VGG19 file)"
-        elif any(re.fullmatch(r"block[34]_conv4", n) for n in missing):
-            hint = " (it looks like a VGG16 file)"
         raise WeightFileError(
-            f"{path}: layers do not match {arch}{hint}: expected {len(expected)} weighted layers, "
-            f"found {len(found)}; missing {missing[:6]}{'...' if len(missing) > 6 else ''}, "
-            f"unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}"
+            f"{path}: layers do not match {arch}{_family_hint(arch, missing, extra)}: expected "
+            f"{len(expected)} weighted layers, found {len(found)}; missing {missing[:6]}"
+            f"{'...' if len(missing) > 6 else ''}, unexpected {extra[:6]}{'...' if len(extra) > 6 else ''}"
         )
+
+
+def validate(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> None:
+    """Raise :class:`WeightFileError` unless ``file`` provides exactly ``specs`` (names, number
+    of weights, shapes, float dtypes); see the module docstring for the names matched."""
+    _match_numbered_names(file, specs)
+    if file.layout == "keras3":
+        _rename_keras3_by_order(file, specs)
+    _apply_aliases(file, specs)
+    _check_names(file, specs, arch)
     for spec in specs:
         _check_layer(file, spec)
 
@@ -203,10 +237,18 @@ def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
     datasets = file.layers[spec.name]
     shapes = [tuple(d.shape) for d in datasets]
     if len(shapes) != len(spec.shapes):
-        raise WeightFileError(
+        msg = (
             f"{file.path}: layer {spec.name!r}: expected {len(spec.shapes)} weights "
             f"({', '.join(spec.weight_names)}), found {len(shapes)}"
         )
+        if "moving_variance" in spec.weight_names and len(shapes) < len(spec.shapes):
+            found = ", ".join(str(getattr(d, "name", "?")).rsplit("/", 1)[-1] for d in datasets)
+            msg += (
+                f" (in the file: {found}): its BatchNorm moving statistics are missing. A Keras file "
+                "of this model holds all four BatchNorm weights (gamma, beta, moving_mean, "
+                "moving_variance); save it with model.save_weights()"
+            )
+        raise WeightFileError(msg)
     for what, want, got in zip(spec.weight_names, spec.shapes, shapes):
         if want == got:
             continue
@@ -232,7 +274,8 @@ def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
 
 
 def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[np.ndarray]]:
-    """Read the validated datasets as float32 numpy arrays; reject non-finite values."""
+    """Read the validated datasets as float32 numpy arrays; reject non-finite values and
+    negative BatchNorm moving variances."""
     out = {}
     for spec in specs:
         arrays = []
@@ -241,6 +284,11 @@ def read_arrays(file: FileLayers, specs: Sequence[LayerSpec]) -> dict[str, list[
             if not np.isfinite(array).all():
                 raise WeightFileError(
                     f"{file.path}: layer {spec.name!r} {what} contains NaN or infinite values"
+                )
+            if what == "moving_variance" and (array < 0).any():
+                raise WeightFileError(
+                    f"{file.path}: layer {spec.name!r} moving_variance has negative values "
+                    f"(min {array.min():.3g}); a variance is >= 0: the file is corrupt"
                 )
             arrays.append(array)
         out[spec.name] = arrays

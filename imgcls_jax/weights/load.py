@@ -10,7 +10,14 @@ import jax.numpy as jnp
 
 from imgcls_jax.weights.keras import FileLayers, WeightFileError, read_keras_weights, validate
 from imgcls_jax.weights.ported import is_ported_dir, read_ported
-from imgcls_jax.weights.store import cache_path, check_hash, load_converted, resolve_imagenet, save_converted
+from imgcls_jax.weights.store import (
+    IMAGENET,
+    cache_path,
+    check_hash,
+    load_converted,
+    resolve_imagenet,
+    save_converted,
+)
 
 log = logging.getLogger(__name__)
 
@@ -25,7 +32,9 @@ class LoadedWeights:
     from_cache: bool
 
 
-def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: bool = True) -> LoadedWeights:
+def load_weights(
+    model, weights, *, preprocessing: str | None = None, use_cache: bool = True
+) -> LoadedWeights:
     """Load Keras weights into ``model`` (a :class:`~imgcls_jax.models.Classifier`) in place.
 
     Args:
@@ -34,7 +43,9 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
         legacy ``.h5`` or Keras 3 ``.weights.h5`` file, or a folder written by
         ``imgcls-jax port-weights`` (:func:`save_ported`; its preprocessing is recorded in it).
       preprocessing: the input normalisation the file's weights were trained with, for a
-        path (Keras's VGG files: ``"caffe"``). For ``"imagenet"`` the published mode is used.
+        path; default: the one of the family's published files (``"caffe"`` for VGG and
+        ResNet50, ``"tf"`` for MobileNetV2, ``"none"`` for EfficientNet; ``"caffe"`` for a family
+        without). For ``"imagenet"`` the published mode is used.
       use_cache: read/write converted parameters from/to the cache (see
         :mod:`imgcls_jax.weights.store`).
 
@@ -42,21 +53,16 @@ def load_weights(model, weights, *, preprocessing: str = "caffe", use_cache: boo
       WeightFileError: the file does not fit the model (names, count, shapes), or is not a
         readable Keras weight file. The model is left untouched.
       ValueError: the model's ``preprocessing`` differs from the weights'; ``"imagenet"`` for a
-        model with the top and an ``input_shape`` other than its ``imagenet_size`` (224 unless the
-        model says otherwise), Keras's rule.
+        model with the top and an ``input_shape`` its top was not trained at (Keras's rule, see
+        :mod:`imgcls_jax.weights.store`).
       WeightsUnavailableError, ChecksumError: for ``"imagenet"``.
     """
     published = None
+    if preprocessing is None:
+        family = IMAGENET.get((getattr(model, "arch", None), False))
+        preprocessing = family.preprocessing if family is not None else "caffe"
     if isinstance(weights, str) and weights == "imagenet":
-        size = getattr(model, "imagenet_size", 224)  # the size its published top was trained at
-        if model.include_top and tuple(model.input_shape) != (size, size, 3):
-            raise ValueError(
-                "When setting `include_top=True` and loading `imagenet` weights, `input_shape` should "
-                f"be {(size, size, 3)} for {model.arch}; received input_shape={tuple(model.input_shape)} "
-                f"(Keras's rule for its ImageNet top): use input_shape={(size, size, 3)}, or "
-                "include_top=False for another size"
-            )
-        path, published = resolve_imagenet(model.arch, model.include_top)
+        path, published = resolve_imagenet(model.arch, model.include_top, input_shape=model.input_shape)
         preprocessing = published.preprocessing
     else:
         path = Path(weights).expanduser()

@@ -6,7 +6,14 @@
 2. Keras's own cache, ``$KERAS_HOME/models`` (default ``~/.keras/models``), so files Keras
    already downloaded are reused;
 3. a download from Keras's published URL into that cache, checked against its published hash
-   (md5 or sha256, told apart by length as Keras's ``get_file`` does).
+   (md5 or sha256, told apart by length as Keras's ``get_file`` does; Keras publishes none for
+   MobileNetV2, whose files are then taken unchecked, as Keras takes them).
+
+A model with the ImageNet top must have the input size the top was trained at (Keras's rule:
+224, EfficientNet's default size per variant, one of MobileNetV2's sizes). A family that
+publishes one file per input size (MobileNetV2: 96, 128, 160, 192 and 224 px) gets the file of
+the model's input size when it is square and one of those, else the 224 px file (as Keras, with
+a warning).
 
 Offline, step 3 fails with a message naming the file, its URL and where to put it.
 
@@ -25,7 +32,7 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -49,16 +56,19 @@ class ChecksumError(ValueError):
 class PublishedWeights:
     """One of Keras's published ImageNet weight files and how its model expects inputs.
 
-    ``file_hash``: Keras's published md5 (32 hex digits) or sha256 (64). ``folder``: the URL
-    folder under ``base_url`` (default ``arch``; ``""`` for none)."""
+    ``file_hash``: Keras's published md5 (32 hex digits) or sha256 (64), or None where Keras
+    publishes none. ``folder``: the URL folder under ``base_url`` (default ``arch``; ``""`` for
+    none). ``sizes``: the input sizes its top was trained at (the last is the default); for a
+    family with a file per size ``filename`` has a ``{size}`` field (see :meth:`for_size`)."""
 
     arch: str
     include_top: bool
     filename: str
-    file_hash: str
+    file_hash: str | None
     preprocessing: str = "caffe"
     folder: str | None = None
     base_url: str = _BASE_URL
+    sizes: tuple[int, ...] = (224,)
 
     @property
     def url(self) -> str:
@@ -68,20 +78,46 @@ class PublishedWeights:
     @property
     def hash_algorithm(self) -> str:
         """``"sha256"`` for a 64-digit hash, else ``"md5"`` (Keras's ``get_file`` rule)."""
-        return "sha256" if len(self.file_hash) == 64 else "md5"
+        return "sha256" if self.file_hash is not None and len(self.file_hash) == 64 else "md5"
+
+    def for_size(self, input_shape: tuple[int, ...] | None) -> PublishedWeights:
+        """The file for a model of ``input_shape`` ``(H, W, 3)`` (None: the default size), with
+        Keras's rules: a model with the top must have a size in ``sizes`` (``ValueError`` with
+        Keras's message otherwise); of a family with a file per size, the file of size H when
+        H == W is one of them, else the default size's (with a warning, as Keras)."""
+        rows = (self.sizes[-1],) * 2 if input_shape is None else tuple(input_shape[:2])
+        size = rows[0] if rows[0] == rows[1] and rows[0] in self.sizes else self.sizes[-1]
+        if self.include_top and rows != (size, size):
+            raise ValueError(
+                "When setting `include_top=True` and loading `imagenet` weights, `input_shape` should "
+                f"be {(size, size, 3)} for {self.arch}; received input_shape={tuple(input_shape)} (Keras's "
+                f"rule for its ImageNet top): use input_shape={(size, size, 3)}, or include_top=False "
+                "for another size"
+            )
+        if "{size}" not in self.filename:
+            return self
+        if rows != (size, size):
+            log.warning(
+                "%s: input_shape %s is non-square or not one of %s: loading the weights for %s, as "
+                "Keras does", self.arch, tuple(input_shape), self.sizes, (size, size),
+            )  # fmt: skip
+        return replace(self, filename=self.filename.format(size=size), sizes=(size,))
 
 
-#: keras.applications.efficientnet's ``WEIGHTS_HASHES`` (md5 of the top and the notop file).
+#: keras.applications.efficientnet's ``WEIGHTS_HASHES`` (md5 of the top and the notop file),
+#: and each variant's default input size (the size its top was trained at).
 _EFFICIENTNET_MD5 = {
-    "b0": ("902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d"),
-    "b1": ("1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432"),
-    "b2": ("b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39"),
-    "b3": ("ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226"),
-    "b4": ("18c95ad55216b8f92d7e70b3a046e2fc", "ebc24e6d6c33eaebbd558eafbeedf1ba"),
-    "b5": ("ace28f2a6363774853a83a0b21b9421a", "38879255a25d3c92d5e44e04ae6cec6f"),
-    "b6": ("165f6e37dce68623721b423839de8be5", "9ecce42647a20130c1f39a5d4cb75743"),
-    "b7": ("8c03f828fec3ef71311cd463b6759d99", "cbcfe4450ddf6f3ad90b1b398090fe4a"),
+    "b0": ("902e53a9f72be733fc0bcb005b3ebbac", "50bc09e76180e00e4465e1a485ddc09d", 224),
+    "b1": ("1d254153d4ab51201f1646940f018540", "74c4e6b3e1f6a1eea24c589628592432", 240),
+    "b2": ("b15cce36ff4dcbd00b6dd88e7857a6ad", "111f8e2ac8aa800a7a99e3239f7bfb39", 260),
+    "b3": ("ffd1fdc53d0ce67064dc6a9c7960ede0", "af6d107764bb5b1abb91932881670226", 300),
+    "b4": ("18c95ad55216b8f92d7e70b3a046e2fc", "ebc24e6d6c33eaebbd558eafbeedf1ba", 380),
+    "b5": ("ace28f2a6363774853a83a0b21b9421a", "38879255a25d3c92d5e44e04ae6cec6f", 456),
+    "b6": ("165f6e37dce68623721b423839de8be5", "9ecce42647a20130c1f39a5d4cb75743", 528),
+    "b7": ("8c03f828fec3ef71311cd463b6759d99", "cbcfe4450ddf6f3ad90b1b398090fe4a", 600),
 }
+#: MobileNetV2 (alpha 1.0): one file per input size, no published hash.
+_MOBILENET_V2_SIZES = (96, 128, 160, 192, 224)
 
 
 def _efficientnet_files() -> list[PublishedWeights]:
@@ -97,13 +133,42 @@ def _efficientnet_files() -> list[PublishedWeights]:
             preprocessing="none",
             folder="",
             base_url="https://storage.googleapis.com/keras-applications",
+            sizes=(md5[2],),
         )  # fmt: skip
         for v, md5 in _EFFICIENTNET_MD5.items()
         for top in (True, False)
     ]
 
 
-# Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet).
+def _resnet_mobilenet_files() -> list[PublishedWeights]:
+    """keras.applications.resnet's ResNet50 files (md5) and mobilenet_v2's, one per input size
+    (``..._1.0_{size}.h5``, ``..._1.0_{size}_no_top.h5``), without a hash."""
+    stem = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}"
+    resnet = "resnet50_weights_tf_dim_ordering_tf_kernels"
+    return [
+        PublishedWeights(
+            "resnet50", True, f"{resnet}.h5", "2cb95161c43110f7111970584f804107", folder="resnet"
+        ),
+        PublishedWeights(
+            "resnet50", False, f"{resnet}_notop.h5", "4d473c1dd8becc155b73f8504c6f6626", folder="resnet"
+        ),
+        *(
+            PublishedWeights(
+                "mobilenetv2",
+                top,
+                f"{stem}{'' if top else '_no_top'}.h5",
+                None,
+                preprocessing="tf",
+                folder="mobilenet_v2",
+                sizes=_MOBILENET_V2_SIZES,
+            )  # fmt: skip
+            for top in (True, False)
+        ),
+    ]
+
+
+# Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet, resnet,
+# mobilenet_v2).
 IMAGENET = {
     (w.arch, w.include_top): w
     for w in (
@@ -126,6 +191,7 @@ IMAGENET = {
             "253f8cb515780f3b799900260a226db6",
         ),
         *_efficientnet_files(),
+        *_resnet_mobilenet_files(),
     )
 }
 
@@ -157,7 +223,11 @@ def md5sum(path: Path, chunk: int = 1 << 22) -> str:
 
 
 def check_hash(path: Path, published: PublishedWeights) -> None:
-    """``ChecksumError`` unless the file at ``path`` has ``published``'s hash."""
+    """``ChecksumError`` unless the file at ``path`` has ``published``'s hash (nothing to check
+    where Keras publishes none)."""
+    if published.file_hash is None:
+        log.info("%s: Keras publishes no hash for %s; not checked", path, published.filename)
+        return
     algorithm = published.hash_algorithm
     found = file_digest(path, algorithm)
     if found != published.file_hash:
@@ -173,7 +243,7 @@ check_md5 = check_hash
 
 
 def download(published: PublishedWeights, dest: Path, timeout: float = 30.0) -> Path:
-    """Download ``published`` to ``dest`` atomically, verifying its hash."""
+    """Download ``published`` to ``dest`` atomically, verifying its hash (when published)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
     log.info("downloading %s to %s", published.url, dest)
     fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
@@ -183,7 +253,7 @@ def download(published: PublishedWeights, dest: Path, timeout: float = 30.0) -> 
             while block := resp.read(1 << 22):
                 digest.update(block)
                 out.write(block)
-        if digest.hexdigest() != published.file_hash:
+        if published.file_hash is not None and digest.hexdigest() != published.file_hash:
             raise ChecksumError(
                 f"download of {published.url} has {published.hash_algorithm} {digest.hexdigest()}, "
                 f"expected {published.file_hash}; nothing was saved. Try again."
@@ -193,7 +263,7 @@ def download(published: PublishedWeights, dest: Path, timeout: float = 30.0) -> 
         raise WeightsUnavailableError(
             f"ImageNet weights for {published.arch} (include_top={published.include_top}) are not "
             f"available locally and could not be downloaded ({exc}). Download\n  {published.url}\n"
-            f"on a machine with internet ({published.hash_algorithm} {published.file_hash}) and put it "
+            f"on a machine with internet ({_hash_text(published)}) and put it "
             f"at\n  {dest}\n"
             f"or in the folder named by ${ENV_WEIGHTS_DIR}, or pass weights='/path/to/"
             f"{published.filename}'."
@@ -204,14 +274,21 @@ def download(published: PublishedWeights, dest: Path, timeout: float = 30.0) -> 
     return dest
 
 
+def _hash_text(published: PublishedWeights) -> str:
+    if published.file_hash is None:
+        return "Keras publishes no hash for it"
+    return f"{published.hash_algorithm} {published.file_hash}"
+
+
 def resolve_imagenet(
-    arch: str, include_top: bool, *, allow_download: bool = True
+    arch: str, include_top: bool, *, input_shape: tuple[int, ...] | None = None, allow_download: bool = True
 ) -> tuple[Path, PublishedWeights]:
-    """Find (or download) Keras's ImageNet file for ``arch``; see the module docstring."""
-    try:
-        published = IMAGENET[(arch, include_top)]
-    except KeyError:
-        raise ValueError(f"no published ImageNet weights for {arch!r}") from None
+    """Find (or download) Keras's ImageNet file for ``arch``; see the module docstring.
+    ``input_shape``: the model's ``(H, W, 3)``, checked against the sizes the top was trained at
+    and picking the file of families with one per size (default: the default size)."""
+    if (arch, include_top) not in IMAGENET:
+        raise ValueError(f"no published ImageNet weights for {arch!r}")
+    published = IMAGENET[(arch, include_top)].for_size(input_shape)
     candidates = []
     if os.environ.get(ENV_WEIGHTS_DIR):
         candidates.append(Path(os.environ[ENV_WEIGHTS_DIR]).expanduser() / published.filename)
@@ -222,7 +299,7 @@ def resolve_imagenet(
     if not allow_download:
         raise WeightsUnavailableError(
             f"{published.filename} not found (looked in {', '.join(map(str, candidates))}); "
-            f"download {published.url} ({published.hash_algorithm} {published.file_hash}) and put it in "
+            f"download {published.url} ({_hash_text(published)}) and put it in "
             "one of those places."
         )
     return download(published, candidates[-1]), published

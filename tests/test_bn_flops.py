@@ -1,0 +1,116 @@
+"""Analytic FLOPs of the BatchNorm families (``flops`` in ``imgcls_jax.models.efficientnet``,
+``resnet`` and ``mobilenet``): against the multiply-adds of Keras's own layers (their output and
+kernel shapes), the published figures, and XLA's cost analysis of the compiled steps, as
+tests/test_perf.py does for VGG."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from benchmarks.perf import compiled_flops
+from imgcls_jax import create_model
+from imgcls_jax.models import efficientnet, mobilenet, resnet
+from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
+from tests.bn_helpers import keras_app
+
+keras = pytest.importorskip("keras")
+
+MODULES = {"efficientnetb0": efficientnet, "mobilenetv2": mobilenet, "resnet50": resnet}
+#: Forward multiply-adds at 224x224 with the ImageNet top, as published: EfficientNet-B0 0.39 B
+#: (Tan & Le 2019, table 2), MobileNetV2 300 M (Sandler et al. 2018, table 3), ResNet-50 3.8-3.9 B
+#: (He et al. 2015 count 3.8 B without the biases' and the shortcuts' exact terms).
+PUBLISHED_GMACS = {"efficientnetb0": (0.39, 0.005), "mobilenetv2": (0.30, 0.005), "resnet50": (3.86, 0.05)}
+#: Each family with the implementation XLA's count is taken of: ResNet50's 3x3 convolutions as
+#: XLA's (im2col, the CPU default on small maps, computes the taps on the zero padding too),
+#: the depthwise convolutions as the CPU default (shifted multiply-adds: XLA counts a grouped
+#: convolution's kernel gradient as C times its arithmetic, 7.4x the analytic train count).
+OPTIONS = {"efficientnetb0": {}, "mobilenetv2": {}, "resnet50": {"conv_impl": "xla"}}
+#: XLA's count / the analytic "valid" count (convolutions and dense layers only): XLA adds the
+#: elementwise work (BatchNorm, activations, squeeze-excite gating, additions, pooling, softmax,
+#: the optimizer). Measured at 32 px, batch 8: efficientnetb0 forward 1.106, frozen 1.103, train
+#: 1.386; mobilenetv2 1.073, 1.070, 1.294; resnet50 1.021, 1.021, 1.074.
+MARGIN = {
+    "efficientnetb0": (1.2, 1.2, 1.6),
+    "mobilenetv2": (1.12, 1.12, 1.45),
+    "resnet50": (1.04, 1.04, 1.15),
+}
+MODES = ("forward", "frozen", "train")
+
+
+def keras_flops(model) -> float:
+    """2 x the multiply-adds of a Keras model's Conv2D, DepthwiseConv2D and Dense layers, from
+    their output shapes and kernels (every output position does the whole kernel)."""
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.DepthwiseConv2D):
+            _, h, w, c = layer.output.shape
+            kh, kw, _, _ = layer.kernel.shape
+            total += h * w * kh * kw * c
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, h, w, _ = layer.output.shape
+            total += h * w * int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):
+            total += int(np.prod(layer.kernel.shape))
+    return 2.0 * total
+
+
+@pytest.mark.parametrize("arch", sorted(MODULES))
+@pytest.mark.parametrize("size", [224, 57])
+def test_full_count_equals_keras_layers(arch, size):
+    theirs = keras_flops(keras_app(arch, True, size))
+    ours = MODULES[arch].flops(create_model(arch, input_shape=(size, size, 3)), size)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    if size == 224:
+        print(f"{arch}: {theirs / 2e9:.3f} GMACs forward at 224x224")
+        gmacs, tol = PUBLISHED_GMACS[arch]
+        assert theirs / 2e9 == pytest.approx(gmacs, abs=tol)
+
+
+@pytest.mark.parametrize("arch", sorted(MODULES))
+def test_train_frozen_and_valid_counts(arch):
+    module = MODULES[arch]
+    model = create_model(arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(64, 64, 3))
+    forward = module.flops(model, 64)
+    dense = 2.0 * (model.feature_channels * 16 + 16 * 5)
+    first_conv = module.conv_ops(model, 64)[0].flops("full")
+    assert module.flops(model, 64, "frozen") == pytest.approx(forward + 2 * dense)
+    assert module.flops(model, 64, "train") == pytest.approx(3 * forward - first_conv)
+    assert 0.5 * forward < module.flops(model, 64, padding="valid") < forward  # padding taps left out
+    assert module.flops(model, (64, 96)) > forward
+    with pytest.raises(ValueError, match="mode"):
+        module.flops(model, 64, "backward")
+    with pytest.raises(ValueError, match="padding"):
+        module.flops(model, 64, padding="same")
+
+
+#: (arch, mode) cases; EfficientNet's train step (38-53 s on a loaded 2-core CPU) is marked slow
+CASES = [
+    pytest.param(arch, mode, marks=[pytest.mark.slow] if (arch, mode) == ("efficientnetb0", "train") else [])
+    for arch in sorted(MODULES)
+    for mode in MODES
+]
+
+
+@pytest.mark.parametrize("arch, mode", CASES)
+def test_analytic_count_matches_xla_cost_analysis(arch, mode):
+    """XLA counts convolutions without their zero-padding taps (explicit padding included):
+    the analytic ``padding="valid"`` count; see MARGIN for what XLA adds."""
+    batch, size = 8, 32
+    model = create_model(
+        arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3), **OPTIONS[arch]
+    )
+    images, labels = jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch,), jnp.int32)
+    split = split_model(model, model.trainable_layers("head" if mode == "frozen" else "all"))
+    if mode == "forward":
+        batch_in = {"image": images, "label": labels, "mask": jnp.ones(batch, bool)}
+        xla = compiled_flops(make_eval_step(split), split.trainable, split.frozen, batch_in)
+    else:
+        optimizer = make_optimizer("sgd", 0.1, momentum=0.0)
+        step = make_train_step(split, optimizer)
+        xla = compiled_flops(
+            step, init_state(split, optimizer), split.frozen, {"image": images, "label": labels}
+        )
+    analytic = batch * MODULES[arch].flops(model, size, mode, padding="valid")
+    margin = MARGIN[arch][MODES.index(mode)]
+    print(f"{arch} {mode}: XLA / analytic = {xla / analytic:.4f} (margin {margin})")
+    assert analytic <= xla < margin * analytic
