@@ -63,6 +63,7 @@ def settings(tiny: bool) -> dict:
             "size": 32,
             "batches": [8],
             "modes": ["train", "forward"],
+            "archs": ["vgg16", "mobilenetv2"],  # VGG and one BatchNorm family: the same code path
             "timed": 2,
             "e2e_size": 32,
             "e2e_batch": 8,
@@ -73,6 +74,7 @@ def settings(tiny: bool) -> dict:
         "size": 224,
         "batches": [128, 256, 512],
         "modes": ["train", "forward", "frozen"],
+        "archs": ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0"],
         "timed": 10,
         "e2e_size": 128,
         "e2e_batch": 256,
@@ -128,8 +130,9 @@ def jax_row(mode: str, arch: str, size: int, batch: int, peak: float, timed_runs
     }
 
 
-def torch_rows(mode: str, size: int, batch: int, timed_runs: int) -> dict:
-    """PyTorch's VGG16 peer, each setting: eager / compiled, bf16 autocast (float32 on a CPU)."""
+def torch_rows(mode: str, size: int, batch: int, timed_runs: int, arch: str = "vgg16") -> dict:
+    """PyTorch's peer of ``arch`` (torchvision's for the BatchNorm families), each setting: eager /
+    compiled, bf16 autocast (float32 on a CPU)."""
     import pytest
 
     from benchmarks.peers import torch_runner
@@ -140,7 +143,7 @@ def torch_rows(mode: str, size: int, batch: int, timed_runs: int) -> dict:
             import torch
 
             bf16 = torch.cuda.is_available()
-            run = torch_runner(mode, size, batch, bf16=bf16, **options)
+            run = torch_runner(mode, size, batch, bf16=bf16, arch=arch, **options)
             seconds = timed(run, 3 if options else 2, timed_runs)
             rows[f"{name}{' bf16' if bf16 else ''}"] = {
                 "images_per_s": batch / seconds,
@@ -158,7 +161,7 @@ def section_throughput(results: dict, peak: float, cfg: dict, budget: Budget, sh
 
     deadline = time.monotonic() + share * budget.left()
     rows = results.setdefault("throughput", [])
-    archs = ["vgg16"] + [m for m in list_models() if m not in ("vgg16", "vgg19")]
+    archs = [m for m in cfg["archs"] if m in list_models()]
     for arch in archs:
         for mode in cfg["modes"]:
             for batch in cfg["batches"]:
@@ -176,8 +179,7 @@ def section_throughput(results: dict, peak: float, cfg: dict, budget: Budget, sh
                             else f"{type(error).__name__}: {str(error)[:300]}"
                         )
                     }
-                if arch == "vgg16":
-                    row["peers"] = torch_rows(mode, cfg["size"], batch, cfg["timed"])
+                row["peers"] = torch_rows(mode, cfg["size"], batch, cfg["timed"], arch)
                 rows.append(row)
                 log.info("throughput %s", json.dumps(row, default=float)[:400])
 

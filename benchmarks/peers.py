@@ -84,9 +84,45 @@ def jax_runner(
 # ---------------------------------------------------------------- PyTorch
 
 
-def torch_runner(mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False):
-    """PyTorch eager (or ``torch.compile``d) VGG16, channels_last, on CUDA when available.
-    ``bf16``: ``torch.autocast`` to bfloat16 (GPU), parameters float32."""
+#: The other families' peers: Keras applications and torchvision models of the same architecture.
+KERAS_APPS = {
+    "vgg16": "VGG16",
+    "resnet50": "ResNet50",
+    "mobilenetv2": "MobileNetV2",
+    "efficientnetb0": "EfficientNetB0",
+}
+TORCHVISION = {"resnet50": "resnet50", "mobilenetv2": "mobilenet_v2", "efficientnetb0": "efficientnet_b0"}
+
+
+def _torch_vgg16(nn):
+    """VGG16's convolutional base + global average pooling, and a Dense head."""
+    layers, cin = [], 3
+    for n_conv, filters in zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512)):
+        for _ in range(n_conv):
+            layers += [nn.Conv2d(cin, filters, 3, padding=1), nn.ReLU(inplace=True)]
+            cin = filters
+        layers.append(nn.MaxPool2d(2, 2))
+    return nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten()), nn.Linear(512, NUM_CLASSES)
+
+
+def _torch_family(arch: str, nn):
+    """torchvision's model of ``arch`` with ``NUM_CLASSES`` outputs, split into base and head
+    (the last Linear layer)."""
+    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
+    model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
+    if arch == "resnet50":
+        head, model.fc = model.fc, nn.Identity()
+    else:  # mobilenet_v2, efficientnet_b0: classifier = Dropout, Linear
+        head, model.classifier[-1] = model.classifier[-1], nn.Identity()
+    return model, head
+
+
+def torch_runner(
+    mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False, arch: str = "vgg16"
+):
+    """PyTorch eager (or ``torch.compile``d) ``arch`` (VGG16 built here, the others from
+    torchvision), channels_last, on CUDA when available. ``bf16``: ``torch.autocast`` to
+    bfloat16 (GPU), parameters float32."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
     nn = torch.nn
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -94,14 +130,7 @@ def torch_runner(mode: str, size: int, batch: int, *, compile: bool = False, bf1
         pytest.skip("bf16 autocast peer only on GPU")
     images, labels = synthetic_batch(size, batch)
     torch.manual_seed(0)
-    layers, cin = [], 3
-    for n_conv, filters in zip((2, 2, 3, 3, 3), (64, 128, 256, 512, 512)):
-        for _ in range(n_conv):
-            layers += [nn.Conv2d(cin, filters, 3, padding=1), nn.ReLU(inplace=True)]
-            cin = filters
-        layers.append(nn.MaxPool2d(2, 2))
-    base = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-    head = nn.Linear(512, NUM_CLASSES)
+    base, head = _torch_vgg16(nn) if arch == "vgg16" else _torch_family(arch, nn)
     model = nn.Sequential(base, head).to(device=device, memory_format=torch.channels_last)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(labels).long().to(device)
@@ -149,9 +178,9 @@ def torch_runner(mode: str, size: int, batch: int, *, compile: bool = False, bf1
 # ---------------------------------------------------------------- Keras 3
 
 
-def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False):
-    """Keras 3 ``applications.VGG16`` + Dense on the configured backend (``KERAS_BACKEND``;
-    the benchmarks' conftest picks tensorflow when TF is installed, else jax). TF backend:
+def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: str = "vgg16"):
+    """Keras 3 ``applications.<arch>`` (VGG16 by default) + Dense on the configured backend
+    (``KERAS_BACKEND``; the benchmarks' conftest picks tensorflow when TF is installed, else jax). TF backend:
     ``jit_compile=False`` (TF's oneDNN kernels, Keras's default on CPU); JAX backend: jitted.
     ``bf16``: the ``mixed_bfloat16`` policy."""
     keras = pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
@@ -161,7 +190,7 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False):
     previous = keras.mixed_precision.global_policy()
     keras.mixed_precision.set_global_policy("mixed_bfloat16" if bf16 else "float32")
     try:
-        base = keras.applications.VGG16(
+        base = getattr(keras.applications, KERAS_APPS[arch])(
             weights=None, include_top=False, pooling="avg", input_shape=(size, size, 3)
         )
         model = keras.Sequential([base, keras.layers.Dense(NUM_CLASSES, dtype="float32")])

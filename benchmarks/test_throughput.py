@@ -1,4 +1,5 @@
-"""Device throughput of VGG16 steps, with MFU, side by side with PyTorch and Keras 3.
+"""Device throughput of VGG16 steps (and of ResNet50, MobileNetV2, EfficientNetB0: ``FAMILIES``),
+with MFU, side by side with PyTorch and Keras 3.
 
 Groups (pytest-benchmark ``group``):
 
@@ -174,6 +175,57 @@ def test_step(benchmark, mode, batch, framework):
     _record(benchmark, group, batch, framework, flops)
 
 
+#: One model of each other family (``IMGCLS_BENCH_FAMILIES``, comma-separated; empty: none), at
+#: the first batch size: eval and full training steps against Keras and torchvision.
+FAMILIES = [
+    a for a in os.environ.get("IMGCLS_BENCH_FAMILIES", "resnet50,mobilenetv2,efficientnetb0").split(",") if a
+]
+
+
+def _family_flops(arch: str, mode: str, batch: int, step, args) -> dict:
+    """XLA's FLOPs of imgcls_jax's compiled step of ``arch`` and the family's analytic count."""
+    key = ("family", arch, mode, batch)
+    if key not in _STATE:
+        import importlib
+
+        model = create_model(arch, num_classes=peers.NUM_CLASSES, pooling="avg", input_shape=(SIZE, SIZE, 3))
+        family = importlib.import_module(type(model).__module__)
+        _STATE[key] = {
+            "xla": compiled_flops(step, *args),
+            "analytic": batch * family.flops(model, SIZE, mode, padding="valid"),
+        }
+    return _STATE[key]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+@pytest.mark.parametrize("mode", ["forward", "train"])
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_family_step(benchmark, arch, mode, framework):
+    """The BatchNorm families' eval and full training steps, with their Keras and torchvision
+    peers at the same shapes (MFU from imgcls_jax's XLA count, the same work for every row)."""
+    batch, group = BATCHES[0], f"{GROUPS[mode]} {arch}"
+    benchmark.group = f"{group} {SIZE}px {DTYPE} batch {batch}"
+    bf16 = DTYPE == "bfloat16"
+    try:
+        if framework == "imgcls_jax":
+            run, step, args = peers.jax_runner(mode, SIZE, batch, dtype=DTYPE, arch=arch)
+            _family_flops(arch, mode, batch, step, args)
+        elif framework.startswith("torch"):
+            compile_ = framework == "torch-compile"
+            run = peers.torch_runner(mode, SIZE, batch, compile=compile_, bf16=bf16, arch=arch)
+        else:
+            run = peers.keras_runner(mode, SIZE, batch, bf16=bf16, arch=arch)
+        benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2 if framework == "torch-compile" else 1)
+    except Exception as error:
+        if _out_of_memory(error):
+            pytest.skip(f"{framework} {group} batch {batch}: out of memory ({type(error).__name__})")
+        raise
+    finally:
+        run = None
+        _release_device_memory()
+    _record(benchmark, group, batch, framework, _STATE.get(("family", arch, mode, batch)))
+
+
 def _release_device_memory():
     """Drop the last runner's buffers so the next framework gets the whole device (PyTorch's
     caching allocator keeps freed blocks reserved until asked)."""
@@ -228,7 +280,8 @@ def test_e2e_epoch(benchmark, tmp_path):
 
 def _table() -> list[str]:
     lines = [
-        f"VGG16 {SIZE}x{SIZE} {DTYPE} on {BACKEND} ({jax.devices()[0].device_kind}); "
+        f"Steps at {SIZE}x{SIZE} {DTYPE} on {BACKEND} ({jax.devices()[0].device_kind}) (VGG16 unless "
+        "the group names the model); "
         f"{_STATE['peak_info'].describe() if 'peak_info' in _STATE else 'peak not measured'}",
         "",
         "| group | batch | framework | img/s | step ms | GFLOP/img XLA | analytic | TFLOP/s | MFU "

@@ -24,9 +24,10 @@ def test_accelerator_run_tiny(tmp_path):
     assert results["errors"] == {} and results["settings"]["size"] == 32
     assert results["peak"]["flops"] > 0 and results["peak"]["device"]
     rows = {(r["model"], r["mode"]): r for r in results["throughput"]}
-    for mode in ("train", "forward"):
-        ours = rows[("vgg16", mode)]["imgcls_jax"]
-        assert ours["images_per_s"] > 0 and 0 < ours["mfu"] <= 1, ours
+    for arch in ("vgg16", "mobilenetv2"):  # VGG and a BatchNorm family
+        for mode in ("train", "forward"):
+            ours = rows[(arch, mode)]["imgcls_jax"]
+            assert ours["images_per_s"] > 0 and 0 < ours["mfu"] <= 1, (arch, mode, ours)
     e2e = results["e2e"]
     assert e2e["config"]["augment_on"] == "device" and e2e["config"]["dtype"] == "bfloat16"
     assert e2e["test_count"] > 0 and e2e["test_correct"] == round(e2e["test_accuracy"] * e2e["test_count"])
