@@ -21,6 +21,7 @@ from imgcls_jax.data.formats import (  # noqa: F401  (their home before formats.
     IMAGE_EXTENSIONS,
     RESIZE_MODES,
     ImageCheck,
+    read_image_file,
     sniff_format,
 )
 
@@ -56,18 +57,10 @@ def check_image(path: str) -> ImageCheck:
 
         return pil_decode.check_image(path)
     tf = _tf()
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return ImageCheck(path, f"unreadable: {exc.strerror or exc}")
-    if not data:
-        return ImageCheck(path, "empty file (0 bytes)")
-    fmt = sniff_format(data[:16])
-    if fmt is None:
-        return ImageCheck(
-            path, f"not a supported image (starts with {data[:8]!r}; supported: JPEG, PNG, BMP, GIF)"
-        )
+    read = read_image_file(path)
+    if isinstance(read, ImageCheck):
+        return read
+    data, fmt = read
     try:
         image = tf.io.decode_image(data, expand_animations=False)
     except (tf.errors.InvalidArgumentError, tf.errors.UnknownError) as exc:

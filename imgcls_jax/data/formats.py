@@ -39,3 +39,21 @@ class ImageCheck:
     height: int = 0
     width: int = 0
     channels: int = 0
+
+
+def read_image_file(path: str) -> tuple[bytes, str] | ImageCheck:
+    """A file's bytes and format (by its first bytes), or the failing :class:`ImageCheck`:
+    unreadable, empty, or not a supported image. The first step of both decoders' checks."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as exc:
+        return ImageCheck(path, f"unreadable: {exc.strerror or exc}")
+    if not data:
+        return ImageCheck(path, "empty file (0 bytes)")
+    fmt = sniff_format(data[:16])
+    if fmt is None:
+        return ImageCheck(
+            path, f"not a supported image (starts with {data[:8]!r}; supported: JPEG, PNG, BMP, GIF)"
+        )
+    return data, fmt

@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from imgcls_jax.data.formats import CROP_FRACTION, RESIZE_MODES, ImageCheck, sniff_format
+from imgcls_jax.data.formats import CROP_FRACTION, RESIZE_MODES, ImageCheck, read_image_file, sniff_format
 
 log = logging.getLogger(__name__)
 
@@ -53,18 +53,10 @@ def check_image(path: str) -> ImageCheck:
     The same reasons as ``decode.check_image``: unreadable, empty, not a supported image (by its
     first bytes), corrupt or truncated, no pixels.
     """
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except OSError as exc:
-        return ImageCheck(path, f"unreadable: {exc.strerror or exc}")
-    if not data:
-        return ImageCheck(path, "empty file (0 bytes)")
-    fmt = sniff_format(data[:16])
-    if fmt is None:
-        return ImageCheck(
-            path, f"not a supported image (starts with {data[:8]!r}; supported: JPEG, PNG, BMP, GIF)"
-        )
+    read = read_image_file(path)
+    if isinstance(read, ImageCheck):
+        return read
+    data, fmt = read
     try:
         image = _decode_bytes(data)
     except Exception as exc:  # Pillow raises OSError, SyntaxError, ValueError, struct.error, ...
