@@ -139,6 +139,7 @@ def test_frozen_phase_keeps_the_statistics_and_fine_tuning_moves_only_its_stages
     assert not changed, f"frozen parameters changed: {changed[:5]}"
 
 
+@pytest.mark.slow  # a whole EfficientNet fit in subprocesses (~35 s)
 def test_killed_after_a_checkpoint_and_resumed_is_bit_equal(one_device, tiny_folder, tmp_path):  # noqa: F811
     _, _, end, cache = one_device
     config = bn_config(tiny_folder, tmp_path / "run")
@@ -161,6 +162,7 @@ def _worst(other: dict, end: dict, start: dict) -> float:
     return max(float(np.abs(other[k] - end[k]).max()) for k in end) / change
 
 
+@pytest.mark.slow  # a whole EfficientNet fit in subprocesses (~35 s)
 def test_four_devices_equal_one_with_synchronised_batch_norm(one_device, tiny_folder, tmp_path):  # noqa: F811
     _, start, end, cache = one_device
     four = fit_on(bn_config(tiny_folder, tmp_path / "run"), tmp_path / "four.npz", 4, cache)
@@ -169,6 +171,7 @@ def test_four_devices_equal_one_with_synchronised_batch_norm(one_device, tiny_fo
     assert worst < TOL
 
 
+@pytest.mark.slow  # a whole EfficientNet fit in subprocesses (~35 s)
 def test_two_processes_end_identical(one_device, tiny_folder, tmp_path):  # noqa: F811
     """Each process trains on its own share of the images, so the batches are not 1 device's:
     the two end identical, with the trained stage's statistics moved and the others the start's."""

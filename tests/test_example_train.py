@@ -59,7 +59,7 @@ FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2")
 
 @pytest.mark.parametrize(
     "name",
-    [pytest.param(n, marks=() if n.startswith("vgg") else pytest.mark.slow)  # minutes each on 2 cores
+    [pytest.param(n, marks=pytest.mark.slow)  # ~15-80 s each on 2 cores
      for n in FAMILIES if n in imgcls_jax.list_models()],
 )  # fmt: skip
 def test_example_trains_each_family(name, tmp_path, capsys):

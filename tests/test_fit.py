@@ -99,6 +99,7 @@ def test_fit_writes_run_directory(tiny_data, tmp_path):
     assert all(0.0 <= h["val_accuracy"] <= 1.0 for h in result.history)
 
 
+@pytest.mark.slow  # ~60 s; tests/test_kill_moments.py's quick chain kills and resumes 6 times
 def test_resume_after_sigkill_equals_uninterrupted_run(tiny_data, tmp_path):
     # The second phase also grows the images (32 -> 64): the resumed run rebuilds its pipelines.
     phases = [

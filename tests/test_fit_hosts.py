@@ -145,6 +145,7 @@ def test_fit_on_two_processes(tiny_folder, straight):
     assert (run_dir / "config.json").is_file() and len(list((run_dir / "tensorboard").iterdir())) == 1
 
 
+@pytest.mark.slow  # two processes twice (~35 s)
 def test_resume_on_two_processes_restores_onto_the_mesh(tiny_folder, straight, tmp_path):
     """Phase 0 alone, then both phases resuming from its checkpoint: the parameters restored on
     the mesh continue exactly as the uninterrupted run."""

@@ -248,6 +248,7 @@ def finish(proc, timeout=400):
     assert proc.returncode == 0, err.decode()[-3000:]
 
 
+@pytest.mark.slow  # worker processes (~30 s); tests/test_hpo_postgres.py runs in the quick tier
 def test_sigkilled_study_resumes_from_sqlite_without_losing_a_completed_trial(flowers, tmp_path):
     base = base_config(flowers, tmp_path / "study", epochs=2)
     base.to_json(tmp_path / "base.json")
@@ -282,6 +283,7 @@ def test_sigkilled_study_resumes_from_sqlite_without_losing_a_completed_trial(fl
     assert result.best_config_path.is_file()
 
 
+@pytest.mark.slow  # worker processes (~30 s); tests/test_hpo_postgres.py runs in the quick tier
 def test_two_workers_share_one_study_and_complete_n_trials_without_duplicates(flowers, tmp_path):
     base = base_config(flowers, tmp_path / "study", epochs=1)
     base.to_json(tmp_path / "base.json")

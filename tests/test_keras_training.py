@@ -87,7 +87,7 @@ def keras_base(size):
     )
 
 
-@pytest.fixture(scope="module", params=[32, 64], ids=lambda s: f"{s}px")
+@pytest.fixture(scope="module", params=[pytest.param(32, marks=pytest.mark.slow), 64], ids=lambda s: f"{s}px")
 def start(request, tmp_path_factory):
     return make_start(request.param, tmp_path_factory.mktemp(f"start{request.param}"))
 

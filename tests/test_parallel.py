@@ -449,6 +449,7 @@ def test_checkpoint_from_4_devices_continues_on_1_and_2(runs):
         assert d < TOL
 
 
+@pytest.mark.slow  # two processes (~23 s); test_fit_hosts.py::test_fit_on_two_processes is in the quick tier
 def test_two_processes_jax_distributed(tiny_folder, tmp_path, cache):
     steps = "3"
     port = helpers.free_port()
