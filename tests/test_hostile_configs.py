@@ -324,7 +324,7 @@ def sound_parameters(draw):
 
 
 def _search():
-    from imgcls_jax.hpo.search import search
+    from imgcls_jax.hpo.trials import search
 
     return search
 

@@ -112,7 +112,7 @@ def test_predict_at_odd_size():
     """``predict`` on a run at an odd square size (45: maps 45, 22, 11, 5, 2, 1): the arrays are
     resized to it and the probabilities are the model's softmax (1e-6)."""
     from imgcls_jax.config import TrainConfig
-    from imgcls_jax.evaluate.predict import predict
+    from imgcls_jax.evaluate.prediction import predict
     from imgcls_jax.evaluate.runs import LoadedRun
 
     model = imgcls_jax.create_model("vgg16", num_classes=3, pooling="avg", input_shape=(45, 45, 3))

@@ -327,7 +327,7 @@ def test_failures_inside_a_run_keep_their_traceback(files, monkeypatch, capsys):
     monkeypatch.setattr("imgcls_jax.evaluate.load_run", _boom(ValueError("a bug in load_run")))
     with pytest.raises(ValueError, match="a bug in load_run"):
         cli.main(["predict", run, str(files["data"] / "red" / "0.png")])
-    search_module = importlib.import_module("imgcls_jax.hpo.search")  # imgcls_jax.hpo.search: the function
+    search_module = importlib.import_module("imgcls_jax.hpo.trials")  # the module of imgcls_jax.hpo.search
     monkeypatch.setattr(search_module, "search", _boom(ValueError("a bug in the study")))
     with pytest.raises(ValueError, match="a bug in the study"):
         cli.main(["tune", "--config", str(files["tune_ok"])])
@@ -355,7 +355,7 @@ class _Reached(Exception):
 def _stop_at_the_work(monkeypatch) -> None:
     """Replace the work of every command (training, evaluating, loading a model, auditing,
     building a model, searching) by raising :class:`_Reached`."""
-    search_module = importlib.import_module("imgcls_jax.hpo.search")
+    search_module = importlib.import_module("imgcls_jax.hpo.trials")
     targets = [("imgcls_jax.train", "fit"), ("imgcls_jax.evaluate", "evaluate_run"),
                ("imgcls_jax.evaluate", "load_run"), ("imgcls_jax.data", "audit"),
                ("imgcls_jax.models", "create_model")]  # fmt: skip

@@ -213,7 +213,7 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_predict(args) -> int:
-    from imgcls_jax.evaluate.predict import check_inputs, image_files
+    from imgcls_jax.evaluate.prediction import check_inputs, image_files
 
     with reading_input():
         run = _run_folder(args.run_dir, args.checkpoint)

@@ -8,7 +8,7 @@ A tune file is JSON with three keys::
       "study": {"n_trials": 20, "pruner": "median", "storage": "sqlite:///study.db", ...}
     }
 
-``study`` takes the keyword arguments of :func:`imgcls_jax.hpo.search` (all optional except
+``study`` takes the keyword arguments of :func:`imgcls_jax.hpo.trials.search` (all optional except
 ``n_trials``); command-line options override them.
 """
 
@@ -39,7 +39,7 @@ class TuneConfig:
 
 
 def _study_keys() -> set[str]:
-    from imgcls_jax.hpo.search import search
+    from imgcls_jax.hpo.trials import search
 
     return {n for n, p in inspect.signature(search).parameters.items() if p.kind is p.KEYWORD_ONLY} | {
         "n_trials"
@@ -56,7 +56,7 @@ _STUDY_RANGES = {
 
 
 def _conforms(value, hint) -> bool:
-    """Whether a JSON value fits a type hint of :func:`~imgcls_jax.hpo.search` (bools are not
+    """Whether a JSON value fits a type hint of :func:`~imgcls_jax.hpo.trials.search` (bools are not
     numbers; a path may be a string)."""
     if typing.get_origin(hint) in (typing.Union, types.UnionType):
         return any(_conforms(value, h) for h in typing.get_args(hint))
@@ -72,8 +72,8 @@ def _conforms(value, hint) -> bool:
 
 def check_study_options(options: dict, where: str) -> None:
     """``ConfigError`` naming the option for an unknown one or a value of the wrong type or range
-    (types from :func:`~imgcls_jax.hpo.search`'s signature)."""
-    from imgcls_jax.hpo.search import search
+    (types from :func:`~imgcls_jax.hpo.trials.search`'s signature)."""
+    from imgcls_jax.hpo.trials import search
 
     hints = {"n_trials": int, **typing.get_type_hints(search)}
     for key, value in options.items():
@@ -169,9 +169,9 @@ def prepare_tune(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
     validation split, the study folder). Raises only :class:`~imgcls_jax.config.ConfigError`,
     :class:`~imgcls_jax.hpo.space.SearchSpaceError` and ``DatasetError``: the user's mistakes."""
     from imgcls_jax.data.folders import DatasetError
-    from imgcls_jax.hpo.search import _check_validation_split
     from imgcls_jax.hpo.space import parse_space
     from imgcls_jax.hpo.study import make_pruner, make_sampler
+    from imgcls_jax.hpo.trials import _check_validation_split
 
     try:
         tune = load_tune_config(args.config)
@@ -205,7 +205,7 @@ def prepare_tune(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
 
 def tune_main(args: argparse.Namespace) -> int:
     """Run ``imgcls-jax tune``; returns the exit status (0, or 1 when no trial completed)."""
-    from imgcls_jax.hpo.search import search
+    from imgcls_jax.hpo.trials import search
 
     base, space, options = prepare_tune(args)
     result = search(base, space, options.pop("n_trials"), **options)

@@ -2,6 +2,7 @@
 
 from imgcls_jax.models.base import Classifier, LayerSpec, Trainable, parse_trainable
 from imgcls_jax.models.convnet import KerasConvNet
+from imgcls_jax.models.describe import summary
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.mobilenet import MobileNetV2
 from imgcls_jax.models.preprocessing import MODES, preprocess_input
@@ -14,7 +15,6 @@ from imgcls_jax.models.registry import (
     register_model,
 )
 from imgcls_jax.models.resnet import ResNet50
-from imgcls_jax.models.summary import summary
 from imgcls_jax.models.vgg import VGG
 
 __all__ = [

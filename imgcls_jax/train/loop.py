@@ -455,12 +455,3 @@ class Trainer:
                 epoch, self.config.monitor, len(scores) - 1 - best,
             )  # fmt: skip
             self.stopped_early = True
-
-
-def __getattr__(name):  # names deprecated in 0.2 (see imgcls_jax.train.legacy), loaded on first use
-    import importlib
-
-    legacy = importlib.import_module("imgcls_jax.train.legacy")
-    if legacy.MOVED.get(name) != __name__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(legacy, name)

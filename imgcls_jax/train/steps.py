@@ -264,12 +264,3 @@ def make_eval_step(split: SplitModel, forward=image_forward) -> Callable:
 def model_state_outputs(state: TrainState) -> dict[str, Any]:
     """The parts of ``state`` that make the model to evaluate and save: eval params and stats."""
     return {"params": state.eval_params, "stats": state.stats}
-
-
-def __getattr__(name):  # names deprecated in 0.2 (see imgcls_jax.train.legacy), loaded on first use
-    import importlib
-
-    legacy = importlib.import_module("imgcls_jax.train.legacy")
-    if legacy.MOVED.get(name) != __name__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(legacy, name)
