@@ -17,3 +17,25 @@ def isolated_weight_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("KERAS_HOME", str(root / "keras"))
     monkeypatch.delenv("IMGCLS_JAX_WEIGHTS_DIR", raising=False)
     return root
+
+
+def _memory_kb() -> tuple[int, int]:
+    """``(resident, peak resident)`` of this process in kB (Linux ``/proc``; zeros elsewhere)."""
+    try:
+        fields = dict(line.split(":", 1) for line in open("/proc/self/status") if ":" in line)
+    except OSError:
+        return 0, 0
+    return tuple(int(fields.get(k, "0 kB").split()[0]) for k in ("VmRSS", "VmHWM"))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """``IMGCLS_TEST_MEMORY_LOG=FILE``: after each test, append ``nodeid<TAB>resident
+    MB<TAB>peak MB`` to FILE (what holds memory across a suite: tests/test_memory.py, README)."""
+    result = yield
+    path = os.environ.get("IMGCLS_TEST_MEMORY_LOG")
+    if path:
+        rss, hwm = _memory_kb()
+        with open(path, "a") as f:
+            f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\n")
+    return result

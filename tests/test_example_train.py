@@ -30,17 +30,21 @@ def test_embedded_sample_is_small_real_and_attributed():
 
 
 def test_auto_weights_offline_trains_from_scratch_and_says_so(caplog, monkeypatch, tmp_path):
-    from imgcls_jax.train.recipe import resolve_weights
+    from imgcls_jax import TrainConfig
+    from imgcls_jax.cli.commands import describe_start
     from imgcls_jax.weights import WeightsUnavailableError
 
     def unavailable(model, include_top):
         raise WeightsUnavailableError("no file and no network (test)")
 
-    monkeypatch.setattr("imgcls_jax.weights.resolve_imagenet", unavailable)
+    monkeypatch.setattr("imgcls_jax.weights.store.resolve_imagenet", unavailable)
     with caplog.at_level(logging.WARNING):
-        weights, described = resolve_weights("auto", "vgg16")
-    assert weights is None and "FROM SCRATCH" in described
+        config = TrainConfig.recipe(tmp_path, weights="auto")
+    assert config.weights is None and [p.trainable for p in config.phases] == ["all"]
+    assert "FROM SCRATCH" in describe_start(config, "auto")
     assert "FROM SCRATCH" in caplog.text and "no file and no network" in caplog.text
+    with pytest.raises(WeightsUnavailableError, match="no file and no network"):
+        TrainConfig.recipe(tmp_path, weights="imagenet")  # insisting is an error, never a fallback
 
 
 def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):

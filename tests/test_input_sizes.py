@@ -116,7 +116,7 @@ def test_predict_at_odd_size():
     from imgcls_jax.evaluate.runs import LoadedRun
 
     model = imgcls_jax.create_model("vgg16", num_classes=3, pooling="avg", input_shape=(45, 45, 3))
-    config = TrainConfig(image_size=45)
+    config = TrainConfig(image_size=45, weights="random")
     loaded = LoadedRun(None, config, model, ["a", "b", "c"], 0, "latest")
     images = np.random.default_rng(1).integers(0, 256, (3, 45, 45, 3), dtype=np.uint8)
     got = predict(loaded, images, top_k=3)

@@ -67,7 +67,7 @@ def _run_folder(data: Path, run_dir: Path) -> Path:
 
     config = TrainConfig(
         data=str(data), run_dir=str(run_dir), splits={"train": 0.5, "val": 0.25, "test": 0.25},
-        image_size=32, batch_size=2, head_units=(4,), augment={}, cache=None,
+        weights="random", image_size=32, batch_size=2, head_units=(4,), augment={}, cache=None,
         phases=[PhaseConfig(epochs=1, trainable="head", learning_rate=1e-2)],
     )  # fmt: skip
     run_dir.mkdir()
@@ -170,7 +170,7 @@ MISTAKES = {
         (["train", "--config", "{not_json}"], "not valid JSON"),
         (["train", "--config", "{typo}"], "'learning_rate' is a field of 'phases'"),
         (["train", "--config", "{negative}"], "TrainConfig.batch_size must be an integer >= 1"),
-        (["train", "--config", "{good}", "--epochs", "3"], "--epochs and --lr set the recipe's phases"),
+        (["train", "--config", "{good}", "--epochs", "3"], "--epochs and --lr shape the recipe's phases"),
         (
             ["train", "--data", "{data}", "--epochs", "0"],
             "argument --epochs: must be an integer >= 1, got '0'",
@@ -428,5 +428,5 @@ def test_the_train_command_checks_every_family(name):
     from imgcls_jax.cli.commands import check_train_model
 
     size = model_info(name).min_size
-    config = TrainConfig(model=name, data="x", image_size=max(size, 32), weights=None)
+    config = TrainConfig(model=name, data="x", image_size=max(size, 32), weights="random")
     check_train_model(config)

@@ -198,7 +198,8 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
 
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
     """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
-    classes: what training builds (with ``config.weights``), and evaluation and prediction
+    classes: what training builds (with ``config.weights``; ``"random"`` is the seeded random
+    init), and evaluation and prediction
     (``weights=None``, then their checkpoint). ``input_size``: ``S`` or ``(height, width)``
     (default: the last phase's)."""
     if input_size is None:
@@ -209,8 +210,10 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
         if getattr(config, name) != default:
             options[name] = getattr(config, name)
+    if weights == "config":
+        weights = None if config.weights == "random" else config.weights  # "random": seeded init
     return create_model(
-        config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
+        config.model, num_classes=num_classes, weights=weights,
         pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
         seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

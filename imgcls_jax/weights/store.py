@@ -311,6 +311,35 @@ _MAGIC = b"IMGCLSJAX-PARAMS-1\n"
 _ALIGN = 64
 
 
+#: ``weights`` choices of :meth:`imgcls_jax.TrainConfig.recipe` (and ``imgcls-jax train --weights``)
+#: besides a path.
+WEIGHT_CHOICES = ("auto", "imagenet", "none")
+
+
+def resolve_weights_choice(choice: str, model: str) -> str | None:
+    """``TrainConfig.weights`` for a recipe's ``weights`` ``choice``: ``"auto"`` (``"imagenet"``
+    when Keras's file resolves, else None with a loud warning in the log: the run trains from
+    scratch), ``"imagenet"`` (:class:`WeightsUnavailableError` / :class:`ChecksumError` if it
+    cannot be had), ``"none"`` (None) or a path to a Keras weight file (as given)."""
+    if choice == "none":
+        return None
+    if choice not in ("auto", "imagenet"):
+        return choice
+    try:
+        resolve_imagenet(model, include_top=False)
+        return "imagenet"
+    except (WeightsUnavailableError, ChecksumError) as exc:
+        if choice == "imagenet":
+            raise
+        banner = "=" * 78
+        log.warning(
+            "\n%s\nImageNet weights are NOT available, so this run trains %s FROM SCRATCH.\n"
+            "Expect far lower accuracy than transfer learning. Why:\n%s\n%s",
+            banner, model, exc, banner,
+        )  # fmt: skip
+        return None
+
+
 def cache_path(source: Path) -> Path:
     """The cache file for ``source``: its stem plus a key of path, size and mtime."""
     source = source.resolve()
