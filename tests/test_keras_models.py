@@ -189,7 +189,7 @@ def test_keras2_whole_model_files(name, raw, base16, tmp_path):
 
 # -------------------------------------------------------------------------- run folder
 def test_run_folder_predicts_like_keras(typical, raw, tmp_path):
-    from imgcls_jax.predict import load_run, predict
+    from imgcls_jax import load_run, predict
 
     tmp, expected = typical
     model, info = from_keras(tmp / "m.keras", class_names=["a", "b", "c", "d", "e"])

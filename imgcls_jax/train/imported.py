@@ -38,8 +38,10 @@ def _train_config(info, run_dir: Path, data, seed: int, batch_size: int) -> Trai
             f"{info.source}: a run folder cannot record include_top={info.include_top} for this head "
             f"(a {info.num_classes}-class head without hidden layers or dropout is read as Keras's top)"
         )
+    # init_from: the model starts from the Keras file (training from this config fine-tunes it)
     return TrainConfig(
         data=str(Path(data).absolute()) if data is not None else "", run_dir=str(run_dir),
+        init_from=str(Path(info.source).absolute()),
         image_size=int(height), batch_size=batch_size, model=info.arch, weights=None, pooling=info.pooling,
         head_units=tuple(info.head_units), dropout=info.dropout, seed=seed, preprocessing=info.preprocessing,
         head_activation=info.head_activation, output_activation=info.output_activation,
