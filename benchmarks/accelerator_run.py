@@ -865,6 +865,8 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument("--resume", help="an earlier results.json: its finished rows are carried, not rerun")
     parser.add_argument("--dry-run", action="store_true", help="print the plan with estimates; run nothing")
     args = parser.parse_args(argv)
+    if args.resume and not Path(args.resume).is_file():
+        parser.error(f"--resume {args.resume}: no such file (an earlier run's results.json)")
     unknown = [s for s in args.sections.split(",") if s not in SECTIONS]
     if unknown:
         parser.error(f"--sections: unknown {unknown}; choose from {', '.join(SECTIONS)}")
