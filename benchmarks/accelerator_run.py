@@ -203,7 +203,7 @@ class Estimates:
 
     def __init__(self, kind: str):
         self.first, self.other = FIRST_CALL_S[kind], OTHER_S[kind]
-        self.source = "guesses for one H100" if kind == "full" else "measured on the 2-core CPU"
+        self.source = "guesses for one H100" if kind == "full" else "seen on the shared 2-core CPU"
         self.seen: dict[str, list[float]] = {}  # framework -> [measured, prior] sums
         self.measured: dict[tuple, float] = {}  # (framework, model, mode) -> a first call's seconds
 
@@ -272,8 +272,9 @@ class Recorder:
             _atomic_write(self.out / "results.md", markdown(self.results))
 
     def start(self, task: Task) -> None:
-        self.results["in_flight"] = {"task": task.key, "since_s": round(self.budget.used(), 1)}
-        self.write()
+        with self.lock:
+            self.results["in_flight"] = {"task": task.key, "since_s": round(self.budget.used(), 1)}
+            self.write()
 
     def row(self, row: dict) -> None:
         with self.lock:
@@ -283,11 +284,13 @@ class Recorder:
         self.write()
 
     def done(self) -> None:
-        self.results["in_flight"] = None
-        self.write()
+        with self.lock:
+            self.results["in_flight"] = None
+            self.write()
 
     def not_run(self, task: Task, reason: str) -> None:
-        self.results["not_run"].append({"key": task.key, "section": task.section, "reason": reason})
+        with self.lock:
+            self.results["not_run"].append({"key": task.key, "section": task.section, "reason": reason})
         log.info("not run: %s (%s)", task.key, reason)
         self.write()
 
@@ -314,12 +317,19 @@ def install_stops(rec: Recorder, hard_stop_s: float) -> None:
     """SIGTERM and a watchdog at ``hard_stop_s`` after the start: results marked, process ended."""
 
     def stop(why: str, code: int) -> None:
-        flight = (rec.results.get("in_flight") or {}).get("task")
-        status = f"{why} at {rec.budget.used():.0f} s" + (f", during {flight}" if flight else "")
-        log.warning("%s", status)
-        rec.stop(status)
-        logging.shutdown()
-        os._exit(code)
+        try:
+            flight = (rec.results.get("in_flight") or {}).get("task")
+            status = f"{why} at {rec.budget.used():.0f} s" + (f", during {flight}" if flight else "")
+            log.warning("%s", status)
+            for _ in range(3):  # the main thread may be changing the results outside the lock
+                try:
+                    rec.stop(status)
+                    break
+                except RuntimeError:
+                    time.sleep(0.05)
+            logging.shutdown()
+        finally:
+            os._exit(code)
 
     timer = threading.Timer(max(0.0, hard_stop_s - rec.budget.used()), stop, ("stopped by the watchdog", 3))
     timer.daemon = True
@@ -547,10 +557,10 @@ def e2e(data: Path, work: Path, ctx: Context) -> None:
         kept = {k: row[k] for k in ("images_per_s", "train_loss", "val_accuracy")}
         record["epochs"].append({"epoch": epoch, "wall_s": round(now - clock[0], 2), **kept})
         ctx.rec.write()
-        if epoch + 1 < ctx.cfg["e2e_epochs"] and not ctx.budget.fits(now - clock[0] + reserve):
-            raise BudgetStop(
-                ctx.budget.why_not(now - clock[0] + reserve, "another epoch and the evaluation, ")
-            )
+        # the next epoch takes as long as this one, except after the first (scan, decode, compile)
+        needed = (other["e2e_epoch"] if epoch == 0 else now - clock[0]) + reserve
+        if epoch + 1 < ctx.cfg["e2e_epochs"] and not ctx.budget.fits(needed):
+            raise BudgetStop(ctx.budget.why_not(needed, "another epoch and the evaluation, "))
         clock[0] = now
 
     start = time.perf_counter()
