@@ -1,7 +1,7 @@
 """The prepared accelerator run: one command that fits a 9-minute call on one GPU and leaves every
 figure it finished in ``OUT/results.json`` and ``OUT/results.md``, even if it is killed.
 
-    PYTHONPATH=. python3 benchmarks/accelerator_run.py --out OUT --data DIR --cache-dir DIR  # the GPU
+    PYTHONPATH=. python3 benchmarks/accelerator_run.py --out OUT --data DIR                # the GPU
     PYTHONPATH=. python3 benchmarks/accelerator_run.py --out OUT --dry-run   # the plan, nothing run
     PYTHONPATH=. python3 benchmarks/accelerator_run.py --out OUT --tiny      # the same code on a CPU
 
@@ -37,7 +37,9 @@ taps on zero padding left out as XLA counts them), so no compiler quirk can cost
 MFU is given against the peak measured here and against the datasheet.
 
 **Compilation caches.** JAX's persistent cache and TorchInductor's cache live in ``--cache-dir``
-(default ``OUT/compile_cache``): a second call on the same warm machine compiles less. With
+(default ``CACHE_DIR`` in the system's temporary folder): a second call on the same warm machine
+compiles less. Not under ``OUT`` by default: the device tool empties ``$OUT`` before each command
+and brings back at most 8 files from it, which a cache's files could crowd out. With
 ``--resume PREVIOUS/results.json`` a second call skips the rows the first one finished and
 carries them into its own results.
 
@@ -70,6 +72,7 @@ sys.path.insert(0, str(ROOT))  # benchmarks.perf, benchmarks.peers, imgcls_jax f
 log = logging.getLogger("accelerator_run")
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers5"
 SAMPLE = ROOT / "examples" / "data" / "flowers_sample"
+CACHE_DIR = Path(tempfile.gettempdir()) / "imgcls_compile_cache"
 SECTIONS = ("peak", "core", "compile", "batches", "frozen", "e2e")
 FRAMEWORKS = ("imgcls_jax", "torch eager", "torch compile")
 E2E_SPLITS = {"train": 0.65, "val": 0.10, "test": 0.25}
@@ -79,6 +82,12 @@ IMGCLS_SIDE = (
     "images on the device, the model's preprocessing inside the jitted step; optax Adam (lr 1e-4, "
     "eps 1e-7) on every layer (train) or the head (frozen), state buffers donated; forward = the eval "
     "step (logits, loss, correct count); XLA autotunes its convolutions"
+)
+FLOPS_NOTE = (
+    "the model's analytic count per image (benchmarks.perf.analytic_flops: convolutions and dense layers, "
+    "a multiply-add = 2, taps on zero padding left out as XLA counts them; training = 3 x forward less "
+    "the first convolution's input gradient; the optimizer left out) x images/s; MFU = that over the "
+    "peak measured in this run / over the datasheet's dense bf16 figure"
 )
 
 #: Seconds of a task's first call (compilation, autotuning and one step) by framework and mode,
@@ -763,7 +772,7 @@ def markdown(results: dict) -> str:
             f"Peak matmul: {p['flops'] / 1e12:.1f} TFLOP/s measured ({p['best']}); bf16 datasheet {sheet}.",
             "",
         ]
-    lines += [f"imgcls_jax: {IMGCLS_SIDE}.", ""]
+    lines += [f"imgcls_jax: {IMGCLS_SIDE}.", "", f"FLOPs: {FLOPS_NOTE}.", ""]
     torch_side = next((r["settings"] for r in results["rows"] if "settings" in r), None)
     if torch_side:
         lines += [
@@ -804,14 +813,15 @@ def limit_memory(fraction: float) -> dict:
     return memory
 
 
-def compile_caches(folder: Path) -> str:
-    """JAX's persistent compilation cache and TorchInductor's cache under ``folder``."""
+def compile_caches(folder: Path, min_compile_s: float = 1.0) -> str:
+    """JAX's persistent compilation cache (compilations of at least ``min_compile_s``) and
+    TorchInductor's cache under ``folder``."""
     import jax
 
     folder.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder / "torchinductor"))
     jax.config.update("jax_compilation_cache_dir", str(folder / "jax"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_s)
     return f"jax {folder / 'jax'}, torchinductor {os.environ['TORCHINDUCTOR_CACHE_DIR']}"
 
 
@@ -870,7 +880,9 @@ def parse(argv) -> argparse.Namespace:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), help=f"comma-separated, run in this order: {SECTIONS}"
     )
-    parser.add_argument("--cache-dir", help="compilation caches (default OUT/compile_cache)")
+    parser.add_argument(
+        "--cache-dir", default=str(CACHE_DIR), help=f"compilation caches (default {CACHE_DIR})"
+    )
     parser.add_argument("--jax-mem-fraction", type=float, default=0.45, help="JAX's share of the GPU memory")
     parser.add_argument("--resume", help="an earlier results.json: its finished rows are carried, not rerun")
     parser.add_argument("--dry-run", action="store_true", help="print the plan with estimates; run nothing")
@@ -903,13 +915,13 @@ def main(argv=None) -> int:
                         handlers=[logging.StreamHandler(), logging.FileHandler(out / "log.txt")])  # fmt: skip
     for noisy in ("absl", "orbax", "jax"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    cache = compile_caches(Path(args.cache_dir) if args.cache_dir else out / "compile_cache")
+    cache = compile_caches(Path(args.cache_dir), 0.0 if args.tiny else 1.0)  # tiny: every compilation
     budget = Budget(args.budget_s)
     planned = [{"key": t.key, "section": t.section, "estimate_s": round(est.task(t), 1)} for t in tasks]
     results = {"environment": environment(memory, cache), "settings": cfg, "data": data_info,
                "status": "running", "budget": {"budget_s": args.budget_s, "margin": MARGIN, "used_s": 0.0},
-               "in_flight": None, "plan": planned, "sides": {"imgcls_jax": IMGCLS_SIDE}, "rows": [],
-               "not_run": [], "errors": {}}  # fmt: skip
+               "in_flight": None, "plan": planned, "sides": {"imgcls_jax": IMGCLS_SIDE, "flops": FLOPS_NOTE},
+               "rows": [], "not_run": [], "errors": {}}  # fmt: skip
     rec = Recorder(out, results, budget)
     ctx = Context(cfg, budget, est, rec, data, args.tiny)
     from benchmarks.perf import datasheet_peak

@@ -79,7 +79,9 @@ def test_a_budget_cut_leaves_whole_files_and_lists_what_did_not_fit(tmp_path):
     assert sorted(done + list(cut)) == sorted(p["key"] for p in results["plan"])
     memory = results["environment"]["memory"]
     assert memory["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false" and memory["set_before_jax_started"]
-    assert (tmp_path / "cache" / "jax").is_dir()  # the persistent compilation cache
+    assert results["environment"]["compile_cache"].startswith(f"jax {tmp_path / 'cache' / 'jax'}")
+    # the device tool brings back at most 8 files from $OUT: only these are written there
+    assert sorted(p.name for p in out.iterdir()) == ["log.txt", "results.json", "results.md"]
 
 
 def test_the_watchdog_ends_the_run_and_says_during_what(tmp_path):
@@ -122,6 +124,7 @@ def test_a_kill_part_way_leaves_every_finished_row(tmp_path):
     assert first["mfu_datasheet"] is None  # a CPU has no datasheet figure
     table = (out / "results.md").read_text()
     assert "not reached" in table and "Status: running" in table
+    assert any((tmp_path / "cache" / "jax").iterdir())  # the step's compilation, in the persistent cache
 
 
 def test_data_that_cannot_fill_the_batch_fails_before_any_work(tmp_path):
