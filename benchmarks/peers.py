@@ -13,6 +13,14 @@ waits for it. Modes:
 
 Peers that are not installed raise ``pytest.skip`` with the reason; nothing is faked. Only the
 imgcls_jax runner is imported by default: torch and keras load when their runner is built.
+
+Both sides get the same batch (the same pixels: uint8 for imgcls_jax, whose step applies the
+model's preprocessing, float32 in [0, 255] for PyTorch, which has none), the same classes and the
+same optimizer (Adam, lr ``LR``, betas 0.9/0.999, eps 1e-7 as Keras and ``make_optimizer``). The
+PyTorch peer gets what a PyTorch user would switch on: ``cudnn.benchmark`` (cuDNN picks its
+convolution algorithms by timing them, as XLA autotunes), the fused Adam, channels_last, bf16
+autocast on a GPU, ``torch.compile(dynamic=False)`` (one static graph per batch size, as XLA
+compiles). Each runner's ``run.settings`` says what it ran.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import pytest
 
 NUM_CLASSES = 5
 LR = 1e-4
+ADAM_EPS = 1e-7  #: Keras's and imgcls_jax's make_optimizer default (PyTorch's is 1e-8)
 MODES = ("forward", "train", "frozen")
 
 
@@ -66,7 +75,12 @@ def jax_runner(
         split = split_model(model, trainable_layers(model, "all"))
         step = make_eval_step(split)
         args = (split.trainable, split.frozen, {"image": x, "label": y, "mask": jnp.ones((batch,), bool)})
-        return (lambda: jax.block_until_ready(step(*args)["correct"])), step, args
+
+        def forward():
+            jax.block_until_ready(step(*args)["correct"])
+
+        forward.model = model
+        return forward, step, args
     split = split_model(model, trainable_layers(model, "all" if mode == "train" else "head"))
     optimizer = make_optimizer("adam", LR)
     step = make_train_step(split, optimizer)
@@ -77,6 +91,7 @@ def jax_runner(
         holder["state"], metrics = step(holder["state"], split.frozen, data)
         jax.block_until_ready(metrics["loss"])
 
+    run.model = model  # for the analytic FLOP count (benchmarks.perf.analytic_flops)
     # the cost analysis lowers with a state of the same shapes (the live one is donated)
     return run, step, (init_state(split, optimizer), split.frozen, data)
 
@@ -120,14 +135,16 @@ def _torch_family(arch: str, nn):
 def torch_runner(
     mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False, arch: str = "vgg16"
 ):
-    """PyTorch eager (or ``torch.compile``d) ``arch`` (VGG16 built here, the others from
-    torchvision), channels_last, on CUDA when available. ``bf16``: ``torch.autocast`` to
-    bfloat16 (GPU), parameters float32."""
+    """PyTorch eager (or ``torch.compile``d, static shapes) ``arch`` (VGG16 built here, the others
+    from torchvision), channels_last, on CUDA when available, with ``cudnn.benchmark`` and the
+    fused Adam. ``bf16``: ``torch.autocast`` to bfloat16 (GPU), parameters float32. The returned
+    ``run`` has ``run.settings``: what it runs, for the results."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
     nn = torch.nn
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if bf16 and device == "cpu":
         pytest.skip("bf16 autocast peer only on GPU")
+    torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape, as XLA autotunes
     images, labels = synthetic_batch(size, batch)
     torch.manual_seed(0)
     base, head = _torch_vgg16(nn) if arch == "vgg16" else _torch_family(arch, nn)
@@ -136,27 +153,51 @@ def torch_runner(
     y = torch.from_numpy(labels).long().to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
+    compiled = (lambda module: torch.compile(module, dynamic=False)) if compile else (lambda module: module)
+    settings = {
+        "model": f"VGG16 built as Keras's ({_VGG_NOTE})" if arch == "vgg16" else f"torchvision "
+        f"{TORCHVISION[arch]}(weights=None, num_classes={NUM_CLASSES})",
+        "device": device, "memory_format": "channels_last", "cudnn.benchmark": True,
+        "autocast": "bfloat16" if bf16 else None, "torch": torch.__version__,
+        "compile": "torch.compile(dynamic=False), default mode" if compile else "eager",
+        "input": "float32 NCHW channels_last in [0, 255] on the device (no preprocessing)",
+    }  # fmt: skip
     if mode == "forward":
         model.eval()
-        forward = torch.compile(model) if compile else model
+        run = _torch_forward(torch, compiled(model), x, autocast, sync)
+    else:
+        run = _torch_train(torch, mode, base, head, model, compiled, x, y, autocast, sync)
+        settings["optimizer"] = run.optimizer
+    run.settings = settings
+    return run
 
-        def run():
-            with torch.inference_mode(), autocast:
-                forward(x)
-            sync()
 
-        return run
+_VGG_NOTE = "13 conv + ReLU, max pooling, global average pooling, Dense head"
+
+
+def _torch_forward(torch, forward, x, autocast, sync):
+    def run():
+        with torch.inference_mode(), autocast:
+            forward(x)
+        sync()
+
+    return run
+
+
+def _torch_train(torch, mode, base, head, model, compiled, x, y, autocast, sync):
+    """One step of the full train (``mode="train"``) or of the head on frozen base features."""
+    nn = torch.nn
     if mode == "frozen":
         base.requires_grad_(False)
         base.eval()
     else:
         model.train()
     trained = head if mode == "frozen" else model
-    optimizer = torch.optim.Adam(trained.parameters(), lr=LR)
+    # the fused Adam (one kernel group for every parameter), as the PyTorch docs advise on CUDA
+    optimizer = torch.optim.Adam(trained.parameters(), lr=LR, eps=ADAM_EPS, fused=True)
     loss_fn = nn.CrossEntropyLoss()
-    features_of = torch.compile(base) if compile and mode == "frozen" else base
-    logits_of = torch.compile(model) if compile and mode == "train" else model
+    features_of = compiled(base) if mode == "frozen" else base
+    logits_of = compiled(model) if mode == "train" else model
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -172,6 +213,7 @@ def torch_runner(
         optimizer.step()
         sync()
 
+    run.optimizer = f"torch.optim.Adam(lr={LR}, eps={ADAM_EPS}, fused=True)"
     return run
 
 
