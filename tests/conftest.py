@@ -39,3 +39,34 @@ def pytest_runtest_protocol(item, nextitem):
         with open(path, "a") as f:
             f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\n")
     return result
+
+
+def release_memory() -> None:
+    """Drop what a test module leaves behind that no later one needs: JAX's compiled executables
+    and tracing caches, Keras's global state, garbage cycles; then hand freed heap pages back to
+    the system (glibc keeps them otherwise, so the suite's resident memory only grows)."""
+    import gc
+    import sys
+
+    import jax
+
+    jax.clear_caches()
+    from imgcls_jax.train import steps
+
+    steps._JIT_CACHE.clear()
+    if "keras" in sys.modules:
+        sys.modules["keras"].backend.clear_session()
+    gc.collect()
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_memory_after_each_module():
+    yield
+    if not os.environ.get("IMGCLS_TEST_KEEP_CACHES"):
+        release_memory()
