@@ -77,7 +77,7 @@ def _load() -> Status:
         return Status("turned off by IMGCLS_JAX_ONEDNN=0")
     try:
         path = library_path()
-        lib = ctypes.CDLL(str(path))
+        lib = _open(path)
     except NativeUnavailable as error:
         return Status(str(error))
     except OSError as error:
@@ -90,6 +90,33 @@ def _load() -> Status:
     _lib = lib
     dtypes = tuple(str(d) for d, code in _DTYPE_CODES.items() if lib.imgcls_onednn_supports(code))
     return Status(None, lib.imgcls_onednn_version().decode(), str(path), dtypes)
+
+
+def _gomp_loaded() -> bool:
+    try:
+        with open("/proc/self/maps") as maps:
+            return "libgomp.so" in maps.read()
+    except OSError:
+        return False
+
+
+def _open(path) -> ctypes.CDLL:
+    """Load the library; GNU OpenMP (loaded with it) gets ``OMP_WAIT_POLICY=PASSIVE`` unless the
+    user set a policy: idle OpenMP threads then sleep instead of spinning. Measured on the shared
+    2-core CPU (``benchmarks/RESULTS.md``): with spinning threads a 1x1 convolution's forward and
+    gradients took ~110 ms under load instead of ~4 ms (each of its parallel regions waited for a
+    preempted spinning thread); XLA's own threads need the cores between convolutions. libgomp
+    reads the variable once, when it is first loaded: the process's environment is restored
+    after, so libraries loaded later (PyTorch's own OpenMP) are not affected."""
+    if "OMP_WAIT_POLICY" in os.environ or _gomp_loaded():
+        if _gomp_loaded() and "OMP_WAIT_POLICY" not in os.environ:
+            log.debug("GNU OpenMP was loaded before the oneDNN library: its wait policy is left as it is")
+        return ctypes.CDLL(str(path))
+    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+    try:
+        return ctypes.CDLL(str(path))
+    finally:
+        del os.environ["OMP_WAIT_POLICY"]
 
 
 def supports(dtype) -> bool:
@@ -119,9 +146,8 @@ class Geometry:
         return {k: np.int64(v) for k, v in values.items()}
 
     def out_hw(self, kernel_hw: tuple[int, int]) -> tuple[int, int]:
-        return tuple(
-            (n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in zip(self.in_hw, self.pads, kernel_hw, self.strides)
-        )  # type: ignore[return-value]
+        sizes = zip(self.in_hw, self.pads, kernel_hw, self.strides)
+        return tuple((n + lo + hi - k) // s + 1 for n, (lo, hi), k, s in sizes)  # type: ignore[return-value]
 
 
 def _ffi(kind: str, shape, dtype, a, b, geometry: Geometry):

@@ -18,7 +18,9 @@
 // two convolutions at once would oversubscribe the cores. The team size is
 // IMGCLS_ONEDNN_THREADS if set (read once), else OpenMP's default.
 
+#ifdef _OPENMP
 #include <omp.h>
+#endif
 
 #include <cstdint>
 #include <cstdlib>
@@ -155,7 +157,11 @@ int team_size() {
   static int n = [] {
     const char* v = std::getenv("IMGCLS_ONEDNN_THREADS");
     int t = v ? std::atoi(v) : 0;
+#ifdef _OPENMP
     return t > 0 ? t : omp_get_max_threads();
+#else
+    return t;
+#endif
   }();
   return n;
 }
@@ -184,7 +190,9 @@ Entry& entry(Kind kind, const Geometry& q) {
 // or dy (bwd_weights); `out` is y, dx or dw.
 void run(Kind kind, const Geometry& q, void* a, void* b, void* out) {
   std::lock_guard<std::mutex> lock(exec_mutex());
+#ifdef _OPENMP
   omp_set_num_threads(team_size());
+#endif
   Entry& e = entry(kind, q);
   auto& eng = cpu_engine();
   dnnl::stream stream(eng);
