@@ -116,8 +116,9 @@ def main(argv=None) -> None:
             seen.add(call.key())
             other = fallback_impl(call)
             ours, theirs = time_call(call, "onednn", args.rounds), time_call(call, other, args.rounds)
-            line = (f"| {arch} {size}px b{batch} | {describe(call)} | {counts[call.key()]} | {ours:.2f} | {other} "
-                    f"| {theirs:.2f} | {theirs / ours:.2f} |")  # fmt: skip
+            cells = (f"{arch} {size}px b{batch}", describe(call), counts[call.key()], f"{ours:.2f}", other,
+                     f"{theirs:.2f}", f"{theirs / ours:.2f}")  # fmt: skip
+            line = "| " + " | ".join(map(str, cells)) + " |"
             print(line, flush=True)
             lines.append(line)
     if args.out:

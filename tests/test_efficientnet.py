@@ -128,7 +128,7 @@ def test_output_shapes(options, shape):
         (dict(top_dropout=-0.1), r"top_dropout must be in \[0, 1\)"),
         (dict(depthwise_impl="im2col"), "depthwise_impl must be one of"),
         (dict(preprocessing="caffe"), "does not take the option preprocessing='caffe'"),
-        (dict(conv_impl="xla"), "does not take the option conv_impl"),
+        (dict(conv_impl="cudnn"), "conv_impl must be one of"),
         (dict(dtype="int8"), "dtype must be"),
     ],
 )

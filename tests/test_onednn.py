@@ -26,7 +26,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax import lax
 
 from imgcls_jax.models import conv
 from imgcls_jax.native import onednn
@@ -65,8 +64,11 @@ def case(call, seed=0, batch=None, dtype=None):
     x_shape = (batch or call.x_shape[0], *call.x_shape[1:])
     x = jnp.asarray(rng.normal(size=x_shape), dtype)
     k = jnp.asarray(rng.normal(size=call.kernel_shape), dtype)
-    y = jax.eval_shape(lambda x, k: conv.conv_nhwc(x, k, call.strides, call.pads, groups=call.groups, impl="xla"),
-                       x, k)  # fmt: skip
+
+    def xla(x, k):
+        return conv.conv_nhwc(x, k, call.strides, call.pads, groups=call.groups, impl="xla")
+
+    y = jax.eval_shape(xla, x, k)
     return x, k, jnp.asarray(rng.normal(size=y.shape), dtype)
 
 
@@ -182,7 +184,7 @@ print(json.dumps({"impls": impls, "equal": bool(np.array_equal(y, ref)), "error"
 """
 
 
-@pytest.mark.parametrize("how", ["no compiler", "switched off"])
+@pytest.mark.parametrize("how", ["no compiler", pytest.param("switched off", marks=pytest.mark.slow)])
 def test_auto_falls_back_to_xla_without_the_kernels(tmp_path, how):
     """Without a compiler (an empty cache, ``CXX`` not a program) or with ``IMGCLS_JAX_ONEDNN=0``,
     ``"auto"`` runs XLA's convolution (the same numbers as ``lax``), says why once at debug level,
@@ -224,17 +226,20 @@ for name, (xs, ks, strides, pads, groups) in {
         return jnp.sum(jnp.tanh(y) * jnp.arange(y.shape[-1])), y
     grad = jax.grad(loss, argnums=(0, 1), has_aux=True)
     ref = jax.jit(grad, static_argnums=2)(k, x, "xla")
-    step = jax.jit(grad, static_argnums=2, in_shardings=(NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))))
-    xs_ = jax.device_put(x, NamedSharding(mesh, P("data")))
+    split, whole = NamedSharding(mesh, P("data")), NamedSharding(mesh, P())
+    step = jax.jit(grad, static_argnums=2, in_shardings=(whole, split))
+    xs_ = jax.device_put(x, split)
     got = step(k, xs_, "onednn")
     hlo = step.lower(k, xs_, "onednn").compile().as_text()
-    errs = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(ref))]
+    pairs = zip(jax.tree.leaves(got), jax.tree.leaves(ref))
+    errs = [float(jnp.abs(a - b).max() / jnp.abs(b).max()) for a, b in pairs]
     out[name] = {"errs": errs, "y_sharding": str(got[1].sharding.spec), "all_reduce": hlo.count("all-reduce"),
                  "all_gather": hlo.count("all-gather"), "calls": hlo.count("imgcls_onednn_conv")}
 print(json.dumps(out))
 """
 
 
+@pytest.mark.slow
 def test_sharded_batch_on_four_cpu_devices():
     """Under jit with the batch split over 4 CPU devices: the same forward and gradients as XLA's
     convolution on one device; each device convolves its own quarter (no all-gather: the
@@ -247,7 +252,7 @@ def test_sharded_batch_on_four_cpu_devices():
     assert done.returncode == 0, done.stderr[-3000:]
     for name, result in json.loads(done.stdout.strip().splitlines()[-1]).items():
         assert max(result["errs"]) <= F32_TOL, (name, result)
-        assert result["y_sharding"].startswith("PartitionSpec('data'"), (name, result)
+        assert "('data'" in result["y_sharding"], (name, result)
         assert result["all_gather"] == 0 and result["all_reduce"] >= 1 and result["calls"] == 3, (
             name,
             result,
@@ -316,8 +321,9 @@ def test_concurrent_first_builds_make_one_library(tmp_path):
         assert s.available, s.reason
         print(s.path)
     """)
-    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for _ in range(3)]  # fmt: skip
+    command = [sys.executable, "-c", code]
+    procs = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(3)]  # fmt: skip
     outs = [p.communicate(timeout=600) for p in procs]
     assert all(p.returncode == 0 for p in procs), [o[1][-2000:] for o in outs]
     paths = {o[0].strip() for o in outs}

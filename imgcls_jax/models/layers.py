@@ -100,16 +100,17 @@ class BatchNorm(nnx.BatchNorm):
         return super().__call__(x, **kwargs).astype(x.dtype)
 
 
-def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool,
-           dtype, conv_impl: str = "auto", rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
+def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool, dtype,
+           conv_impl: str = "auto", conv_general_dilated=None, rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
     """Keras's ``Conv2D`` (HWIO kernel ``[k, k, cin, cout]``, optional bias) computing in ``dtype``
-    with float32 parameters, run by ``conv_impl`` (:mod:`imgcls_jax.models.conv`). Kernel and
-    bias start at zero: the family draws its kernels with :func:`init_conv_kernels` or
-    :func:`init_glorot_kernels` (Keras's biases start at zero)."""
+    with float32 parameters, run by ``conv_impl`` (:mod:`imgcls_jax.models.conv`; or by an
+    explicit ``conv_general_dilated``). Kernel and bias start at zero: the family draws its
+    kernels with :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start
+    at zero)."""
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
         param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, rngs=rngs,
-        conv_general_dilated=ConvGeneralDilated(conv_impl),
+        conv_general_dilated=conv_general_dilated or ConvGeneralDilated(conv_impl),
     )  # fmt: skip
 
 
