@@ -134,6 +134,27 @@ def test_onednn_bfloat16_close_to_float32():
             close(a, b, BF16_TOL, str(call))
 
 
+def test_vmap_folds_the_mapped_axis_or_maps():
+    """Under vmap: a mapped input with one kernel (folded into the batch) and a mapped kernel (one
+    call per element), forward and gradients equal XLA's."""
+    need_kernels()
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.normal(size=(3, 2, 6, 6, 4)), jnp.float32)
+    ks = jnp.asarray(rng.normal(size=(3, 3, 3, 4, 5)), jnp.float32)
+
+    def loss(impl, k, x):
+        return jnp.sum(jnp.tanh(conv.conv_nhwc(x, k, (2, 1), ((1, 1), (0, 2)), impl=impl)))
+
+    for in_axes in ((None, 0), (0, 0), (0, None)):
+        k = ks[0] if in_axes[0] is None else ks
+        xs = x if in_axes[1] == 0 else x[0]
+        for fn in (loss, jax.grad(loss, argnums=(1, 2))):
+            got = jax.jit(jax.vmap(partial(fn, "onednn"), in_axes))(k, xs)
+            want = jax.vmap(partial(fn, "xla"), in_axes)(k, xs)
+            for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+                close(a, b, F32_TOL, f"vmap {in_axes} {fn}")
+
+
 def test_bad_calls_are_errors():
     need_kernels()
     x = jnp.zeros((1, 6, 6, 4))

@@ -93,10 +93,24 @@ def _is_depthwise(x_shape, kernel_shape, groups) -> bool:
     return groups > 1 and groups == x_shape[3] and kernel_shape[2] == 1 and kernel_shape[3] == groups
 
 
-def onednn_wins(x_shape, kernel_shape, strides, groups: int, dtype) -> bool:
+def onednn_wins(x_shape, kernel_shape, strides, groups: int, dtype, pads=None) -> bool:
     """Whether ``"auto"`` runs this convolution with oneDNN on CPU (when the kernels are there):
-    the rule from the per-layer timings in ``benchmarks/RESULTS.md``."""
-    return True
+    every convolution but two kinds, from the per-layer timings of ``benchmarks/conv_layers.py``
+    (``benchmarks/RESULTS.md``):
+
+    * on a 1x1 map (squeeze-excitation's convolutions): a matmul XLA fuses with its neighbours;
+    * 3x3 SAME stride-1 ones on maps of at most :data:`CPU_IM2COL_MAX_PIXELS` pixels: im2col's
+      matmuls, which need no kernel reorder (oneDNN reorders the whole kernel into its blocked
+      layout for the forward pass and the input gradient, and the weight gradient back, which
+      costs more than the convolution itself on a 2x2 or 4x4 map with 256-512 channels).
+    """
+    _, height, width, _ = x_shape
+    if height * width == 1:
+        return False
+    pads = tuple(((k - 1) // 2, k // 2) for k in kernel_shape[:2]) if pads is None else pads
+    return not (
+        _is_3x3_same_s1(kernel_shape, strides, pads, groups) and height * width <= CPU_IM2COL_MAX_PIXELS
+    )
 
 
 def _onednn_usable(dtype) -> bool:
@@ -128,7 +142,7 @@ def choose_impl(
         return "xla"
     kernel_shape = (3, 3, x_shape[3], x_shape[3]) if kernel_shape is None else tuple(kernel_shape)
     if dtype is not None and _onednn_usable(dtype):
-        if onednn_wins(x_shape, kernel_shape, strides, groups, dtype):
+        if onednn_wins(x_shape, kernel_shape, strides, groups, dtype, pads):
             return "onednn"
     unpadded = not any(v for p in pads for v in p)
     if dtype is not None and _is_depthwise(x_shape, kernel_shape, groups) and unpadded:

@@ -6,7 +6,8 @@ are called with ``jax.ffi.ffi_call`` and differentiated by ``jax.custom_vjp`` (t
 the other two kernels). Under ``jit`` with a batch sharded over several devices (a ``Mesh``),
 ``custom_partitioning`` runs each kernel on the local batch: forward and input gradient need no
 communication, the weight gradient is summed over the batch's mesh axes (``psum``). Under
-``vmap`` the kernels run once per mapped element (``vmap_method="sequential"``).
+``vmap`` (``custom_vmap``) a mapped activation with an unmapped kernel is folded into the batch
+(one call); anything else runs once per mapped element.
 
 Nothing is built or loaded until :func:`status` (or :func:`conv`) is first called, never on
 import. If the library cannot be had (no compiler, oneDNN not installed, ``IMGCLS_JAX_ONEDNN=0``)
@@ -16,6 +17,7 @@ import. If the library cannot be had (no compiler, oneDNN not installed, ``IMGCL
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 import threading
@@ -249,18 +251,52 @@ _bwd_weights.def_partition(
 )
 
 
+def _vmap_rule(fn, foldable: bool):
+    """A ``custom_vmap`` rule for ``fn(a, b)``: when only ``a`` (an activation) is mapped and
+    ``foldable``, one call on the mapped axis folded into the batch; otherwise one call per
+    mapped element (``lax.map``; unmapped operands broadcast)."""
+
+    def rule(axis_size, in_batched, a, b):
+        a_mapped, b_mapped = in_batched
+        if foldable and a_mapped and not b_mapped:
+            out = fn(a.reshape(-1, *a.shape[2:]), b)
+            return out.reshape(axis_size, -1, *out.shape[1:]), True
+        a = a if a_mapped else jnp.broadcast_to(a, (axis_size, *a.shape))
+        b = b if b_mapped else jnp.broadcast_to(b, (axis_size, *b.shape))
+        return jax.lax.map(lambda ab: fn(*ab), (a, b)), True
+
+    return rule
+
+
+@functools.cache
+def _ops(geometry: Geometry, w_shape: tuple[int, ...]):
+    """``(forward, input gradient, weight gradient)`` of one convolution, each batchable by
+    ``vmap`` (:func:`_vmap_rule`; ``custom_partitioning`` has no batching rule of its own)."""
+    ops = []
+    for fn, foldable in (
+        (lambda x, w: _fwd(x, w, geometry), True),
+        (lambda dy, w: _bwd_data(dy, w, geometry), True),
+        (lambda x, dy: _bwd_weights(x, dy, geometry, w_shape), False),  # sums over the batch
+    ):
+        op = jax.custom_batching.custom_vmap(fn)
+        op.def_vmap(_vmap_rule(fn, foldable))
+        ops.append(op)
+    return tuple(ops)
+
+
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _conv(x, w, geometry: Geometry):
-    return _fwd(x, w, geometry)
+    return _ops(geometry, w.shape)[0](x, w)
 
 
 def _conv_fwd(x, w, geometry):
-    return _fwd(x, w, geometry), (x, w)
+    return _conv(x, w, geometry), (x, w)
 
 
 def _conv_bwd(geometry, residuals, dy):
     x, w = residuals
-    return _bwd_data(dy, w, geometry), _bwd_weights(x, dy, geometry, w.shape)
+    _, bwd_data, bwd_weights = _ops(geometry, w.shape)
+    return bwd_data(dy, w), bwd_weights(x, dy)
 
 
 _conv.defvjp(_conv_fwd, _conv_bwd)
