@@ -79,7 +79,7 @@ def _load() -> Status:
         return Status("turned off by IMGCLS_JAX_ONEDNN=0")
     try:
         path = library_path()
-        lib = _open(path)
+        lib = ctypes.CDLL(str(path))
     except NativeUnavailable as error:
         return Status(str(error))
     except OSError as error:
@@ -92,33 +92,6 @@ def _load() -> Status:
     _lib = lib
     dtypes = tuple(str(d) for d, code in _DTYPE_CODES.items() if lib.imgcls_onednn_supports(code))
     return Status(None, lib.imgcls_onednn_version().decode(), str(path), dtypes)
-
-
-def _gomp_loaded() -> bool:
-    try:
-        with open("/proc/self/maps") as maps:
-            return "libgomp.so" in maps.read()
-    except OSError:
-        return False
-
-
-def _open(path) -> ctypes.CDLL:
-    """Load the library; GNU OpenMP (loaded with it) gets ``OMP_WAIT_POLICY=PASSIVE`` unless the
-    user set a policy: idle OpenMP threads then sleep instead of spinning. Measured on the shared
-    2-core CPU (``benchmarks/RESULTS.md``): with spinning threads a 1x1 convolution's forward and
-    gradients took ~110 ms under load instead of ~4 ms (each of its parallel regions waited for a
-    preempted spinning thread); XLA's own threads need the cores between convolutions. libgomp
-    reads the variable once, when it is first loaded: the process's environment is restored
-    after, so libraries loaded later (PyTorch's own OpenMP) are not affected."""
-    if "OMP_WAIT_POLICY" in os.environ or _gomp_loaded():
-        if _gomp_loaded() and "OMP_WAIT_POLICY" not in os.environ:
-            log.debug("GNU OpenMP was loaded before the oneDNN library: its wait policy is left as it is")
-        return ctypes.CDLL(str(path))
-    os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
-    try:
-        return ctypes.CDLL(str(path))
-    finally:
-        del os.environ["OMP_WAIT_POLICY"]
 
 
 def supports(dtype) -> bool:

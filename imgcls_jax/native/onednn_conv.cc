@@ -13,18 +13,28 @@
 //
 // oneDNN picks its own weight layout for speed (format_tag::any); the kernel is reordered from
 // HWIO into it (and a weight gradient back to HWIO) on each call, as PyTorch and TensorFlow do.
-// Primitives are built once per shape and cached. All executions are serialized by one mutex:
-// oneDNN's OpenMP team uses every core, and XLA may run independent thunks concurrently, so
-// two convolutions at once would oversubscribe the cores. The team size is
-// IMGCLS_ONEDNN_THREADS if set (read once), else OpenMP's default.
+// Primitives are built once per shape and cached.
+//
+// Threads: oneDNN runs single-threaded in each thread (its OpenMP runtime never starts a team),
+// and the parallelism is XLA's own: the batch is split into as many chunks as XLA's intra-op
+// pool has threads (IMGCLS_ONEDNN_THREADS caps it), and the chunks are taken one by one by the
+// calling thread and by tasks scheduled on that pool (the FFI ThreadPool). So the cores are
+// shared with XLA's other work through one pool (no oversubscription), and a chunk waits for no
+// particular thread (an OpenMP team's barrier waits for every member: on a loaded machine a
+// preempted member stalls the whole convolution). The weight gradient is the sum of the chunks'
+// partial gradients, in chunk order, in float32: the same numbers on every run.
 
 #ifdef _OPENMP
 #include <omp.h>
 #endif
 
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <sstream>
@@ -121,9 +131,12 @@ std::unique_ptr<Entry> make_entry(Kind kind, const Geometry& q) {
     e->weights_md = pd.weights_desc();
     e->scratchpad_bytes = pd.scratchpad_desc().get_size();
     impl = pd.impl_info_str();
-  } else {
+  } else {  // the weight gradient in float32 whatever the inputs' type (summed over chunks)
+    Geometry qw = q;
+    qw.dt = memory::data_type::f32;
+    e->user_weights_md = hwio_md(qw);
     dnnl::convolution_backward_weights::primitive_desc pd(
-        cpu_engine(), dnnl::algorithm::convolution_direct, e->src_md, any_weights_md(q), e->dst_md,
+        cpu_engine(), dnnl::algorithm::convolution_direct, e->src_md, any_weights_md(qw), e->dst_md,
         {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr}, fwd, user_scratchpad());
     e->conv = dnnl::convolution_backward_weights(pd);
     e->weights_md = pd.diff_weights_desc();
@@ -148,37 +161,25 @@ std::string key_of(Kind kind, const Geometry& q) {
   return s.str();
 }
 
-std::mutex& exec_mutex() {
+void single_threaded() {
+#ifdef _OPENMP
+  omp_set_num_threads(1);  // this thread's OpenMP setting: oneDNN then runs without a team
+#endif
+}
+
+std::mutex& cache_mutex() {
   static std::mutex m;
   return m;
 }
 
-int team_size() {
-  static int n = [] {
-    const char* v = std::getenv("IMGCLS_ONEDNN_THREADS");
-    int t = v ? std::atoi(v) : 0;
-#ifdef _OPENMP
-    return t > 0 ? t : omp_get_max_threads();
-#else
-    return t;
-#endif
-  }();
-  return n;
-}
-
-// Looked up and run under exec_mutex(), so the cache and the scratch buffer need no other lock.
 std::unordered_map<std::string, std::unique_ptr<Entry>>& cache() {
   static std::unordered_map<std::string, std::unique_ptr<Entry>> c;
   return c;
 }
 
-std::vector<char>& scratch(size_t bytes) {
-  static std::vector<char> buf;
-  if (buf.size() < bytes) buf.resize(bytes);
-  return buf;
-}
-
+// The cached primitive of (kind, q); built on first use (single-threaded, as it will run).
 Entry& entry(Kind kind, const Geometry& q) {
+  std::lock_guard<std::mutex> lock(cache_mutex());
   auto& c = cache();
   std::string key = key_of(kind, q);
   auto it = c.find(key);
@@ -186,51 +187,165 @@ Entry& entry(Kind kind, const Geometry& q) {
   return *it->second;
 }
 
-// Runs one convolution: `a` is x (fwd, bwd_weights) or dy (bwd_data); `b` is w (fwd, bwd_data)
-// or dy (bwd_weights); `out` is y, dx or dw.
-void run(Kind kind, const Geometry& q, void* a, void* b, void* out) {
-  std::lock_guard<std::mutex> lock(exec_mutex());
-#ifdef _OPENMP
-  omp_set_num_threads(team_size());
-#endif
-  Entry& e = entry(kind, q);
-  auto& eng = cpu_engine();
-  dnnl::stream stream(eng);
-  size_t wbytes = e.reorder ? e.weights_md.get_size() : 0;
-  size_t align = 64, wpad = (wbytes + align - 1) / align * align;
-  std::vector<char>& buf = scratch(wpad + e.scratchpad_bytes + 2 * align);
-  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buf.data()) + align - 1) / align * align);
-  memory scratchpad(memory::desc({static_cast<int64_t>(e.scratchpad_bytes)}, memory::data_type::u8,
-                                 memory::format_tag::a),
-                    eng, base + wpad);
-  if (kind == kFwd || kind == kBwdData) {
-    memory user_w(e.user_weights_md, eng, b);
-    memory w = user_w;
-    if (e.reorder) {
-      w = memory(e.weights_md, eng, base);
-      e.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, w}});
+// A 64-byte aligned buffer of at least `bytes` for this thread (oneDNN's scratchpad).
+char* thread_scratch(size_t bytes) {
+  thread_local std::vector<char> buf;
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) / 64 * 64);
+}
+
+memory scratchpad(const Entry& e) {
+  return memory(memory::desc({static_cast<int64_t>(e.scratchpad_bytes)}, memory::data_type::u8,
+                             memory::format_tag::a),
+                cpu_engine(), thread_scratch(e.scratchpad_bytes));
+}
+
+int pool_threads(ffi::ThreadPool* pool) {
+  static int cap = [] {
+    const char* v = std::getenv("IMGCLS_ONEDNN_THREADS");
+    return v ? std::atoi(v) : 0;
+  }();
+  int n = pool ? static_cast<int>(pool->num_threads()) : 1;
+  n = n < 1 ? 1 : n;
+  return cap > 0 && cap < n ? cap : n;
+}
+
+// Runs work(0) ... work(chunks - 1) on the calling thread and on up to chunks - 1 tasks of
+// `pool`; returns when all are done, with the first error message (empty if none).
+std::string run_chunks(int chunks, ffi::ThreadPool* pool, const std::function<void(int)>& work) {
+  struct State {
+    std::atomic<int> next{0};
+    int chunks = 0, done = 0;
+    std::mutex m;
+    std::condition_variable cv;
+    std::string error;
+    const std::function<void(int)>* work = nullptr;
+  };
+  auto state = std::make_shared<State>();
+  state->chunks = chunks;
+  state->work = &work;
+  auto loop = [](const std::shared_ptr<State>& st) {
+    single_threaded();
+    for (int c; (c = st->next.fetch_add(1)) < st->chunks;) {
+      std::string error;
+      try {
+        (*st->work)(c);  // only reached while the caller waits: `work` is alive
+      } catch (const dnnl::error& e) {
+        error = std::string("oneDNN: ") + e.what() + " (status " + std::to_string(static_cast<int>(e.status)) + ")";
+      } catch (const std::exception& e) {
+        error = std::string("onednn conv: ") + e.what();
+      }
+      std::lock_guard<std::mutex> lock(st->m);
+      if (!error.empty() && st->error.empty()) st->error = error;
+      if (++st->done == st->chunks) st->cv.notify_all();
     }
-    if (kind == kFwd) {
-      e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, a)},
-                              {DNNL_ARG_WEIGHTS, w},
-                              {DNNL_ARG_DST, memory(e.dst_md, eng, out)},
-                              {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    } else {
-      e.conv.execute(stream, {{DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, a)},
-                              {DNNL_ARG_WEIGHTS, w},
-                              {DNNL_ARG_DIFF_SRC, memory(e.src_md, eng, out)},
-                              {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    }
-  } else {
-    memory user_dw(e.user_weights_md, eng, out);
-    memory dw = e.reorder ? memory(e.weights_md, eng, base) : user_dw;
-    e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, a)},
-                            {DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, b)},
-                            {DNNL_ARG_DIFF_WEIGHTS, dw},
-                            {DNNL_ARG_SCRATCHPAD, scratchpad}});
-    if (e.reorder) e.reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
+  };
+  for (int i = 1; i < chunks && pool; ++i) pool->Schedule([state, loop] { loop(state); });
+  loop(state);
+  std::unique_lock<std::mutex> lock(state->m);
+  state->cv.wait(lock, [&] { return state->done == state->chunks; });
+  return state->error;
+}
+
+size_t elements(const Geometry& q) { return static_cast<size_t>(q.kh * q.kw * (q.c / q.g) * q.o); }
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Runs one convolution over `chunks` batch chunks: `a` is x (fwd, bwd_weights) or dy (bwd_data);
+// `b` is w (fwd, bwd_data) or dy (bwd_weights); `out` is y, dx or dw.
+std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
+  single_threaded();
+  int chunks = static_cast<int>(std::min<int64_t>(q.n, pool_threads(pool)));
+  size_t esize = q.dt == memory::data_type::bf16 ? 2 : 4;
+  auto chunk_geometry = [&](int c, int64_t* n0) {
+    Geometry g = q;
+    *n0 = q.n * c / chunks;
+    g.n = q.n * (c + 1) / chunks - *n0;
+    return g;
+  };
+  std::vector<Entry*> entries(chunks);
+  for (int c = 0; c < chunks; ++c) {
+    int64_t n0;
+    entries[c] = &entry(kind, chunk_geometry(c, &n0));
   }
-  stream.wait();
+  auto& eng = cpu_engine();
+  size_t in_step = q.h * q.w * q.c * esize, out_step = q.oh * q.ow * q.o * esize;
+  char* src = static_cast<char*>(kind == kBwdData ? out : a);  // x / dx
+  char* dst = static_cast<char*>(kind == kBwdData ? a : kind == kFwd ? out : b);  // y / dy
+  if (kind != kBwdWeights) {
+    // the kernel in each distinct layout the chunks' primitives want (one, unless they differ)
+    std::vector<std::vector<char>> held;
+    std::vector<memory> weights(chunks);
+    memory user_w(entries[0]->user_weights_md, eng, b);
+    for (int c = 0; c < chunks; ++c) {
+      Entry& e = *entries[c];
+      for (int d = 0; d < c && !weights[c]; ++d)
+        if (entries[d]->weights_md == e.weights_md) weights[c] = weights[d];
+      if (weights[c]) continue;
+      if (!e.reorder) {
+        weights[c] = user_w;
+        continue;
+      }
+      held.emplace_back(e.weights_md.get_size() + 64);
+      char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(held.back().data()) + 63) / 64 * 64);
+      weights[c] = memory(e.weights_md, eng, p);
+      dnnl::stream stream(eng);
+      e.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights[c]}});
+      stream.wait();
+    }
+    return run_chunks(chunks, pool, [&](int c) {
+      int64_t n0;
+      chunk_geometry(c, &n0);
+      Entry& e = *entries[c];
+      dnnl::stream stream(eng);
+      memory s(e.src_md, eng, src + n0 * in_step), d(e.dst_md, eng, dst + n0 * out_step);
+      if (kind == kFwd)
+        e.conv.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DST, d},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+      else
+        e.conv.execute(stream, {{DNNL_ARG_DIFF_DST, d}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DIFF_SRC, s},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+      stream.wait();
+    });
+  }
+  // weight gradient: each chunk's partial sum, float32 HWIO, then added in chunk order
+  size_t k = elements(q);
+  std::vector<float> partial(k * chunks);
+  std::string error = run_chunks(chunks, pool, [&](int c) {
+    int64_t n0;
+    chunk_geometry(c, &n0);
+    Entry& e = *entries[c];
+    dnnl::stream stream(eng);
+    memory user_dw(e.user_weights_md, eng, partial.data() + k * c);
+    std::vector<char> blocked;
+    memory dw = user_dw;
+    if (e.reorder) {
+      blocked.resize(e.weights_md.get_size() + 64);
+      dw = memory(e.weights_md, eng, reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blocked.data()) + 63) / 64 * 64));
+    }
+    e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, src + n0 * in_step)},
+                            {DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, dst + n0 * out_step)},
+                            {DNNL_ARG_DIFF_WEIGHTS, dw},
+                            {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+    if (e.reorder) e.reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
+    stream.wait();
+  });
+  if (!error.empty()) return error;
+  for (int c = 1; c < chunks; ++c)
+    for (size_t i = 0; i < k; ++i) partial[i] += partial[k * c + i];
+  if (q.dt == memory::data_type::f32) {
+    std::memcpy(out, partial.data(), k * sizeof(float));
+  } else {
+    auto* o = static_cast<uint16_t*>(out);
+    for (size_t i = 0; i < k; ++i) o[i] = to_bf16(partial[i]);
+  }
+  return "";
 }
 
 bool data_type_of(ffi::DataType t, memory::data_type* out) {
@@ -257,46 +372,46 @@ ffi::Error geometry(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions wd
   return ffi::Error::Success();
 }
 
-ffi::Error guarded(Kind kind, const Geometry& q, void* a, void* b, void* out) {
+ffi::Error guarded(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
+  std::string error;
   try {
-    run(kind, q, a, b, out);
+    error = run(kind, q, a, b, out, pool);
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("oneDNN: ") + e.what() + " (status " +
-                                std::to_string(static_cast<int>(e.status)) + ")");
+    error = std::string("oneDNN: ") + e.what() + " (status " + std::to_string(static_cast<int>(e.status)) + ")";
   } catch (const std::exception& e) {
-    return ffi::Error::Internal(std::string("onednn conv: ") + e.what());
+    error = std::string("onednn conv: ") + e.what();
   }
-  return ffi::Error::Success();
+  return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
 }
 
-ffi::Error Fwd(ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y, int64_t sh, int64_t sw,
-               int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+ffi::Error Fwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   Geometry q;
   if (auto err = geometry(x.dimensions(), w.dimensions(), y->dimensions(), x.element_type(), sh, sw, pt, pb,
                           pl, pr, g, &q);
       err.failure())
     return err;
-  return guarded(kFwd, q, x.untyped_data(), w.untyped_data(), y->untyped_data());
+  return guarded(kFwd, q, x.untyped_data(), w.untyped_data(), y->untyped_data(), &pool);
 }
 
-ffi::Error BwdData(ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx, int64_t sh,
-                   int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+ffi::Error BwdData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   Geometry q;
   if (auto err = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dy.element_type(), sh, sw, pt,
                           pb, pl, pr, g, &q);
       err.failure())
     return err;
-  return guarded(kBwdData, q, dy.untyped_data(), w.untyped_data(), dx->untyped_data());
+  return guarded(kBwdData, q, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), &pool);
 }
 
-ffi::Error BwdWeights(ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw, int64_t sh,
-                      int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+ffi::Error BwdWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                      int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
   Geometry q;
   if (auto err = geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), x.element_type(), sh, sw, pt,
                           pb, pl, pr, g, &q);
       err.failure())
     return err;
-  return guarded(kBwdWeights, q, x.untyped_data(), dy.untyped_data(), dw->untyped_data());
+  return guarded(kBwdWeights, q, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), &pool);
 }
 
 template <typename B>
@@ -322,11 +437,11 @@ IMGCLS_EXPORT XLA_FFI_Error* imgcls_onednn_conv_bwd_weights(XLA_FFI_CallFrame* c
 }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_fwd, Fwd,
-                              with_attrs(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_bwd_data, BwdData,
-                              with_attrs(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
 XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_bwd_weights, BwdWeights,
-                              with_attrs(ffi::Ffi::Bind().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
 
 // Plain C entry points for the loader (ctypes).
 extern "C" {
@@ -345,6 +460,7 @@ IMGCLS_EXPORT const char* imgcls_onednn_version() {
 IMGCLS_EXPORT int imgcls_onednn_supports(int dtype) {
   Geometry q{2, 8, 8, 16, 3, 3, 16, 8, 8, 1, 1, 1, 1, 1, 1, 1,
              dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
+  single_threaded();
   try {
     for (Kind k : {kFwd, kBwdData, kBwdWeights}) make_entry(k, q);
   } catch (const std::exception&) {
@@ -361,6 +477,7 @@ IMGCLS_EXPORT const char* imgcls_onednn_impl(int kind, int dtype, int64_t n, int
   static thread_local std::string out;
   Geometry q{n, h, w, c, kh, kw, o, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1, g, sh, sw,
              pt, pb, pl, pr, dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
+  single_threaded();
   try {
     auto e = make_entry(static_cast<Kind>(kind), q);
     out = e->impl + (e->reorder ? " (+weight reorder)" : "");
