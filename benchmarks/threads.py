@@ -1,16 +1,16 @@
-"""oneDNN's OpenMP threads and XLA's intra-op threads sharing the cores: one full training step
-(``conv_impl="auto"``, oneDNN's convolutions) under each thread setting, each in its own process
-(OpenMP and XLA read their settings once), the settings alternated for ``--repeats`` rounds.
+"""oneDNN's convolutions and XLA's other work sharing the cores: one full training step
+(``conv_impl="auto"``) under each thread setting, each in its own process (XLA reads its flags
+once), the settings alternated for ``--repeats`` rounds.
 
-Settings (:data:`SETTINGS`):
+imgcls_jax runs oneDNN single-threaded in each thread and splits a convolution's batch into as
+many chunks as XLA's intra-op pool has threads, run by the calling thread and tasks on that pool
+(``imgcls_jax/native/onednn_conv.cc``): one pool for everything. Settings (:data:`SETTINGS`):
 
-* ``default``: what imgcls_jax does: XLA's pool and a oneDNN team of one thread per core, idle
-  OpenMP threads sleeping (``OMP_WAIT_POLICY=PASSIVE``, set by :mod:`imgcls_jax.native.onednn`).
-* ``gomp-spin``: the same with GNU OpenMP's own default wait policy (threads spin before
-  sleeping).
-* ``onednn-1``: oneDNN on one thread (``IMGCLS_ONEDNN_THREADS=1``), XLA's pool as usual.
+* ``default``: that, with XLA's pool at its default size (one thread per core).
+* ``onednn-1``: convolutions on the calling thread only (``IMGCLS_ONEDNN_THREADS=1``), XLA's
+  other work on its pool as usual.
 * ``xla-1``: XLA on one thread (``--xla_cpu_multi_thread_eigen=false``,
-  ``intra_op_parallelism_threads=1``), oneDNN's team as usual.
+  ``intra_op_parallelism_threads=1``), so one chunk per convolution too.
 
 Run from the repository root (prints a markdown table)::
 
@@ -31,9 +31,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = {
     "default": {},
-    # set but empty: imgcls_jax leaves a set policy alone, and libgomp reads "" as unset (its own
-    # default: spin ~300,000 times, then sleep)
-    "gomp-spin": {"OMP_WAIT_POLICY": ""},
     "onednn-1": {"IMGCLS_ONEDNN_THREADS": "1"},
     "xla-1": {"XLA_FLAGS": "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"},
 }
@@ -55,7 +52,6 @@ def _child(arch: str, size: int, batch: int, rounds: int) -> None:
 def measure(setting: str, arch: str, size: int, batch: int, rounds: int) -> dict:
     """One process under ``setting``: ``{"median_ms", "load"}`` of ``rounds`` warm steps."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    env.pop("OMP_WAIT_POLICY", None)
     env.update(SETTINGS[setting])
     code = f"from benchmarks.threads import _child; _child({arch!r}, {size}, {batch}, {rounds})"
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, cwd=ROOT)
