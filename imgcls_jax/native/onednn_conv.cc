@@ -22,7 +22,8 @@
 // shared with XLA's other work through one pool (no oversubscription), and a chunk waits for no
 // particular thread (an OpenMP team's barrier waits for every member: on a loaded machine a
 // preempted member stalls the whole convolution). The weight gradient is the sum of the chunks'
-// partial gradients, in chunk order, in float32: the same numbers on every run.
+// partial gradients, in chunk order, in float32: the same numbers on every run with the same
+// number of threads (the same machine and settings).
 
 #ifdef _OPENMP
 #include <omp.h>
