@@ -287,10 +287,11 @@ def conv(x: jax.Array, kernel: jax.Array, strides=(1, 1), pads: Pads = ((0, 0), 
     Raises ``ValueError`` for shapes or dtypes it does not take, and ``RuntimeError`` (with the
     reason) where the kernels are unavailable.
     """
-    if jax.default_backend() != "cpu":
+    backend = jax.default_backend()
+    if backend != "cpu":
         raise ValueError(
-            f"conv_impl='onednn' runs on the CPU only; the default backend here is {jax.default_backend()!r}: "
-            "use conv_impl='auto' (XLA's convolutions off CPU) or 'xla'"
+            f"conv_impl='onednn' runs on the CPU only; the default backend here is {backend!r}: use "
+            "conv_impl='auto' (XLA's convolutions off CPU) or 'xla'"
         )
     s = status()
     if not s.available:
