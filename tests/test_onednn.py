@@ -303,9 +303,12 @@ def test_onednn_equals_xla_on_every_family_shape():
 def test_family_train_step_onednn_equals_xla(arch):
     """Loss and the gradient of every parameter of each family at 64x64 (inference-mode BatchNorm,
     so the two runs share their statistics): ``conv_impl="onednn"`` against ``"xla"``. The loss
-    agrees to 1e-5; gradients to 1e-2 of each parameter's largest: through 13-50 layers a
-    rounding-size difference flips ReLU gates of activations near zero (measured: 1.85e-3 on
-    VGG16's first bias at 64 px), while a wrong gradient would be off by O(1)."""
+    agrees to 1e-5; gradients to 5e-2 of each parameter's largest. Through 13-50 random-init layers
+    rounding-size differences grow (and flip ReLU gates near zero): measured on VGG16 at 64 px,
+    batch 4, im2col against XLA differ by 2.0e-3 and oneDNN against XLA by 1.6e-2, while per layer
+    against a float64 reference oneDNN's forward is off by 1.1-2.7e-6 (XLA's 5-9e-7) and its
+    weight gradient by 1.5-6.3e-7 (XLA's 6e-7-6e-6), all float32 rounding (see
+    ``test_onednn_equals_xla_on_every_family_shape``). A wrong gradient would be off by O(1)."""
     need_kernels()
     from flax import nnx
 
@@ -329,7 +332,7 @@ def test_family_train_step_onednn_equals_xla(arch):
     flat_x, flat_o = dict(nnx.to_flat_state(grads_x)), dict(nnx.to_flat_state(grads_o))
     assert flat_x.keys() == flat_o.keys()
     for path in flat_x:
-        close(flat_o[path].get_value(), flat_x[path].get_value(), 1e-2, str(path))
+        close(flat_o[path].get_value(), flat_x[path].get_value(), 5e-2, str(path))
 
 
 @pytest.mark.slow
