@@ -65,7 +65,7 @@ def jax_runner(
     )
 
     images, labels = synthetic_batch(size, batch)
-    options = {"conv_impl": impl} if arch.startswith("vgg") else {}
+    options = {"conv_impl": impl}
     model = create_model(
         arch, num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3), dtype=dtype, **options
     )
@@ -121,10 +121,18 @@ def _torch_vgg16(nn):
 
 
 def _torch_family(arch: str, nn):
-    """torchvision's model of ``arch`` with ``NUM_CLASSES`` outputs, split into base and head
-    (the last Linear layer)."""
-    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
-    model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
+    """torchvision's architecture of ``arch`` with ``NUM_CLASSES`` outputs, split into base and
+    head (the last Linear layer): torchvision's own model where it is installed and loads, else
+    the same architecture built here (:mod:`benchmarks.torch_models`: the PyPI torchvision wheel
+    is built for the CUDA torch and does not load with the CPU wheel)."""
+    try:
+        import torchvision
+
+        model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
+    except (ImportError, RuntimeError):
+        from benchmarks import torch_models
+
+        model = torch_models.build(arch, NUM_CLASSES)
     if arch == "resnet50":
         head, model.fc = model.fc, nn.Identity()
     else:  # mobilenet_v2, efficientnet_b0: classifier = Dropout, Linear
@@ -254,3 +262,55 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
     if mode == "forward":
         return lambda: np.asarray(model.predict_on_batch(x))
     return lambda: np.asarray(model.train_on_batch(x, y))
+
+
+def keras_jax_times(mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16") -> list[float]:
+    """Seconds per step of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
+    subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): one
+    warm-up step, then ``rounds`` timed ones. Skips if Keras is not installed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.peers",
+        "keras",
+        mode,
+        arch,
+        str(size),
+        str(batch),
+        str(rounds),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"Keras on JAX failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["times"]
+
+
+def _main(argv=None) -> None:
+    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS``: time Keras's step on the
+    backend ``KERAS_BACKEND`` names, print ``{"times": [s, ...]}`` as the last line."""
+    import json
+    import sys
+    import time
+
+    _, mode, arch, size, batch, rounds = argv or sys.argv[1:]
+    run = keras_runner(mode, int(size), int(batch), arch=arch)
+    run()
+    times = []
+    for _ in range(int(rounds)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times}))
+
+
+if __name__ == "__main__":
+    _main()

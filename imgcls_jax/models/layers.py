@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax import lax
+
+from imgcls_jax.models.conv import ConvGeneralDilated, check_depthwise_impl, conv_nhwc
 
 
 def correct_pad(size: tuple[int, int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -99,16 +100,17 @@ class BatchNorm(nnx.BatchNorm):
         return super().__call__(x, **kwargs).astype(x.dtype)
 
 
-def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool,
-           dtype, conv_general_dilated=None, rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
+def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool, dtype,
+           conv_impl: str = "auto", conv_general_dilated=None, rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
     """Keras's ``Conv2D`` (HWIO kernel ``[k, k, cin, cout]``, optional bias) computing in ``dtype``
-    with float32 parameters. Kernel and bias start at zero: the family draws its kernels with
-    :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start at zero).
-    ``conv_general_dilated``: e.g. VGG's :class:`~imgcls_jax.models.conv.ConvGeneralDilated`."""
-    extra = {} if conv_general_dilated is None else {"conv_general_dilated": conv_general_dilated}
+    with float32 parameters, run by ``conv_impl`` (:mod:`imgcls_jax.models.conv`; or by an
+    explicit ``conv_general_dilated``). Kernel and bias start at zero: the family draws its
+    kernels with :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start
+    at zero)."""
     return nnx.Conv(
         cin, cout, (kernel, kernel), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
-        param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, rngs=rngs, **extra,
+        param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, rngs=rngs,
+        conv_general_dilated=conv_general_dilated or ConvGeneralDilated(conv_impl),
     )  # fmt: skip
 
 
@@ -128,53 +130,31 @@ class Normalization(nnx.Module):
         return (x - self.mean[...]) / jnp.maximum(jnp.sqrt(self.variance[...]), 1e-7)
 
 
-DEPTHWISE_IMPLS = ("auto", "xla", "shift")
-
-
 def choose_depthwise_impl(impl: str = "auto", backend: str | None = None) -> str:
-    """``"xla"`` or ``"shift"`` for ``impl``; ``"auto"``: ``"shift"`` on CPU, ``"xla"`` elsewhere.
-
-    XLA:CPU runs depthwise convolutions (``feature_group_count = C``) as slow loops, and their
-    kernel gradient as a dense convolution (C times the work: XLA's cost analysis counts it so).
-    As k x k shifted multiply-adds the same layer is elementwise work XLA fuses: measured on a
-    2-core CPU at EfficientNetB0's shapes (batch 32), forward 7-100x and forward + gradients
-    8-40x faster, equal to float32 rounding."""
-    if impl not in DEPTHWISE_IMPLS:
-        raise ValueError(f"depthwise_impl must be one of {DEPTHWISE_IMPLS}, got {impl!r}")
-    if impl == "auto":
-        backend = jax.default_backend() if backend is None else backend
-        return "shift" if backend == "cpu" else "xla"
-    return impl
+    """Checks ``impl`` (:data:`~imgcls_jax.models.conv.DEPTHWISE_IMPLS`) and returns it; what
+    ``"auto"`` becomes is decided per shape at trace time by
+    :func:`~imgcls_jax.models.conv.choose_impl` (``"onednn"`` or ``"shift"`` on CPU, ``"xla"``
+    elsewhere). ``backend`` is unused (kept for callers)."""
+    return check_depthwise_impl(impl)
 
 
 class DepthwiseConv2D(nnx.Module):
     """Keras's ``DepthwiseConv2D`` (depth multiplier 1, no bias) as a VALID convolution of an
     already padded input; the kernel keeps Keras's shape ``[k, k, C, 1]`` so weight files copy
-    as they are. ``impl``: see :func:`choose_depthwise_impl` (decided at trace time)."""
+    as they are. ``impl``: :data:`~imgcls_jax.models.conv.DEPTHWISE_IMPLS` (the family passes
+    :func:`~imgcls_jax.models.conv.depthwise_impl_for` of its options); it runs through
+    :func:`~imgcls_jax.models.conv.conv_nhwc` with ``groups = C``."""
 
     def __init__(self, channels: int, kernel: int, *, dtype, impl: str = "auto"):
         self.kernel = nnx.Param(_zeros(None, (kernel, kernel, channels, 1)))  # see init_conv_kernels
         self.dtype = dtype
-        self.impl = impl
+        self.impl = check_depthwise_impl(impl)
 
     def __call__(self, x: jax.Array, strides: int) -> jax.Array:
         """``x`` ``[N, H, W, C]`` (padded) -> ``[N, (H - k) // s + 1, (W - k) // s + 1, C]``."""
         k, _, c, _ = self.kernel.shape
         x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-        if choose_depthwise_impl(self.impl) == "xla":
-            return lax.conv_general_dilated(
-                x, kernel.reshape(k, k, 1, c), (strides, strides), "VALID",
-                dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=c,
-            )  # fmt: skip
-        h, w = (x.shape[1] - k) // strides + 1, (x.shape[2] - k) // strides + 1
-        out = jnp.zeros((x.shape[0], h, w, c), jnp.float32)
-        for i in range(k):
-            for j in range(k):
-                window = x[
-                    :, i : i + (h - 1) * strides + 1 : strides, j : j + (w - 1) * strides + 1 : strides
-                ]
-                out = out + (window * kernel[i, j, :, 0]).astype(jnp.float32)
-        return out.astype(self.dtype)
+        return conv_nhwc(x, kernel.reshape(k, k, 1, c), (strides, strides), "VALID", groups=c, impl=self.impl)
 
 
 def swish(x: jax.Array) -> jax.Array:

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax import lax
 
-from imgcls_jax.models.conv import ConvGeneralDilated, check_impl
+from imgcls_jax.models.conv import check_impl
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
 from imgcls_jax.models.layers import BatchNorm, conv2d, init_glorot_kernels
@@ -52,8 +52,8 @@ class ResNet50(KerasConvNet):
     """``keras.applications.ResNet50`` (top, transfer head or features; see
     :class:`~imgcls_jax.models.convnet.KerasConvNet`). Stages: ``conv1`` (stem), ``conv2`` ..
     ``conv5``; features ``[N, ceil(H / 32), ceil(W / 32), 2048]``. Any input of at least 32x32
-    (Keras's rule). ``conv_impl``: how the 3x3 stride-1 convolutions run
-    (:mod:`imgcls_jax.models.conv`: ``"auto"``, ``"xla"``, ``"im2col"``; the others are XLA's)."""
+    (Keras's rule). ``conv_impl``: how the convolutions run (:mod:`imgcls_jax.models.conv`:
+    ``"auto"``, ``"xla"``, ``"im2col"`` (the 3x3 ones), ``"onednn"``)."""
 
     preprocessing = "caffe"
     #: the published top file's dense layer is ``probs`` (keras-applications' ``resnet_common``)
@@ -100,11 +100,10 @@ class ResNet50(KerasConvNet):
         self._build_head(FEATURES, rngs)
 
     def _conv(self, cin: int, cout: int, k: int, strides: int, rngs: nnx.Rngs) -> nnx.Conv:
-        """A VALID convolution with bias, except the 3x3 ones: SAME, run by ``conv_impl``."""
-        if k == 3:
-            return conv2d(cin, cout, 3, padding="SAME", use_bias=True, dtype=self.dtype, rngs=rngs,
-                          conv_general_dilated=ConvGeneralDilated(self.conv_impl))  # fmt: skip
-        return conv2d(cin, cout, k, strides=strides, use_bias=True, dtype=self.dtype, rngs=rngs)
+        """A VALID convolution with bias, except the 3x3 ones: SAME; all run by ``conv_impl``."""
+        padding = "SAME" if k == 3 else "VALID"
+        return conv2d(cin, cout, k, strides=strides, padding=padding, use_bias=True, dtype=self.dtype,
+                      conv_impl=self.conv_impl, rngs=rngs)  # fmt: skip
 
     @property
     def stages(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
