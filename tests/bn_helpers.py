@@ -33,7 +33,7 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -> None:
     """Random weights for every layer of the Keras ``model`` (He-scaled kernels, gamma in
     [0.5, 1.5], beta and biases ~N(0, 0.1-0.2), Normalization mean in [0.3, 0.6] and variance in
-    [0.03, 0.1]); BatchNorm statistics calibrated as the module docstring says, on random images
+    [0.03, 0.1], ConvNeXt's layer scale in [0.2, 1]); BatchNorm statistics calibrated as the module docstring says, on random images
     passed through ``preprocess`` (what the model expects of raw pixels; default: as they are)."""
     rng = np.random.default_rng(seed)
     draw = {
@@ -45,11 +45,14 @@ def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -
         "mean": lambda s: rng.uniform(0.3, 0.6, s),
         "variance": lambda s: rng.uniform(0.03, 0.1, s),
         "count": lambda s: np.full(s, 1234),
+        "layer_scale": lambda s: rng.uniform(0.2, 1.0, s),
     }
     for layer in model.layers:
         values = []
         for w in layer.weights:
             kind, shape = w.path.split("/")[-1], tuple(w.shape)
+            if type(layer).__name__ == "LayerScale":  # ConvNeXt's (an unnamed weight: "variable")
+                kind = "layer_scale"
             if kind in ("kernel", "depthwise_kernel"):
                 fan_in = int(np.prod(shape[:-1] if kind == "kernel" else shape[:2]))
                 values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
