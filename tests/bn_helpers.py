@@ -33,8 +33,9 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -> None:
     """Random weights for every layer of the Keras ``model`` (He-scaled kernels, gamma in
     [0.5, 1.5], beta and biases ~N(0, 0.1-0.2), Normalization mean in [0.3, 0.6] and variance in
-    [0.03, 0.1], ConvNeXt's layer scale in [0.2, 1]); BatchNorm statistics calibrated as the module docstring says, on random images
-    passed through ``preprocess`` (what the model expects of raw pixels; default: as they are)."""
+    [0.03, 0.1], ConvNeXt's layer scale in [0.2, 1]); BatchNorm statistics calibrated as the
+    module docstring says, on random images passed through ``preprocess`` (what the model expects
+    of raw pixels; default: as they are)."""
     rng = np.random.default_rng(seed)
     draw = {
         "bias": lambda s: rng.normal(0, 0.1, s),

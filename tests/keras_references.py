@@ -90,13 +90,23 @@ KERAS_REFERENCES: dict[str, KerasReference] = {
 }
 
 
-def keras_app(name: str, include_top: bool, size, pooling=None, classes: int = 1000):
+#: Registry name -> further option sets its Keras application takes, each tested as one more
+#: (slow) case of tests/test_applications.py: ``create_model(name, **options)`` against
+#: ``keras.applications.<App>(**options)``.
+OPTION_VARIANTS: dict[str, tuple[dict, ...]] = {
+    "mobilenetv3small": ({"alpha": 0.75}, {"minimalistic": True}),
+    "mobilenetv3large": ({"alpha": 0.75}, {"minimalistic": True}),
+}
+
+
+def keras_app(name: str, include_top: bool, size, pooling=None, classes: int = 1000, options=None):
     """``keras.applications.<app>(weights=None)`` of registry ``name`` at ``size`` (int or
     ``(h, w)``): logits at the top (``classifier_activation=None``), the map or pooled features
-    without it."""
+    without it. ``options``: the Keras options of the variant (default: the reference's)."""
     ref = KERAS_REFERENCES[name]
     h, w = (size, size) if isinstance(size, int) else size
-    options = dict(weights=None, input_shape=(h, w, 3), include_top=include_top, **ref.options)
+    extra = ref.options if options is None else options
+    options = dict(weights=None, input_shape=(h, w, 3), include_top=include_top, **extra)
     if include_top:
         options.update(classes=classes, classifier_activation=None)
     else:

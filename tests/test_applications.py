@@ -33,6 +33,7 @@ names, any size, flatten heads): tests/test_parity_keras.py; EfficientNet's Imag
 tests/test_efficientnet_parity.py.
 """
 
+import dataclasses
 import re
 from functools import partial
 
@@ -47,6 +48,7 @@ from imgcls_jax.train import init_state, make_optimizer, make_train_step, split_
 from tests.bn_helpers import forward, randomize_keras, rel_err, save_both_layouts
 from tests.keras_references import (
     KERAS_REFERENCES,
+    OPTION_VARIANTS,
     copy_weights,
     keras_app,
     keras_download,
@@ -90,6 +92,16 @@ def _registered():
     return [pytest.param(name, marks=m, id=name) for name, m in marks.items()]
 
 
+def _cases():
+    """Every registered name, and each of its OPTION_VARIANTS (slow): ``(name, options or None)``."""
+    cases = [pytest.param((p.values[0], None), marks=p.marks, id=p.id) for p in _registered()]
+    for name, variants in OPTION_VARIANTS.items():
+        for options in variants:
+            label = "-".join(f"{k}{v}" for k, v in options.items())
+            cases.append(pytest.param((name, options), marks=[pytest.mark.slow], id=f"{name}-{label}"))
+    return cases
+
+
 def test_every_registered_model_has_a_reference():
     """A registered model without a Keras reference (or a reference to an unregistered name)
     fails here: add its row to tests/keras_references.py (the table says how)."""
@@ -104,14 +116,6 @@ def test_quick_tier_has_every_family():
     assert families - quick == set(), "a family with every model marked slow"
 
 
-#: Options of a registered model that pick another published file (MobileNetV3's width and
-#: minimalism), tried beside the default: registry name -> option sets.
-FILE_OPTIONS = {
-    "mobilenetv3small": ({"alpha": 0.75}, {"minimalistic": True}),
-    "mobilenetv3large": ({"alpha": 0.75}, {"minimalistic": True}),
-}
-
-
 @pytest.mark.parametrize("name", _registered())
 def test_published_files_are_the_ones_keras_downloads(name, monkeypatch):
     """``weights="imagenet"`` resolves to the file Keras's application downloads (name, URL and
@@ -121,7 +125,7 @@ def test_published_files_are_the_ones_keras_downloads(name, monkeypatch):
 
     if name not in KERAS_REFERENCES:
         pytest.fail(f"{name} is registered without a Keras reference")
-    for options in ({}, *FILE_OPTIONS.get(name, ())):
+    for options in ({}, *OPTION_VARIANTS.get(name, ())):  # MobileNetV3's widths: a file each
         for include_top in (True, False):
             asked = keras_download(name, include_top, monkeypatch, **options)
             model = nnx.eval_shape(partial(imgcls_jax.create_model, name, include_top=include_top, **options))
@@ -132,28 +136,31 @@ def test_published_files_are_the_ones_keras_downloads(name, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------- fixture
-def _random_keras(name, include_top, size, seed):
-    model = keras_app(name, include_top, size)
+def _random_keras(name, include_top, size, seed, options):
+    model = keras_app(name, include_top, size, options=options)
     randomize_keras(model, seed=seed, preprocess=keras_preprocess(name))
     return model
 
 
-@pytest.fixture(scope="module", params=_registered())
+@pytest.fixture(scope="module", params=_cases())
 def case(request, tmp_path_factory):
-    """For one registered model: per size, a random Keras model with the top and one without,
-    each saved in both layouts; the Keras variants built so far (by ``(include_top, size,
-    pooling)``) and our models by ``(include_top, size, pooling, layout)``."""
-    name = request.param
+    """For one registered model (or an option variant of it): per size, a random Keras model with
+    the top and one without, each saved in both layouts; the Keras variants built so far (by
+    ``(include_top, size, pooling)``)."""
+    name, options = request.param
     if name not in KERAS_REFERENCES:
         pytest.fail(
             f"{name} is registered without a Keras reference: add its row to tests/keras_references.py"
         )
     ref = KERAS_REFERENCES[name]
+    if options is not None:
+        ref = dataclasses.replace(ref, options=options, slow=True)
     tmp = tmp_path_factory.mktemp(name)
     variants, files = {}, {}
     for i, size in enumerate(ref.sizes):
         for include_top in (True, False):
-            model = _random_keras(name, include_top, size, seed=sum(map(ord, name)) + 2 * i + include_top)
+            seed = sum(map(ord, name)) + 2 * i + include_top
+            model = _random_keras(name, include_top, size, seed, ref.options)
             variants[(include_top, size, None)] = model
             stem = f"{name}_{'top' if include_top else 'notop'}_{size[0]}x{size[1]}"
             files[(include_top, size)] = save_both_layouts(model, tmp, stem)
@@ -164,7 +171,7 @@ def keras_variant(case, include_top, size, pooling=None):
     """The Keras model with the weights of ``case``'s file ``(include_top, size)``, pooled."""
     key = (include_top, size, pooling)
     if key not in case["variants"]:
-        model = keras_app(case["name"], include_top, size, pooling=pooling)
+        model = keras_app(case["name"], include_top, size, pooling=pooling, options=case["ref"].options)
         copy_weights(case["variants"][(include_top, size, None)], model)
         case["variants"][key] = model
     return case["variants"][key]
@@ -268,7 +275,7 @@ def test_bfloat16_close_to_keras(case):
     theirs = keras_out(keras_variant(case, True, size), name, x)
     keras.config.set_dtype_policy("mixed_bfloat16")
     try:
-        mixed = keras_app(name, True, size)
+        mixed = keras_app(name, True, size, options=case["ref"].options)
     finally:
         keras.config.set_dtype_policy("float32")
     copy_weights(case["variants"][(True, size, None)], mixed)
@@ -295,7 +302,7 @@ def _keras_step(case, size, our_names, trained: set[str], head, batch):
     """Keras's weights of every base layer (by our names) before and after one
     ``train_on_batch`` of base (``pooling="avg"``) + ``Dense(K)``, and the loss."""
     name = case["name"]
-    base = keras_app(name, False, size, pooling="avg")
+    base = keras_app(name, False, size, pooling="avg", options=case["ref"].options)
     copy_weights(case["variants"][(False, size, None)], base)
     _no_dropout_keras(base)
     dense = keras.layers.Dense(K, name="head_logits")
