@@ -240,4 +240,6 @@ def test_top_and_notop_files_are_told_apart(name, tmp_path):
         load_weights(other, tmp_path / "top.h5", use_cache=False)
     fresh = model(name, seed=3)
     load_weights(fresh, tmp_path / "top.h5", use_cache=False)
-    np.testing.assert_array_equal(fresh(images()), top(images()))
+    for spec in top.layer_specs():
+        for a, b in zip(fresh.keras_variables(spec.name), top.keras_variables(spec.name), strict=True):
+            np.testing.assert_array_equal(a[...], b[...])
