@@ -99,6 +99,22 @@ OPTION_VARIANTS: dict[str, tuple[dict, ...]] = {
 }
 
 
+def registry_params(also_slow=frozenset()) -> list:
+    """``pytest.param`` per registered model, marked slow where its reference is (the large
+    variants) or in ``also_slow``: a test parametrised with it runs the smallest model of each
+    family in the quick tier. A name without a reference is quick (tests/test_applications.py
+    fails for it)."""
+    import pytest
+
+    import imgcls_jax
+
+    out = []
+    for name in imgcls_jax.list_models():
+        slow = (name in KERAS_REFERENCES and KERAS_REFERENCES[name].slow) or name in also_slow
+        out.append(pytest.param(name, marks=[pytest.mark.slow] if slow else [], id=name))
+    return out
+
+
 def keras_app(name: str, include_top: bool, size, pooling=None, classes: int = 1000, options=None):
     """``keras.applications.<app>(weights=None)`` of registry ``name`` at ``size`` (int or
     ``(h, w)``): logits at the top (``classifier_activation=None``), the map or pooled features

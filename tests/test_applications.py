@@ -55,6 +55,7 @@ from tests.keras_references import (
     keras_out,
     keras_preprocess,
     match_names,
+    registry_params,
     weighted_layers,
 )
 
@@ -86,15 +87,9 @@ FLIP_TOL = 0.5
 NO_GRADIENT_ULPS = 16
 
 
-def _registered():
-    marks = {name: [pytest.mark.slow] if name in KERAS_REFERENCES and KERAS_REFERENCES[name].slow else []
-             for name in imgcls_jax.list_models()}  # fmt: skip
-    return [pytest.param(name, marks=m, id=name) for name, m in marks.items()]
-
-
 def _cases():
     """Every registered name, and each of its OPTION_VARIANTS (slow): ``(name, options or None)``."""
-    cases = [pytest.param((p.values[0], None), marks=p.marks, id=p.id) for p in _registered()]
+    cases = [pytest.param((p.values[0], None), marks=p.marks, id=p.id) for p in registry_params()]
     for name, variants in OPTION_VARIANTS.items():
         for options in variants:
             label = "-".join(f"{k}{v}" for k, v in options.items())
@@ -116,7 +111,7 @@ def test_quick_tier_has_every_family():
     assert families - quick == set(), "a family with every model marked slow"
 
 
-@pytest.mark.parametrize("name", _registered())
+@pytest.mark.parametrize("name", registry_params())
 def test_published_files_are_the_ones_keras_downloads(name, monkeypatch):
     """``weights="imagenet"`` resolves to the file Keras's application downloads (name, URL and
     hash, as Keras's get_file is asked for them), with and without the top, and the registry

@@ -23,7 +23,7 @@ import imgcls_jax
 from imgcls_jax import TrainConfig
 from imgcls_jax.train.checkpoints import Checkpoints, model_items, restore_model
 from imgcls_jax.train.rundir import RunDir
-from tests.keras_references import KERAS_REFERENCES
+from tests.keras_references import registry_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,15 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 CHECKPOINTED_ELSEWHERE = {"vgg16", "efficientnetb0"}
 
 
-def _registered(quick_only=False, also_slow=frozenset()):
-    """Every registered name, slow where its Keras reference is (a name without one: quick, and
-    tests/test_applications.py fails for it) or in ``also_slow``."""
-    out = []
-    for name in imgcls_jax.list_models():
-        slow = (name in KERAS_REFERENCES and KERAS_REFERENCES[name].slow) or name in also_slow
-        if not (quick_only and slow):
-            out.append(pytest.param(name, marks=[pytest.mark.slow] if slow else [], id=name))
-    return out
+def _quick_names() -> list[str]:
+    return [p.values[0] for p in registry_params() if not p.marks]
 
 
 def small(name, seed=0, **options):
@@ -73,7 +66,7 @@ def _randomized(model, seed):
     return model
 
 
-@pytest.mark.parametrize("name", _registered(also_slow=CHECKPOINTED_ELSEWHERE))
+@pytest.mark.parametrize("name", registry_params(also_slow=CHECKPOINTED_ELSEWHERE))
 def test_checkpoint_round_trip(name, tmp_path):
     """A run's checkpoint (orbax, as training writes it) restores every parameter and BatchNorm
     statistic of the model bit for bit, into a model built from another seed."""
@@ -126,7 +119,7 @@ DEVICES_TOL = 1e-2
 
 
 @pytest.mark.slow  # one subprocess compiling two train steps per model (minutes on 2 cores)
-@pytest.mark.parametrize("names", [[p.values[0] for p in _registered(quick_only=True)]], ids=["quick"])
+@pytest.mark.parametrize("names", [_quick_names()], ids=["quick"])
 def test_one_step_on_four_devices_equals_one_device(names):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("XLA_", "JAX_"))}
     flags = "--xla_force_host_platform_device_count=4"

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import imgcls_jax
 from imgcls_jax import cli
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.models.registry import model_info
+from tests.keras_references import registry_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -421,7 +421,7 @@ def test_any_command_line_is_accepted_or_one_line_with_status_2(files, monkeypat
     assert status == 2 and len(lines) == 1 and lines[0].startswith("imgcls-jax: error: "), (argv, status, err)
 
 
-@pytest.mark.parametrize("name", imgcls_jax.list_models())
+@pytest.mark.parametrize("name", registry_params())  # the large variants: slow
 def test_the_train_command_checks_every_family(name):
     """``imgcls-jax train`` builds each phase's model abstractly (``nnx.eval_shape``) before
     training: every family's constructor must trace (EfficientNet's kernel initializer did not)."""
