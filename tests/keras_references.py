@@ -15,6 +15,8 @@ import numpy as np
 #: stride 32) and an odd non-square one (odd maps: Keras's ``correct_pad`` and SAME paddings
 #: differ there, strided VALID convolutions drop a pixel).
 SIZES = ((64, 64), (57, 41))
+#: A heavy model's one size: Keras's smallest.
+MIN_SIZE = (32, 32)
 
 
 @dataclass(frozen=True)
@@ -28,7 +30,11 @@ class KerasReference:
     Keras constructor and ``create_model`` (e.g. ``{"alpha": 0.75}``). ``trainable``: what the
     fine-tuning step trains (``"top:N"``: enough stages to include normalisation layers in
     training mode). ``slow``: its cases run only in the slow tier (the large variants; the
-    smallest model of each family stays quick). ``sizes``: the two input sizes."""
+    smallest model of each family stays quick). ``sizes``: the two input sizes. ``heavy``: a
+    model of hundreds of MB whose Keras copies (several per case) would not fit beside the other
+    processes of a shared 24 GB machine: its cases are float32 parity at Keras's smallest size
+    only (top, map, avg, max, head; both layouts); bfloat16 and the training step are tested on
+    the family's smaller variants, which run the same code."""
 
     app: str
     preprocess: str | None
@@ -36,6 +42,11 @@ class KerasReference:
     trainable: str = "top:2"
     slow: bool = False
     sizes: tuple = SIZES
+    heavy: bool = False
+
+    def __post_init__(self):
+        if self.heavy:
+            object.__setattr__(self, "sizes", (MIN_SIZE,))
 
     def constructor(self):
         import keras
@@ -77,12 +88,16 @@ KERAS_REFERENCES: dict[str, KerasReference] = {
     },
     "convnexttiny": KerasReference("ConvNeXtTiny", None),
     **{
-        f"convnext{v.lower()}": KerasReference(f"ConvNeXt{v}", None, slow=True)
+        f"convnext{v.lower()}": KerasReference(
+            f"ConvNeXt{v}", None, slow=True, heavy=v in ("Large", "XLarge")
+        )
         for v in ("Small", "Base", "Large", "XLarge")
     },
     "efficientnetv2b0": KerasReference("EfficientNetV2B0", None, trainable="top:3"),
     **{
-        f"efficientnetv2{v.lower()}": KerasReference(f"EfficientNetV2{v}", None, trainable="top:3", slow=True)
+        f"efficientnetv2{v.lower()}": KerasReference(
+            f"EfficientNetV2{v}", None, trainable="top:3", slow=True, heavy=v == "L"
+        )
         for v in ("B1", "B2", "B3", "S", "M", "L")
     },
     "mobilenetv3small": KerasReference("MobileNetV3Small", None, trainable="top:3"),
