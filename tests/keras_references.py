@@ -33,8 +33,8 @@ class KerasReference:
     smallest model of each family stays quick). ``sizes``: the two input sizes. ``heavy``: a
     model of hundreds of MB whose Keras copies (several per case) would not fit beside the other
     processes of a shared 24 GB machine: its cases are float32 parity at Keras's smallest size
-    only (top, map, avg, max, head; both layouts); bfloat16 and the training step are tested on
-    the family's smaller variants, which run the same code."""
+    only (logits and the map, both layouts); pooling, heads, bfloat16 and the training step are
+    tested on the family's smaller variants, which run the same code."""
 
     app: str
     preprocess: str | None
