@@ -9,17 +9,25 @@ import pytest
 
 from benchmarks.perf import compiled_flops
 from imgcls_jax import create_model
-from imgcls_jax.models import efficientnet, mobilenet, resnet
+from imgcls_jax.models import convnext, efficientnet, efficientnet_v2, mobilenet, mobilenet_v3, resnet
 from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
-from tests.bn_helpers import keras_app
+from tests.keras_references import keras_app, weighted_layers
 
 keras = pytest.importorskip("keras")
 
-MODULES = {"efficientnetb0": efficientnet, "mobilenetv2": mobilenet, "resnet50": resnet}
+MODULES = {
+    "efficientnetb0": efficientnet, "mobilenetv2": mobilenet, "resnet50": resnet, "convnexttiny": convnext,
+    "efficientnetv2b0": efficientnet_v2, "mobilenetv3small": mobilenet_v3,
+}  # fmt: skip
 #: Forward multiply-adds at 224x224 with the ImageNet top, as published: EfficientNet-B0 0.39 B
 #: (Tan & Le 2019, table 2), MobileNetV2 300 M (Sandler et al. 2018, table 3), ResNet-50 3.8-3.9 B
 #: (He et al. 2015 count 3.8 B without the biases' and the shortcuts' exact terms).
-PUBLISHED_GMACS = {"efficientnetb0": (0.39, 0.005), "mobilenetv2": (0.30, 0.005), "resnet50": (3.86, 0.05)}
+#: ConvNeXt-T 4.5 G (Liu et al. 2022, table 1), EfficientNetV2-B0 0.72 B (Tan & Le 2021, its
+#: Keras table), MobileNetV3-Small 56 M (Howard et al. 2019, table 3).
+PUBLISHED_GMACS = {
+    "efficientnetb0": (0.39, 0.005), "mobilenetv2": (0.30, 0.005), "resnet50": (3.86, 0.05),
+    "convnexttiny": (4.5, 0.05), "efficientnetv2b0": (0.72, 0.005), "mobilenetv3small": (0.056, 0.001),
+}  # fmt: skip
 #: Each family with the implementation XLA's count is taken of: ResNet50's 3x3 convolutions as
 #: XLA's (im2col, the CPU default on small maps, computes the taps on the zero padding too),
 #: the depthwise convolutions as the CPU default (shifted multiply-adds: XLA counts a grouped
@@ -34,11 +42,17 @@ OPTIONS = {
 #: XLA's count / the analytic "valid" count (convolutions and dense layers only): XLA adds the
 #: elementwise work (BatchNorm, activations, squeeze-excite gating, additions, pooling, softmax,
 #: the optimizer). Measured at 32 px, batch 8: efficientnetb0 forward 1.106, frozen 1.103, train
-#: 1.386; mobilenetv2 1.073, 1.070, 1.294; resnet50 1.021, 1.021, 1.074.
+#: 1.386; mobilenetv2 1.073, 1.070, 1.294; resnet50 1.021, 1.021, 1.074; convnexttiny 1.068,
+#: 1.068, 1.557 (LayerNorm and the exact GELU are elementwise work; XLA counts the grouped 7x7
+#: convolutions' kernel gradients as dense); efficientnetv2b0 1.037, 1.036, 1.112;
+#: mobilenetv3small 1.119, 1.113, 1.761.
 MARGIN = {
     "efficientnetb0": (1.2, 1.2, 1.6),
     "mobilenetv2": (1.12, 1.12, 1.45),
     "resnet50": (1.04, 1.04, 1.15),
+    "convnexttiny": (1.12, 1.12, 1.7),
+    "efficientnetv2b0": (1.08, 1.08, 1.2),
+    "mobilenetv3small": (1.17, 1.17, 1.9),
 }
 MODES = ("forward", "frozen", "train")
 
@@ -47,16 +61,16 @@ def keras_flops(model) -> float:
     """2 x the multiply-adds of a Keras model's Conv2D, DepthwiseConv2D and Dense layers, from
     their output shapes and kernels (every output position does the whole kernel)."""
     total = 0
-    for layer in model.layers:
+    for layer in weighted_layers(model):
         if isinstance(layer, keras.layers.DepthwiseConv2D):
             _, h, w, c = layer.output.shape
             kh, kw, _, _ = layer.kernel.shape
             total += h * w * kh * kw * c
-        elif isinstance(layer, keras.layers.Conv2D):
+        elif isinstance(layer, keras.layers.Conv2D):  # a grouped one's kernel is [k, k, C / groups, O]
             _, h, w, _ = layer.output.shape
             total += h * w * int(np.prod(layer.kernel.shape))
-        elif isinstance(layer, keras.layers.Dense):
-            total += int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):  # on a map (ConvNeXt's pointwise layers) per position
+            total += int(np.prod(layer.output.shape[1:-1])) * int(np.prod(layer.kernel.shape))
     return 2.0 * total
 
 
@@ -89,9 +103,11 @@ def test_train_frozen_and_valid_counts(arch):
         module.flops(model, 64, padding="same")
 
 
-#: (arch, mode) cases; EfficientNet's train step (38-53 s on a loaded 2-core CPU) is marked slow
+#: (arch, mode) cases; the depthwise families' train steps (EfficientNet's 38-53 s, MobileNetV3's
+#: 108 s, EfficientNetV2's 82 s, ConvNeXt's 30 s on a loaded 2-core CPU) are marked slow
+SLOW_TRAIN = {"efficientnetb0", "convnexttiny", "efficientnetv2b0", "mobilenetv3small"}
 CASES = [
-    pytest.param(arch, mode, marks=[pytest.mark.slow] if (arch, mode) == ("efficientnetb0", "train") else [])
+    pytest.param(arch, mode, marks=[pytest.mark.slow] if mode == "train" and arch in SLOW_TRAIN else [])
     for arch in sorted(MODULES)
     for mode in MODES
 ]
@@ -103,8 +119,9 @@ def test_analytic_count_matches_xla_cost_analysis(arch, mode):
     the analytic ``padding="valid"`` count; see MARGIN for what XLA adds."""
     batch, size = 8, 32
     model = create_model(
-        arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3), **OPTIONS[arch]
-    )
+        arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3),
+        **OPTIONS.get(arch, {}),
+    )  # fmt: skip
     images, labels = jnp.zeros((batch, size, size, 3), jnp.uint8), jnp.zeros((batch,), jnp.int32)
     split = split_model(model, model.trainable_layers("head" if mode == "frozen" else "all"))
     if mode == "forward":

@@ -58,7 +58,8 @@ def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):
 
 
 #: one model of each registered family (the others differ only in sizes)
-FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2")
+FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2", "convnexttiny", "efficientnetv2b0",
+            "mobilenetv3small")  # fmt: skip
 
 
 @pytest.mark.parametrize(

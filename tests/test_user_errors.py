@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import imgcls_jax
 from imgcls_jax import cli
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.models.registry import model_info
+from tests.keras_references import registry_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -87,7 +87,13 @@ def _run_folder(data: Path, run_dir: Path) -> Path:
 
 
 def _configs(tmp: Path, data: Path) -> dict:
-    base = {"data": str(data), "run_dir": str(tmp / "tuned"), "image_size": 32, "batch_size": 2}
+    base = {
+        "data": str(data),
+        "run_dir": str(tmp / "tuned"),
+        "image_size": 32,
+        "batch_size": 2,
+        "weights": "random",
+    }
     texts = {
         "not_json": "{'data': 'single quotes are not JSON'}",
         "typo": json.dumps({**base, "learning_rat": 0.01}),
@@ -198,7 +204,7 @@ MISTAKES = {
             "does not fit the model that config.json and manifest.csv (3 classes)",
         ),
         (["evaluate", "{missing_image_run}"], "1 listed image(s) not found: line"),
-        (["evaluate", "{no_best_run}"], "no finished best checkpoint"),
+        (["evaluate", "{no_best_run}", "--checkpoint", "best"], "no finished best checkpoint"),
     ],
     "predict": [
         (["predict", "{run}", "{missing}"], "missing: no such file or folder"),
@@ -207,7 +213,7 @@ MISTAKES = {
         (["predict", "{run}", "{empty_dir}"], "no image files"),
         (["predict", "{run}", "{fake_jpg}", "--top-k", "0"], "argument --top-k: must be an integer >= 1"),
         (["predict", "{data}", "{fake_jpg}"], "not a run folder"),
-        (["predict", "{no_best_run}", "{fake_jpg}"], "use --checkpoint latest"),
+        (["predict", "{no_best_run}", "{fake_jpg}", "--checkpoint", "best"], "use --checkpoint latest"),
         (["predict", "{run}"], "the following arguments are required: inputs"),
     ],
     "audit": [
@@ -421,7 +427,7 @@ def test_any_command_line_is_accepted_or_one_line_with_status_2(files, monkeypat
     assert status == 2 and len(lines) == 1 and lines[0].startswith("imgcls-jax: error: "), (argv, status, err)
 
 
-@pytest.mark.parametrize("name", imgcls_jax.list_models())
+@pytest.mark.parametrize("name", registry_params())  # the large variants: slow
 def test_the_train_command_checks_every_family(name):
     """``imgcls-jax train`` builds each phase's model abstractly (``nnx.eval_shape``) before
     training: every family's constructor must trace (EfficientNet's kernel initializer did not)."""

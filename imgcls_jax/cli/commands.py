@@ -216,12 +216,15 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from imgcls_jax.data.folders import read_manifest
+    from imgcls_jax.data.folders import DatasetError, read_manifest
     from imgcls_jax.evaluate.runs import resolve_split
 
     with reading_input():
         run, which = _run_folder(args.run_dir, args.checkpoint)
-        split = resolve_split(run, args.split)
+        try:
+            split = resolve_split(run, args.split)
+        except DatasetError as e:
+            raise UsageError(f"--split {args.split}: {e}" if args.split else str(e)) from e
         data = TrainConfig.from_json(run.config).data
         read_manifest(run.manifest, root=data, check_splits=[split])  # its images are all there
     from imgcls_jax.evaluate import evaluate_run

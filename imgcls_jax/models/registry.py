@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import mobilenet, resnet
+from imgcls_jax.models import convnext, efficientnet_v2, mobilenet, mobilenet_v3, resnet
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -105,6 +105,19 @@ register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
+for _arch in convnext.VARIANTS:  # convnexttiny ... convnextxlarge: ImageNet mean/std inside the model
+    register_model(_arch, preprocessing="torch", stages=convnext.STAGES, min_size=convnext.MIN_SIZE)(
+        _builder(convnext.ConvNeXt, _arch)
+    )
+for _arch, _variant in efficientnet_v2.VARIANTS.items():  # efficientnetv2b0 ... efficientnetv2l
+    register_model(
+        _arch, preprocessing=_variant.preprocessing, stages=efficientnet_v2.stages(_arch),
+        min_size=efficientnet_v2.MIN_SIZE,
+    )(_builder(efficientnet_v2.EfficientNetV2, _arch))  # fmt: skip
+for _arch in mobilenet_v3.VARIANTS:  # mobilenetv3small, mobilenetv3large: Rescaling to [-1, 1] inside
+    register_model(
+        _arch, preprocessing="tf", stages=mobilenet_v3.stages(_arch), min_size=mobilenet_v3.MIN_SIZE
+    )(_builder(mobilenet_v3.MobileNetV3, _arch))
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
@@ -166,7 +179,9 @@ def create_model(
             f"the ImageNet top has 1000 classes, not {num_classes}: use include_top=False "
             "(a transfer head) for another number of classes"
         )
-    preprocessing = preprocessing or info.preprocessing
+    if preprocessing is None:  # Keras's include_preprocessing=False: the model normalises nothing
+        no_preprocessing = family_options.get("include_preprocessing") is False
+        preprocessing = "none" if no_preprocessing else info.preprocessing
     options = dict(
         include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
         dropout=dropout, input_shape=input_shape, dtype=jnp.dtype(dtype), preprocessing=preprocessing,
