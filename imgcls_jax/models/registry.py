@@ -99,9 +99,10 @@ for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7: normal
     register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(
         _builder(EfficientNet, _arch)
     )
-register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min_size=32)(
-    _builder(resnet.ResNet50)
-)
+for _arch, _variant in resnet.VARIANTS.items():  # resnet50 ... resnet152v2
+    register_model(
+        _arch, preprocessing="tf" if _variant.v2 else "caffe", stages=resnet.STAGE_NAMES, min_size=32
+    )(_builder(resnet.ResNet, _arch))
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )

@@ -140,17 +140,35 @@ def _efficientnet_files() -> list[PublishedWeights]:
     ]
 
 
+#: keras.applications.resnet's ``WEIGHTS_HASHES`` (md5 of the top and the notop file); the v2
+#: files expect "tf" preprocessing, the v1 files "caffe".
+_RESNET_MD5 = {
+    "resnet50": ("2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
+    "resnet101": ("f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
+    "resnet152": ("100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    "resnet50v2": ("3ef43a0b657b3be2300d5770ece849e0", "fac2f116257151a9d068a22e544a4917"),
+    "resnet101v2": ("6343647c601c52e1368623803854d971", "c0ed64b8031c3730f411d2eb4eea35b5"),
+    "resnet152v2": ("a49b44d1979771252814e80f8ec446f9", "ed17cf2e0169df9d443503ef94b23b33"),
+}
+
+
 def _resnet_mobilenet_files() -> list[PublishedWeights]:
-    """keras.applications.resnet's ResNet50 files (md5) and mobilenet_v2's, one per input size
-    (``..._1.0_{size}.h5``, ``..._1.0_{size}_no_top.h5``), without a hash."""
+    """keras.applications.resnet's files (``<arch>_weights_tf_dim_ordering_tf_kernels[_notop].h5``,
+    md5) and mobilenet_v2's, one per input size (``..._1.0_{size}.h5``,
+    ``..._1.0_{size}_no_top.h5``), without a hash."""
     stem = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}"
-    resnet = "resnet50_weights_tf_dim_ordering_tf_kernels"
     return [
-        PublishedWeights(
-            "resnet50", True, f"{resnet}.h5", "2cb95161c43110f7111970584f804107", folder="resnet"
-        ),
-        PublishedWeights(
-            "resnet50", False, f"{resnet}_notop.h5", "4d473c1dd8becc155b73f8504c6f6626", folder="resnet"
+        *(
+            PublishedWeights(
+                arch,
+                top,
+                f"{arch}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5",
+                md5[0 if top else 1],
+                preprocessing="tf" if arch.endswith("v2") else "caffe",
+                folder="resnet",
+            )  # fmt: skip
+            for arch, md5 in _RESNET_MD5.items()
+            for top in (True, False)
         ),
         *(
             PublishedWeights(
