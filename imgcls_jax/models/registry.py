@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import mobilenet, resnet
+from imgcls_jax.models import densenet, mobilenet, resnet
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -106,6 +106,10 @@ for _arch, _variant in resnet.VARIANTS.items():  # resnet50 ... resnet152v2
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
+for _arch in densenet.VARIANTS:  # densenet121, densenet169, densenet201
+    register_model(_arch, preprocessing="torch", stages=densenet.STAGE_NAMES, min_size=32)(
+        _builder(densenet.DenseNet, _arch)
+    )
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

@@ -185,6 +185,37 @@ def _resnet_mobilenet_files() -> list[PublishedWeights]:
     ]
 
 
+#: The files of keras.applications' densenet, xception, inception_v3 and inception_resnet_v2,
+#: at ``.../tensorflow/keras-applications/<folder>/<stem>_weights_tf_dim_ordering_tf_kernels.h5``
+#: (``..._notop.h5`` without the top): arch -> (folder, stem, md5 of the top file, of the notop
+#: file, preprocessing, the size the top was trained at).
+_FAMILY_FILES = {
+    "densenet121": ("densenet", "densenet121", "9d60b8095a5708f2dcce2bca79d332c7",
+                    "30ee3e1110167f948a6b9946edeeb738", "torch", 224),
+    "densenet169": ("densenet", "densenet169", "d699b8f76981ab1b30698df4c175e90b",
+                    "b8c4d4c20dd625c148057b9ff1c1176b", "torch", 224),
+    "densenet201": ("densenet", "densenet201", "1ceb130c1ea1b78c3bf6114dbdfd8807",
+                    "c13680b51ded0fb44dff2d8f86ac8bb1", "torch", 224),
+}  # fmt: skip
+
+
+def _family_files() -> list[PublishedWeights]:
+    """:data:`_FAMILY_FILES` as :class:`PublishedWeights`."""
+    return [
+        PublishedWeights(
+            arch,
+            top,
+            f"{stem}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5",
+            top_md5 if top else notop_md5,
+            preprocessing=mode,
+            folder=folder,
+            sizes=(size,),
+        )
+        for arch, (folder, stem, top_md5, notop_md5, mode, size) in _FAMILY_FILES.items()
+        for top in (True, False)
+    ]
+
+
 # Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet, resnet,
 # mobilenet_v2).
 IMAGENET = {
@@ -210,6 +241,7 @@ IMAGENET = {
         ),
         *_efficientnet_files(),
         *_resnet_mobilenet_files(),
+        *_family_files(),
     )
 }
 
