@@ -81,7 +81,7 @@ def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -
         values = []
         for w in layer.weights:
             kind, shape = w.path.split("/")[-1], tuple(w.shape)
-            if kind in ("kernel", "depthwise_kernel"):
+            if kind in ("kernel", "depthwise_kernel", "pointwise_kernel"):
                 fan_in = int(np.prod(shape[:-1] if kind == "kernel" else shape[:2]))
                 values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
             else:

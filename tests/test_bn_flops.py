@@ -42,7 +42,11 @@ def keras_flops(model) -> float:
     their output shapes and kernels (every output position does the whole kernel)."""
     total = 0
     for layer in model.layers:
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            _, h, w, _ = layer.output.shape
+            kh, kw, c, m = layer.depthwise_kernel.shape
+            total += h * w * (kh * kw * c * m + int(np.prod(layer.pointwise_kernel.shape)))
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
             _, h, w, c = layer.output.shape
             kh, kw, _, _ = layer.kernel.shape
             total += h * w * kh * kw * c

@@ -196,6 +196,12 @@ _FAMILY_FILES = {
                     "b8c4d4c20dd625c148057b9ff1c1176b", "torch", 224),
     "densenet201": ("densenet", "densenet201", "1ceb130c1ea1b78c3bf6114dbdfd8807",
                     "c13680b51ded0fb44dff2d8f86ac8bb1", "torch", 224),
+    "xception": ("xception", "xception", "0a58e3b7378bc2990ea3b43d5981f1f6",
+                 "b0042744bf5b25fce3cb969f33bebb97", "tf", 299),
+    "inceptionv3": ("inception_v3", "inception_v3", "9a0d58056eeedaa3f26cb7ebd46da564",
+                    "bcbd6486424b2319ff4ef7d526e38f63", "tf", 299),
+    "inceptionresnetv2": ("inception_resnet_v2", "inception_resnet_v2", "e693bd0210a403b3192acc6073ad2e96",
+                          "d19885ff4a710c122648d3b5c3b684e4", "tf", 299),
 }  # fmt: skip
 
 
