@@ -104,10 +104,10 @@ def _calibrate_batchnorm(model, rng, preprocess) -> None:
     model(batch, training=True)  # moving statistics := this batch's statistics
     for bn, m in zip(bns, momentum, strict=True):
         bn.momentum = m
-        gamma, beta, mean, var = bn.get_weights()
+        *affine, mean, var = bn.get_weights()  # gamma (unless scale=False), beta
         mean = mean + rng.normal(0, 0.2, mean.shape) * np.sqrt(var)
         var = var * rng.uniform(0.5, 2.0, var.shape)
-        bn.set_weights([gamma, beta, mean.astype(np.float32), var.astype(np.float32)])
+        bn.set_weights([*affine, mean.astype(np.float32), var.astype(np.float32)])
 
 
 def save_both_layouts(model, folder, stem: str) -> dict:

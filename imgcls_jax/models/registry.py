@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import densenet, mobilenet, resnet, xception
+from imgcls_jax.models import densenet, inception_v3, mobilenet, resnet, xception
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -113,6 +113,9 @@ for _arch in densenet.VARIANTS:  # densenet121, densenet169, densenet201
 register_model("xception", preprocessing="tf", stages=xception.STAGE_NAMES, min_size=xception.MIN_SIZE)(
     _builder(xception.Xception)
 )
+register_model(
+    "inceptionv3", preprocessing="tf", stages=inception_v3.STAGE_NAMES, min_size=inception_v3.MIN_SIZE
+)(_builder(inception_v3.InceptionV3))
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
