@@ -78,6 +78,10 @@ class LayerProgram:
     def running(self) -> bool:
         return self.mode == "run"
 
+    def channels(self, x) -> int:
+        """The channels of ``x`` (an array when running, a :class:`Shape` otherwise)."""
+        return x.shape[-1] if self.running else x.c
+
     # ----------------------------------------------------------------------------- naming
     def stage(self, name: str) -> None:
         """Open stage ``name``: the weighted layers created from here on belong to it."""

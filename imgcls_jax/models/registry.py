@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import densenet, inception_v3, mobilenet, resnet, xception
+from imgcls_jax.models import densenet, inception_resnet_v2, inception_v3, mobilenet, resnet, xception
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -116,6 +116,10 @@ register_model("xception", preprocessing="tf", stages=xception.STAGE_NAMES, min_
 register_model(
     "inceptionv3", preprocessing="tf", stages=inception_v3.STAGE_NAMES, min_size=inception_v3.MIN_SIZE
 )(_builder(inception_v3.InceptionV3))
+register_model(
+    "inceptionresnetv2", preprocessing="tf", stages=inception_resnet_v2.STAGE_NAMES,
+    min_size=inception_resnet_v2.MIN_SIZE,
+)(_builder(inception_resnet_v2.InceptionResNetV2))  # fmt: skip
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
