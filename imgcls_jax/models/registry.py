@@ -16,7 +16,15 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import densenet, inception_resnet_v2, inception_v3, mobilenet, resnet, xception
+from imgcls_jax.models import (
+    densenet,
+    inception_resnet_v2,
+    inception_v3,
+    mobilenet,
+    mobilenet_v1,
+    resnet,
+    xception,
+)
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -120,6 +128,9 @@ register_model(
     "inceptionresnetv2", preprocessing="tf", stages=inception_resnet_v2.STAGE_NAMES,
     min_size=inception_resnet_v2.MIN_SIZE,
 )(_builder(inception_resnet_v2.InceptionResNetV2))  # fmt: skip
+register_model("mobilenet", preprocessing="tf", stages=mobilenet_v1.STAGE_NAMES, min_size=32)(
+    _builder(mobilenet_v1.MobileNet)
+)
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

@@ -222,6 +222,28 @@ def _family_files() -> list[PublishedWeights]:
     ]
 
 
+#: MobileNet (v1): a file per width (Keras's ``alpha_text``) and input size, no published hash.
+_MOBILENET_ALPHAS = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
+
+
+def _mobilenet_v1_files() -> list[PublishedWeights]:
+    """keras.applications.mobilenet's files, ``mobilenet_<alpha>_<size>_tf[_no_top].h5``, keyed
+    by the model's ``imagenet_key`` (``"mobilenet"``, ``"mobilenet_0.75"``, ...)."""
+    return [
+        PublishedWeights(
+            "mobilenet" if alpha == 1.0 else f"mobilenet_{alpha}",
+            top,
+            f"mobilenet_{text}_{{size}}_tf{'' if top else '_no_top'}.h5",
+            None,
+            preprocessing="tf",
+            folder="mobilenet",
+            sizes=(128, 160, 192, 224),
+        )
+        for alpha, text in _MOBILENET_ALPHAS.items()
+        for top in (True, False)
+    ]
+
+
 # Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet, resnet,
 # mobilenet_v2).
 IMAGENET = {
@@ -248,6 +270,7 @@ IMAGENET = {
         *_efficientnet_files(),
         *_resnet_mobilenet_files(),
         *_family_files(),
+        *_mobilenet_v1_files(),
     )
 }
 
