@@ -197,6 +197,15 @@ def swish(x: jax.Array) -> jax.Array:
 # "valid" padding, and Keras's paddings as explicit pads.
 
 
+def init_he_normal_kernels(kernels: Sequence[nnx.Param], key: jax.Array) -> None:
+    """Keras's ``he_normal`` for every kernel: ``VarianceScaling(2.0, "fan_in",
+    "truncated_normal")``, a normal truncated at two standard deviations, std ``sqrt(2 / fan_in) /
+    0.8796`` with ``fan_in = prod(shape[:-1])``. One draw for all, as :func:`init_conv_kernels`."""
+    total = sum(int(np.prod(k.shape)) for k in kernels)
+    draw = jax.random.truncated_normal(key, -2.0, 2.0, (total,), jnp.float32)
+    _fill_kernels(kernels, draw, lambda s: math.sqrt(2.0 / np.prod(s[:-1])) / 0.87962566103423978)
+
+
 def keras_pads(
     size: Sequence[int], kernel: int | tuple[int, int], strides: int, padding: str
 ) -> tuple[tuple[int, int], tuple[int, int]]:

@@ -37,6 +37,7 @@ from imgcls_jax.models.layers import (
     avg_pool2d,
     conv2d,
     init_glorot_kernels,
+    init_he_normal_kernels,
     keras_pads,
     max_pool2d,
     pad2d,
@@ -73,6 +74,7 @@ class LayerProgram:
         self.counts: Counter[str] = Counter()
         self.stages: list[tuple[str, list[str]]] = []
         self.ops: list[ConvOp] = []
+        self.he_normal: list[str] = []  # convolutions Keras initialises with he_normal
 
     @property
     def running(self) -> bool:
@@ -81,6 +83,10 @@ class LayerProgram:
     def channels(self, x) -> int:
         """The channels of ``x`` (an array when running, a :class:`Shape` otherwise)."""
         return x.shape[-1] if self.running else x.c
+
+    def dims(self, x) -> Shape:
+        """``(h, w, c)`` of ``x`` (an array when running, a :class:`Shape` otherwise)."""
+        return Shape(*x.shape[1:]) if self.running else x
 
     # ----------------------------------------------------------------------------- naming
     def stage(self, name: str) -> None:
@@ -113,11 +119,15 @@ class LayerProgram:
         padding: str = "same",
         use_bias: bool = False,
         name: str | None = None,
+        he_normal: bool = False,
     ):
-        """Keras's ``Conv2D(filters, kernel, strides, padding, use_bias, name)``."""
+        """Keras's ``Conv2D(filters, kernel, strides, padding, use_bias, name)``; ``he_normal``:
+        its ``kernel_initializer="he_normal"`` (default: glorot uniform)."""
         name = self._name("conv2d", name)
         if self.running:
             return getattr(self.model, name)(x)
+        if he_normal and self.mode == "build":
+            self.he_normal.append(name)
         (kh, kw), model = _pair(kernel), self.model
         op = ConvOp(
             x.h, x.w, kh, strides, keras_pads((x.h, x.w), (kh, kw), strides, padding), x.c, filters, kw=kw
@@ -244,11 +254,15 @@ class ProgramConvNet(KerasConvNet):
     architecture: Callable = staticmethod(lambda p, x: x)
 
     def _build_program(self, rngs: nnx.Rngs, top_dropout: float = 0.0) -> None:
-        """Create the backbone's layers (glorot uniform kernels, as Keras's default) and the head."""
+        """Create the backbone's layers (kernels initialised as Keras's: glorot uniform, or
+        he_normal where the program says so) and the head."""
         program = LayerProgram(self, "build", rngs)
         out = self.architecture(program, Shape(*self.input_shape))
         self._stages = tuple((name, tuple(layers)) for name, layers in program.stages)
-        init_glorot_kernels(self.conv_kernels(), rngs.params())
+        he = [getattr(self, name).kernel for name in program.he_normal]
+        init_glorot_kernels([k for k in self.conv_kernels() if all(k is not h for h in he)], rngs.params())
+        if he:
+            init_he_normal_kernels(he, rngs.params())
         self._build_head(out.c, rngs, top_dropout=top_dropout)
 
     @property

@@ -22,6 +22,7 @@ from imgcls_jax.models import (
     inception_v3,
     mobilenet,
     mobilenet_v1,
+    nasnet,
     resnet,
     xception,
 )
@@ -131,6 +132,10 @@ register_model(
 register_model("mobilenet", preprocessing="tf", stages=mobilenet_v1.STAGE_NAMES, min_size=32)(
     _builder(mobilenet_v1.MobileNet)
 )
+for _arch, _nasnet in nasnet.VARIANTS.items():  # nasnetmobile, nasnetlarge
+    register_model(_arch, preprocessing="tf", stages=_nasnet.stage_names(), min_size=32)(
+        _builder(nasnet.NASNet, _arch)
+    )
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

@@ -59,7 +59,9 @@ class PublishedWeights:
     ``file_hash``: Keras's published md5 (32 hex digits) or sha256 (64), or None where Keras
     publishes none. ``folder``: the URL folder under ``base_url`` (default ``arch``; ``""`` for
     none). ``sizes``: the input sizes its top was trained at (the last is the default); for a
-    family with a file per size ``filename`` has a ``{size}`` field (see :meth:`for_size`)."""
+    family with a file per size ``filename`` has a ``{size}`` field (see :meth:`for_size`).
+    ``remote_name``: the file's name at the URL where Keras caches it under another
+    (``filename``; NASNet's ``NASNet-mobile.h5`` is cached as ``nasnet_mobile.h5``)."""
 
     arch: str
     include_top: bool
@@ -69,11 +71,12 @@ class PublishedWeights:
     folder: str | None = None
     base_url: str = _BASE_URL
     sizes: tuple[int, ...] = (224,)
+    remote_name: str | None = None
 
     @property
     def url(self) -> str:
         folder = self.arch if self.folder is None else self.folder
-        return "/".join(p for p in (self.base_url, folder, self.filename) if p)
+        return "/".join(p for p in (self.base_url, folder, self.remote_name or self.filename) if p)
 
     @property
     def hash_algorithm(self) -> str:
@@ -244,6 +247,33 @@ def _mobilenet_v1_files() -> list[PublishedWeights]:
     ]
 
 
+#: NASNet: (Keras's cache name, the name at the URL, md5) of the top and the notop file, the size
+#: the top was trained at.
+_NASNET_FILES = {
+    "nasnetmobile": (
+        ("nasnet_mobile.h5", "NASNet-mobile.h5", "020fb642bf7360b370c678b08e0adf61"),
+        ("nasnet_mobile_no_top.h5", "NASNet-mobile-no-top.h5", "1ed92395b5b598bdda52abe5c0dbfd63"),
+        224,
+    ),
+    "nasnetlarge": (
+        ("nasnet_large.h5", "NASNet-large.h5", "11577c9a518f0070763c2b964a382f17"),
+        ("nasnet_large_no_top.h5", "NASNet-large-no-top.h5", "d81d89dc07e6e56530c4e77faddd61b5"),
+        331,
+    ),
+}  # fmt: skip
+
+
+def _nasnet_files() -> list[PublishedWeights]:
+    """keras.applications.nasnet's files (``.../nasnet/NASNet-mobile.h5``, ...)."""
+    return [
+        PublishedWeights(
+            arch, top, cached, md5, preprocessing="tf", folder="nasnet", sizes=(size,), remote_name=remote
+        )
+        for arch, (top_file, notop_file, size) in _NASNET_FILES.items()
+        for top, (cached, remote, md5) in ((True, top_file), (False, notop_file))
+    ]
+
+
 # Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet, resnet,
 # mobilenet_v2).
 IMAGENET = {
@@ -271,6 +301,7 @@ IMAGENET = {
         *_resnet_mobilenet_files(),
         *_family_files(),
         *_mobilenet_v1_files(),
+        *_nasnet_files(),
     )
 }
 
