@@ -68,7 +68,8 @@ def _depthwise_pads(size: Sequence[int], stride: int) -> tuple[tuple[int, int], 
 class MobileNet(KerasConvNet):
     """``keras.applications.MobileNet`` (top, transfer head or features; see the module
     docstring and :class:`~imgcls_jax.models.convnet.KerasConvNet`). Stages ``conv1``, ``block_1``
-    .. ``block_13``; features ``[N, ceil(H / 32), ceil(W / 32), int(1024 * alpha)]``.
+    .. ``block_13``; features ``[N, h, w, int(1024 * alpha)]`` (:meth:`feature_size`; ``H / 32``
+    for a multiple of 32).
     ``depthwise_impl``: see :func:`~imgcls_jax.models.layers.choose_depthwise_impl`."""
 
     preprocessing = "tf"
@@ -135,6 +136,17 @@ class MobileNet(KerasConvNet):
         self.conv_preds = conv2d(channels, self.num_classes, 1, use_bias=True, dtype=self.dtype, rngs=rngs)
         init_glorot_kernels([self.conv_preds.kernel], rngs.params())
         self.head_layers = ("conv_preds",)
+
+    def feature_size(self, image_size: Sequence[int]) -> tuple[int, int]:
+        """``(h, w)``: the stem halves rounding up (SAME), each stride-2 block rounding down
+        (Keras pads one pixel after, then a VALID 3x3: ``(n - 2) // 2 + 1``)."""
+        out = []
+        for n in image_size:
+            n = -(-n // 2)
+            for _, stride in BLOCKS:
+                n = (n - 2) // 2 + 1 if stride == 2 else n
+            out.append(n)
+        return tuple(out)
 
     @property
     def imagenet_key(self) -> str:
