@@ -9,13 +9,16 @@ import pytest
 
 from benchmarks.perf import compiled_flops
 from imgcls_jax import create_model
-from imgcls_jax.models import efficientnet, mobilenet, resnet
+from imgcls_jax.models import convnext, efficientnet, efficientnet_v2, mobilenet, mobilenet_v3, resnet
 from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
-from tests.bn_helpers import keras_app
+from tests.keras_references import keras_app, weighted_layers
 
 keras = pytest.importorskip("keras")
 
-MODULES = {"efficientnetb0": efficientnet, "mobilenetv2": mobilenet, "resnet50": resnet}
+MODULES = {
+    "efficientnetb0": efficientnet, "mobilenetv2": mobilenet, "resnet50": resnet, "convnexttiny": convnext,
+    "efficientnetv2b0": efficientnet_v2, "mobilenetv3small": mobilenet_v3,
+}  # fmt: skip
 #: Forward multiply-adds at 224x224 with the ImageNet top, as published: EfficientNet-B0 0.39 B
 #: (Tan & Le 2019, table 2), MobileNetV2 300 M (Sandler et al. 2018, table 3), ResNet-50 3.8-3.9 B
 #: (He et al. 2015 count 3.8 B without the biases' and the shortcuts' exact terms).
@@ -41,7 +44,7 @@ def keras_flops(model) -> float:
     """2 x the multiply-adds of a Keras model's Conv2D, DepthwiseConv2D and Dense layers, from
     their output shapes and kernels (every output position does the whole kernel)."""
     total = 0
-    for layer in model.layers:
+    for layer in weighted_layers(model):
         if isinstance(layer, keras.layers.SeparableConv2D):
             _, h, w, _ = layer.output.shape
             kh, kw, c, m = layer.depthwise_kernel.shape
@@ -50,11 +53,11 @@ def keras_flops(model) -> float:
             _, h, w, c = layer.output.shape
             kh, kw, _, _ = layer.kernel.shape
             total += h * w * kh * kw * c
-        elif isinstance(layer, keras.layers.Conv2D):
+        elif isinstance(layer, keras.layers.Conv2D):  # a grouped one's kernel is [k, k, C / groups, O]
             _, h, w, _ = layer.output.shape
             total += h * w * int(np.prod(layer.kernel.shape))
-        elif isinstance(layer, keras.layers.Dense):
-            total += int(np.prod(layer.kernel.shape))
+        elif isinstance(layer, keras.layers.Dense):  # on a map (ConvNeXt's pointwise layers) per position
+            total += int(np.prod(layer.output.shape[1:-1])) * int(np.prod(layer.kernel.shape))
     return 2.0 * total
 
 

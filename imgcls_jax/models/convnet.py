@@ -21,7 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models.base import Classifier, LayerSpec
-from imgcls_jax.models.layers import DepthwiseConv2D, Normalization, SeparableConv2D, _zeros
+from imgcls_jax.models.layers import (
+    DepthwiseConv2D,
+    LayerNorm,
+    LayerScale,
+    Normalization,
+    SeparableConv2D,
+    _zeros,
+)
 from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 
 POOLINGS = (None, "avg", "max")
@@ -32,6 +39,8 @@ WEIGHT_NAMES = {
     Normalization: ("mean", "variance", "count"),
     DepthwiseConv2D: ("depthwise_kernel",),
     SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+    LayerNorm: ("gamma", "beta"),
+    LayerScale: ("gamma",),
 }
 #: A BatchNorm built with ``scale=False`` (the Inception families) has no gamma.
 BN_NO_SCALE = ("beta", "moving_mean", "moving_variance")
@@ -99,9 +108,19 @@ class KerasConvNet(Classifier):
     top_init = staticmethod(_glorot)
 
     def _setup(self, arch: str, *, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype,
-               preprocessing: str | None = None) -> None:  # fmt: skip
+               preprocessing: str | None = None, include_preprocessing: bool = True) -> None:  # fmt: skip
         """Check and set the options every family shares (see :func:`check_options`);
-        ``preprocessing``: the family's input normalisation mode (default: its class attribute)."""
+        ``preprocessing``: the family's input normalisation mode (default: its class attribute).
+        ``include_preprocessing=False`` (Keras's option, where the Keras model normalises its
+        inputs itself): the model applies none (``"none"``): it takes inputs normalised as its
+        weights expect."""
+        if not include_preprocessing:
+            if preprocessing not in (None, "none", getattr(self, "preprocessing", None)):
+                raise ValueError(
+                    f"{arch}: include_preprocessing=False applies no preprocessing, but preprocessing="
+                    f"{preprocessing!r} was asked for: set one of them"
+                )
+            preprocessing = "none"
         num_classes, shape, dtype = check_options(
             arch, include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
             dropout=dropout, input_shape=input_shape, dtype=dtype, min_size=self.min_size,
@@ -237,12 +256,16 @@ class KerasConvNet(Classifier):
 
     def keras_variables(self, name: str) -> list[nnx.Variable]:
         """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma (unless
-        built without), beta, moving mean, moving variance; Normalization's mean, variance, count;
-        a separable convolution's depthwise and pointwise kernels; a convolution's or dense
-        layer's kernel (and bias)."""
+        built without), beta, moving mean, moving variance; LayerNormalization's gamma, beta;
+        LayerScale's gamma; Normalization's mean, variance, count; a separable convolution's
+        depthwise and pointwise kernels; a convolution's or dense layer's kernel (and bias)."""
         layer = getattr(self, name)
         if isinstance(layer, nnx.BatchNorm):
             return [v for v in (layer.scale, layer.bias, layer.mean, layer.var) if v is not None]
+        if isinstance(layer, LayerNorm):
+            return [layer.scale, layer.bias]
+        if isinstance(layer, LayerScale):
+            return [layer.gamma]
         if isinstance(layer, Normalization):
             return [layer.mean, layer.variance, layer.count]
         if isinstance(layer, SeparableConv2D):

@@ -96,7 +96,8 @@ def square(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 def count_flops(model, ops: Sequence[ConvOp], mode: str = "forward", padding: str = "full") -> float:
     """FLOPs of one image through ``model``: the convolutions ``ops`` (its backbone's, in forward
-    order) and the dense layers of its top or head (``model.head_layers``).
+    order) and the dense layers of its top or head (``model.head_layers`` with a kernel: a
+    normalisation layer there is left out; a 1x1 convolution on the pooled map counts as dense).
 
     ``mode``: ``"forward"``; ``"train"`` (every layer's forward, weight gradient and input
     gradient, except the first convolution's input gradient: 3 x forward - first conv);
@@ -105,7 +106,8 @@ def count_flops(model, ops: Sequence[ConvOp], mode: str = "forward", padding: st
     if mode not in FLOP_MODES:
         raise ValueError(f"mode must be one of {FLOP_MODES}, got {mode!r}")
     convs = [op.flops(padding) for op in ops]
-    dense = [2.0 * float(getattr(model, name).kernel.size) for name in model.head_layers]
+    head = [getattr(model, name) for name in model.head_layers]
+    dense = [2.0 * float(layer.kernel.size) for layer in head if hasattr(layer, "kernel")]
     if mode == "forward":
         return sum(convs) + sum(dense)
     if mode == "frozen":

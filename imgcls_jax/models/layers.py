@@ -1,7 +1,9 @@
 """Keras layers the BatchNorm families (EfficientNet, ResNet50, MobileNetV2) share beyond VGG's:
 ``BatchNormalization`` (:class:`BatchNorm`), ``Conv2D`` (:func:`conv2d`), ``Normalization``,
 ``DepthwiseConv2D``, ``imagenet_utils.correct_pad``, swish, and Keras's kernel initializers
-drawn in one program.
+drawn in one program; and those ConvNeXt, EfficientNetV2 and MobileNetV3 add (at the end):
+``LayerNormalization`` (:class:`LayerNorm`), ConvNeXt's ``LayerScale``, stochastic depth,
+squeeze-and-excitation, GELU, hard sigmoid and hard swish.
 
 Layers keep Keras's weight shapes, so weight files copy as they are. Layout NHWC.
 """
@@ -105,17 +107,21 @@ class BatchNorm(nnx.BatchNorm):
 
 
 def conv2d(cin: int, cout: int, kernel: int | tuple[int, int], *, strides: int = 1, padding="VALID",
-           use_bias: bool, dtype, conv_general_dilated=None, rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
-    """Keras's ``Conv2D`` (HWIO kernel ``[kh, kw, cin, cout]``; ``kernel`` an int for square ones,
-    ``(kh, kw)`` for others such as Inception's 1x7; optional bias) computing in ``dtype`` with
-    float32 parameters. Kernel and bias start at zero: the family draws its kernels with
+           use_bias: bool, dtype, conv_general_dilated=None, groups: int = 1,
+           rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
+    """Keras's ``Conv2D`` (HWIO kernel ``[kh, kw, cin / groups, cout]``; ``kernel`` an int for square
+    ones, ``(kh, kw)`` for others such as Inception's 1x7; optional bias) computing in ``dtype``
+    with float32 parameters. Kernel and bias start at zero: the family draws its kernels with
     :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start at zero).
-    ``conv_general_dilated``: e.g. VGG's :class:`~imgcls_jax.models.conv.ConvGeneralDilated`."""
+    ``conv_general_dilated``: e.g. VGG's :class:`~imgcls_jax.models.conv.ConvGeneralDilated`.
+    ``groups``: Keras's ``groups`` (``groups = cin = cout``: ConvNeXt's depthwise convolution,
+    kernel ``[k, k, 1, C]`` as Keras stores it)."""
     extra = {} if conv_general_dilated is None else {"conv_general_dilated": conv_general_dilated}
     kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     return nnx.Conv(
         cin, cout, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
-        param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, rngs=rngs, **extra,
+        param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, feature_group_count=groups,
+        rngs=rngs, **extra,
     )  # fmt: skip
 
 
@@ -189,6 +195,73 @@ class DepthwiseConv2D(nnx.Module):
 
 def swish(x: jax.Array) -> jax.Array:
     return x * jax.nn.sigmoid(x)
+
+
+# ------------------------------------------------------------ ConvNeXt, EfficientNetV2, MobileNetV3
+class LayerNorm(nnx.LayerNorm):
+    """Keras's ``LayerNormalization`` over the channels (the last axis), as Keras computes it
+    under mixed precision: in float32 whatever the input dtype, the output cast back to the
+    input's dtype. ``scale``/``bias`` are Keras's gamma/beta (float32, 1 and 0 to start).
+    ``epsilon``: Keras's default is 1e-3; ConvNeXt's layers take 1e-6."""
+
+    def __init__(self, channels: int, *, epsilon: float, rngs: nnx.Rngs):
+        super().__init__(
+            channels, epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, use_fast_variance=False,
+            scale_init=_ones, bias_init=_zeros, rngs=rngs,
+        )  # fmt: skip
+
+    def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
+        """``x`` ``[..., C]`` (any float dtype) -> normalised over C, same shape and dtype."""
+        return super().__call__(x.astype(jnp.float32), **kwargs).astype(x.dtype)
+
+
+class LayerScale(nnx.Module):
+    """ConvNeXt's ``LayerScale``: ``x * gamma`` per channel, ``gamma`` ``float32[C]`` starting at
+    ``init_value`` (Keras's weight has no name: ``variable`` in a Keras 3 file).
+
+    ``deterministic``: the layer's mode, set by ``.train()`` / ``.eval()`` as on dropout (True:
+    inference mode). It has no effect on the product; its block's stochastic depth follows it, so
+    a frozen block (run in inference mode) drops nothing."""
+
+    def __init__(self, channels: int, init_value: float):
+        self.gamma = nnx.Param(_host_constant(init_value)(None, (channels,)))
+        self.deterministic = True
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return x * self.gamma[...].astype(x.dtype)
+
+
+def stochastic_depth(rate: float) -> nnx.Dropout:
+    """Per-example dropout of a residual branch: Keras's ``Dropout(rate, noise_shape=(None, 1,
+    1, 1))`` (EfficientNet's "drop connect") and ConvNeXt's ``StochasticDepth(rate)``, which are
+    the same: keep an example's branch with probability ``1 - rate``, scaled by ``1 / (1 -
+    rate)``. Built inactive (``deterministic=True``); the family calls it with
+    ``deterministic=False`` while the block is trained."""
+    return nnx.Dropout(rate, broadcast_dims=(1, 2, 3), deterministic=True)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+    """Keras's ``"gelu"`` activation: the exact one, ``x * Phi(x)`` (erf; not the tanh form)."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def hard_sigmoid(x: jax.Array) -> jax.Array:
+    """MobileNetV3's ``hard_sigmoid``: ``ReLU6(x + 3) * (1 / 6)``."""
+    return jax.nn.relu6(x + 3.0) * (1.0 / 6.0)
+
+
+def hard_swish(x: jax.Array) -> jax.Array:
+    """Keras's ``"hard_swish"`` (``hard_silu``) activation: ``x * ReLU6(x + 3) / 6``."""
+    return x * (jax.nn.relu6(x + 3.0) / 6.0)
+
+
+def squeeze_excite(x: jax.Array, reduce: nnx.Module, expand: nnx.Module, activation, gate) -> jax.Array:
+    """Squeeze-and-excitation as Keras's applications build it: the map ``x`` ``[N, H, W, C]``
+    averaged over H and W (in float32, then ``x``'s dtype), the 1x1 convolution ``reduce``,
+    ``activation``, the 1x1 convolution ``expand`` (back to C), ``gate`` (sigmoid, or MobileNetV3's
+    :func:`hard_sigmoid`), times ``x``."""
+    s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
+    return x * gate(expand(activation(reduce(s))))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -17,11 +17,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models import (
+    convnext,
     densenet,
+    efficientnet_v2,
     inception_resnet_v2,
     inception_v3,
     mobilenet,
     mobilenet_v1,
+    mobilenet_v3,
     nasnet,
     resnet,
     xception,
@@ -115,6 +118,19 @@ for _arch, _variant in resnet.VARIANTS.items():  # resnet50 ... resnet152v2
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
+for _arch in convnext.VARIANTS:  # convnexttiny ... convnextxlarge: ImageNet mean/std inside the model
+    register_model(_arch, preprocessing="torch", stages=convnext.STAGES, min_size=convnext.MIN_SIZE)(
+        _builder(convnext.ConvNeXt, _arch)
+    )
+for _arch, _variant in efficientnet_v2.VARIANTS.items():  # efficientnetv2b0 ... efficientnetv2l
+    register_model(
+        _arch, preprocessing=_variant.preprocessing, stages=efficientnet_v2.stages(_arch),
+        min_size=efficientnet_v2.MIN_SIZE,
+    )(_builder(efficientnet_v2.EfficientNetV2, _arch))  # fmt: skip
+for _arch in mobilenet_v3.VARIANTS:  # mobilenetv3small, mobilenetv3large: Rescaling to [-1, 1] inside
+    register_model(
+        _arch, preprocessing="tf", stages=mobilenet_v3.stages(_arch), min_size=mobilenet_v3.MIN_SIZE
+    )(_builder(mobilenet_v3.MobileNetV3, _arch))
 for _arch in densenet.VARIANTS:  # densenet121, densenet169, densenet201
     register_model(_arch, preprocessing="torch", stages=densenet.STAGE_NAMES, min_size=32)(
         _builder(densenet.DenseNet, _arch)
@@ -197,7 +213,9 @@ def create_model(
             f"the ImageNet top has 1000 classes, not {num_classes}: use include_top=False "
             "(a transfer head) for another number of classes"
         )
-    preprocessing = preprocessing or info.preprocessing
+    if preprocessing is None:  # Keras's include_preprocessing=False: the model normalises nothing
+        no_preprocessing = family_options.get("include_preprocessing") is False
+        preprocessing = "none" if no_preprocessing else info.preprocessing
     options = dict(
         include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
         dropout=dropout, input_shape=input_shape, dtype=jnp.dtype(dtype), preprocessing=preprocessing,

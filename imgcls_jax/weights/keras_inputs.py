@@ -89,6 +89,8 @@ def mode_affine(mode: str) -> Affine:
         return Affine(False, 1.0 / (255.0 * std), -np.asarray(TORCH_MEAN_RGB, np.float64) / std)
     if mode == "unit":
         return Affine(False, ones / 255.0, 0 * ones)
+    if mode == "tf128":
+        return Affine(False, ones / 128.0, -ones)
     if mode == "none":
         return Affine(False, ones, 0 * ones)
     raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
