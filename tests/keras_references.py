@@ -184,12 +184,32 @@ def weighted_layers(model) -> list:
     return out
 
 
+#: Keras's names for layers it was given no name for: the class's, numbered in the session.
+AUTO_NAMES = (
+    "conv2d", "batch_normalization", "normalization", "layer_normalization", "separable_conv2d",
+    "depthwise_conv2d",
+)  # fmt: skip
+
+
+def _numbered(base: str, names) -> list[str]:
+    """``names`` that are ``base`` or ``base_<n>``, in the order of ``n`` (the unnumbered first)."""
+    pattern = re.compile(rf"{re.escape(base)}(?:_(\d+))?")
+    found = [(int(m.group(1) or -1), n) for n in names if (m := pattern.fullmatch(n))]
+    return [n for _, n in sorted(found)]
+
+
 def match_names(keras_names, ours) -> dict[str, str]:
-    """Keras layer name -> our layer name: the same name, or for a layer Keras named after its
-    class and numbered in the session (``normalization_3``, ``layer_normalization_12``) the one
-    of ours with that class name (as the weight loader matches them)."""
-    ours = set(ours)
+    """Keras layer name -> our layer name: the same name; for layers Keras named after their
+    class and numbered in the session (``conv2d_97``, ``normalization_3``), ours of that class
+    in the same order (Keras numbers them in creation order; ours carry a fresh session's
+    numbers: ``conv2d``, ``conv2d_1``, ...), as the weight loader matches them; else the one of
+    ours with the name's class name."""
+    keras_names, ours = list(keras_names), set(ours)
     mapping = {k: k for k in keras_names if k in ours}
+    for base in AUTO_NAMES:
+        theirs, mine = _numbered(base, keras_names), _numbered(base, ours)
+        if theirs and len(theirs) == len(mine):
+            mapping.update(zip(theirs, mine))
     for k in keras_names:
         base = re.fullmatch(r"(.+)_\d+", k)
         if k not in mapping and base and base.group(1) in ours and base.group(1) not in mapping.values():

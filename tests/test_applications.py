@@ -79,6 +79,10 @@ OUTLIERS = 2e-3
 #: 960 entries, 4% of the update off).
 MIN_OUTLIERS = 3
 FLIP_TOL = 0.5
+#: The step's loss, relative: float32 through the whole base in training mode (measured 1.1e-5
+#: for inceptionv3, 94 convolutions and BatchNorms, whose inference outputs are 1e-5 of their
+#: size off Keras's; the others' under 1e-5).
+LOSS_TOL = 3e-5
 #: A tensor Keras moved by at most this many float32 ulps has no gradient (a bias feeding only
 #: training-mode BatchNorms, which subtract the batch mean): ours must not move it more either.
 NO_GRADIENT_ULPS = 16
@@ -179,8 +183,13 @@ def ours(case, include_top, size, layout="keras3", **options):
 
 
 # --------------------------------------------------------------------------------------- tests
-#: Keras 3's names of weights where the Keras 2 files (and our specs) name them otherwise.
-KERAS3_WEIGHT_NAMES = {"depthwise_kernel": "kernel"}
+#: Keras 3's names of weights where the Keras 2 files (and our specs) name them otherwise: a
+#: ``DepthwiseConv2D``'s one weight (a ``SeparableConv2D``'s keep their names).
+KERAS3_WEIGHT_NAMES = {("depthwise_kernel",): ("kernel",)}
+
+
+def _keras3_weight_names(spec) -> tuple[str, ...]:
+    return KERAS3_WEIGHT_NAMES.get(tuple(spec.weight_names), tuple(spec.weight_names))
 
 
 def test_layer_specs_are_keras_layers(case):
@@ -201,9 +210,7 @@ def test_layer_specs_are_keras_layers(case):
             )
             for la in keras_layers
         }  # fmt: skip
-        found = {
-            s.name: (tuple(KERAS3_WEIGHT_NAMES.get(w, w) for w in s.weight_names), s.shapes) for s in specs
-        }
+        found = {s.name: (_keras3_weight_names(s), s.shapes) for s in specs}
         assert len(specs) == len(keras_layers)
         for layer, (weights, shapes) in theirs.items():
             assert layer in found, f"Keras layer {layer} is not among ours"
@@ -377,7 +384,7 @@ def test_one_fine_tuning_step_equals_keras(case, step_inputs):
     )
     trained = set(split.trained)
     before, after, loss = _keras_step(case, size, model.base_layers, trained - {"head_logits"}, head, batch)
-    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=1e-5)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=LOSS_TOL)
 
     worst, outliers, no_gradient = _compare(stepped, trained, before, after)
     print(

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models.conv import check_impl
-from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_flops
+from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_conv_ops, program_flops
 
 MIN_SIZE = 75
 #: The residual blocks: (type, how many, scale).
@@ -144,5 +144,5 @@ class InceptionResNetV2(ProgramConvNet):
         self._build_program(rngs)
 
 
-#: Analytic FLOPs (:func:`~imgcls_jax.models.program.program_flops`).
-flops = program_flops
+#: Analytic FLOPs and the convolutions they count (:mod:`imgcls_jax.models.program`).
+flops, conv_ops = program_flops, program_conv_ops

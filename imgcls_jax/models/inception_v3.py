@@ -30,7 +30,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models.conv import check_impl
-from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_flops
+from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_conv_ops, program_flops
 
 MIN_SIZE = 75
 #: Stage names in forward order (``top:N`` trains the last N and the head): Keras's names of the
@@ -140,5 +140,5 @@ class InceptionV3(ProgramConvNet):
         self._build_program(rngs)
 
 
-#: Analytic FLOPs (:func:`~imgcls_jax.models.program.program_flops`).
-flops = program_flops
+#: Analytic FLOPs and the convolutions they count (:mod:`imgcls_jax.models.program`).
+flops, conv_ops = program_flops, program_conv_ops

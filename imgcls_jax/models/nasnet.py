@@ -38,7 +38,7 @@ from flax import nnx
 
 from imgcls_jax.models.conv import check_impl
 from imgcls_jax.models.layers import choose_depthwise_impl, correct_pad
-from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_flops
+from imgcls_jax.models.program import LayerProgram, ProgramConvNet, program_conv_ops, program_flops
 
 BN = {"epsilon": 1e-3, "momentum": 0.9997}
 FILTER_MULTIPLIER = 2
@@ -198,5 +198,5 @@ class NASNet(ProgramConvNet):
         return architecture(p, x, self.variant)
 
 
-#: Analytic FLOPs (:func:`~imgcls_jax.models.program.program_flops`).
-flops = program_flops
+#: Analytic FLOPs and the convolutions they count (:mod:`imgcls_jax.models.program`).
+flops, conv_ops = program_flops, program_conv_ops

@@ -299,3 +299,9 @@ def program_flops(
     ``padding``: ``"full"`` (textbook: ``k x k`` taps everywhere) or ``"valid"`` (taps on zero
     padding left out, as XLA counts). Returns FLOPs per image."""
     return count_flops(model, model.conv_ops(image_size), mode, padding)
+
+
+def program_conv_ops(model: ProgramConvNet, image_size: int | tuple[int, int]) -> list[ConvOp]:
+    """:meth:`ProgramConvNet.conv_ops` as a function of ``(model, image_size)``, the form every
+    family's ``conv_ops`` has."""
+    return model.conv_ops(image_size)
