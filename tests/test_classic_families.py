@@ -260,3 +260,25 @@ def test_a_missing_unnamed_layer_is_reported(tmp_path):
     write_legacy_h5(tmp_path / "short.h5", weights)
     with pytest.raises(WeightFileError, match="missing \\['conv2d_2'\\]"):
         load_weights(model("xception", include_top=False), tmp_path / "short.h5", use_cache=False)
+
+
+@pytest.mark.parametrize(
+    "source, target, family",
+    [
+        ("xception", "resnet50", "Xception"),
+        pytest.param("densenet121", "resnet50", "DenseNet", marks=pytest.mark.slow),
+        pytest.param("mobilenet", "densenet121", "MobileNet", marks=pytest.mark.slow),
+    ],
+)
+def test_file_of_another_family_is_named(tmp_path, source, target, family):
+    """A file of another family is rejected before any array is read, and the message says whose
+    it looks like (Xception's layers include VGG's ``block1_conv1``, DenseNet's ResNet's
+    ``conv1_conv``: the specific marker wins)."""
+    specs = nnx.eval_shape(lambda: model(source, include_top=False)).layer_specs()
+    weights = {
+        s.name: {w: np.zeros(shape, np.float32) for w, shape in zip(s.weight_names, s.shapes)} for s in specs
+    }
+    write_legacy_h5(tmp_path / "other.h5", weights)
+    target_model = nnx.eval_shape(lambda: model(target, include_top=False))
+    with pytest.raises(WeightFileError, match=f"it looks like a {family} file"):
+        load_weights(target_model, tmp_path / "other.h5", use_cache=False)

@@ -36,8 +36,8 @@ from imgcls_jax.models.base import LayerSpec
 TOP_LAYERS = ("fc1", "fc2", "predictions")
 #: Every name a Keras top layer has in the published files: those, the top dense layer as
 #: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``), and
-#: MobileNetV3's top convolutions (``conv_2``, ``logits``).
-TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits", "conv_2", "logits"}
+#: MobileNetV3's and MobileNet's top convolutions (``conv_2``, ``logits``; ``conv_preds``).
+TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits", "conv_2", "logits", "conv_preds"}
 #: ConvNeXt's top: ``<model name>_head_layernorm`` and ``<model name>_head_dense``.
 _TOP_PATTERN = re.compile(r".+_head_(layernorm|dense)")
 
@@ -49,7 +49,12 @@ def is_top_layer(name: str) -> bool:
 
 
 #: A layer name only one family's files have -> that family, for "it looks like" hints.
-FAMILY_MARKERS = {
+FAMILY_MARKERS = {  # the more specific first: Xception has VGG's block1_conv1, DenseNet ResNet's conv1_conv
+    "block1_conv1_bn": "Xception",
+    "pool2_conv": "DenseNet",
+    "block35_1_conv": "InceptionResNetV2",
+    "conv_dw_1": "MobileNet",
+    "normal_conv_1_0": "NASNet",
     "block1_conv1": "VGG",
     "conv1_conv": "ResNet",
     "bn_Conv1": "MobileNetV2",
@@ -220,7 +225,7 @@ def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
 
 def _is_classifier(name: str) -> bool:
     """The layer whose outputs are the classes (Keras's top, or our transfer head's)."""
-    return name in ("predictions", "logits", "head_logits") or name.endswith("_head_dense")
+    return name in ("predictions", "logits", "conv_preds", "head_logits") or name.endswith("_head_dense")
 
 
 def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:
