@@ -60,8 +60,9 @@ keras = pytest.importorskip("keras")
 
 F32_TOL = 1e-4
 #: bfloat16: at most BF16_VS_KERAS x Keras's own mixed_bfloat16 error, and BF16_TOL at worst (a
-#: bound against a broken reference: resnet50 at 64 px measured 0.113, Keras's own 0.124).
-BF16_TOL = 0.25
+#: bound against a broken reference: resnet50 at 64 px measured 0.113, Keras's own 0.124; the
+#: error grows with depth through random weights: resnet101 0.352, Keras's own 0.382).
+BF16_TOL = 0.5
 BF16_VS_KERAS = 1.5
 #: The fine-tuning step: K classes, N images at the first size, learning rate.
 K, N, LR = 5, 8, 0.1
