@@ -28,7 +28,9 @@ class KerasReference:
     Keras constructor and ``create_model`` (e.g. ``{"alpha": 0.75}``). ``trainable``: what the
     fine-tuning step trains (``"top:N"``: enough stages to include normalisation layers in
     training mode). ``slow``: its cases run only in the slow tier (the large variants; the
-    smallest model of each family stays quick). ``sizes``: the two input sizes."""
+    smallest model of each family stays quick). ``sizes``: the two input sizes. ``f32_tol``: the
+    float32 outputs' tolerance, relative to their size (float32's own error through a very deep
+    model's random weights can exceed the default: see ``resnet152``)."""
 
     app: str
     preprocess: str | None
@@ -36,6 +38,7 @@ class KerasReference:
     trainable: str = "top:2"
     slow: bool = False
     sizes: tuple = SIZES
+    f32_tol: float = 1e-4  # tests/test_applications.py's F32_TOL
 
     def constructor(self):
         import keras
@@ -88,7 +91,9 @@ KERAS_REFERENCES: dict[str, KerasReference] = {
     "mobilenetv3small": KerasReference("MobileNetV3Small", None, trainable="top:3"),
     "mobilenetv3large": KerasReference("MobileNetV3Large", None, trainable="top:3", slow=True),
     "resnet101": KerasReference("ResNet101", "caffe", slow=True),
-    "resnet152": KerasReference("ResNet152", "caffe", slow=True),
+    # Keras's own float32 output is 1.4e-4 / 1.8e-4 of its size off its float64 one at the two
+    # sizes (ours: 1.2e-4 / 1.8e-4 off float64, 1.5e-4 off Keras's float32), measured 2026-12-07
+    "resnet152": KerasReference("ResNet152", "caffe", slow=True, f32_tol=3e-4),
     "resnet50v2": KerasReference("ResNet50V2", "tf"),
     "resnet101v2": KerasReference("ResNet101V2", "tf", slow=True),
     "resnet152v2": KerasReference("ResNet152V2", "tf", slow=True),

@@ -17,7 +17,8 @@ pooled ``avg`` / ``max`` (one per size), without it.
 
 Tolerances:
 
-* float32: max |ours - keras| <= 1e-4 * max |keras| (F32_TOL; the figures are printed).
+* float32: max |ours - keras| <= 1e-4 * max |keras| (F32_TOL; the figures are printed; a
+  reference's ``f32_tol`` where float32's own error is larger: resnet152).
 * bfloat16 compute (parameters and normalisation statistics float32) against Keras float32,
   with the top at the even size: at most BF16_VS_KERAS times the error of Keras's own
   ``mixed_bfloat16`` model of the same weights, and at most BF16_TOL.
@@ -253,7 +254,7 @@ def test_outputs_equal_keras(case, layout):
             head = dict(pooling="avg", num_classes=7, head_units=(16,), dropout=0.5)
             errors[("head", size)] = rel_err(_pooled(case, size, fmap, **head), theirs)
     print(name, layout, {k: f"{v:.1e}" for k, v in errors.items()})
-    assert max(errors.values()) <= F32_TOL, errors
+    assert max(errors.values()) <= case["ref"].f32_tol, errors
 
 
 def test_outputs_depend_on_input(case):
