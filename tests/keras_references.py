@@ -90,10 +90,15 @@ KERAS_REFERENCES: dict[str, KerasReference] = {
     },
     "mobilenetv3small": KerasReference("MobileNetV3Small", None, trainable="top:3"),
     "mobilenetv3large": KerasReference("MobileNetV3Large", None, trainable="top:3", slow=True),
-    "resnet101": KerasReference("ResNet101", "caffe", slow=True),
+    # The step trains conv5 only (top:1) in the deep v1 ResNets: with conv4's 23 / 36 blocks in
+    # training mode (top:2) one float32 step is ill-conditioned beyond the test's outlier rule in
+    # Keras itself: against Keras's float64 step (2026-12-07, resnet101), Keras's own float32 step
+    # has up to 12 of 1024 (7 of 256) entries of a conv4 BatchNorm's weights beyond 3e-2 of the
+    # update, ours up to 17 of 256; over all trained tensors 10,708 vs ours 11,074 of 41.2 M.
+    "resnet101": KerasReference("ResNet101", "caffe", slow=True, trainable="top:1"),
     # Keras's own float32 output is 1.4e-4 / 1.8e-4 of its size off its float64 one at the two
     # sizes (ours: 1.2e-4 / 1.8e-4 off float64, 1.5e-4 off Keras's float32), measured 2026-12-07
-    "resnet152": KerasReference("ResNet152", "caffe", slow=True, f32_tol=3e-4),
+    "resnet152": KerasReference("ResNet152", "caffe", slow=True, f32_tol=3e-4, trainable="top:1"),
     "resnet50v2": KerasReference("ResNet50V2", "tf"),
     "resnet101v2": KerasReference("ResNet101V2", "tf", slow=True),
     "resnet152v2": KerasReference("ResNet152V2", "tf", slow=True),

@@ -81,10 +81,11 @@ OUTLIERS = 2e-3
 #: 960 entries, 4% of the update off).
 MIN_OUTLIERS = 3
 FLIP_TOL = 0.5
-#: The step's loss, relative: float32 through the whole base in training mode (measured 1.1e-5
-#: for inceptionv3, 94 convolutions and BatchNorms, whose inference outputs are 1e-5 of their
-#: size off Keras's; the others' under 1e-5).
-LOSS_TOL = 3e-5
+#: The step's loss, relative, as a fraction of the reference's float32 tolerance (default 5e-5):
+#: float32 through the whole base in training mode (measured 1.1e-5 for inceptionv3, 94
+#: convolutions and BatchNorms, whose inference outputs are 1e-5 of their size off Keras's; the
+#: others' under 1e-5; resnet152 9.7e-5, with its own tolerance).
+LOSS_TOL = 0.5
 #: A tensor Keras moved by at most this many float32 ulps has no gradient (a bias feeding only
 #: training-mode BatchNorms, which subtract the batch mean): ours must not move it more either.
 NO_GRADIENT_ULPS = 16
@@ -386,7 +387,7 @@ def test_one_fine_tuning_step_equals_keras(case, step_inputs):
     )
     trained = set(split.trained)
     before, after, loss = _keras_step(case, size, model.base_layers, trained - {"head_logits"}, head, batch)
-    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=LOSS_TOL)
+    np.testing.assert_allclose(float(metrics["loss"]), loss, rtol=LOSS_TOL * case["ref"].f32_tol)
 
     worst, outliers, no_gradient = _compare(stepped, trained, before, after)
     print(
