@@ -54,7 +54,7 @@ def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -
             kind, shape = w.path.split("/")[-1], tuple(w.shape)
             if type(layer).__name__ == "LayerScale":  # ConvNeXt's (an unnamed weight: "variable")
                 kind = "layer_scale"
-            if kind in ("kernel", "depthwise_kernel"):
+            if kind in ("kernel", "depthwise_kernel", "pointwise_kernel"):
                 fan_in = int(np.prod(shape[:-1] if kind == "kernel" else shape[:2]))
                 values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
             else:
@@ -77,10 +77,10 @@ def _calibrate_batchnorm(model, rng, preprocess) -> None:
     model(batch, training=True)  # moving statistics := this batch's statistics
     for bn, m in zip(bns, momentum, strict=True):
         bn.momentum = m
-        gamma, beta, mean, var = bn.get_weights()
+        *affine, mean, var = bn.get_weights()  # gamma (unless scale=False), beta
         mean = mean + rng.normal(0, 0.2, mean.shape) * np.sqrt(var)
         var = var * rng.uniform(0.5, 2.0, var.shape)
-        bn.set_weights([gamma, beta, mean.astype(np.float32), var.astype(np.float32)])
+        bn.set_weights([*affine, mean.astype(np.float32), var.astype(np.float32)])
 
 
 def save_both_layouts(model, folder, stem: str) -> dict:

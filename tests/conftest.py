@@ -1,4 +1,5 @@
 import os
+import shutil
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -16,7 +17,28 @@ def isolated_weight_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("IMGCLS_JAX_CACHE", str(root / "imgcls_cache"))
     monkeypatch.setenv("KERAS_HOME", str(root / "keras"))
     monkeypatch.delenv("IMGCLS_JAX_WEIGHTS_DIR", raising=False)
-    return root
+    yield root
+    shutil.rmtree(root, ignore_errors=True)  # weight files of a few hundred MB each, per test
+
+
+# ``tmp_path_factory.mktemp`` prefixes of session-scoped fixtures, kept to the end (tests/killing.py)
+_SESSION_TMP = ("kills",)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_module_tmp(request, tmp_path_factory):
+    """Delete the temporary folders a test module made (its ``tmp_path`` and ``mktemp`` folders:
+    Keras model files, runs, weight caches) when it ends without a failure. Kept, a whole quick tier
+    wrote 16 GB, more than a CI disk has; a failing module's folders stay for a look."""
+    base = tmp_path_factory.getbasetemp()
+    before = set(os.listdir(base))
+    failed = request.session.testsfailed
+    yield
+    if request.session.testsfailed != failed:
+        return
+    for name in set(os.listdir(base)) - before:
+        if not name.startswith(_SESSION_TMP):
+            shutil.rmtree(base / name, ignore_errors=True)
 
 
 def _memory_kb() -> tuple[int, int]:

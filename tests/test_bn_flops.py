@@ -9,7 +9,20 @@ import pytest
 
 from benchmarks.perf import compiled_flops
 from imgcls_jax import create_model
-from imgcls_jax.models import convnext, efficientnet, efficientnet_v2, mobilenet, mobilenet_v3, resnet
+from imgcls_jax.models import (
+    convnext,
+    densenet,
+    efficientnet,
+    efficientnet_v2,
+    inception_resnet_v2,
+    inception_v3,
+    mobilenet,
+    mobilenet_v1,
+    mobilenet_v3,
+    nasnet,
+    resnet,
+    xception,
+)
 from imgcls_jax.train import init_state, make_eval_step, make_optimizer, make_train_step, split_model
 from tests.keras_references import keras_app, weighted_layers
 
@@ -62,7 +75,11 @@ def keras_flops(model) -> float:
     their output shapes and kernels (every output position does the whole kernel)."""
     total = 0
     for layer in weighted_layers(model):
-        if isinstance(layer, keras.layers.DepthwiseConv2D):
+        if isinstance(layer, keras.layers.SeparableConv2D):
+            _, h, w, _ = layer.output.shape
+            kh, kw, c, m = layer.depthwise_kernel.shape
+            total += h * w * (kh * kw * c * m + int(np.prod(layer.pointwise_kernel.shape)))
+        elif isinstance(layer, keras.layers.DepthwiseConv2D):
             _, h, w, c = layer.output.shape
             kh, kw, _, _ = layer.kernel.shape
             total += h * w * kh * kw * c
@@ -137,3 +154,62 @@ def test_analytic_count_matches_xla_cost_analysis(arch, mode):
     margin = MARGIN[arch][MODES.index(mode)]
     print(f"{arch} {mode}: XLA / analytic = {xla / analytic:.4f} (margin {margin})")
     assert analytic <= xla < margin * analytic
+
+
+# ------------------------------------------------------------------ ResNet V1/V2, DenseNet, ... NASNet
+#: ``arch -> (module, the size its ImageNet top takes, a small odd size Keras accepts, published
+#: forward multi-adds (billions) at the first size or None, tolerance)``. Published: He et al. 2015
+#: table 1 (ResNet-101 7.6, ResNet-152 11.3), torchvision's model table (DenseNet-121 / 169 / 201:
+#: 2.83 / 3.36 / 4.29, Inception V3 at 299: 5.71), Howard et al. 2017 table 8 (MobileNet 1.0-224:
+#: 569 M), Zoph et al. 2018 table 2 (NASNet-A Mobile 564 M, Large at 331: 23.8 B).
+CLASSIC = {
+    "resnet101": (resnet, 224, 57, (7.6, 0.05)),
+    "resnet152": (resnet, 224, 57, (11.3, 0.05)),
+    "resnet50v2": (resnet, 224, 57, None),
+    "resnet101v2": (resnet, 224, 57, None),
+    "resnet152v2": (resnet, 224, 57, None),
+    "densenet121": (densenet, 224, 57, (2.83, 0.01)),
+    "densenet169": (densenet, 224, 57, (3.36, 0.01)),
+    "densenet201": (densenet, 224, 57, (4.29, 0.01)),
+    "xception": (xception, 299, 73, None),
+    "inceptionv3": (inception_v3, 299, 77, (5.71, 0.01)),
+    "inceptionresnetv2": (inception_resnet_v2, 299, 77, None),
+    "mobilenet": (mobilenet_v1, 224, 57, (0.569, 0.001)),
+    "nasnetmobile": (nasnet, 224, 57, (0.564, 0.001)),
+    "nasnetlarge": (nasnet, 331, 57, (23.8, 0.05)),
+}
+#: one per family in the quick tier, at its small size (the Keras models at 224-331 px: slow)
+CLASSIC_QUICK = ("resnet50v2", "densenet121", "xception", "inceptionv3", "mobilenet", "nasnetmobile")
+
+
+def _classic_cases():
+    for arch, (_, default, small, _) in CLASSIC.items():
+        yield pytest.param(arch, default, marks=pytest.mark.slow, id=f"{arch}-{default}")
+        quick = arch in CLASSIC_QUICK
+        yield pytest.param(arch, small, marks=[] if quick else [pytest.mark.slow], id=f"{arch}-{small}")
+
+
+@pytest.mark.parametrize("arch, size", _classic_cases())
+def test_classic_full_count_equals_keras_layers(arch, size):
+    module, default, _, published = CLASSIC[arch]
+    theirs = keras_flops(keras_app(arch, True, size))
+    ours = module.flops(create_model(arch, input_shape=(size, size, 3)), size)
+    assert ours == pytest.approx(theirs, rel=1e-12)
+    if size == default:
+        print(f"{arch}: {theirs / 2e9:.3f} GMACs forward at {size}x{size}")
+        if published is not None:
+            assert theirs / 2e9 == pytest.approx(published[0], abs=published[1])
+
+
+@pytest.mark.parametrize("arch", CLASSIC_QUICK)
+def test_classic_train_frozen_and_valid_counts(arch):
+    module, _, small, _ = CLASSIC[arch]
+    size = max(small, 64)
+    model = create_model(arch, num_classes=5, head_units=(16,), pooling="avg", input_shape=(size, size, 3))
+    forward = module.flops(model, size)
+    dense = 2.0 * (model.feature_channels * 16 + 16 * 5)
+    first_conv = module.conv_ops(model, size)[0].flops("full")
+    assert module.flops(model, size, "frozen") == pytest.approx(forward + 2 * dense)
+    assert module.flops(model, size, "train") == pytest.approx(3 * forward - first_conv)
+    assert 0.5 * forward < module.flops(model, size, padding="valid") <= forward
+    assert module.flops(model, (size, size + 32)) > forward

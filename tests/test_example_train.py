@@ -58,8 +58,11 @@ def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):
 
 
 #: one model of each registered family (the others differ only in sizes)
-FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2", "convnexttiny", "efficientnetv2b0",
-            "mobilenetv3small")  # fmt: skip
+FAMILIES = (
+    "vgg19", "efficientnetb0", "resnet50", "mobilenetv2", "convnexttiny", "efficientnetv2b0",
+    "mobilenetv3small", "resnet50v2", "densenet121", "xception", "inceptionv3", "inceptionresnetv2",
+    "mobilenet", "nasnetmobile",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -68,12 +71,13 @@ FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2", "convnexttiny"
      for n in FAMILIES if n in imgcls_jax.list_models()],
 )  # fmt: skip
 def test_example_trains_each_family(name, tmp_path, capsys):
-    """``examples/train.py --model NAME`` for each family (from scratch at 32x32, one epoch):
-    it trains, evaluates and the run records the model."""
+    """``examples/train.py --model NAME`` for each family (from scratch at 32x32, or the family's
+    smallest size, one epoch): it trains, evaluates and the run records the model."""
     from imgcls_jax import TrainConfig
 
     example = load_example()
-    args = ["--model", name, "--weights", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "8"]
+    size = str(max(32, imgcls_jax.models.model_info(name).min_size))
+    args = ["--model", name, "--weights", "none", "--epochs", "1", "--image-size", size, "--batch-size", "8"]
     assert example.main([*args, "--run-dir", str(tmp_path / "run")]) == 0
     assert "Classification Report" in capsys.readouterr().out
     assert TrainConfig.from_json(tmp_path / "run" / "config.json").model == name

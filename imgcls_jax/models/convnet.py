@@ -21,7 +21,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from imgcls_jax.models.base import Classifier, LayerSpec
-from imgcls_jax.models.layers import DepthwiseConv2D, LayerNorm, LayerScale, Normalization, _zeros
+from imgcls_jax.models.layers import (
+    DepthwiseConv2D,
+    LayerNorm,
+    LayerScale,
+    Normalization,
+    SeparableConv2D,
+    _zeros,
+)
 from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 
 POOLINGS = (None, "avg", "max")
@@ -31,9 +38,12 @@ WEIGHT_NAMES = {
     nnx.BatchNorm: ("gamma", "beta", "moving_mean", "moving_variance"),
     Normalization: ("mean", "variance", "count"),
     DepthwiseConv2D: ("depthwise_kernel",),
+    SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
     LayerNorm: ("gamma", "beta"),
     LayerScale: ("gamma",),
 }
+#: A BatchNorm built with ``scale=False`` (the Inception families) has no gamma.
+BN_NO_SCALE = ("beta", "moving_mean", "moving_variance")
 _glorot = nnx.initializers.glorot_uniform()
 
 
@@ -156,11 +166,14 @@ class KerasConvNet(Classifier):
     def conv_kernels(self) -> list[nnx.Param]:
         """The backbone's convolution and depthwise kernels, in forward order (for the family's
         initializer, which draws them all at once)."""
-        return [
-            self.keras_variables(name)[0]
-            for name in self.base_layers
-            if isinstance(getattr(self, name), nnx.Conv | DepthwiseConv2D)
-        ]
+        kernels = []
+        for name in self.base_layers:
+            layer = getattr(self, name)
+            if isinstance(layer, SeparableConv2D):
+                kernels += layer.kernels
+            elif isinstance(layer, nnx.Conv | DepthwiseConv2D):
+                kernels.append(layer.kernel)
+        return kernels
 
     # ------------------------------------------------------------------- what a family adds
     def backbone(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -242,19 +255,21 @@ class KerasConvNet(Classifier):
         return self.head_logits(x).astype(jnp.float32)
 
     def keras_variables(self, name: str) -> list[nnx.Variable]:
-        """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma, beta,
-        moving mean, moving variance; LayerNormalization's gamma, beta; LayerScale's gamma;
-        Normalization's mean, variance, count; a convolution's or dense layer's kernel (and
-        bias)."""
+        """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma (unless
+        built without), beta, moving mean, moving variance; LayerNormalization's gamma, beta;
+        LayerScale's gamma; Normalization's mean, variance, count; a separable convolution's
+        depthwise and pointwise kernels; a convolution's or dense layer's kernel (and bias)."""
         layer = getattr(self, name)
         if isinstance(layer, nnx.BatchNorm):
-            return [layer.scale, layer.bias, layer.mean, layer.var]
+            return [v for v in (layer.scale, layer.bias, layer.mean, layer.var) if v is not None]
         if isinstance(layer, LayerNorm):
             return [layer.scale, layer.bias]
         if isinstance(layer, LayerScale):
             return [layer.gamma]
         if isinstance(layer, Normalization):
             return [layer.mean, layer.variance, layer.count]
+        if isinstance(layer, SeparableConv2D):
+            return list(layer.kernels)
         bias = getattr(layer, "bias", None)
         return [layer.kernel] if bias is None else [layer.kernel, bias]
 
@@ -266,6 +281,8 @@ class KerasConvNet(Classifier):
         for name in names:
             variables = self.keras_variables(name)
             kind = next((w for t, w in WEIGHT_NAMES.items() if isinstance(getattr(self, name), t)), None)
+            if kind and kind[0] == "gamma" and len(variables) == 3:
+                kind = BN_NO_SCALE
             shapes = tuple(tuple(v.shape) for v in variables)
             weights = kind or ("kernel", "bias")[: len(variables)]
             specs.append(LayerSpec(name, shapes, weights, aliases=self.keras_aliases.get(name, ())))

@@ -17,8 +17,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax import lax
 
 from imgcls_jax.models.conv import ConvGeneralDilated, check_depthwise_impl, conv_nhwc
+from imgcls_jax.models.flops import same_pads
 
 
 def correct_pad(size: tuple[int, int], kernel: int) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -89,12 +91,15 @@ class BatchNorm(nnx.BatchNorm):
     gamma/beta/moving_mean/moving_variance (the last two ``nnx.BatchStat``). Built in inference
     mode; in training mode (``.train()``) the batch statistics (biased variance, computed as
     ``mean((x - mean)^2)``) normalise and ``moving <- momentum * moving + (1 - momentum) * batch``.
+    ``scale=False``: no gamma (Keras's ``BatchNormalization(scale=False)``, as the Inception
+    families build it; ``scale`` is then None).
     """
 
-    def __init__(self, channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs):
+    def __init__(self, channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs, scale: bool = True):
         super().__init__(
             channels, epsilon=epsilon, momentum=momentum, use_running_average=True, use_fast_variance=False,
-            dtype=jnp.float32, param_dtype=jnp.float32, scale_init=_ones, bias_init=_zeros, rngs=rngs,
+            use_scale=scale, dtype=jnp.float32, param_dtype=jnp.float32, scale_init=_ones, bias_init=_zeros,
+            rngs=rngs,
         )  # fmt: skip
 
     def __call__(self, x: jax.Array, **kwargs) -> jax.Array:
@@ -102,17 +107,19 @@ class BatchNorm(nnx.BatchNorm):
         return super().__call__(x, **kwargs).astype(x.dtype)
 
 
-def conv2d(cin: int, cout: int, kernel: int, *, strides: int = 1, padding="VALID", use_bias: bool, dtype,
-           conv_impl: str = "auto", conv_general_dilated=None, groups: int = 1,
+def conv2d(cin: int, cout: int, kernel: int | tuple[int, int], *, strides: int = 1, padding="VALID",
+           use_bias: bool, dtype, conv_impl: str = "auto", conv_general_dilated=None, groups: int = 1,
            rngs: nnx.Rngs) -> nnx.Conv:  # fmt: skip
-    """Keras's ``Conv2D`` (HWIO kernel ``[k, k, cin / groups, cout]``, optional bias) computing in
-    ``dtype`` with float32 parameters, run by ``conv_impl`` (:mod:`imgcls_jax.models.conv`; or by
-    an explicit ``conv_general_dilated``). Kernel and bias start at zero: the family draws its
-    kernels with :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start
-    at zero). ``groups``: Keras's ``groups`` (``groups = cin = cout``: ConvNeXt's depthwise
-    convolution, kernel ``[k, k, 1, C]`` as Keras stores it)."""
+    """Keras's ``Conv2D`` (HWIO kernel ``[kh, kw, cin / groups, cout]``; ``kernel`` an int for square
+    ones, ``(kh, kw)`` for others such as Inception's 1x7; optional bias) computing in ``dtype``
+    with float32 parameters, run by ``conv_impl`` (:mod:`imgcls_jax.models.conv`; or by an
+    explicit ``conv_general_dilated``). Kernel and bias start at zero: the family draws its kernels
+    with :func:`init_conv_kernels` or :func:`init_glorot_kernels` (Keras's biases start at zero).
+    ``groups``: Keras's ``groups`` (``groups = cin = cout``: ConvNeXt's depthwise convolution,
+    kernel ``[k, k, 1, C]`` as Keras stores it)."""
+    kernel = (kernel, kernel) if isinstance(kernel, int) else tuple(kernel)
     return nnx.Conv(
-        cin, cout, (kernel, kernel), strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
+        cin, cout, kernel, strides=strides, padding=padding, use_bias=use_bias, dtype=dtype,
         param_dtype=jnp.float32, kernel_init=_zeros, bias_init=_zeros, feature_group_count=groups,
         rngs=rngs, conv_general_dilated=conv_general_dilated or ConvGeneralDilated(conv_impl),
     )  # fmt: skip
@@ -143,22 +150,25 @@ def choose_depthwise_impl(impl: str = "auto", backend: str | None = None) -> str
 
 
 class DepthwiseConv2D(nnx.Module):
-    """Keras's ``DepthwiseConv2D`` (depth multiplier 1, no bias) as a VALID convolution of an
-    already padded input; the kernel keeps Keras's shape ``[k, k, C, 1]`` so weight files copy
-    as they are. ``impl``: :data:`~imgcls_jax.models.conv.DEPTHWISE_IMPLS` (the family passes
-    :func:`~imgcls_jax.models.conv.depthwise_impl_for` of its options); it runs through
-    :func:`~imgcls_jax.models.conv.conv_nhwc` with ``groups = C``."""
+    """Keras's ``DepthwiseConv2D`` (no bias) as a VALID convolution of an already padded input;
+    the kernel keeps Keras's shape ``[k, k, C, depth_multiplier]`` so weight files copy as they
+    are; output channel ``c * depth_multiplier + m`` is input channel ``c`` times kernel ``[..., c,
+    m]`` (TensorFlow's order). ``impl``: :data:`~imgcls_jax.models.conv.DEPTHWISE_IMPLS` (the
+    family passes :func:`~imgcls_jax.models.conv.depthwise_impl_for` of its options); it runs
+    through :func:`~imgcls_jax.models.conv.conv_nhwc` with ``groups = C``."""
 
-    def __init__(self, channels: int, kernel: int, *, dtype, impl: str = "auto"):
-        self.kernel = nnx.Param(_zeros(None, (kernel, kernel, channels, 1)))  # see init_conv_kernels
+    def __init__(self, channels: int, kernel: int, *, dtype, impl: str = "auto", depth_multiplier: int = 1):
+        self.kernel = nnx.Param(_zeros(None, (kernel, kernel, channels, depth_multiplier)))  # see init_*
         self.dtype = dtype
         self.impl = check_depthwise_impl(impl)
 
     def __call__(self, x: jax.Array, strides: int) -> jax.Array:
-        """``x`` ``[N, H, W, C]`` (padded) -> ``[N, (H - k) // s + 1, (W - k) // s + 1, C]``."""
-        k, _, c, _ = self.kernel.shape
+        """``x`` ``[N, H, W, C]`` (padded) -> ``[N, (H - k) // s + 1, (W - k) // s + 1, C * m]``."""
+        k, _, c, m = self.kernel.shape
         x, kernel = x.astype(self.dtype), self.kernel[...].astype(self.dtype)
-        return conv_nhwc(x, kernel.reshape(k, k, 1, c), (strides, strides), "VALID", groups=c, impl=self.impl)
+        return conv_nhwc(
+            x, kernel.reshape(k, k, 1, c * m), (strides, strides), "VALID", groups=c, impl=self.impl
+        )
 
 
 def swish(x: jax.Array) -> jax.Array:
@@ -230,3 +240,91 @@ def squeeze_excite(x: jax.Array, reduce: nnx.Module, expand: nnx.Module, activat
     :func:`hard_sigmoid`), times ``x``."""
     s = jnp.mean(x.astype(jnp.float32), axis=(1, 2), keepdims=True).astype(x.dtype)
     return x * gate(expand(activation(reduce(s))))
+
+
+# ---------------------------------------------------------------------------------------------
+# The layers of the second group of Keras families (ResNet V2, DenseNet, Xception, Inception V3,
+# Inception-ResNet V2, MobileNet, NASNet): separable convolutions, pooling with Keras's "same" and
+# "valid" padding, and Keras's paddings as explicit pads.
+
+
+def init_he_normal_kernels(kernels: Sequence[nnx.Param], key: jax.Array) -> None:
+    """Keras's ``he_normal`` for every kernel: ``VarianceScaling(2.0, "fan_in",
+    "truncated_normal")``, a normal truncated at two standard deviations, std ``sqrt(2 / fan_in) /
+    0.8796`` with ``fan_in = prod(shape[:-1])``. One draw for all, as :func:`init_conv_kernels`."""
+    total = sum(int(np.prod(k.shape)) for k in kernels)
+    draw = jax.random.truncated_normal(key, -2.0, 2.0, (total,), jnp.float32)
+    _fill_kernels(kernels, draw, lambda s: math.sqrt(2.0 / np.prod(s[:-1])) / 0.87962566103423978)
+
+
+def keras_pads(
+    size: Sequence[int], kernel: int | tuple[int, int], strides: int, padding: str
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The zero padding ``((top, bottom), (left, right))`` Keras's ``padding`` (``"valid"`` or
+    ``"same"``: TensorFlow's rule, the odd pixel after) adds around a map of ``size`` (H, W) for a
+    window of ``kernel`` at ``strides``."""
+    kh, kw = (kernel, kernel) if isinstance(kernel, int) else kernel
+    if padding == "valid":
+        return ((0, 0), (0, 0))
+    if padding != "same":
+        raise ValueError(f"padding must be 'valid' or 'same', got {padding!r}")
+    return (same_pads(size[0], kh, strides), same_pads(size[1], kw, strides))
+
+
+def pad2d(x: jax.Array, pads: tuple[tuple[int, int], tuple[int, int]]) -> jax.Array:
+    """Keras's ``ZeroPadding2D(pads)`` of an NHWC map."""
+    return jnp.pad(x, ((0, 0), *pads, (0, 0))) if any(p for pair in pads for p in pair) else x
+
+
+def max_pool2d(x: jax.Array, k: int, strides: int, padding: str = "valid") -> jax.Array:
+    """Keras's ``MaxPooling2D(k, strides, padding)`` of an NHWC map: ``"same"`` pads with -inf (a
+    window's maximum is of the map's own pixels); ``"valid"`` drops what no window covers."""
+    pads = keras_pads(x.shape[1:3], k, strides, padding)
+    return lax.reduce_window(  # a Python scalar init: JAX's differentiable max pooling
+        x, -jnp.inf, lax.max, (1, k, k, 1), (1, strides, strides, 1), ((0, 0), *pads, (0, 0))
+    )
+
+
+def avg_pool2d(x: jax.Array, k: int, strides: int, padding: str = "valid") -> jax.Array:
+    """Keras's ``AveragePooling2D(k, strides, padding)`` of an NHWC map: the mean of each window's
+    pixels; with ``"same"`` the pixels of the padding are not counted (TensorFlow's and Keras's
+    rule: a corner of a 3x3 window averages 4 pixels). Sums in float32, returns ``x``'s dtype."""
+    pads = keras_pads(x.shape[1:3], k, strides, padding)
+    window, step = (1, k, k, 1), (1, strides, strides, 1)
+    total = lax.reduce_window(x.astype(jnp.float32), 0.0, lax.add, window, step, ((0, 0), *pads, (0, 0)))
+    rows, cols = (
+        _window_counts(n, o, k, strides, p[0]) for n, o, p in zip(x.shape[1:3], total.shape[1:3], pads)
+    )
+    counts = np.outer(rows, cols).astype(np.float32)[None, :, :, None]  # real pixels per window
+    return (total / counts).astype(x.dtype)
+
+
+def _window_counts(size: int, out: int, k: int, strides: int, before: int) -> np.ndarray:
+    """How many of a window's ``k`` positions fall inside ``[0, size)``, for each of ``out``
+    windows along one axis (starting at ``o * strides - before``)."""
+    start = np.arange(out) * strides - before
+    return np.minimum(start + k, size) - np.maximum(start, 0)
+
+
+class SeparableConv2D(nnx.Module):
+    """Keras's ``SeparableConv2D`` without bias: a depthwise ``k x k`` convolution
+    (:class:`DepthwiseConv2D`, kernel ``depthwise_kernel [k, k, cin, 1]``) then a pointwise 1x1
+    convolution (:func:`conv2d`, kernel ``pointwise_kernel [1, 1, cin, cout]``), Keras's weights
+    in Keras's order. The input is padded by the caller (:func:`keras_pads` for ``"same"``,
+    ``correct_pad`` for NASNet's stride-2 ones)."""
+
+    def __init__(self, cin: int, cout: int, kernel: int, *, dtype, impl: str = "auto", rngs: nnx.Rngs):
+        self.depthwise = DepthwiseConv2D(cin, kernel, dtype=dtype, impl=impl)
+        self.pointwise = conv2d(cin, cout, 1, use_bias=False, dtype=dtype, rngs=rngs)
+
+    @property
+    def kernels(self) -> tuple[nnx.Param, nnx.Param]:
+        """``(depthwise_kernel, pointwise_kernel)``: Keras's weights, in its order."""
+        return self.depthwise.kernel, self.pointwise.kernel
+
+    def __call__(self, x: jax.Array, strides: int = 1, padding: str = "same") -> jax.Array:
+        """``x`` ``[N, H, W, cin]`` -> ``[N, h, w, cout]``; ``padding``: ``"same"`` or ``"valid"``
+        (Keras's meanings; ``"valid"`` for an input the caller padded)."""
+        k = self.depthwise.kernel.shape[0]
+        x = pad2d(x, keras_pads(x.shape[1:3], k, strides, padding))
+        return self.pointwise(self.depthwise(x, strides))

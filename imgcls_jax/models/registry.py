@@ -16,7 +16,19 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import convnext, efficientnet_v2, mobilenet, mobilenet_v3, resnet
+from imgcls_jax.models import (
+    convnext,
+    densenet,
+    efficientnet_v2,
+    inception_resnet_v2,
+    inception_v3,
+    mobilenet,
+    mobilenet_v1,
+    mobilenet_v3,
+    nasnet,
+    resnet,
+    xception,
+)
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -99,9 +111,10 @@ for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7: normal
     register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(
         _builder(EfficientNet, _arch)
     )
-register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min_size=32)(
-    _builder(resnet.ResNet50)
-)
+for _arch, _variant in resnet.VARIANTS.items():  # resnet50 ... resnet152v2
+    register_model(
+        _arch, preprocessing="tf" if _variant.v2 else "caffe", stages=resnet.STAGE_NAMES, min_size=32
+    )(_builder(resnet.ResNet, _arch))
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
@@ -118,6 +131,27 @@ for _arch in mobilenet_v3.VARIANTS:  # mobilenetv3small, mobilenetv3large: Resca
     register_model(
         _arch, preprocessing="tf", stages=mobilenet_v3.stages(_arch), min_size=mobilenet_v3.MIN_SIZE
     )(_builder(mobilenet_v3.MobileNetV3, _arch))
+for _arch in densenet.VARIANTS:  # densenet121, densenet169, densenet201
+    register_model(_arch, preprocessing="torch", stages=densenet.STAGE_NAMES, min_size=32)(
+        _builder(densenet.DenseNet, _arch)
+    )
+register_model("xception", preprocessing="tf", stages=xception.STAGE_NAMES, min_size=xception.MIN_SIZE)(
+    _builder(xception.Xception)
+)
+register_model(
+    "inceptionv3", preprocessing="tf", stages=inception_v3.STAGE_NAMES, min_size=inception_v3.MIN_SIZE
+)(_builder(inception_v3.InceptionV3))
+register_model(
+    "inceptionresnetv2", preprocessing="tf", stages=inception_resnet_v2.STAGE_NAMES,
+    min_size=inception_resnet_v2.MIN_SIZE,
+)(_builder(inception_resnet_v2.InceptionResNetV2))  # fmt: skip
+register_model("mobilenet", preprocessing="tf", stages=mobilenet_v1.STAGE_NAMES, min_size=32)(
+    _builder(mobilenet_v1.MobileNet)
+)
+for _arch, _nasnet in nasnet.VARIANTS.items():  # nasnetmobile, nasnetlarge
+    register_model(_arch, preprocessing="tf", stages=_nasnet.stage_names(), min_size=32)(
+        _builder(nasnet.NASNet, _arch)
+    )
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.

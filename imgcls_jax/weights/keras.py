@@ -36,8 +36,8 @@ from imgcls_jax.models.base import LayerSpec
 TOP_LAYERS = ("fc1", "fc2", "predictions")
 #: Every name a Keras top layer has in the published files: those, the top dense layer as
 #: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``), and
-#: MobileNetV3's top convolutions (``conv_2``, ``logits``).
-TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits", "conv_2", "logits"}
+#: MobileNetV3's and MobileNet's top convolutions (``conv_2``, ``logits``; ``conv_preds``).
+TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits", "conv_2", "logits", "conv_preds"}
 #: ConvNeXt's top: ``<model name>_head_layernorm`` and ``<model name>_head_dense``.
 _TOP_PATTERN = re.compile(r".+_head_(layernorm|dense)")
 
@@ -49,7 +49,12 @@ def is_top_layer(name: str) -> bool:
 
 
 #: A layer name only one family's files have -> that family, for "it looks like" hints.
-FAMILY_MARKERS = {
+FAMILY_MARKERS = {  # the more specific first: Xception has VGG's block1_conv1, DenseNet ResNet's conv1_conv
+    "block1_conv1_bn": "Xception",
+    "pool2_conv": "DenseNet",
+    "block35_1_conv": "InceptionResNetV2",
+    "conv_dw_1": "MobileNet",
+    "normal_conv_1_0": "NASNet",
     "block1_conv1": "VGG",
     "conv1_conv": "ResNet",
     "bn_Conv1": "MobileNetV2",
@@ -183,16 +188,31 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
     file.layers = renamed
 
 
+#: Keras's names for layers it was given no name for: the class's name, numbered after the first.
+AUTO_NAMED = ("conv2d", "batch_normalization", "normalization", "separable_conv2d", "depthwise_conv2d")
+
+
+def _numbered(prefix: str, names: Iterable[str]) -> list[str]:
+    """``names`` that are ``prefix`` or ``prefix_<n>``, in the order of ``n`` (none first)."""
+    pattern = re.compile(rf"{re.escape(prefix)}(?:_(\d+))?")
+    found = [(m, n) for n in names if (m := pattern.fullmatch(n))]
+    return [n for m, n in sorted(found, key=lambda mn: int(mn[0].group(1) or -1))]
+
+
 def _match_numbered_names(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
-    """Keras names a layer it was given no name for after its class (``normalization``) and
-    numbers the repeats of a session (``normalization_3``): an expected layer the file lacks takes
-    the file's one unexpected ``<name>_<n>``."""
-    expected = {s.name for s in specs}
-    for name in expected - set(file.layers):
-        numbered = re.compile(rf"{re.escape(name)}_\d+")
-        candidates = [k for k in file.layers if k not in expected and numbered.fullmatch(k)]
-        if len(candidates) == 1:
-            file.layers = {name if k == candidates[0] else k: v for k, v in file.layers.items()}
+    """Keras names a layer it was given no name for after its class (``normalization``,
+    ``conv2d``, ``batch_normalization``) and numbers them in the order a session creates them
+    (``conv2d``, ``conv2d_1``, ...; Keras 2 starts at ``conv2d_1``, and a session that built
+    other models first goes on from their count). A model names such layers as a fresh Keras 3
+    session would; where the file's layers of such a class differ from the model's in names but
+    not in number, they are matched by their numbers' order (Keras itself loads by order)."""
+    for prefix in AUTO_NAMED:
+        ours = _numbered(prefix, (s.name for s in specs))
+        theirs = _numbered(prefix, file.layers)
+        if not ours or set(ours) == set(theirs) or len(ours) != len(theirs):
+            continue
+        renamed = dict(zip(theirs, ours))
+        file.layers = {renamed.get(k, k): v for k, v in file.layers.items()}
 
 
 def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
@@ -205,7 +225,7 @@ def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
 
 def _is_classifier(name: str) -> bool:
     """The layer whose outputs are the classes (Keras's top, or our transfer head's)."""
-    return name in ("predictions", "logits", "head_logits") or name.endswith("_head_dense")
+    return name in ("predictions", "logits", "conv_preds", "head_logits") or name.endswith("_head_dense")
 
 
 def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:

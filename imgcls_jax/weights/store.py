@@ -59,7 +59,9 @@ class PublishedWeights:
     ``file_hash``: Keras's published md5 (32 hex digits) or sha256 (64), or None where Keras
     publishes none. ``folder``: the URL folder under ``base_url`` (default ``arch``; ``""`` for
     none). ``sizes``: the input sizes its top was trained at (the last is the default); for a
-    family with a file per size ``filename`` has a ``{size}`` field (see :meth:`for_size`)."""
+    family with a file per size ``filename`` has a ``{size}`` field (see :meth:`for_size`).
+    ``remote_name``: the file's name at the URL where Keras caches it under another
+    (``filename``; NASNet's ``NASNet-mobile.h5`` is cached as ``nasnet_mobile.h5``)."""
 
     arch: str
     include_top: bool
@@ -72,11 +74,12 @@ class PublishedWeights:
     #: Keras's MobileNetV3 loads its files (made at 224) at any input size, the top's too, and
     #: only warns; the other families' tops take only ``sizes``.
     top_any_size: bool = False
+    remote_name: str | None = None
 
     @property
     def url(self) -> str:
         folder = self.arch if self.folder is None else self.folder
-        return "/".join(p for p in (self.base_url, folder, self.filename) if p)
+        return "/".join(p for p in (self.base_url, folder, self.remote_name or self.filename) if p)
 
     @property
     def hash_algorithm(self) -> str:
@@ -148,17 +151,35 @@ def _efficientnet_files() -> list[PublishedWeights]:
     ]
 
 
+#: keras.applications.resnet's ``WEIGHTS_HASHES`` (md5 of the top and the notop file); the v2
+#: files expect "tf" preprocessing, the v1 files "caffe".
+_RESNET_MD5 = {
+    "resnet50": ("2cb95161c43110f7111970584f804107", "4d473c1dd8becc155b73f8504c6f6626"),
+    "resnet101": ("f1aeb4b969a6efcfb50fad2f0c20cfc5", "88cf7a10940856eca736dc7b7e228a21"),
+    "resnet152": ("100835be76be38e30d865e96f2aaae62", "ee4c566cf9a93f14d82f913c2dc6dd0c"),
+    "resnet50v2": ("3ef43a0b657b3be2300d5770ece849e0", "fac2f116257151a9d068a22e544a4917"),
+    "resnet101v2": ("6343647c601c52e1368623803854d971", "c0ed64b8031c3730f411d2eb4eea35b5"),
+    "resnet152v2": ("a49b44d1979771252814e80f8ec446f9", "ed17cf2e0169df9d443503ef94b23b33"),
+}
+
+
 def _resnet_mobilenet_files() -> list[PublishedWeights]:
-    """keras.applications.resnet's ResNet50 files (md5) and mobilenet_v2's, one per input size
-    (``..._1.0_{size}.h5``, ``..._1.0_{size}_no_top.h5``), without a hash."""
+    """keras.applications.resnet's files (``<arch>_weights_tf_dim_ordering_tf_kernels[_notop].h5``,
+    md5) and mobilenet_v2's, one per input size (``..._1.0_{size}.h5``,
+    ``..._1.0_{size}_no_top.h5``), without a hash."""
     stem = "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{size}"
-    resnet = "resnet50_weights_tf_dim_ordering_tf_kernels"
     return [
-        PublishedWeights(
-            "resnet50", True, f"{resnet}.h5", "2cb95161c43110f7111970584f804107", folder="resnet"
-        ),
-        PublishedWeights(
-            "resnet50", False, f"{resnet}_notop.h5", "4d473c1dd8becc155b73f8504c6f6626", folder="resnet"
+        *(
+            PublishedWeights(
+                arch,
+                top,
+                f"{arch}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5",
+                md5[0 if top else 1],
+                preprocessing="tf" if arch.endswith("v2") else "caffe",
+                folder="resnet",
+            )  # fmt: skip
+            for arch, md5 in _RESNET_MD5.items()
+            for top in (True, False)
         ),
         *(
             PublishedWeights(
@@ -294,8 +315,95 @@ def _convnext_files() -> list[PublishedWeights]:
     ]
 
 
+#: The files of keras.applications' densenet, xception, inception_v3 and inception_resnet_v2,
+#: at ``.../tensorflow/keras-applications/<folder>/<stem>_weights_tf_dim_ordering_tf_kernels.h5``
+#: (``..._notop.h5`` without the top): arch -> (folder, stem, md5 of the top file, of the notop
+#: file, preprocessing, the size the top was trained at).
+_FAMILY_FILES = {
+    "densenet121": ("densenet", "densenet121", "9d60b8095a5708f2dcce2bca79d332c7",
+                    "30ee3e1110167f948a6b9946edeeb738", "torch", 224),
+    "densenet169": ("densenet", "densenet169", "d699b8f76981ab1b30698df4c175e90b",
+                    "b8c4d4c20dd625c148057b9ff1c1176b", "torch", 224),
+    "densenet201": ("densenet", "densenet201", "1ceb130c1ea1b78c3bf6114dbdfd8807",
+                    "c13680b51ded0fb44dff2d8f86ac8bb1", "torch", 224),
+    "xception": ("xception", "xception", "0a58e3b7378bc2990ea3b43d5981f1f6",
+                 "b0042744bf5b25fce3cb969f33bebb97", "tf", 299),
+    "inceptionv3": ("inception_v3", "inception_v3", "9a0d58056eeedaa3f26cb7ebd46da564",
+                    "bcbd6486424b2319ff4ef7d526e38f63", "tf", 299),
+    "inceptionresnetv2": ("inception_resnet_v2", "inception_resnet_v2", "e693bd0210a403b3192acc6073ad2e96",
+                          "d19885ff4a710c122648d3b5c3b684e4", "tf", 299),
+}  # fmt: skip
+
+
+def _family_files() -> list[PublishedWeights]:
+    """:data:`_FAMILY_FILES` as :class:`PublishedWeights`."""
+    return [
+        PublishedWeights(
+            arch,
+            top,
+            f"{stem}_weights_tf_dim_ordering_tf_kernels{'' if top else '_notop'}.h5",
+            top_md5 if top else notop_md5,
+            preprocessing=mode,
+            folder=folder,
+            sizes=(size,),
+        )
+        for arch, (folder, stem, top_md5, notop_md5, mode, size) in _FAMILY_FILES.items()
+        for top in (True, False)
+    ]
+
+
+#: MobileNet (v1): a file per width (Keras's ``alpha_text``) and input size, no published hash.
+_MOBILENET_ALPHAS = {1.0: "1_0", 0.75: "7_5", 0.5: "5_0", 0.25: "2_5"}
+
+
+def _mobilenet_v1_files() -> list[PublishedWeights]:
+    """keras.applications.mobilenet's files, ``mobilenet_<alpha>_<size>_tf[_no_top].h5``, keyed
+    by the model's ``imagenet_key`` (``"mobilenet"``, ``"mobilenet_0.75"``, ...)."""
+    return [
+        PublishedWeights(
+            "mobilenet" if alpha == 1.0 else f"mobilenet_{alpha}",
+            top,
+            f"mobilenet_{text}_{{size}}_tf{'' if top else '_no_top'}.h5",
+            None,
+            preprocessing="tf",
+            folder="mobilenet",
+            sizes=(128, 160, 192, 224),
+        )
+        for alpha, text in _MOBILENET_ALPHAS.items()
+        for top in (True, False)
+    ]
+
+
+#: NASNet: (Keras's cache name, the name at the URL, md5) of the top and the notop file, the size
+#: the top was trained at.
+_NASNET_FILES = {
+    "nasnetmobile": (
+        ("nasnet_mobile.h5", "NASNet-mobile.h5", "020fb642bf7360b370c678b08e0adf61"),
+        ("nasnet_mobile_no_top.h5", "NASNet-mobile-no-top.h5", "1ed92395b5b598bdda52abe5c0dbfd63"),
+        224,
+    ),
+    "nasnetlarge": (
+        ("nasnet_large.h5", "NASNet-large.h5", "11577c9a518f0070763c2b964a382f17"),
+        ("nasnet_large_no_top.h5", "NASNet-large-no-top.h5", "d81d89dc07e6e56530c4e77faddd61b5"),
+        331,
+    ),
+}  # fmt: skip
+
+
+def _nasnet_files() -> list[PublishedWeights]:
+    """keras.applications.nasnet's files (``.../nasnet/NASNet-mobile.h5``, ...)."""
+    return [
+        PublishedWeights(
+            arch, top, cached, md5, preprocessing="tf", folder="nasnet", sizes=(size,), remote_name=remote
+        )
+        for arch, (top_file, notop_file, size) in _NASNET_FILES.items()
+        for top, (cached, remote, md5) in ((True, top_file), (False, notop_file))
+    ]
+
+
 # Names, URLs and hashes as published by keras.applications (vgg16, vgg19, efficientnet, resnet,
-# mobilenet_v2, convnext, efficientnet_v2, mobilenet_v3).
+# mobilenet_v2, convnext, efficientnet_v2, mobilenet_v3, densenet, xception, inception_v3,
+# inception_resnet_v2, mobilenet, nasnet).
 IMAGENET = {
     (w.arch, w.include_top): w
     for w in (
@@ -322,6 +430,9 @@ IMAGENET = {
         *_convnext_files(),
         *_efficientnet_v2_files(),
         *_mobilenet_v3_files(),
+        *_family_files(),
+        *_mobilenet_v1_files(),
+        *_nasnet_files(),
     )
 }
 
