@@ -99,7 +99,7 @@ FLOPS_NOTE = (
 #: Seconds of a task's first call (compilation, autotuning and one step) by framework and mode,
 #: per model where they differ (a model not listed: the largest of its mode, the default guess).
 #: "full": GUESSES for one H100 at 224x224 bf16, batch 256, from compile times of such steps
-#: elsewhere and the models' depth (DenseNet121: 121 layers; NASNet: well over 100 convolutions):
+#: elsewhere and the models' depth (DenseNet121: 121 layers; NASNetMobile: 356 convolutions):
 #: no GPU has run this script yet. The run rescales each framework's guesses by the ratio of its
 #: own measured first calls to them, so only the first task of each framework relies on them.
 #: "tiny": seen on the shared 2-core CPU under a load of ~12 (2026-12-06, the slow test of
@@ -128,7 +128,7 @@ FIRST_CALL_S = {
     },
     "tiny": {
         "imgcls_jax": {
-            "train": {"vgg16": 20, "mobilenetv2": 80},
+            "train": {"vgg16": 20, "mobilenetv2": 80, "xception": 30},  # xception: 22 s at load ~4 (12-07)
             "forward": {"vgg16": 6, "mobilenetv2": 12},
             "frozen": {"vgg16": 5, "mobilenetv2": 11},
         },
