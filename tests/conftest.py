@@ -1,5 +1,6 @@
 import os
 import shutil
+import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -53,13 +54,16 @@ def _memory_kb() -> tuple[int, int]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """``IMGCLS_TEST_MEMORY_LOG=FILE``: after each test, append ``nodeid<TAB>resident
-    MB<TAB>peak MB`` to FILE (what holds memory across a suite: tests/test_memory.py, README)."""
+    MB<TAB>peak MB<TAB>seconds`` to FILE (what holds memory across a suite and what takes the
+    time, even of a run cut short: tests/test_memory.py, README). The seconds count the test's
+    setup, call and teardown, module fixtures included."""
+    start = time.monotonic()
     result = yield
     path = os.environ.get("IMGCLS_TEST_MEMORY_LOG")
     if path:
         rss, hwm = _memory_kb()
         with open(path, "a") as f:
-            f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\n")
+            f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\t{time.monotonic() - start:.1f}\n")
     return result
 
 

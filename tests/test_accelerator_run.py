@@ -123,7 +123,9 @@ def test_a_kill_part_way_leaves_every_finished_row(tmp_path):
         and first["images_per_s"] > 0
         and first["first_call_s"] > 0
     )
-    assert first["gflop_per_image"] > 0 and 0 < first["mfu_measured_peak"] <= 1  # the analytic count
+    # the analytic count over the peak: on a shared CPU the peak's matmul and the step run at
+    # other moments of the load (oneDNN's convolutions once measured 1.6-1.8x a 256^3 matmul's peak)
+    assert first["gflop_per_image"] > 0 and 0 < first["mfu_measured_peak"] <= 2
     assert first["mfu_datasheet"] is None  # a CPU has no datasheet figure
     table = (out / "results.md").read_text()
     assert "not reached" in table and "Status: running" in table

@@ -202,7 +202,8 @@ def _plateau_config(data, run_dir, epochs: int, patience: int) -> TrainConfig:
     """Head-only, no augmentation (so the base's outputs are computed once), val_loss monitored."""
     return TrainConfig(
         data=str(data), run_dir=str(run_dir), image_size=32, batch_size=4, head_units=(8,), seed=0,
-        augment=AugmentConfig(), monitor="val_loss", early_stopping_patience=patience, keep_checkpoints=1,
+        weights="random", augment=AugmentConfig(), monitor="val_loss", early_stopping_patience=patience,
+        keep_checkpoints=1,
         phases=[PhaseConfig(epochs=epochs, trainable="head", learning_rate=0.01, schedule="plateau",
                             plateau_factor=0.5, plateau_patience=1)],
     )  # fmt: skip

@@ -242,7 +242,7 @@ MISTAKES = {
     "export-keras": [
         (["export-keras", "{data}", "{tmp}/out.keras"], "not a run folder"),
         (["export-keras", "{run}", "{tmp}/out.txt"], "must end in .keras"),
-        (["export-keras", "{no_best_run}", "{tmp}/out.keras"], "no best checkpoint"),
+        (["export-keras", "{no_best_run}", "{tmp}/out.keras", "--checkpoint", "best"], "no best checkpoint"),
         (["export-keras", "{run}"], "the following arguments are required: out_file"),
     ],
     "tune": [

@@ -201,17 +201,20 @@ def cmd_train(args) -> int:
     from imgcls_jax.data import DatasetError
     from imgcls_jax.evaluate.runs import resolve_split
 
+    report = None
     try:
         resolve_split(RunDir(result.run_dir), None)
     except DatasetError as e:  # the run is fine: there is just nothing held out to report on
         log.warning("trained %s; no evaluation: %s", result.run_dir, e)
-        return 0
-    report = evaluate_run(result.run_dir)  # the defaults: test (else val) split, best checkpoint
-    print((report.out_dir / "report.txt").read_text())
+    else:
+        report = evaluate_run(result.run_dir)  # the defaults: test (else val) split, best checkpoint
+        print((report.out_dir / "report.txt").read_text())
     print(f"weights:   {described}")
     print(f"run dir:   {result.run_dir}")
-    print(f"report:    {report.out_dir / 'report.txt'}")
-    print(f"plots:     {report.out_dir / 'confusion_matrix.png'}, {report.out_dir / 'learning_curves.png'}")
+    if report is not None:
+        print(f"report:    {report.out_dir / 'report.txt'}")
+        plots = (report.out_dir / name for name in ("confusion_matrix.png", "learning_curves.png"))
+        print(f"plots:     {', '.join(map(str, plots))}")
     return 0
 
 
