@@ -74,16 +74,19 @@ MODELS = {
 log = logging.getLogger("reference_keras")
 
 
-def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int = 0, size=None):
+def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int = 0, size=None,
+             learning_rate: float | None = None):  # fmt: skip
     """The imgcls_jax ``TrainConfig`` of the protocol: ``CONFIG`` with ``epochs`` epochs, ``model``
     at ``size`` (default: its :data:`MODELS` size), ``seed``, reading the pre-split folder
-    ``data``."""
+    ``data``, and Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4)."""
     from imgcls_jax import TrainConfig
 
     raw = json.loads(CONFIG.read_text())
     raw.update(model=model, seed=seed, image_size=size or MODELS[model][2])
     raw.update(data=str(data), run_dir=str(out / "imgcls_jax"))
     raw["phases"][0]["epochs"] = epochs
+    if learning_rate is not None:
+        raw["phases"][0]["learning_rate"] = learning_rate
     return TrainConfig.from_json(json.dumps(raw))
 
 
@@ -382,9 +385,11 @@ def table(results: dict, meta: dict) -> str:
     return "\n".join([*lines, ""])
 
 
-def _key(run: dict) -> tuple[str, int]:
-    """``(model, image side)`` of a run's ``results.json`` (older runs: VGG16 at 32)."""
-    return run["meta"].get("model", "vgg16"), run["meta"].get("image_size", 32)
+def _key(run: dict) -> tuple:
+    """``(model, image side, epochs, learning rate)`` of a run's ``results.json`` (older runs:
+    VGG16 at 32, 12 epochs, 2e-4)."""
+    m = run["meta"]
+    return m.get("model", "vgg16"), m.get("image_size", 32), m.get("epochs", 12), m.get("learning_rate", 2e-4)
 
 
 def summary(paths) -> str:
@@ -398,9 +403,9 @@ def summary(paths) -> str:
         return f"{100 * v:.2f}%"
 
     lines = [
-        "| model | size | seed | test, imgcls_jax | test, Keras | best val (epoch), imgcls_jax | "
-        "best val (epoch), Keras | s/epoch imgcls_jax / Keras | date, load |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | size | epochs, Adam peak rate | seed | test, imgcls_jax | test, Keras | best val (epoch), "
+        "imgcls_jax | best val (epoch), Keras | s/epoch imgcls_jax / Keras | date, load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     groups: dict[tuple, list] = {}
     for r in runs:
@@ -408,22 +413,25 @@ def summary(paths) -> str:
         key = _key(r)
         groups.setdefault(key, []).append(r)
         lines.append(
-            f"| {key[0]} | {key[1]} | {m.get('seed', 0)} | {pct(j['test_accuracy'])} ({j['test_correct']}/"
+            f"| {key[0]} | {key[1]} | {key[2]}, {key[3]:g} | {m.get('seed', 0)} | {pct(j['test_accuracy'])} "
+            f"({j['test_correct']}/"
             f"{j['test_count']}) | {pct(k['test_accuracy'])} ({k['test_correct']}/{k['test_count']}) | "
             f"{pct(j['best_val_accuracy'])} ({j['best_epoch']}) | {pct(k['best_val_accuracy'])} "
             f"({k['best_epoch']}) | {_median(j['epoch_s']):.1f} / {_median(k['epoch_s']):.1f} s | "
             f"{m['date']}, {m['load_start']:.1f}-{m['load_end']:.1f} |"
         )
-    lines += ["", "| model | size | seeds | imgcls_jax mean +- sd | Keras mean +- sd | difference of means |",
-              "|---|---|---|---|---|---|"]  # fmt: skip
-    for (model, size), rs in groups.items():
+    lines += [
+        "", "| model | size | epochs, Adam peak rate | seeds | imgcls_jax mean +- sd | Keras mean +- sd "
+        "| difference of means |", "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for (model, size, epochs, rate), rs in groups.items():
         acc = {side: [100 * r[side]["test_accuracy"] for r in rs] for side in ("imgcls_jax", "keras")}
         sd = {side: statistics.stdev(v) if len(v) > 1 else float("nan") for side, v in acc.items()}
         mean = {side: statistics.mean(v) for side, v in acc.items()}
         cells = [f"{mean[side]:.2f} +- {sd[side]:.2f}" for side in ("imgcls_jax", "keras")]
         seeds = ", ".join(str(r["meta"].get("seed", 0)) for r in rs)
         lines.append(
-            f"| {model} | {size} | {seeds} | {cells[0]} | {cells[1]} | "
+            f"| {model} | {size} | {epochs}, {rate:g} | {seeds} | {cells[0]} | {cells[1]} | "
             f"{mean['imgcls_jax'] - mean['keras']:+.2f} points |"
         )
     return "\n".join([*lines, ""])
@@ -465,6 +473,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", default=0, type=int, help="weights, shuffling, augmentation, dropout")
     parser.add_argument("--split-seed", default=0, type=int, help="the train/val/test split's seed")
     parser.add_argument("--epochs", default=12, type=int)
+    parser.add_argument("--learning-rate", type=float, help="Adam's peak rate (default the config's, 2e-4)")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the input/step timings")
     parser.add_argument("--results-md", type=Path, help="put the table into this markdown file")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
@@ -485,8 +494,10 @@ def main(argv=None) -> dict:
         "versions": versions(), "model": args.model, "seed": args.seed, "split_seed": args.split_seed,
     }  # fmt: skip
     data = presplit_folder(args.data, args.out, args.split_seed)
-    config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size)
-    meta["image_size"] = config.image_size
+    config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size, args.learning_rate)
+    meta.update(
+        image_size=config.image_size, epochs=args.epochs, learning_rate=config.phases[0].learning_rate
+    )
     records, class_names = make_manifest(config, args.out)
     counts = {name: sum(r.split == name for r in records) for name in ("train", "val", "test")}
     listing = ", ".join(f"{n} {name}" for name, n in counts.items())
