@@ -13,6 +13,14 @@ waits for it. Modes:
 
 Peers that are not installed raise ``pytest.skip`` with the reason; nothing is faked. Only the
 imgcls_jax runner is imported by default: torch and keras load when their runner is built.
+
+Both sides get the same batch (the same pixels: uint8 for imgcls_jax, whose step applies the
+model's preprocessing, float32 in [0, 255] for PyTorch, which has none), the same classes and the
+same optimizer (Adam, lr ``LR``, betas 0.9/0.999, eps 1e-7 as Keras and ``make_optimizer``). The
+PyTorch peer gets what a PyTorch user would switch on: ``cudnn.benchmark`` (cuDNN picks its
+convolution algorithms by timing them, as XLA autotunes), the fused Adam, channels_last, bf16
+autocast on a GPU, ``torch.compile(dynamic=False)`` (one static graph per batch size, as XLA
+compiles). Each runner's ``run.settings`` says what it ran.
 """
 
 from __future__ import annotations
@@ -22,6 +30,7 @@ import pytest
 
 NUM_CLASSES = 5
 LR = 1e-4
+ADAM_EPS = 1e-7  #: Keras's and imgcls_jax's make_optimizer default (PyTorch's is 1e-8)
 MODES = ("forward", "train", "frozen")
 
 
@@ -56,7 +65,7 @@ def jax_runner(
     )
 
     images, labels = synthetic_batch(size, batch)
-    options = {"conv_impl": impl} if arch.startswith("vgg") else {}
+    options = {"conv_impl": impl}
     model = create_model(
         arch, num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3), dtype=dtype, **options
     )
@@ -66,7 +75,12 @@ def jax_runner(
         split = split_model(model, trainable_layers(model, "all"))
         step = make_eval_step(split)
         args = (split.trainable, split.frozen, {"image": x, "label": y, "mask": jnp.ones((batch,), bool)})
-        return (lambda: jax.block_until_ready(step(*args)["correct"])), step, args
+
+        def forward():
+            jax.block_until_ready(step(*args)["correct"])
+
+        forward.model = model
+        return forward, step, args
     split = split_model(model, trainable_layers(model, "all" if mode == "train" else "head"))
     optimizer = make_optimizer("adam", LR)
     step = make_train_step(split, optimizer)
@@ -77,6 +91,7 @@ def jax_runner(
         holder["state"], metrics = step(holder["state"], split.frozen, data)
         jax.block_until_ready(metrics["loss"])
 
+    run.model = model  # for the analytic FLOP count (benchmarks.perf.analytic_flops)
     # the cost analysis lowers with a state of the same shapes (the live one is donated)
     return run, step, (init_state(split, optimizer), split.frozen, data)
 
@@ -106,10 +121,18 @@ def _torch_vgg16(nn):
 
 
 def _torch_family(arch: str, nn):
-    """torchvision's model of ``arch`` with ``NUM_CLASSES`` outputs, split into base and head
-    (the last Linear layer)."""
-    torchvision = pytest.importorskip("torchvision", reason="torchvision not installed")
-    model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
+    """torchvision's architecture of ``arch`` with ``NUM_CLASSES`` outputs, split into base and
+    head (the last Linear layer): torchvision's own model where it is installed and loads, else
+    the same architecture built here (:mod:`benchmarks.torch_models`: the PyPI torchvision wheel
+    is built for the CUDA torch and does not load with the CPU wheel)."""
+    try:
+        import torchvision
+
+        model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
+    except (ImportError, RuntimeError):
+        from benchmarks import torch_models
+
+        model = torch_models.build(arch, NUM_CLASSES)
     if arch == "resnet50":
         head, model.fc = model.fc, nn.Identity()
     else:  # mobilenet_v2, efficientnet_b0: classifier = Dropout, Linear
@@ -120,14 +143,16 @@ def _torch_family(arch: str, nn):
 def torch_runner(
     mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False, arch: str = "vgg16"
 ):
-    """PyTorch eager (or ``torch.compile``d) ``arch`` (VGG16 built here, the others from
-    torchvision), channels_last, on CUDA when available. ``bf16``: ``torch.autocast`` to
-    bfloat16 (GPU), parameters float32."""
+    """PyTorch eager (or ``torch.compile``d, static shapes) ``arch`` (VGG16 built here, the others
+    from torchvision), channels_last, on CUDA when available, with ``cudnn.benchmark`` and the
+    fused Adam. ``bf16``: ``torch.autocast`` to bfloat16 (GPU), parameters float32. The returned
+    ``run`` has ``run.settings``: what it runs, for the results."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
     nn = torch.nn
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if bf16 and device == "cpu":
         pytest.skip("bf16 autocast peer only on GPU")
+    torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape, as XLA autotunes
     images, labels = synthetic_batch(size, batch)
     torch.manual_seed(0)
     base, head = _torch_vgg16(nn) if arch == "vgg16" else _torch_family(arch, nn)
@@ -136,27 +161,51 @@ def torch_runner(
     y = torch.from_numpy(labels).long().to(device)
     autocast = torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-
+    compiled = (lambda module: torch.compile(module, dynamic=False)) if compile else (lambda module: module)
+    settings = {
+        "model": f"VGG16 built as Keras's ({_VGG_NOTE})" if arch == "vgg16" else f"torchvision "
+        f"{TORCHVISION[arch]}(weights=None, num_classes={NUM_CLASSES})",
+        "device": device, "memory_format": "channels_last", "cudnn.benchmark": True,
+        "autocast": "bfloat16" if bf16 else None, "torch": torch.__version__,
+        "compile": "torch.compile(dynamic=False), default mode" if compile else "eager",
+        "input": "float32 NCHW channels_last in [0, 255] on the device (no preprocessing)",
+    }  # fmt: skip
     if mode == "forward":
         model.eval()
-        forward = torch.compile(model) if compile else model
+        run = _torch_forward(torch, compiled(model), x, autocast, sync)
+    else:
+        run = _torch_train(torch, mode, base, head, model, compiled, x, y, autocast, sync)
+        settings["optimizer"] = run.optimizer
+    run.settings = settings
+    return run
 
-        def run():
-            with torch.inference_mode(), autocast:
-                forward(x)
-            sync()
 
-        return run
+_VGG_NOTE = "13 conv + ReLU, max pooling, global average pooling, Dense head"
+
+
+def _torch_forward(torch, forward, x, autocast, sync):
+    def run():
+        with torch.inference_mode(), autocast:
+            forward(x)
+        sync()
+
+    return run
+
+
+def _torch_train(torch, mode, base, head, model, compiled, x, y, autocast, sync):
+    """One step of the full train (``mode="train"``) or of the head on frozen base features."""
+    nn = torch.nn
     if mode == "frozen":
         base.requires_grad_(False)
         base.eval()
     else:
         model.train()
     trained = head if mode == "frozen" else model
-    optimizer = torch.optim.Adam(trained.parameters(), lr=LR)
+    # the fused Adam (one kernel group for every parameter), as the PyTorch docs advise on CUDA
+    optimizer = torch.optim.Adam(trained.parameters(), lr=LR, eps=ADAM_EPS, fused=True)
     loss_fn = nn.CrossEntropyLoss()
-    features_of = torch.compile(base) if compile and mode == "frozen" else base
-    logits_of = torch.compile(model) if compile and mode == "train" else model
+    features_of = compiled(base) if mode == "frozen" else base
+    logits_of = compiled(model) if mode == "train" else model
 
     def run():
         optimizer.zero_grad(set_to_none=True)
@@ -172,6 +221,7 @@ def torch_runner(
         optimizer.step()
         sync()
 
+    run.optimizer = f"torch.optim.Adam(lr={LR}, eps={ADAM_EPS}, fused=True)"
     return run
 
 
@@ -212,3 +262,55 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
     if mode == "forward":
         return lambda: np.asarray(model.predict_on_batch(x))
     return lambda: np.asarray(model.train_on_batch(x, y))
+
+
+def keras_jax_times(mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16") -> list[float]:
+    """Seconds per step of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
+    subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): one
+    warm-up step, then ``rounds`` timed ones. Skips if Keras is not installed."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
+    command = [
+        sys.executable,
+        "-m",
+        "benchmarks.peers",
+        "keras",
+        mode,
+        arch,
+        str(size),
+        str(batch),
+        str(rounds),
+    ]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=root)
+    if done.returncode != 0:
+        raise RuntimeError(f"Keras on JAX failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])["times"]
+
+
+def _main(argv=None) -> None:
+    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS``: time Keras's step on the
+    backend ``KERAS_BACKEND`` names, print ``{"times": [s, ...]}`` as the last line."""
+    import json
+    import sys
+    import time
+
+    _, mode, arch, size, batch, rounds = argv or sys.argv[1:]
+    run = keras_runner(mode, int(size), int(batch), arch=arch)
+    run()
+    times = []
+    for _ in range(int(rounds)):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    print(json.dumps({"times": times}))
+
+
+if __name__ == "__main__":
+    _main()

@@ -1,8 +1,10 @@
 """Benchmark accounting: XLA's FLOP count of a compiled step, the device's peak rate, and MFU.
 
 :func:`compiled_flops` reads the FLOPs XLA itself counts for a jitted function at given arguments
-(elementwise work included), the figure the benchmark suite divides by time. The analytic count of
-the model is :func:`imgcls_jax.models.flops.vgg_flops`.
+(elementwise work included), the figure the benchmark suite divides by time. It compiles the
+function a second time and some backends (GPU plugins) count nothing or raise, so the prepared
+accelerator run uses :func:`analytic_flops` instead: the model family's own count
+(:mod:`imgcls_jax.models.flops`), which needs no compiler and cannot fail on a device.
 
 The peak must be a peak, or MFU is not a fraction: :func:`measure_peak` times matmuls of several
 shapes, in the step's dtype and float32 (on CPUs a bfloat16 step may run at float32's rate), with
@@ -15,6 +17,7 @@ vendor's dense figure where the device is known (``None`` on CPUs).
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import time
 from collections.abc import Callable, Sequence
@@ -55,6 +58,29 @@ def compiled_flops(fn: Callable, *args, **kwargs) -> float:
     if not analysis or "flops" not in analysis:
         raise RuntimeError(f"no FLOP count from XLA's cost analysis on {jax.default_backend()!r}")
     return float(analysis["flops"])
+
+
+def analytic_flops(model, image_size: int | tuple[int, int], mode: str, *, padding: str = "valid") -> float:
+    """FLOPs of one image through ``model`` in ``mode`` (``"forward"``, ``"train"``, ``"frozen"``)
+    by its family's analytic count (multiply-add = 2; convolutions and dense layers): ``vgg_flops``
+    for a VGG, else the ``flops(model, image_size, mode, padding=)`` function of the module that
+    defines the model's class. ``padding="valid"`` leaves out the taps on zero padding, as XLA's
+    cost analysis does (see :mod:`imgcls_jax.models.flops`).
+
+    Raises ``NotImplementedError`` for a family whose module has no ``flops`` function."""
+    from imgcls_jax.models import VGG
+    from imgcls_jax.models.flops import vgg_flops
+
+    if isinstance(model, VGG):
+        return vgg_flops(model, image_size, mode, padding=padding)
+    family = importlib.import_module(type(model).__module__)
+    count = getattr(family, "flops", None)
+    if count is None:
+        raise NotImplementedError(
+            f"{type(model).__name__}: {family.__name__} has no analytic FLOP count; add "
+            "flops(model, image_size, mode, padding=) there (see imgcls_jax.models.flops)"
+        )
+    return float(count(model, image_size, mode, padding=padding))
 
 
 def datasheet_peak(device_kind: str, dtype: str) -> float | None:

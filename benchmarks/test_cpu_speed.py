@@ -1,5 +1,14 @@
-"""VGG16 on CPU, side by side: imgcls_jax (conv_impl xla / im2col / auto) vs Keras 3 (TF backend)
-vs PyTorch (a plain ``torch.nn`` VGG16, channels_last).
+"""CPU training speed side by side: imgcls_jax (``conv_impl`` xla / im2col / auto, auto being
+oneDNN's convolutions where they are available) against Keras 3 on TensorFlow, PyTorch (CPU
+wheel, channels_last) and Keras 3 on the JAX backend.
+
+``test_family_train_step``: one full training step (forward in training mode, cross-entropy,
+backward through every layer, Adam) of VGG16, ResNet50, MobileNetV2 and EfficientNetB0 at 64x64
+batch 16 and VGG16 at 224x224 batch 8 (:data:`FAMILY_CASES`), every framework at the same shape in
+turn; Keras on JAX runs in a subprocess (Keras picks one backend per process). The table it prints
+gives each framework's ms per step and imgcls_jax's (auto) speed over the fastest peer.
+
+``test_vgg16_speed``: VGG16 at 32 and 64 px, forward and train, the ``conv_impl`` choices.
 
 Every model is VGG16 without top + global average pooling + Dense(5) logits, float32, random
 weights (the runners of ``benchmarks/peers.py``). Two modes: ``forward`` (inference on one batch;
@@ -15,6 +24,7 @@ hits them alike; rerun (``--benchmark-...`` options as usual) to see the spread.
 (Keras or PyTorch) for the default ``auto`` is printed by the last test.
 
     .venv/bin/pytest benchmarks/test_cpu_speed.py -q -p no:cacheprovider
+    .venv/bin/pytest benchmarks/test_cpu_speed.py -q -p no:cacheprovider -k family
 
 Peers that are not installed are skipped with the reason. PyTorch: ``pip install torch==2.13.0``
 (a CPU wheel); it is never a dependency of imgcls_jax.
@@ -98,4 +108,75 @@ def test_print_table(capsys):
     with capsys.disabled():
         print("\nVGG16 img/s (median of warm rounds), ratio = jax-auto / faster peer")
         print("\n".join(lines))
+    assert len(lines) > 2
+
+
+#: (model, image size, batch, timed rounds) of ``test_family_train_step``.
+FAMILY_CASES = [
+    ("vgg16", 64, 16, 3),
+    ("resnet50", 64, 16, 3),
+    ("mobilenetv2", 64, 16, 4),
+    ("efficientnetb0", 64, 16, 4),
+    ("vgg16", 224, 8, 2),
+]
+FAMILY_FRAMEWORKS = ("jax-auto", "jax-xla", "keras-tf", "torch", "keras-jax")
+FAMILY_PEERS = ("keras-tf", "torch", "keras-jax")
+FAMILY_MS: dict[tuple[str, int, int, str], float] = {}  # (arch, size, batch, framework) -> ms per step
+
+
+def _family_runner(framework: str, arch: str, size: int, batch: int):
+    if framework.startswith("jax-"):
+        return peers.jax_runner("train", size, batch, impl=framework[4:], arch=arch)[0]
+    if framework == "keras-tf":
+        if os.environ.get("KERAS_BACKEND") != "tensorflow":
+            pytest.skip("the Keras-TF peer needs TensorFlow")
+        return peers.keras_runner("train", size, batch, arch=arch)
+    return peers.torch_runner("train", size, batch, arch=arch)
+
+
+@pytest.mark.parametrize(
+    "arch, size, batch, rounds, framework",
+    [(*case, fw) for case in FAMILY_CASES for fw in FAMILY_FRAMEWORKS],
+    ids=[f"{c[0]}-{c[1]}px-b{c[2]}-{fw}" for c in FAMILY_CASES for fw in FAMILY_FRAMEWORKS],
+)
+def test_family_train_step(benchmark, arch, size, batch, rounds, framework):
+    benchmark.group = f"train {arch} {size}px batch {batch}"
+    rounds = max(2, round(rounds * ROUNDS))
+    _RUNNERS.clear()
+    if framework == "keras-jax":  # its own process: one warm-up step, then the timed ones
+        times = peers.keras_jax_times("train", size, batch, rounds, arch=arch)
+        benchmark.pedantic(lambda: None, rounds=1, iterations=1)
+        benchmark.extra_info["subprocess_step_s"] = times
+        median = sorted(times)[len(times) // 2]
+    else:
+        run = _family_runner(framework, arch, size, batch)
+        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=1)
+        median = benchmark.stats.stats.median
+        run = None
+    FAMILY_MS[(arch, size, batch, framework)] = 1e3 * median
+    benchmark.extra_info.update(step_ms=round(1e3 * median, 1), load_average=os.getloadavg()[0])
+
+
+def test_print_family_table(capsys):
+    if not FAMILY_MS:
+        pytest.skip("needs test_family_train_step in the same run")
+    lines = [
+        f"| model | px | batch | {' | '.join(FAMILY_FRAMEWORKS)} | auto vs fastest peer |",
+        "|" + "---|" * (len(FAMILY_FRAMEWORKS) + 4),
+    ]
+    for arch, size, batch, _ in FAMILY_CASES:
+        row = {fw: FAMILY_MS.get((arch, size, batch, fw)) for fw in FAMILY_FRAMEWORKS}
+        if not any(row.values()):
+            continue
+        peer = min((row[p] for p in FAMILY_PEERS if row[p]), default=None)
+        ours = row["jax-auto"]
+        ratio = f"{peer / ours:.2f}x" if peer and ours else "-"
+        cells = " | ".join(f"{row[fw]:.0f}" if row[fw] else "-" for fw in FAMILY_FRAMEWORKS)
+        lines.append(f"| {arch} | {size} | {batch} | {cells} | {ratio} |")
+    with capsys.disabled():
+        print(f"\nms per full training step (median of warm rounds); load average {os.getloadavg()[0]:.1f}")
+        print("\n".join(lines))
+    if os.environ.get("IMGCLS_BENCH_TABLE"):
+        with open(os.environ["IMGCLS_BENCH_TABLE"], "a") as f:
+            f.write("\n".join(lines) + "\n")
     assert len(lines) > 2

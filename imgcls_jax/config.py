@@ -1,11 +1,20 @@
-"""The config objects from which a training run is fully reproducible (saved beside every run).
+"""The config objects from which a training run is fully reproducible (saved beside every run),
+and every check of them: the one place where a config is validated.
 
-``TrainConfig`` owns its validation: a bad value (a wrong type, an unknown name, a number out of
-range, splits that do not sum to 1, a ``top:N`` deeper than the model) is a :class:`ConfigError`
-(a ``ValueError``) naming the field when the config is built, for every user, not at some epoch
-of a run. Integers must fit JAX's int32 (:data:`MAX_INT`; seeds :data:`MAX_SEED`), numbers be
+``TrainConfig``, ``PhaseConfig`` and ``AugmentConfig`` are frozen dataclasses that validate
+themselves when built (change one with ``dataclasses.replace``, which validates again): a bad
+value (a wrong type, an unknown name, a number out of range, splits that do not sum to 1, a
+``top:N`` deeper than the model, a random base kept frozen) is a :class:`ConfigError` (a
+``ValueError``) naming the field, for every user, not at some epoch of a run. The checks that
+need more than the config live here too: :func:`check_devices` (the batch over the devices),
+:func:`check_trainable` (what ``fit`` can train), :func:`resume_differences` (a resumed run's
+config against the one stored in its folder) and :func:`check_study_options` (a tune file's
+``study``). Integers must fit JAX's int32 (:data:`MAX_INT`; seeds :data:`MAX_SEED`), numbers be
 finite, paths be strings the file system can take; messages cut long values (:func:`short_repr`).
 Nothing here imports JAX, TensorFlow or the models at import time.
+
+:meth:`TrainConfig.recipe` is the transfer-learning recipe (what ``imgcls-jax train --data DIR``
+and ``examples/train.py`` run).
 """
 
 from __future__ import annotations
@@ -16,8 +25,10 @@ import math
 import numbers
 import os
 import re
+import types
+import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
@@ -62,9 +73,38 @@ MAX_IMAGE_SIZE = 8192
 SPLIT_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
+#: What a config with both ``weights`` and ``init_from`` is told (the API and the command line).
+WEIGHTS_AND_INIT_FROM = (
+    "TrainConfig: set weights (the base's; imgcls-jax train --weights) or init_from (the whole model, "
+    "head included; --init-from), not both"
+)
+
+
 class ConfigError(ValueError):
     """A config (or tune file) that cannot be used: the message names the file or field, the
     value and what is allowed. Always a mistake in the input, never a failure of a run."""
+
+
+class FrozenDict(dict):
+    """A ``dict`` that cannot be changed after it is built (``TrainConfig.splits``): a frozen
+    config stays what it was validated as. JSON and ``dataclasses.asdict`` see a plain dict."""
+
+    def _frozen(self, *args, **kwargs):
+        raise TypeError("a config's mapping cannot be changed: use dataclasses.replace(config, splits={...})")
+
+    __setitem__ = __delitem__ = __ior__ = _frozen
+    clear = pop = popitem = setdefault = update = _frozen
+
+    def __hash__(self) -> int:
+        return hash(tuple(sorted(self.items(), key=repr)))
+
+    def __reduce__(self):  # copy, deepcopy and pickle build it whole (they would set items one by one)
+        return FrozenDict, (dict(self),)
+
+
+def _set(obj, name: str, value) -> None:
+    """Set a normalised field of a frozen dataclass while it validates itself."""
+    object.__setattr__(obj, name, value)
 
 
 def _is_number(value) -> bool:
@@ -265,7 +305,7 @@ class AugmentConfig:
             return cls(**_known(cls, raw, where))
 
 
-@dataclass
+@dataclass(frozen=True)
 class PhaseConfig:
     """One transfer-learning phase: which layers train, for how long, with what optimizer.
 
@@ -303,13 +343,13 @@ class PhaseConfig:
     plateau_min_delta: float = 1e-4
 
     def __post_init__(self):
-        self.validate("PhaseConfig")
+        self._validate("PhaseConfig")
 
-    def validate(self, where: str) -> None:
-        """Raise ``ValueError`` naming ``where.<field>`` for the first bad field."""
+    def _validate(self, where: str) -> None:
+        """Raise :class:`ConfigError` naming ``where.<field>`` for the first bad field."""
         from imgcls_jax.models.base import parse_trainable  # plain Python, no JAX work
 
-        self.epochs = _integer(f"{where}.epochs", self.epochs, 1)
+        _set(self, "epochs", _integer(f"{where}.epochs", self.epochs, 1))
         ok = isinstance(self.trainable, str) and len(self.trainable) <= 16  # no 5000-digit N to parse
         try:
             ok = ok and bool(parse_trainable(self.trainable))
@@ -328,7 +368,7 @@ class PhaseConfig:
         _integer(f"{where}.plateau_patience", self.plateau_patience, 1)
         _number(f"{where}.plateau_min_delta", self.plateau_min_delta, 0, math.inf, high_open=True)
         if self.image_size is not None:
-            self.image_size = _image_size(f"{where}.image_size", self.image_size)
+            _set(self, "image_size", _image_size(f"{where}.image_size", self.image_size))
 
 
 def _phase(raw: dict | PhaseConfig, where: str) -> PhaseConfig:
@@ -339,23 +379,33 @@ def _phase(raw: dict | PhaseConfig, where: str) -> PhaseConfig:
         return PhaseConfig(**_known(PhaseConfig, raw, where))
 
 
-@dataclass
+@dataclass(frozen=True)
 class TrainConfig:
     """Everything a run needs. ``data`` is an image folder (``root/<class>/...`` or pre-split
     ``root/{train,val,test}/<class>/...``); a flat folder is split by ``splits`` (stratified,
-    seeded). Every field is checked when the config is built (see the module docstring)."""
+    seeded). Every field is checked when the config is built (see the module docstring); the
+    config is frozen: ``dataclasses.replace(config, batch_size=64)`` makes a changed (and
+    checked) copy. :meth:`recipe` builds the transfer-learning recipe for a folder.
+
+    The base must not stay random while a phase keeps (part of) it frozen: with ``weights=None``
+    and no ``init_from``, the first phase must train every layer (``trainable="all"``, training
+    from scratch); ``weights="random"`` asks for a seeded random base on purpose (a test, a
+    random-feature baseline) and lifts that check."""
 
     data: str = ""
     run_dir: str = "runs/run"
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.75, "val": 0.25})
     #: Folder-name glob patterns left out of ``data`` (e.g. ``["* GT"]``: segmentation masks).
-    exclude: list[str] = field(default_factory=list)
+    exclude: tuple[str, ...] = ()
     #: Input size in pixels: ``S`` (square) or ``[height, width]``; each side at least the model's
     #: minimum (32 for the Keras families). Images are resized to it (``squash``).
     image_size: int | tuple[int, int] = 224
     batch_size: int = 32
     eval_batch_size: int | None = None
     model: str = "vgg16"
+    #: The base's starting weights: None (seeded random init; then the first phase must train
+    #: every layer), ``"imagenet"`` (Keras's published file), a Keras weight file or a folder of
+    #: ``imgcls-jax port-weights``, or ``"random"`` (seeded random init, allowed under a frozen phase).
     weights: str | None = None
     pooling: str | None = "avg"
     head_units: tuple[int, ...] = (256,)
@@ -390,7 +440,7 @@ class TrainConfig:
     #: TensorFlow needed; augmentation on the device) or ``"auto"`` (tf.data where TensorFlow
     #: imports).
     data_backend: str = "auto"
-    phases: list[PhaseConfig] = field(default_factory=lambda: [PhaseConfig()])
+    phases: tuple[PhaseConfig, ...] = (PhaseConfig(),)
     label_smoothing: float = 0.0
     grad_clip: float | None = None
     #: Keep an exponential moving average of the weights with this decay per step (e.g. 0.999;
@@ -409,15 +459,16 @@ class TrainConfig:
     fsdp_min_size: int | None = None
 
     def __post_init__(self):
-        self.augment = AugmentConfig.from_dict(self.augment, "TrainConfig.augment")
+        _set(self, "augment", AugmentConfig.from_dict(self.augment, "TrainConfig.augment"))
         if not isinstance(self.phases, list | tuple) or not self.phases:
             raise ConfigError(
                 f"TrainConfig.phases must be a non-empty list of phases, got {short_repr(self.phases)}"
             )
-        self.phases = [_phase(p, f"TrainConfig.phases[{i}]") for i, p in enumerate(self.phases)]
+        _set(self, "phases", tuple(_phase(p, f"TrainConfig.phases[{i}]") for i, p in enumerate(self.phases)))
         self._validate_data()
         self._validate_model()
         self._validate_training()
+        self._validate_start()  # last: a field's own error comes first
 
     def _validate_data(self) -> None:
         _path("TrainConfig.data", self.data, empty_ok=True)
@@ -431,17 +482,18 @@ class TrainConfig:
         _check(abs(total - 1) <= 1e-6, "TrainConfig.splits", f"fractions summing to 1 (sum {total:g})",
                self.splits)  # fmt: skip
         _check("train" in self.splits, "TrainConfig.splits", "a mapping with a 'train' split", self.splits)
+        _set(self, "splits", FrozenDict(self.splits))
         ok = isinstance(self.exclude, list | tuple) and all(isinstance(p, str) for p in self.exclude)
         _check(ok, "TrainConfig.exclude", "a list of folder-name patterns", self.exclude)
-        self.exclude = list(self.exclude)
-        self.image_size = _image_size("TrainConfig.image_size", self.image_size)
+        _set(self, "exclude", tuple(self.exclude))
+        _set(self, "image_size", _image_size("TrainConfig.image_size", self.image_size))
         _integer("TrainConfig.batch_size", self.batch_size, 1)
         if self.eval_batch_size is not None:
             _integer("TrainConfig.eval_batch_size", self.eval_batch_size, 1)
         _choice("TrainConfig.augment_on", self.augment_on, AUGMENT_PLACES)
         _choice("TrainConfig.data_backend", self.data_backend, DATA_BACKENDS)
         if self.data_backend == "numpy" and self.augment_on == "host":
-            raise ValueError(
+            raise ConfigError(
                 "TrainConfig: data_backend='numpy' cannot augment on the host; "
                 "use augment_on 'device' or 'auto'"
             )
@@ -464,14 +516,14 @@ class TrainConfig:
 
             _check(False, "TrainConfig.model", f"a registered model, one of {list_models()}", self.model)
         _check(self.weights is None or isinstance(self.weights, str), "TrainConfig.weights",
-               "None, 'imagenet' or a path", self.weights)  # fmt: skip
+               "None, 'imagenet', 'random' or a path", self.weights)  # fmt: skip
         if self.weights is not None:
             _path("TrainConfig.weights", self.weights)
         _choice("TrainConfig.pooling", self.pooling, POOLINGS)
         ok = isinstance(self.head_units, Sequence) and not isinstance(self.head_units, str)
         ok = ok and all(_is_int(u) and 1 <= u <= MAX_INT for u in self.head_units)
         _check(ok, "TrainConfig.head_units", f"a list of integers >= 1 and <= {MAX_INT}", self.head_units)
-        self.head_units = tuple(int(u) for u in self.head_units)
+        _set(self, "head_units", tuple(int(u) for u in self.head_units))
         _number("TrainConfig.dropout", self.dropout, 0, 1, high_open=True)
         _choice("TrainConfig.dtype", self.dtype, DTYPES)
         if self.kernel_init is not None:
@@ -480,7 +532,6 @@ class TrainConfig:
             _choice("TrainConfig.kernel_init", self.kernel_init, KERNEL_INITS)
         self._validate_head(info)
         for i, phase in enumerate(self.phases):
-            phase.validate(f"TrainConfig.phases[{i}]")
             top = phase.trainable.startswith("top:") and int(phase.trainable[4:])
             if info.stages and top and top > len(info.stages):
                 raise ConfigError(
@@ -520,21 +571,39 @@ class TrainConfig:
             value = getattr(self, name)
             _choice(f"TrainConfig.{name}", value, choices)
             if value != default and not info.accepts(name):
-                raise ValueError(f"TrainConfig.{name}={value!r}: {self.model} takes no {name}")
+                raise ConfigError(f"TrainConfig.{name}={value!r}: {self.model} takes no {name}")
         if self.head is not None:
             from imgcls_jax.models.head import parse_head
 
             try:
-                self.head = tuple(str(layer) for layer in parse_head(self.head))
+                _set(self, "head", tuple(str(layer) for layer in parse_head(self.head)))
             except ValueError as e:
                 raise ConfigError(f"TrainConfig.head: {e}") from None
         if self.init_from is not None:
             _check(isinstance(self.init_from, str) and bool(self.init_from), "TrainConfig.init_from",
                    "None or a run folder / Keras model file path", self.init_from)  # fmt: skip
             if self.weights is not None:
-                raise ValueError(
-                    "TrainConfig: set weights (the base's) or init_from (the whole model), not both"
-                )
+                raise ConfigError(WEIGHTS_AND_INIT_FROM)
+
+    def _validate_start(self) -> None:
+        """A base with no weights must be trained (every layer) before any phase freezes it."""
+        from imgcls_jax.models.registry import model_info
+
+        if self.weights is not None or self.init_from is not None:
+            return
+        info = model_info(self.model)
+        for i, phase in enumerate(self.phases):
+            top = phase.trainable.startswith("top:") and int(phase.trainable[4:])
+            if phase.trainable == "all" or (info.stages and top and top >= len(info.stages)):
+                return  # from here on the base has been trained
+            raise ConfigError(
+                f"TrainConfig.phases[{i}].trainable={phase.trainable!r} keeps (part of) the base frozen, but "
+                "the base has no weights (weights=None, no init_from): it would stay random. Use "
+                "weights='imagenet' (or a Keras weight file), init_from=<a run folder or Keras model>, "
+                "trainable='all' in the first phase (training from scratch), or "
+                "TrainConfig.recipe(data) (ImageNet weights when available, else from scratch); "
+                "weights='random' asks for a random frozen base on purpose (tests, baselines)"
+            )
 
     def _validate_training(self) -> None:
         _number("TrainConfig.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
@@ -549,6 +618,60 @@ class TrainConfig:
         _integer("TrainConfig.keep_checkpoints", self.keep_checkpoints, 1)
         if self.fsdp_min_size is not None:
             _integer("TrainConfig.fsdp_min_size", self.fsdp_min_size, 1, 2**63 - 1)
+
+    @classmethod
+    def recipe(
+        cls,
+        data: str,
+        *,
+        model: str = "vgg16",
+        weights: str | None = "auto",
+        epochs: int = 12,
+        learning_rate: float | None = None,
+        image_size: int | tuple[int, int] = 224,
+        batch_size: int = 32,
+        run_dir: str | None = None,
+        seed: int = 0,
+        dtype: str = "float32",
+        init_from: str | None = None,
+    ) -> TrainConfig:
+        """The transfer-learning recipe for an image folder (what ``imgcls-jax train --data DIR``
+        and ``examples/train.py`` run).
+
+        With weights (ImageNet, a Keras weight file, or ``init_from``'s whole model): the head on
+        the frozen base with Adam for half the ``epochs`` (at least one), then the top two stages
+        fine-tuned with SGD-momentum, the base at 0.1x the head's rate, cosine decay (peak
+        ``learning_rate``, default 1e-3). Without them: every layer from scratch (Adam, cosine,
+        default 1e-4). Both with the original experiment's head (global average pooling,
+        Dense(256) + ReLU, dropout 0.5), augmentation (horizontal flip, rotation 0.05, zoom 0.1,
+        translation 0.1) and ``monitor="val_accuracy"``.
+
+        ``weights``: ``"auto"`` (ImageNet when Keras's file can be found or downloaded, else
+        from scratch with a loud warning in the log), ``"imagenet"`` (an error where it cannot
+        be had), ``None`` / ``"none"`` (from scratch) or a Keras weight file / ported folder.
+        ``run_dir`` defaults to ``runs/<data folder name>``.
+        """
+        if init_from is not None and weights not in (None, "none", "auto"):
+            raise ConfigError(WEIGHTS_AND_INIT_FROM)
+        if init_from is not None or weights in (None, "none"):
+            resolved = None
+        else:
+            from imgcls_jax.weights.store import resolve_weights_choice  # may look for files, or download
+
+            resolved = resolve_weights_choice(weights, model)
+        _integer("TrainConfig.recipe epochs", epochs, 1)
+        if learning_rate is not None:
+            _number(
+                "TrainConfig.recipe learning_rate", learning_rate, 0, math.inf, low_open=True, high_open=True
+            )
+        return cls(
+            data=str(data), run_dir=str(run_dir or Path("runs") / Path(data).expanduser().resolve().name),
+            model=model, weights=resolved, image_size=image_size, batch_size=batch_size, seed=seed,
+            dtype=dtype,
+            pooling="avg", head_units=(256,), dropout=0.5, monitor="val_accuracy", init_from=init_from,
+            augment=AugmentConfig(flip="horizontal", rotation=0.05, zoom=0.1, translation=0.1),
+            phases=recipe_phases(resolved is not None or init_from is not None, epochs, learning_rate),
+        )  # fmt: skip
 
     def phase_image_size(self, phase_index: int):
         """Phase ``phase_index``'s ``image_size`` as configured (``S`` or ``(H, W)``)."""
@@ -601,6 +724,139 @@ class TrainConfig:
             return cls(**_known(cls, raw, where, nested))
         except ValueError as e:
             raise ConfigError(f"{where}: {e}") from None
+
+
+#: Peak learning rates of :meth:`TrainConfig.recipe` when none is given: transfer learning, and
+#: training from scratch.
+TRANSFER_LR, SCRATCH_LR = 1e-3, 1e-4
+
+
+def recipe_phases(
+    pretrained: bool, epochs: int, learning_rate: float | None = None
+) -> tuple[PhaseConfig, ...]:
+    """The phases of :meth:`TrainConfig.recipe` for ``epochs`` in all: transfer learning from a
+    ``pretrained`` base (half the epochs on the head, at least one each), else one phase
+    training every layer."""
+    if not pretrained:
+        lr = learning_rate or SCRATCH_LR
+        return (PhaseConfig(epochs=epochs, trainable="all", optimizer="adam", learning_rate=lr),)
+    lr, head = learning_rate or TRANSFER_LR, max(epochs // 2, 1)
+    return (
+        PhaseConfig(epochs=head, trainable="head", optimizer="adam", learning_rate=lr),
+        PhaseConfig(
+            epochs=max(epochs - head, 1), trainable="top:2", optimizer="sgd", learning_rate=lr,
+            base_lr_multiplier=0.1, schedule="cosine",
+        ),
+    )  # fmt: skip
+
+
+def check_devices(config: TrainConfig, devices: int, processes: int = 1) -> None:
+    """:class:`ConfigError` unless ``config``'s (global) batches divide over ``devices`` devices
+    (of ``processes`` processes): each device takes an equal share."""
+    where = f" of {processes} processes" if processes > 1 else ""
+    for name in ("batch_size", "eval_batch_size"):
+        value = getattr(config, name)
+        if value is not None and value % devices:
+            raise ConfigError(
+                f"TrainConfig.{name}={value} does not divide over the {devices} devices{where}; "
+                f"use a multiple of {devices} (it is the global batch, split over the devices)"
+            )
+
+
+def check_trainable(config: TrainConfig) -> None:
+    """:class:`ConfigError` for a config ``fit`` cannot train (it can still be evaluated and
+    predict): a model with sigmoid outputs (an imported Keras model), which ``fit``'s softmax
+    cross-entropy does not train."""
+    if config.output_activation != "softmax":
+        raise ConfigError(
+            f"TrainConfig.output_activation={config.output_activation!r}: fit trains with softmax "
+            "cross-entropy; such a model can be evaluated and used to predict, not trained here"
+        )
+
+
+#: ``TrainConfig`` fields that do not change what a run computes: a resumed run may give other
+#: values for them than its folder's ``config.json`` (the evaluation batch, how many checkpoints
+#: are kept, where decoded images are cached, and, first, the run folder's own name).
+RESULT_NEUTRAL_FIELDS = ("run_dir", "eval_batch_size", "keep_checkpoints", "cache")
+
+
+def resume_differences(stored: TrainConfig, given: TrainConfig) -> list[tuple[str, object, object]]:
+    """The fields that change results (all but :data:`RESULT_NEUTRAL_FIELDS`) in which ``given``
+    differs from ``stored``, as ``(field, stored value, given value)`` with JSON-like values
+    (``phases`` compared phase by phase: ``phases[1].learning_rate``; ``data`` as the folder it
+    resolves to)."""
+
+    def plain(value):
+        return json.loads(json.dumps(asdict(value) if is_dataclass(value) else value))
+
+    found = []
+    for f in fields(TrainConfig):
+        if f.name in RESULT_NEUTRAL_FIELDS:
+            continue
+        old, new = getattr(stored, f.name), getattr(given, f.name)
+        if f.name == "data":
+            same = old == new or Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
+            if not same:
+                found.append((f.name, old, new))
+        elif f.name == "phases" and len(old) == len(new):
+            for i, (a, b) in enumerate(zip(old, new)):
+                found += [
+                    (f"phases[{i}].{g.name}", plain(getattr(a, g.name)), plain(getattr(b, g.name)))
+                    for g in fields(PhaseConfig)
+                    if plain(getattr(a, g.name)) != plain(getattr(b, g.name))
+                ]
+        elif plain(old) != plain(new):
+            found.append((f.name, plain(old), plain(new)))
+    return found
+
+
+#: The options of a tune file's ``study`` (and ``imgcls-jax tune``'s flags): name -> type, as
+#: :func:`imgcls_jax.hpo.search` takes them (tests/test_hpo.py checks the two agree).
+STUDY_OPTIONS: dict[str, object] = {
+    "n_trials": int, "study_dir": str | None, "storage": str | None, "study_name": str, "sampler": str,
+    "sampler_options": dict | None, "pruner": str, "pruner_options": dict | None, "seed": int | None,
+    "worker": int, "timeout_s": float | None, "heartbeat_s": int, "grace_s": int | None,
+    "reset_running": bool, "plots": bool,
+}  # fmt: skip
+#: Allowed [low, high] of the numeric study options (others: [0, MAX_INT] for integers, [0, inf)
+#: for numbers; ``timeout_s`` > 0). The sampler seed is ``seed + 7919 * worker + trials``, which
+#: must stay below 2**32 (numpy's seeds).
+_STUDY_RANGES = {
+    "n_trials": (1, MAX_INT), "seed": (0, 2**31 - 1), "worker": (0, 100_000), "heartbeat_s": (1, 86_400),
+    "grace_s": (1, MAX_INT),
+}  # fmt: skip
+
+
+def _conforms(value, hint) -> bool:
+    """Whether a JSON value fits a type of :data:`STUDY_OPTIONS` (bools are not numbers)."""
+    if typing.get_origin(hint) in (typing.Union, types.UnionType):
+        return any(_conforms(value, h) for h in typing.get_args(hint))
+    if hint is type(None):
+        return value is None
+    if hint in (int, float):
+        ok = isinstance(value, int | float) and not isinstance(value, bool)
+        return ok and (hint is float or isinstance(value, int))
+    return isinstance(value, typing.get_origin(hint) or hint)
+
+
+def check_study_options(options: dict, where: str) -> None:
+    """:class:`ConfigError` naming the option for an unknown one or a value of the wrong type or
+    range (:data:`STUDY_OPTIONS`)."""
+    for key, value in options.items():
+        if key not in STUDY_OPTIONS:
+            raise ConfigError(f"{where}: unknown 'study' option {key!r}; known: {sorted(STUDY_OPTIONS)}")
+        if not _conforms(value, STUDY_OPTIONS[key]):
+            described = str(STUDY_OPTIONS[key]).replace("NoneType", "null")
+            described = described.replace("<class '", "").replace("'>", "")
+            raise ConfigError(f"{where}: study option {key!r} must be {described}, got {short_repr(value)}")
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            low, high = _STUDY_RANGES.get(key, (0, MAX_INT) if isinstance(value, int) else (0, math.inf))
+            finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size
+            if not (finite and low <= value <= high) or (key == "timeout_s" and value == 0):
+                brackets = f"({low}, {high})" if key == "timeout_s" else f"[{low}, {high}]"
+                raise ConfigError(
+                    f"{where}: study option {key!r} must be in {brackets}, got {short_repr(value)}"
+                )
 
 
 def read_json(path_or_text, what: str) -> tuple[object, str, bool]:

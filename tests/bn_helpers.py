@@ -1,6 +1,6 @@
-"""Helpers for the BatchNorm families' tests (EfficientNet, ResNet50, MobileNetV2): Keras models
-with random weights and random (calibrated) BatchNorm statistics saved in both Keras layouts,
-the Keras applications by registry name, and jitted forward passes.
+"""Helpers for the Keras-application tests: Keras models with random weights and random
+(calibrated) BatchNorm statistics saved in both Keras layouts, and jitted forward passes (the
+Keras applications by registry name: tests/keras_references.py, re-exported here).
 
 Random weights alone are not enough for a test that can fail: with BatchNorm moving statistics
 drawn independently of the activations, a deep random network's output stops depending on its
@@ -18,42 +18,11 @@ import jax
 import numpy as np
 from flax import nnx
 
-#: Registry name -> (its ``keras.applications`` model, the ``preprocess_input`` mode of its
-#: weights; None: it normalises inside the model).
-KERAS_APPS = {
-    "efficientnetb0": ("EfficientNetB0", None),
-    "mobilenetv2": ("MobileNetV2", "tf"),
-    "resnet50": ("ResNet50", "caffe"),
-}
-#: The families tests/test_parity_bn.py, test_bn_training.py, test_bn_models.py and
-#: test_bn_weights.py take (EfficientNet has its own test files: odd non-square sizes, its
-#: Normalization and ImageNet rescaling, drop connect).
+from tests.keras_references import keras_app, keras_out, keras_preprocess  # noqa: F401
+
+#: The families tests/test_bn_models.py and test_bn_weights.py take (EfficientNet has its own
+#: test files). Parity with Keras for every registered model: tests/test_applications.py.
 BN_MODELS = ["mobilenetv2", "resnet50"]
-
-
-def keras_app(arch: str, include_top: bool, size: int, pooling=None, classes: int = 1000):
-    """``keras.applications.<arch>(weights=None)`` at ``size`` x ``size``, logits at the top."""
-    import keras
-
-    app = getattr(keras.applications, KERAS_APPS[arch][0])
-    if include_top:
-        return app(weights=None, input_shape=(size, size, 3), classes=classes, classifier_activation=None)
-    return app(weights=None, include_top=False, input_shape=(size, size, 3), pooling=pooling)
-
-
-def keras_preprocess(arch: str):
-    """Keras's ``preprocess_input`` of ``arch``'s weights, on raw float32 RGB images."""
-    from keras.applications import imagenet_utils
-
-    mode = KERAS_APPS[arch][1]
-    if mode is None:
-        return lambda x: np.asarray(x, np.float32)
-    return lambda x: imagenet_utils.preprocess_input(np.asarray(x, np.float32), mode=mode)
-
-
-def keras_out(model, arch: str, images: np.ndarray) -> np.ndarray:
-    """The Keras model's output on raw uint8 ``images``, preprocessed as its weights expect."""
-    return np.asarray(model(keras_preprocess(arch)(images)))
 
 
 def images(n: int, size: int, seed: int = 0) -> np.ndarray:
@@ -64,8 +33,9 @@ def images(n: int, size: int, seed: int = 0) -> np.ndarray:
 def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -> None:
     """Random weights for every layer of the Keras ``model`` (He-scaled kernels, gamma in
     [0.5, 1.5], beta and biases ~N(0, 0.1-0.2), Normalization mean in [0.3, 0.6] and variance in
-    [0.03, 0.1]); BatchNorm statistics calibrated as the module docstring says, on random images
-    passed through ``preprocess`` (what the model expects of raw pixels; default: as they are)."""
+    [0.03, 0.1], ConvNeXt's layer scale in [0.2, 1]); BatchNorm statistics calibrated as the
+    module docstring says, on random images passed through ``preprocess`` (what the model expects
+    of raw pixels; default: as they are)."""
     rng = np.random.default_rng(seed)
     draw = {
         "bias": lambda s: rng.normal(0, 0.1, s),
@@ -76,12 +46,15 @@ def randomize_keras(model, seed: int, calibrate: bool = True, preprocess=None) -
         "mean": lambda s: rng.uniform(0.3, 0.6, s),
         "variance": lambda s: rng.uniform(0.03, 0.1, s),
         "count": lambda s: np.full(s, 1234),
+        "layer_scale": lambda s: rng.uniform(0.2, 1.0, s),
     }
     for layer in model.layers:
         values = []
         for w in layer.weights:
             kind, shape = w.path.split("/")[-1], tuple(w.shape)
-            if kind in ("kernel", "depthwise_kernel"):
+            if type(layer).__name__ == "LayerScale":  # ConvNeXt's (an unnamed weight: "variable")
+                kind = "layer_scale"
+            if kind in ("kernel", "depthwise_kernel", "pointwise_kernel"):
                 fan_in = int(np.prod(shape[:-1] if kind == "kernel" else shape[:2]))
                 values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
             else:
@@ -104,10 +77,10 @@ def _calibrate_batchnorm(model, rng, preprocess) -> None:
     model(batch, training=True)  # moving statistics := this batch's statistics
     for bn, m in zip(bns, momentum, strict=True):
         bn.momentum = m
-        gamma, beta, mean, var = bn.get_weights()
+        *affine, mean, var = bn.get_weights()  # gamma (unless scale=False), beta
         mean = mean + rng.normal(0, 0.2, mean.shape) * np.sqrt(var)
         var = var * rng.uniform(0.5, 2.0, var.shape)
-        bn.set_weights([gamma, beta, mean.astype(np.float32), var.astype(np.float32)])
+        bn.set_weights([*affine, mean.astype(np.float32), var.astype(np.float32)])
 
 
 def save_both_layouts(model, folder, stem: str) -> dict:

@@ -124,13 +124,13 @@ def assert_probabilities_equal(ours, theirs, tol: float = 1e-5) -> float:
 
 # ------------------------------------------------------------------ every family, any head
 #: Registry name -> (``keras.applications`` builder, module of its ``preprocess_input``).
-APPS = {
-    "vgg16": ("VGG16", "vgg16"),
-    "vgg19": ("VGG19", "vgg19"),
-    "resnet50": ("ResNet50", "resnet50"),
-    "mobilenetv2": ("MobileNetV2", "mobilenet_v2"),
-    "efficientnetb0": ("EfficientNetB0", "efficientnet"),
-}
+def _apps() -> dict:
+    from imgcls_jax.weights.keras_families import KERAS_APPLICATIONS
+
+    return {name: (row.builder, row.module) for name, row in KERAS_APPLICATIONS.items()}
+
+
+APPS = _apps()
 
 
 def leaves(model) -> list:
@@ -168,9 +168,11 @@ def randomize_all(
         values = []
         for w in layer.weights:
             kind, shape = w.path.split("/")[-1], tuple(w.shape)
-            if kind in ("kernel", "depthwise_kernel"):
-                fan_in = int(np.prod(shape[:-1] if kind == "kernel" else shape[:2]))
+            if kind in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                fan_in = int(np.prod(shape[:-1] if kind != "depthwise_kernel" else shape[:2]))
                 values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
+            elif kind not in draw:  # ConvNeXt's LayerScale gamma (Keras names it "variable")
+                values.append(rng.uniform(*gamma, shape).astype(w.dtype))
             else:
                 values.append(np.asarray(draw[kind](shape)).astype(w.dtype))
         if values:

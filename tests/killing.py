@@ -98,7 +98,8 @@ def make_config(data: Path, run_dir: Path, *, augment: bool, **kw) -> TrainConfi
     shifts, tf.data (augmenting on the host, on a CPU); without: the NumPy pipeline (no
     TensorFlow needed)."""
     base = dict(
-        data=str(data), run_dir=str(run_dir), image_size=32, batch_size=8, head_units=(8,), seed=3,
+        data=str(data), run_dir=str(run_dir), weights="random", image_size=32, batch_size=8, head_units=(8,),
+        seed=3,
         monitor="val_loss",  # improves at epochs 0 and 1 (best/ saves there), not at 2 and 3
         ema_decay=0.9, augment={"flip": "horizontal", "translation": 0.1} if augment else {},
         data_backend="auto" if augment else "numpy",

@@ -67,7 +67,7 @@ TWO_HOSTS = CHILD.replace(
 
 def bn_config(data: Path, run_dir: Path) -> TrainConfig:
     return TrainConfig(
-        data=str(data), run_dir=str(run_dir), model=MODEL, weights=None, image_size=32, batch_size=8,
+        data=str(data), run_dir=str(run_dir), model=MODEL, weights="random", image_size=32, batch_size=8,
         seed=3, augment={"flip": "horizontal"}, eval_batch_size=4, splits={"train": 0.8, "val": 0.2},
         keep_checkpoints=2,
         phases=[

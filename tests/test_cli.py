@@ -27,7 +27,8 @@ def trained_run(tiny_data, tmp_path_factory):
     out = tmp_path_factory.mktemp("cli_run")
     cfg = TrainConfig(
         data=str(tiny_data), run_dir=str(out / "run"), splits={"train": 0.6, "val": 0.2, "test": 0.2},
-        image_size=32, batch_size=6, head_units=(8,), seed=0, augment={"flip": "horizontal"},
+        weights="random", image_size=32, batch_size=6, head_units=(8,), seed=0,
+        augment={"flip": "horizontal"},
         phases=[PhaseConfig(epochs=2, trainable="head", learning_rate=1e-2)],
     )  # fmt: skip
     cfg.to_json(out / "config.json")
@@ -66,20 +67,35 @@ def test_train_flags_that_do_not_apply_are_one_line_errors(tmp_path, capsys):
     assert cli.main(["train"]) == 2
     assert capsys.readouterr().err.startswith("imgcls-jax: error: no data: pass --data DIR")
     config = tmp_path / "c.json"
-    TrainConfig(data="x").to_json(config)
+    TrainConfig(data="x", weights="random").to_json(config)
     assert cli.main(["train", "--config", str(config), "--epochs", "3"]) == 2
-    assert "--epochs and --lr set the recipe's phases" in capsys.readouterr().err
+    assert "--epochs and --lr shape the recipe's phases" in capsys.readouterr().err
 
 
-def test_every_flag_of_every_command_is_explained():
-    parser = cli.build_parser()
-    commands = parser._subparsers._group_actions[0].choices
-    assert {"train", "evaluate", "predict", "audit", "port-weights"} <= set(commands)
-    for name, sub in commands.items():
-        for action in sub._actions:
-            if action.dest == "help":
-                continue
-            assert action.help and len(action.help) > 10, f"{name} {action.option_strings or action.dest}"
+def test_evaluate_and_predict_use_the_documented_defaults(trained_run, monkeypatch, capsys):
+    """``--split`` (test, else val) and ``--checkpoint`` (best) as their help says
+    (tests/test_cli_help.py walks the help), the same defaults as ``evaluate_run``'s."""
+    import imgcls_jax.evaluate
+
+    used = {}
+    real_evaluate, real_load = imgcls_jax.evaluate.evaluate_run, imgcls_jax.evaluate.load_run
+
+    def evaluate(run_dir, split=None, which=None):
+        used["evaluate"] = (split, which)
+        return real_evaluate(run_dir, split=split, which=which)
+
+    def load(run_dir, which=None):
+        used["predict"] = which
+        return real_load(run_dir, which)
+
+    monkeypatch.setattr(imgcls_jax.evaluate, "evaluate_run", evaluate)
+    monkeypatch.setattr(imgcls_jax.evaluate, "load_run", load)
+    assert cli.main(["evaluate", str(trained_run)]) == 0
+    assert (
+        cli.main(["predict", str(trained_run), str(trained_run / "eval_test" / "confusion_matrix.png")]) == 0
+    )
+    assert used == {"evaluate": ("test", "best"), "predict": "best"}
+    capsys.readouterr()
 
 
 def test_train_writes_report_consistent_with_the_confusion_matrix(trained_run, capsys):
@@ -211,3 +227,20 @@ def test_restart_moves_the_earlier_run_aside_and_resume_false_refuses_a_used_fol
     assert (moved / "metrics.csv").read_text() == before and (moved / "best").is_dir()
     rows = (run / "metrics.csv").read_text().splitlines()
     assert len(rows) == 1 + config.phases[0].epochs  # a fresh run: its own epochs only
+
+
+def test_tensorflow_start_up_notices_stay_out_of_the_terminal_unless_verbose(trained_run, tiny_data):
+    """`imgcls-jax predict` prints its answer, not TensorFlow's C++ start-up lines (oneDNN, CPU
+    features), which it writes before its logging is set up; `-v` shows them (as debug log)."""
+    import subprocess
+    import sys
+
+    image = str(sorted((tiny_data / "red").iterdir())[0])
+    command = [sys.executable, "-m", "imgcls_jax.cli", "predict", str(trained_run), image, "--top-k", "1"]
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    quiet = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout.startswith(image) and "oneDNN" not in quiet.stdout + quiet.stderr
+    assert "absl::InitializeLog" not in quiet.stderr
+    loud = subprocess.run([*command, "-v"], capture_output=True, text=True, timeout=600, env=env)
+    assert loud.returncode == 0 and "oneDNN custom operations" in loud.stderr

@@ -30,17 +30,21 @@ def test_embedded_sample_is_small_real_and_attributed():
 
 
 def test_auto_weights_offline_trains_from_scratch_and_says_so(caplog, monkeypatch, tmp_path):
-    from imgcls_jax.train.recipe import resolve_weights
+    from imgcls_jax import TrainConfig
+    from imgcls_jax.cli.commands import describe_start
     from imgcls_jax.weights import WeightsUnavailableError
 
     def unavailable(model, include_top):
         raise WeightsUnavailableError("no file and no network (test)")
 
-    monkeypatch.setattr("imgcls_jax.weights.resolve_imagenet", unavailable)
+    monkeypatch.setattr("imgcls_jax.weights.store.resolve_imagenet", unavailable)
     with caplog.at_level(logging.WARNING):
-        weights, described = resolve_weights("auto", "vgg16")
-    assert weights is None and "FROM SCRATCH" in described
+        config = TrainConfig.recipe(tmp_path, weights="auto")
+    assert config.weights is None and [p.trainable for p in config.phases] == ["all"]
+    assert "FROM SCRATCH" in describe_start(config, "auto")
     assert "FROM SCRATCH" in caplog.text and "no file and no network" in caplog.text
+    with pytest.raises(WeightsUnavailableError, match="no file and no network"):
+        TrainConfig.recipe(tmp_path, weights="imagenet")  # insisting is an error, never a fallback
 
 
 def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):
@@ -54,7 +58,11 @@ def test_example_trains_evaluates_and_prints_the_report(tmp_path, capsys):
 
 
 #: one model of each registered family (the others differ only in sizes)
-FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2")
+FAMILIES = (
+    "vgg19", "efficientnetb0", "resnet50", "mobilenetv2", "convnexttiny", "efficientnetv2b0",
+    "mobilenetv3small", "resnet50v2", "densenet121", "xception", "inceptionv3", "inceptionresnetv2",
+    "mobilenet", "nasnetmobile",
+)  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -63,12 +71,13 @@ FAMILIES = ("vgg19", "efficientnetb0", "resnet50", "mobilenetv2")
      for n in FAMILIES if n in imgcls_jax.list_models()],
 )  # fmt: skip
 def test_example_trains_each_family(name, tmp_path, capsys):
-    """``examples/train.py --model NAME`` for each family (from scratch at 32x32, one epoch):
-    it trains, evaluates and the run records the model."""
+    """``examples/train.py --model NAME`` for each family (from scratch at 32x32, or the family's
+    smallest size, one epoch): it trains, evaluates and the run records the model."""
     from imgcls_jax import TrainConfig
 
     example = load_example()
-    args = ["--model", name, "--weights", "none", "--epochs", "1", "--image-size", "32", "--batch-size", "8"]
+    size = str(max(32, imgcls_jax.models.model_info(name).min_size))
+    args = ["--model", name, "--weights", "none", "--epochs", "1", "--image-size", size, "--batch-size", "8"]
     assert example.main([*args, "--run-dir", str(tmp_path / "run")]) == 0
     assert "Classification Report" in capsys.readouterr().out
     assert TrainConfig.from_json(tmp_path / "run" / "config.json").model == name

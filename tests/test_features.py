@@ -56,7 +56,14 @@ def test_fit_uses_cached_features_only_when_the_base_is_frozen_and_images_unaugm
         PhaseConfig(epochs=2, trainable="head", learning_rate=1e-3, schedule="constant"),
         PhaseConfig(epochs=1, trainable="top:1", optimizer="sgd", learning_rate=1e-3),
     ]
-    kw = dict(data=str(tmp_path / "d"), image_size=32, batch_size=4, head_units=(8,), phases=phases)
+    kw = dict(
+        data=str(tmp_path / "d"),
+        weights="random",
+        image_size=32,
+        batch_size=4,
+        head_units=(8,),
+        phases=phases,
+    )
     with caplog.at_level("INFO", logger="imgcls_jax.train"):
         fast = fit(TrainConfig(run_dir=str(tmp_path / "fast"), augment={}, **kw))
     assert sum("computed once" in r.message for r in caplog.records) == 1  # phase 0 only

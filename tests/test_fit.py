@@ -5,6 +5,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 from PIL import Image
 
 from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.train.rundir import RunMismatchError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +34,7 @@ def config(data, run_dir, **kw):
     base = dict(
         data=str(data),
         run_dir=str(run_dir),
+        weights="random",  # a random frozen base, on purpose: these tests check the mechanics
         image_size=32,
         batch_size=8,
         head_units=(16,),
@@ -218,22 +221,25 @@ def jax_leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
 
-def test_ema_added_to_a_run_without_one_starts_at_its_weights(tiny_data, tmp_path, caplog):
+def test_ema_cannot_be_added_to_a_run_on_resume(tiny_data, tmp_path):
+    """The run folder is the truth: resuming with a weight average the run did not have is refused
+    (it changes results), naming the field with both values; nothing in the folder is rewritten."""
     from imgcls_jax.train.loop import fit
 
     cfg = config(tiny_data, tmp_path / "late", augment={}, phases=[PhaseConfig(epochs=2, learning_rate=1e-2)])
     with pytest.raises(_Stop):
         fit(cfg, callbacks=[_stop_after(0)])
-    with caplog.at_level("INFO", logger="imgcls_jax.train"):
-        result = fit(TrainConfig(**{**cfg.__dict__, "ema_decay": 0.5}))
-    assert "epoch 0's checkpoint has no weight average: it starts there" in caplog.text
-    assert [h["epoch"] for h in result.history] == [0, 1]
+    before = {p: p.read_bytes() for p in (tmp_path / "late").rglob("*") if p.is_file()}
+    with pytest.raises(RunMismatchError, match=r"ema_decay: None in the run, 0\.5 now.*--restart"):
+        fit(replace(cfg, ema_decay=0.5))
+    assert {p: p.read_bytes() for p in (tmp_path / "late").rglob("*") if p.is_file()} == before
     with pytest.raises(ValueError, match=r"ema_decay must be a number in \(0, 1\)"):
-        TrainConfig(ema_decay=1.0)
+        TrainConfig(ema_decay=1.0, weights="random")
 
 
 def test_image_size_by_phase_and_epoch():
     cfg = TrainConfig(
+        weights="random",
         image_size=64,
         phases=[PhaseConfig(epochs=2), PhaseConfig(epochs=3, image_size=96), PhaseConfig(epochs=1)],
     )
@@ -241,8 +247,10 @@ def test_image_size_by_phase_and_epoch():
     assert [cfg.image_size_at(e) for e in range(6)] == [64, 64, 96, 96, 96, 64]
     assert cfg.image_size_at() == 64 and cfg.phase_image_size(1) == 96
     with pytest.raises(ValueError, match="need a pooled head"):
-        TrainConfig(pooling=None, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
-    TrainConfig(pooling=None, image_size=96, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
+        TrainConfig(weights="random", pooling=None, phases=[PhaseConfig(), PhaseConfig(image_size=96)])
+    TrainConfig(
+        weights="random", pooling=None, image_size=96, phases=[PhaseConfig(), PhaseConfig(image_size=96)]
+    )
     with pytest.raises(ValueError, match=r"image_size must be an integer in \[1, 8192\]"):
         PhaseConfig(image_size=0)
 
@@ -317,4 +325,4 @@ def test_non_square_sizes_keras_accepts_train_evaluate_and_predict(tiny_data, tm
     (pred,) = predict(loaded, np.zeros((30, 50, 3), np.uint8), top_k=1)
     assert pred.label in ("blue", "red")
     with pytest.raises(ValueError, match="vgg16 takes images of at least 32x32"):
-        TrainConfig(image_size=[48, 31])
+        TrainConfig(image_size=[48, 31], weights="random")

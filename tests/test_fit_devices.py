@@ -75,7 +75,8 @@ def test_batch_that_does_not_divide_over_the_devices_is_a_clear_error(tmp_path):
         "from imgcls_jax.config import TrainConfig\n"
         "from imgcls_jax.train.loop import fit\n"
         "try:\n"
-        f"    fit(TrainConfig(data='unused', run_dir={str(tmp_path / 'r')!r}, batch_size=6))\n"
+        f"    fit(TrainConfig(data='unused', weights='random', run_dir={str(tmp_path / 'r')!r},\n"
+        "                    batch_size=6))\n"
         "except ValueError as e:\n"
         "    print(e)\n"
     )
@@ -95,4 +96,7 @@ def test_the_single_device_path_places_nothing(tmp_path):
     if jax.device_count() != 1:
         pytest.skip("this process has several devices")
     tree = {"a": np.ones(3)}
-    assert Trainer(TrainConfig(data="unused", run_dir=str(tmp_path / "r")))._placed(tree) is tree
+    assert (
+        Trainer(TrainConfig(data="unused", weights="random", run_dir=str(tmp_path / "r")))._placed(tree)
+        is tree
+    )

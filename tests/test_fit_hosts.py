@@ -86,8 +86,9 @@ PHASES = [
 def fit_two_processes(data: Path, run_dir: Path, phases: list, cache: Path) -> tuple[list[Path], list[str]]:
     """Both processes run ``fit`` of one config; returns their parameter files and outputs."""
     cfg = TrainConfig(
-        data=str(data), run_dir=str(run_dir), image_size=32, batch_size=8, head_units=(8,), seed=3,
-        augment={"flip": "horizontal"}, eval_batch_size=4, splits={"train": 0.8, "val": 0.2}, phases=phases,
+        data=str(data), run_dir=str(run_dir), weights="random", image_size=32, batch_size=8, head_units=(8,),
+        seed=3, augment={"flip": "horizontal"}, eval_batch_size=4, splits={"train": 0.8, "val": 0.2},
+        phases=phases,
     )  # fmt: skip
     cfg_path = run_dir.with_suffix(".json")
     cfg.to_json(cfg_path)

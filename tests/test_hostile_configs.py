@@ -3,7 +3,7 @@
 Every input is either accepted, and then behaves as a config (each field typed as its dataclass
 declares, read from the dataclass's own type hints; the same config back from its JSON), or
 refused with the library's own error naming the field or line (``ConfigError``,
-``SearchSpaceError``, ``DatasetError``): never another exception from inside Python, numpy,
+``DatasetError``): never another exception from inside Python, numpy,
 JAX or Optuna. The fields mutated come from ``dataclasses.fields``, so a field added later is
 tested with no change here. No training: each example costs milliseconds.
 """
@@ -26,7 +26,7 @@ from imgcls_jax import config as config_module
 from imgcls_jax.config import AugmentConfig, ConfigError, PhaseConfig, TrainConfig
 from imgcls_jax.data.folders import DatasetError, Record, read_manifest, write_manifest
 from imgcls_jax.hpo.command import load_tune_config
-from imgcls_jax.hpo.space import SearchSpaceError, parse_space
+from imgcls_jax.hpo.space import parse_space
 
 #: Examples per property (CI: ~1-2 s per 100 on a loaded 2-core machine); more for a deeper
 #: search by hand: IMGCLS_HOSTILE_EXAMPLES=5000 pytest tests/test_hostile_configs.py
@@ -154,6 +154,7 @@ def base_dict() -> dict:
     """A valid config as the JSON a user would write (two phases: the recipe's shape)."""
     base = TrainConfig(
         data="data",
+        weights="random",
         phases=[PhaseConfig(), PhaseConfig(trainable="top:2", optimizer="sgd", learning_rate=1e-4)],
     )
     return json.loads(base.to_json())
@@ -274,7 +275,7 @@ def test_values_that_used_to_slip_through_are_refused():
     for name, value in refused.items():
         with pytest.raises(ConfigError, match=f"TrainConfig.{name}"):
             TrainConfig(**{"data": "x", name: value})
-    assert TrainConfig(data="x", image_size=[64, 96]).phase_size(0) == (64, 96)  # Keras takes it too
+    assert TrainConfig(data="x", weights="random", image_size=[64, 96]).phase_size(0) == (64, 96)  # as Keras
     with pytest.raises(ConfigError, match=r"TrainConfig.phases\[0\].learning_rate"):
         TrainConfig(phases=[{"learning_rate": 10**400}])
     with pytest.raises(ConfigError, match=r"TrainConfig.augment.rotation"):
@@ -324,7 +325,7 @@ def sound_parameters(draw):
 
 
 def _search():
-    from imgcls_jax.hpo.search import search
+    from imgcls_jax.hpo.trials import search
 
     return search
 
@@ -362,7 +363,7 @@ def test_a_hostile_tune_file_is_parsed_or_a_config_or_search_space_error(space, 
         assert conforms(value, hints[key]), (key, value)
     try:
         params = parse_space(loaded.space, loaded.base)
-    except SearchSpaceError as e:
+    except ConfigError as e:
         event("space refused")
         assert "search space" in str(e)
         return

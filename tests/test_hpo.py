@@ -10,14 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
-from imgcls_jax.config import AugmentConfig, PhaseConfig, TrainConfig
+from imgcls_jax.config import AugmentConfig, ConfigError, PhaseConfig, TrainConfig
 from imgcls_jax.hpo import (
-    SearchSpaceError,
     apply_params,
     is_trial_fault,
     load_tune_config,
@@ -51,7 +51,8 @@ def flowers(tmp_path_factory):
 
 def base_config(data, run_dir, epochs=3, **kw):
     fields = dict(
-        data=str(data), run_dir=str(run_dir), image_size=32, batch_size=8, head_units=(16,), augment={},
+        data=str(data), run_dir=str(run_dir), weights="random", image_size=32, batch_size=8, head_units=(16,),
+        augment={},
         monitor="val_loss", seed=0, keep_checkpoints=1,
         phases=[PhaseConfig(epochs=epochs, trainable="head", learning_rate=1e-3, schedule="constant")],
     )  # fmt: skip
@@ -96,8 +97,8 @@ def base_config(data, run_dir, epochs=3, **kw):
 )
 def test_invalid_space_is_an_error_before_any_trial(tmp_path, space, message):
     base = base_config(tmp_path / "none", tmp_path / "study")
-    base.phases.append(PhaseConfig(trainable="top:1"))
-    with pytest.raises(SearchSpaceError, match=message.replace("(", r"\(").replace("{", r"\{")):
+    base = replace(base, phases=[*base.phases, PhaseConfig(trainable="top:1")])
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace("{", r"\{")):
         search(base, space, 3)
     assert not (tmp_path / "study").exists()  # nothing ran, nothing was written
 
@@ -106,7 +107,7 @@ def test_apply_params_sets_paths_lists_wildcards_and_augment_strength(tmp_path):
     base = base_config(
         tmp_path, tmp_path / "run", augment={"flip": "horizontal", "rotation": 0.4, "hue": 0.3}
     )
-    base.phases.append(PhaseConfig(trainable="top:1", weight_decay=0.5))
+    base = replace(base, phases=[*base.phases, PhaseConfig(trainable="top:1", weight_decay=0.5)])
     cfg = apply_params(
         base,
         {"phases.*.weight_decay": 1e-4, "head_units": [64, 32], "phases.1.trainable": "top:2",
@@ -165,7 +166,7 @@ def test_search_prunes_and_exports_a_best_config_that_trains(flowers, tmp_path):
 
 def test_nan_trial_is_recorded_failed_with_its_reason_and_the_study_goes_on(flowers, tmp_path):
     base = base_config(flowers, tmp_path / "study", epochs=1)
-    base.phases[0].optimizer = "sgd"
+    base = replace(base, phases=[replace(base.phases[0], optimizer="sgd")])
     space = {"phases.0.learning_rate": {"type": "categorical", "choices": [1e-3, 1e30]}}
     result = search(base, space, 4, sampler="random", seed=1, pruner="none", plots=False)
     states = {t.number: (t.state.name, t.params["phases.0.learning_rate"]) for t in result.study.get_trials()}
@@ -352,10 +353,10 @@ def test_the_quick_example_tune_file_is_valid():
 def test_the_search_space_can_choose_the_model(flowers, tmp_path):
     """``"model"`` as a categorical: each trial builds and trains the family it drew (a BatchNorm
     family included, its statistics checkpointed); an unknown family fails before any trial."""
-    from imgcls_jax.hpo.space import SearchSpaceError, parse_space
+    from imgcls_jax.hpo.space import parse_space
 
     space = {"model": {"type": "categorical", "choices": ["vgg16", "efficientnetb0"]}}
-    with pytest.raises(SearchSpaceError, match="model"):
+    with pytest.raises(ConfigError, match="model"):
         parse_space(
             {"model": {"type": "categorical", "choices": ["vgg16", "resnet9000"]}},
             base_config(flowers, tmp_path),
@@ -372,3 +373,20 @@ def test_the_search_space_can_choose_the_model(flowers, tmp_path):
         assert has_stats == (t.params["model"] == "efficientnetb0")
         drawn.append(t.params["model"])
     assert set(drawn) == {"vgg16", "efficientnetb0"}, drawn
+
+
+def test_the_study_options_checked_are_those_search_takes():
+    """``config.STUDY_OPTIONS`` (what a tune file's ``study`` is checked against) names each
+    keyword option of :func:`imgcls_jax.hpo.search` with its type, and ``n_trials``."""
+    import inspect
+    import typing
+
+    from imgcls_jax.config import STUDY_OPTIONS
+
+    hints = typing.get_type_hints(search)
+    options = {n for n, p in inspect.signature(search).parameters.items() if p.kind is p.KEYWORD_ONLY}
+    assert set(STUDY_OPTIONS) == options | {"n_trials"}
+    path_like = {str | Path | None}
+    for name in options:
+        want = str | None if hints[name] in path_like else hints[name]
+        assert STUDY_OPTIONS[name] == want, name

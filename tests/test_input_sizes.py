@@ -112,11 +112,11 @@ def test_predict_at_odd_size():
     """``predict`` on a run at an odd square size (45: maps 45, 22, 11, 5, 2, 1): the arrays are
     resized to it and the probabilities are the model's softmax (1e-6)."""
     from imgcls_jax.config import TrainConfig
-    from imgcls_jax.evaluate.predict import predict
+    from imgcls_jax.evaluate.prediction import predict
     from imgcls_jax.evaluate.runs import LoadedRun
 
     model = imgcls_jax.create_model("vgg16", num_classes=3, pooling="avg", input_shape=(45, 45, 3))
-    config = TrainConfig(image_size=45)
+    config = TrainConfig(image_size=45, weights="random")
     loaded = LoadedRun(None, config, model, ["a", "b", "c"], 0, "latest")
     images = np.random.default_rng(1).integers(0, 256, (3, 45, 45, 3), dtype=np.uint8)
     got = predict(loaded, images, top_k=3)

@@ -2,8 +2,6 @@
 own count of the compiled steps, MFU arithmetic, and a peak that is a peak (MFU of real compiled
 steps at most 100%)."""
 
-import subprocess
-import sys
 import time
 
 import jax
@@ -173,19 +171,3 @@ def test_mfu_of_real_compiled_steps_is_at_most_one():
     for name in steps:
         value = mfu(flops[name], seconds[name], peak.flops)
         assert 0 < value <= 1, f"{name} step MFU {value:.2f} against {peak.describe()}: {peak.rates}"
-
-
-def test_deprecated_alias_module_names_the_new_places():
-    code = (
-        "import warnings\n"
-        "with warnings.catch_warnings(record=True) as caught:\n"
-        "    warnings.simplefilter('always')\n"
-        "    import imgcls_jax.perf as old\n"
-        "messages = [str(w.message) for w in caught if w.category is DeprecationWarning]\n"
-        "assert any('models.flops' in m and 'benchmarks/perf.py' in m for m in messages), messages\n"
-        "from imgcls_jax.models.flops import vgg_flops\n"
-        "import benchmarks.perf as new\n"
-        "assert old.vgg_flops is vgg_flops and old.mfu is new.mfu\n"
-        "assert old.compiled_flops is new.compiled_flops and old.peak_flops is new.peak_flops\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=300)

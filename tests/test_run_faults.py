@@ -184,7 +184,7 @@ def test_metrics_and_config_writes_name_the_file_when_the_disk_is_full(tmp_path,
     from imgcls_jax.config import TrainConfig
 
     run = RunDir(tmp_path)
-    run.write_config(TrainConfig(data="x"))
+    run.write_config(TrainConfig(data="x", weights="random"))
     before = run.config.read_text()
     real_open = builtins.open
 
@@ -207,7 +207,7 @@ def test_metrics_and_config_writes_name_the_file_when_the_disk_is_full(tmp_path,
     with pytest.raises(OSError, match=rf"{run.metrics}: could not add epoch 3's row \(No space left"):
         run.append_metrics(_row(3, 0.5))
     with pytest.raises(OSError, match=rf"{run.config}: could not write config.json \(No space left"):
-        run.write_config(TrainConfig(data="y"))
+        run.write_config(TrainConfig(data="y", weights="random"))
     monkeypatch.undo()
     assert run.config.read_text() == before and not list(tmp_path.glob("*.tmp"))
     assert TrainConfig.from_json(run.config).data == "x"
@@ -225,7 +225,8 @@ def test_resuming_an_early_stopped_run_trains_nothing_and_returns_its_model(tmp_
     from tests.killing import make_data, restore_items
 
     cfg = TrainConfig(
-        data=str(make_data(tmp_path / "data", classes=2)), run_dir=str(tmp_path / "run"), image_size=32,
+        data=str(make_data(tmp_path / "data", classes=2)), run_dir=str(tmp_path / "run"), weights="random",
+        image_size=32,
         batch_size=8, head_units=(8,), early_stopping_patience=1,
         phases=[PhaseConfig(epochs=4, trainable="head", learning_rate=1e-30)],  # val_accuracy stays
     )  # fmt: skip

@@ -3,8 +3,9 @@
 Read from the source with ``ast`` (nothing is imported). An import is an edge from the module
 that writes it to the module it names (``from imgcls_jax.a import b`` names ``imgcls_jax.a.b``
 when that is a module, else ``imgcls_jax.a``), wherever it stands (function bodies included,
-``if TYPE_CHECKING:`` blocks left out). Deprecated aliases load their new homes by name
-(``importlib.import_module``), so they add no edge; that is their only use of it.
+``if TYPE_CHECKING:`` blocks left out), and so is a module loaded by name
+(``importlib.import_module("imgcls_jax.x")`` with a literal name, e.g. in a module
+``__getattr__``): an edge too, so a cycle cannot hide behind it.
 """
 
 import ast
@@ -40,6 +41,22 @@ def _type_checking_lines(tree: ast.AST) -> set[int]:
     return lines
 
 
+def _imported_by_name(node: ast.AST) -> str | None:
+    """The module ``importlib.import_module("...")`` / ``import_module("...")`` / ``__import__``
+    loads, when ``node`` is such a call with a literal name."""
+    if not isinstance(node, ast.Call) or not node.args:
+        return None
+    func = getattr(node.func, "attr", getattr(node.func, "id", ""))
+    arg = node.args[0]
+    if (
+        func in ("import_module", "__import__")
+        and isinstance(arg, ast.Constant)
+        and isinstance(arg.value, str)
+    ):
+        return arg.value
+    return None
+
+
 def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     tree = ast.parse(path.read_text())
     skip = _type_checking_lines(tree)
@@ -48,7 +65,9 @@ def imports_of(name: str, path: Path, known: set[str]) -> set[str]:
     for node in ast.walk(tree):
         if getattr(node, "lineno", None) in skip:
             continue
-        if isinstance(node, ast.Import):
+        if named := _imported_by_name(node):
+            found.add(named)
+        elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
@@ -109,6 +128,19 @@ def test_the_graph_sees_imports_inside_functions():
     assert "imgcls_jax.models.registry" in graph["imgcls_jax.config"]  # inside a method
 
 
+def test_the_graph_sees_modules_loaded_by_name(tmp_path):
+    """``importlib.import_module`` in a module ``__getattr__`` (how deprecation aliases load
+    their targets) is an edge, and a cycle through it is found."""
+    (tmp_path / "a.py").write_text(
+        "import importlib\n\ndef __getattr__(name):\n    return importlib.import_module('pkg.b')\n"
+    )
+    (tmp_path / "b.py").write_text("from pkg import a\n")
+    known = {"pkg.a", "pkg.b"}
+    graph = {m: imports_of(m, tmp_path / f"{m[4:]}.py", known) for m in known}
+    assert graph == {"pkg.a": {"pkg.b"}, "pkg.b": {"pkg.a"}}
+    assert cycles(graph) == [["pkg.a", "pkg.b"]]
+
+
 def test_no_import_cycle_between_modules():
     found = cycles(import_graph())
     assert not found, f"import cycles: {found}"
@@ -130,13 +162,12 @@ def test_layers_do_not_import_upwards():
         ),
         "imgcls_jax.train": ("imgcls_jax.evaluate", "imgcls_jax.hpo", "imgcls_jax.cli"),
     }
-    legacy = {"imgcls_jax.parallel.legacy"}  # deprecated, reaches its new home on purpose
     bad = [
         (src, dst)
         for src, targets in graph.items()
         for dst in targets
         for layer, banned in rules.items()
-        if (src == layer or src.startswith(layer + ".")) and src not in legacy and dst.startswith(banned)
+        if (src == layer or src.startswith(layer + ".")) and dst.startswith(banned)
     ]
     assert not bad, bad
 
@@ -163,7 +194,7 @@ def test_functions_are_short_or_say_why():
     "init", sorted(p for p in PACKAGE.rglob("__init__.py")), ids=lambda p: module_name(p)
 )
 def test_every_init_only_re_exports(init):
-    """Imports, ``__all__``, a docstring; and for deprecated names a ``__getattr__``."""
+    """Imports, ``__all__`` and a docstring only."""
     for node in ast.parse(init.read_text()).body:
         if isinstance(node, ast.Import | ast.ImportFrom):
             continue
@@ -176,7 +207,33 @@ def test_every_init_only_re_exports(init):
                 for t in targets
             )
             continue
-        assert isinstance(node, ast.FunctionDef) and node.name == "__getattr__", ast.dump(node)[:200]
+        raise AssertionError(f"{init}: not a re-export: {ast.dump(node)[:200]}")
+
+
+def exported_objects(init: Path) -> dict[str, str]:
+    """The names an ``__init__`` re-exports that are not modules: name -> the module it comes from."""
+    known = set(modules())
+    found = {}
+    for node in ast.parse(init.read_text()).body:
+        if isinstance(node, ast.ImportFrom) and node.module:
+            for alias in node.names:
+                if f"{node.module}.{alias.name}" not in known:
+                    found[alias.asname or alias.name] = node.module
+    return found
+
+
+@pytest.mark.parametrize(
+    "init", sorted(p for p in PACKAGE.rglob("__init__.py")), ids=lambda p: module_name(p)
+)
+def test_no_public_name_is_also_a_module(init):
+    """``imgcls_jax.evaluate.predict`` is either the function or a module, never both: a package
+    that exports an object under the name of one of its own modules makes ``import
+    pkg.name`` replace the object (Python sets a submodule as its package's attribute)."""
+    submodules = {p.stem for p in init.parent.glob("*.py")} | {
+        p.name for p in init.parent.iterdir() if (p / "__init__.py").is_file()
+    }
+    clashes = sorted(set(exported_objects(init)) & (submodules - {"__init__"}))
+    assert not clashes, f"{module_name(init)} exports {clashes}, which are also its modules"
 
 
 def readme_layout() -> dict[str, str]:

@@ -21,10 +21,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-import imgcls_jax
 from imgcls_jax import cli
 from imgcls_jax.config import PhaseConfig, TrainConfig
 from imgcls_jax.models.registry import model_info
+from tests.keras_references import registry_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -67,7 +67,7 @@ def _run_folder(data: Path, run_dir: Path) -> Path:
 
     config = TrainConfig(
         data=str(data), run_dir=str(run_dir), splits={"train": 0.5, "val": 0.25, "test": 0.25},
-        image_size=32, batch_size=2, head_units=(4,), augment={}, cache=None,
+        weights="random", image_size=32, batch_size=2, head_units=(4,), augment={}, cache=None,
         phases=[PhaseConfig(epochs=1, trainable="head", learning_rate=1e-2)],
     )  # fmt: skip
     run_dir.mkdir()
@@ -87,7 +87,13 @@ def _run_folder(data: Path, run_dir: Path) -> Path:
 
 
 def _configs(tmp: Path, data: Path) -> dict:
-    base = {"data": str(data), "run_dir": str(tmp / "tuned"), "image_size": 32, "batch_size": 2}
+    base = {
+        "data": str(data),
+        "run_dir": str(tmp / "tuned"),
+        "image_size": 32,
+        "batch_size": 2,
+        "weights": "random",
+    }
     texts = {
         "not_json": "{'data': 'single quotes are not JSON'}",
         "typo": json.dumps({**base, "learning_rat": 0.01}),
@@ -170,7 +176,7 @@ MISTAKES = {
         (["train", "--config", "{not_json}"], "not valid JSON"),
         (["train", "--config", "{typo}"], "'learning_rate' is a field of 'phases'"),
         (["train", "--config", "{negative}"], "TrainConfig.batch_size must be an integer >= 1"),
-        (["train", "--config", "{good}", "--epochs", "3"], "--epochs and --lr set the recipe's phases"),
+        (["train", "--config", "{good}", "--epochs", "3"], "--epochs and --lr shape the recipe's phases"),
         (
             ["train", "--data", "{data}", "--epochs", "0"],
             "argument --epochs: must be an integer >= 1, got '0'",
@@ -198,7 +204,7 @@ MISTAKES = {
             "does not fit the model that config.json and manifest.csv (3 classes)",
         ),
         (["evaluate", "{missing_image_run}"], "1 listed image(s) not found: line"),
-        (["evaluate", "{no_best_run}"], "no finished best checkpoint"),
+        (["evaluate", "{no_best_run}", "--checkpoint", "best"], "no finished best checkpoint"),
     ],
     "predict": [
         (["predict", "{run}", "{missing}"], "missing: no such file or folder"),
@@ -207,7 +213,7 @@ MISTAKES = {
         (["predict", "{run}", "{empty_dir}"], "no image files"),
         (["predict", "{run}", "{fake_jpg}", "--top-k", "0"], "argument --top-k: must be an integer >= 1"),
         (["predict", "{data}", "{fake_jpg}"], "not a run folder"),
-        (["predict", "{no_best_run}", "{fake_jpg}"], "use --checkpoint latest"),
+        (["predict", "{no_best_run}", "{fake_jpg}", "--checkpoint", "best"], "use --checkpoint latest"),
         (["predict", "{run}"], "the following arguments are required: inputs"),
     ],
     "audit": [
@@ -327,7 +333,7 @@ def test_failures_inside_a_run_keep_their_traceback(files, monkeypatch, capsys):
     monkeypatch.setattr("imgcls_jax.evaluate.load_run", _boom(ValueError("a bug in load_run")))
     with pytest.raises(ValueError, match="a bug in load_run"):
         cli.main(["predict", run, str(files["data"] / "red" / "0.png")])
-    search_module = importlib.import_module("imgcls_jax.hpo.search")  # imgcls_jax.hpo.search: the function
+    search_module = importlib.import_module("imgcls_jax.hpo.trials")  # the module of imgcls_jax.hpo.search
     monkeypatch.setattr(search_module, "search", _boom(ValueError("a bug in the study")))
     with pytest.raises(ValueError, match="a bug in the study"):
         cli.main(["tune", "--config", str(files["tune_ok"])])
@@ -355,7 +361,7 @@ class _Reached(Exception):
 def _stop_at_the_work(monkeypatch) -> None:
     """Replace the work of every command (training, evaluating, loading a model, auditing,
     building a model, searching) by raising :class:`_Reached`."""
-    search_module = importlib.import_module("imgcls_jax.hpo.search")
+    search_module = importlib.import_module("imgcls_jax.hpo.trials")
     targets = [("imgcls_jax.train", "fit"), ("imgcls_jax.evaluate", "evaluate_run"),
                ("imgcls_jax.evaluate", "load_run"), ("imgcls_jax.data", "audit"),
                ("imgcls_jax.models", "create_model")]  # fmt: skip
@@ -421,12 +427,12 @@ def test_any_command_line_is_accepted_or_one_line_with_status_2(files, monkeypat
     assert status == 2 and len(lines) == 1 and lines[0].startswith("imgcls-jax: error: "), (argv, status, err)
 
 
-@pytest.mark.parametrize("name", imgcls_jax.list_models())
+@pytest.mark.parametrize("name", registry_params())  # the large variants: slow
 def test_the_train_command_checks_every_family(name):
     """``imgcls-jax train`` builds each phase's model abstractly (``nnx.eval_shape``) before
     training: every family's constructor must trace (EfficientNet's kernel initializer did not)."""
     from imgcls_jax.cli.commands import check_train_model
 
     size = model_info(name).min_size
-    config = TrainConfig(model=name, data="x", image_size=max(size, 32), weights=None)
+    config = TrainConfig(model=name, data="x", image_size=max(size, 32), weights="random")
     check_train_model(config)

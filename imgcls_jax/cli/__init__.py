@@ -18,8 +18,8 @@ traceback (exit status 1). A mistake is (see :func:`is_user_error`):
 """
 
 from imgcls_jax.cli.commands import train_config
+from imgcls_jax.cli.entry import main
 from imgcls_jax.cli.errors import USER_ERRORS, UsageError, is_user_error, reading_input, user_error_classes
-from imgcls_jax.cli.main import main
 from imgcls_jax.cli.parser import build_parser
 
 __all__ = [

@@ -2,6 +2,6 @@
 
 import sys
 
-from imgcls_jax.cli.main import main
+from imgcls_jax.cli.entry import main
 
 sys.exit(main())

@@ -10,34 +10,38 @@ from dataclasses import replace
 from pathlib import Path
 
 from imgcls_jax.cli.errors import UsageError, _make_folder, _message, reading_input
-from imgcls_jax.config import TrainConfig
+from imgcls_jax.config import WEIGHTS_AND_INIT_FROM, ConfigError, TrainConfig
 
 log = logging.getLogger("imgcls_jax.cli")
 
+#: ``imgcls-jax train``'s defaults for what its flags leave unset (``TrainConfig.recipe``'s own);
+#: ``examples/train.py`` passes its own (smaller, for a CPU) to the parser.
+TRAIN_DEFAULTS = {
+    "data": None, "run_dir": None, "model": "vgg16", "weights": "auto", "epochs": 12, "lr": None,
+    "image_size": 224, "batch_size": 32, "seed": 0, "dtype": "float32",
+}  # fmt: skip
+#: The flags that override a ``--config`` file's fields (the run's config.json shows them).
+CONFIG_OVERRIDES = (
+    "data",
+    "run_dir",
+    "model",
+    "weights",
+    "init_from",
+    "image_size",
+    "batch_size",
+    "dtype",
+    "seed",
+)
 
-def _split_to_evaluate(run_dir: Path, split: str | None) -> str:
-    """``split`` if the run's manifest has it; by default its test split, else its val split."""
-    from imgcls_jax.data.folders import read_manifest
 
-    manifest = Path(run_dir) / "manifest.csv"
-    splits = {r.split for r in read_manifest(manifest)[0]}
-    if split is not None:
-        if split not in splits:
-            raise UsageError(f"--split {split}: {manifest} has no such split (splits: {sorted(splits)})")
-        return split
-    for name in ("test", "val"):
-        if name in splits:
-            return name
-    raise UsageError(
-        f"{manifest}: no 'test' or 'val' split to evaluate (splits: {sorted(splits)}); pass --split"
-    )
-
-
-def _run_folder(run_dir, which: str):
-    """The ``RunDir`` of a finished run with a ``which`` checkpoint, else ``UsageError``."""
+def _run_folder(run_dir, which: str | None):
+    """``(RunDir, checkpoint)`` of a finished run whose ``which`` checkpoint (default: as
+    :func:`~imgcls_jax.evaluate.runs.resolve_checkpoint`) exists, else ``UsageError``."""
+    from imgcls_jax.evaluate.runs import resolve_checkpoint
     from imgcls_jax.train.rundir import RunDir
 
     run = RunDir(run_dir).require("manifest.csv")
+    which = resolve_checkpoint(run, which)
     directory = run.checkpoint_dir(which)
     if not directory.is_dir() or not any(p.name.isdigit() for p in directory.iterdir()):
         hint = "; a run without a validation split has no best checkpoint: use --checkpoint latest"
@@ -45,49 +49,61 @@ def _run_folder(run_dir, which: str):
             f"{run.root}: no finished {which} checkpoint in {directory} (did training end its first "
             f"epoch?){hint if which == 'best' else ''}"
         )
-    return run
+    return run, which
+
+
+def describe_start(config: TrainConfig, asked: str | None) -> str:
+    """How ``config``'s model starts, in words: its whole model from ``init_from``, ImageNet,
+    a weight file, or from scratch (``asked``: the ``--weights`` value, or the recipe's default)."""
+    if config.init_from is not None:
+        return f"the whole model of {config.init_from}"
+    if config.weights == "imagenet":
+        return f"ImageNet (Keras's {config.model} file)"
+    if config.weights in (None, "random"):
+        if asked == "auto":
+            return "NONE: ImageNet weights unavailable, trained FROM SCRATCH (see log)"
+        return "none: trained from scratch" + (" (asked for)" if asked == "none" else "")
+    return f"Keras weight file {config.weights}"
 
 
 def train_config(args) -> tuple[TrainConfig, str]:
-    """The run ``imgcls-jax train`` asks for, and what to say about its weights: a ``--config``
-    file with the flags given on top, or the recipe (:mod:`imgcls_jax.train.recipe`) for
-    ``--data``."""
-    from imgcls_jax.train.recipe import recipe_config, resolve_weights
+    """The run ``imgcls-jax train`` asks for, and how its model starts (in words): a
+    ``--config`` file with the flags given on top (``CONFIG_OVERRIDES``), or
+    :meth:`TrainConfig.recipe` for ``--data`` with the command's defaults for unset flags."""
+    from imgcls_jax.weights.store import resolve_weights_choice
 
+    defaults = getattr(args, "train_defaults", TRAIN_DEFAULTS)
+    if args.weights is not None and args.init_from is not None:
+        raise ConfigError(WEIGHTS_AND_INIT_FROM)
     if args.config:
         if args.epochs is not None or args.lr is not None:
-            raise UsageError("--epochs and --lr set the recipe's phases; with --config, edit its 'phases'")
+            raise UsageError("--epochs and --lr shape the recipe's phases; with --config, edit its 'phases'")
         config = TrainConfig.from_json(args.config)
-        overrides = {
-            "data": args.data, "run_dir": args.run_dir, "model": args.model, "image_size": args.image_size,
-            "batch_size": args.batch_size, "seed": args.seed, "dtype": args.dtype,
-        }  # fmt: skip
+        overrides = {f: getattr(args, f) for f in CONFIG_OVERRIDES if f != "weights"}
         overrides = {k: v for k, v in overrides.items() if v is not None}
-        described = f"{config.weights or 'none (from scratch)'} (from {args.config})"
         if args.weights is not None:
-            overrides["weights"], described = resolve_weights(args.weights, args.model or config.model)
+            overrides["weights"] = resolve_weights_choice(args.weights, args.model or config.model)
         if args.init_from is not None:
-            overrides.update(init_from=args.init_from, weights=None)
-            described = f"the whole model of {args.init_from}"
+            overrides["weights"] = None  # the whole model replaces the file's base weights
         config = replace(config, **overrides)
         if not config.data:
             raise UsageError(f"no data: {args.config} has no 'data'; pass --data DIR")
-        return config, described
-    if not args.data:
+        return config, describe_start(config, args.weights)
+    data = args.data or defaults["data"]
+    if not data:
         raise UsageError("no data: pass --data DIR (an image folder) or --config FILE")
-    if not Path(args.data).expanduser().is_dir():  # before looking for weights (and warning)
-        raise UsageError(f"--data {args.data}: no such folder (the image folder to train on)")
-    model = args.model or "vgg16"
-    if args.init_from is not None:
-        weights, described = None, f"the whole model of {args.init_from}"
-    else:
-        weights, described = resolve_weights(args.weights or "auto", model)
-    config = recipe_config(
-        args.data, weights=weights, run_dir=args.run_dir, model=model, epochs=args.epochs or 12,
-        learning_rate=args.lr, image_size=args.image_size or 224, batch_size=args.batch_size or 32,
-        seed=args.seed or 0, dtype=args.dtype or "float32", init_from=args.init_from,
+    if not Path(data).expanduser().is_dir():  # before looking for weights (and warning)
+        raise UsageError(f"--data {data}: no such folder (the image folder to train on)")
+    weights = args.weights or (None if args.init_from else defaults["weights"])
+    config = TrainConfig.recipe(
+        data, model=args.model or defaults["model"], weights=weights,
+        epochs=args.epochs or defaults["epochs"],
+        learning_rate=args.lr or defaults["lr"], image_size=args.image_size or defaults["image_size"],
+        batch_size=args.batch_size or defaults["batch_size"], run_dir=args.run_dir or defaults["run_dir"],
+        seed=defaults["seed"] if args.seed is None else args.seed, dtype=args.dtype or defaults["dtype"],
+        init_from=args.init_from,
     )  # fmt: skip
-    return config, described
+    return config, describe_start(config, weights)
 
 
 def check_train_files(config: TrainConfig) -> None:
@@ -96,7 +112,7 @@ def check_train_files(config: TrainConfig) -> None:
     (both are made here). ``UsageError``."""
     if not Path(config.data).expanduser().is_dir():
         raise UsageError(f"{config.data}: no such folder (the image folder to train on)")
-    if config.weights not in (None, "imagenet"):
+    if config.weights not in (None, "imagenet", "random"):
         weights = Path(config.weights).expanduser()
         if not weights.exists():
             raise UsageError(f"weights {config.weights}: no such file or folder")
@@ -122,13 +138,15 @@ def _check_hdf5(path) -> None:
 
 def check_train_model(config: TrainConfig) -> None:
     """Batches that do not divide over the devices, an image size or option the model cannot
-    take: ``ValueError``. Builds the model only abstractly (shapes, no parameters)."""
+    take: ``ConfigError`` / ``UsageError``. Builds the model only abstractly (shapes, no
+    parameters)."""
+    import jax
     from flax import nnx
 
+    from imgcls_jax.config import check_devices
     from imgcls_jax.models.registry import model_from_config
-    from imgcls_jax.train.loop import check_devices
 
-    check_devices(config)
+    check_devices(config, jax.device_count(), jax.process_count())
     for size in sorted({config.phase_size(i) for i in range(len(config.phases))}):
         try:
             nnx.eval_shape(lambda size=size: model_from_config(config, 2, weights=None, input_size=size))
@@ -180,14 +198,15 @@ def cmd_train(args) -> int:
     if jax.process_index() != 0:  # several processes trained together: process 0 reports
         log.info("process %d: training done; process 0 evaluates %s", jax.process_index(), result.run_dir)
         return 0
+    from imgcls_jax.data import DatasetError
+    from imgcls_jax.evaluate.runs import resolve_split
+
     try:
-        split = _split_to_evaluate(result.run_dir, None)
-    except UsageError as e:  # the run is fine: there is just nothing held out to report on
+        resolve_split(RunDir(result.run_dir), None)
+    except DatasetError as e:  # the run is fine: there is just nothing held out to report on
         log.warning("trained %s; no evaluation: %s", result.run_dir, e)
         return 0
-    report = evaluate_run(
-        result.run_dir, split=split, which="best" if RunDir(result.run_dir).has_best() else "latest"
-    )
+    report = evaluate_run(result.run_dir)  # the defaults: test (else val) split, best checkpoint
     print((report.out_dir / "report.txt").read_text())
     print(f"weights:   {described}")
     print(f"run dir:   {result.run_dir}")
@@ -197,31 +216,35 @@ def cmd_train(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from imgcls_jax.data.folders import read_manifest
+    from imgcls_jax.data.folders import DatasetError, read_manifest
+    from imgcls_jax.evaluate.runs import resolve_split
 
     with reading_input():
-        run = _run_folder(args.run_dir, args.checkpoint)
-        split = _split_to_evaluate(run.root, args.split)
+        run, which = _run_folder(args.run_dir, args.checkpoint)
+        try:
+            split = resolve_split(run, args.split)
+        except DatasetError as e:
+            raise UsageError(f"--split {args.split}: {e}" if args.split else str(e)) from e
         data = TrainConfig.from_json(run.config).data
         read_manifest(run.manifest, root=data, check_splits=[split])  # its images are all there
     from imgcls_jax.evaluate import evaluate_run
 
-    report = evaluate_run(run.root, split=split, which=args.checkpoint)
+    report = evaluate_run(run.root, split=split, which=which)
     print((report.out_dir / "report.txt").read_text())
     print(f"written to {report.out_dir}")
     return 0
 
 
 def cmd_predict(args) -> int:
-    from imgcls_jax.evaluate.predict import check_inputs, image_files
+    from imgcls_jax.evaluate.prediction import check_inputs, image_files
 
     with reading_input():
-        run = _run_folder(args.run_dir, args.checkpoint)
+        run, which = _run_folder(args.run_dir, args.checkpoint)
         files = image_files(args.inputs)
         check_inputs(files)  # an unreadable file stops us before the model is loaded
     from imgcls_jax.evaluate import load_run, predict
 
-    loaded = load_run(run.root, args.checkpoint)
+    loaded = load_run(run.root, which)
     predictions = predict(loaded, files, top_k=args.top_k, batch_size=args.batch_size)
     if args.json:
         print(json.dumps([{"source": p.source, "top_k": p.top_k} for p in predictions], indent=2))

@@ -24,12 +24,11 @@ USER_ERRORS = (
     "imgcls_jax.config:ConfigError",
     "imgcls_jax.data.folders:DatasetError",
     "imgcls_jax.train.rundir:NotARunError",
-    "imgcls_jax.evaluate.runs:RunMismatchError",
-    "imgcls_jax.evaluate.predict:UnreadableImageError",
+    "imgcls_jax.train.rundir:RunMismatchError",
+    "imgcls_jax.evaluate.prediction:UnreadableImageError",
     "imgcls_jax.weights.keras:WeightFileError",
     "imgcls_jax.weights.store:WeightsUnavailableError",
     "imgcls_jax.weights.store:ChecksumError",
-    "imgcls_jax.hpo.space:SearchSpaceError",
 )
 
 

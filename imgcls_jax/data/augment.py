@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from imgcls_jax.config import FILL_MODES, FLIP_MODES, AugmentConfig  # noqa: F401  (their old home)
+from imgcls_jax.data.decode import import_tensorflow
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -29,14 +30,6 @@ if TYPE_CHECKING:
 #: One independent sub-seed per op, always split the same way.
 _OPS = ("flip_h", "flip_v", "crop", "rotation", "zoom", "translation", "brightness", "contrast", "sat", "hue")
 _CROP_ATTEMPTS = 10
-
-
-def _tf():
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # not setdefault: AutoGraph warns on converting it
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import tensorflow as tf
-
-    return tf
 
 
 def augment_image(image: tf.Tensor, seed: Seed, config: AugmentConfig) -> tf.Tensor:
@@ -51,7 +44,7 @@ def augment_image(image: tf.Tensor, seed: Seed, config: AugmentConfig) -> tf.Ten
       float32[H, W, 3] in [0, 255], the same H and W (and static shape) as ``image``. Works eagerly
       and inside ``tf.data.Dataset.map`` / ``tf.function``.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     image = tf.cast(tf.convert_to_tensor(image), tf.float32)
     if config.is_identity:
         return image
@@ -66,7 +59,7 @@ def _sample_params(shape, seed: Seed, config: AugmentConfig) -> dict:
     ``angle`` (radians), ``zoom``, ``shift`` (float32[2]: dy, dx in pixels), ``brightness`` (grey
     levels added), ``contrast``, ``saturation`` (factors) and ``hue`` (turns).
     """
-    tf = _tf()
+    tf = import_tensorflow()
     seeds = dict(zip(_OPS, tf.unstack(tf.random.experimental.stateless_split(seed, len(_OPS)))))
     uniform = tf.random.stateless_uniform
     c = config
@@ -96,7 +89,7 @@ def _sample_params(shape, seed: Seed, config: AugmentConfig) -> dict:
 def _apply_params(image, params: dict, config: AugmentConfig):
     """Applies :func:`_sample_params`'s (or any explicit) parameters to float32[H, W, 3] ``image``,
     in :func:`augment_image`'s order; ops without a parameter in ``params`` are skipped."""
-    tf = _tf()
+    tf = import_tensorflow()
     static_shape = image.shape
     p = params
     if "flip_h" in p:
@@ -138,7 +131,7 @@ def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) ->
     Returns:
       float32[B, H, W, 3] in [0, 255], the same shape (and static shape) as ``images``.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     images = tf.convert_to_tensor(images)
     if config.is_identity:
         return tf.cast(images, tf.float32)
@@ -151,14 +144,14 @@ def augment_batch(images: tf.Tensor, seeds: tf.Tensor, config: AugmentConfig) ->
 
 def _flip(image, flip, axis: int):
     """``image`` reversed along ``axis`` where the bool scalar ``flip`` is true, else unchanged."""
-    tf = _tf()
+    tf = import_tensorflow()
     return tf.cond(flip, lambda: tf.reverse(image, [axis]), lambda: image)
 
 
 def _sample_crop(shape, seed, scale: tuple[float, float], ratio: tuple[float, float]):
     """torchvision's RandomResizedCrop sampling (10 tries, then a centre crop) for an image of
     ``shape`` ([H, W, C]): int32[4], the box's (top, left, height, width)."""
-    tf = _tf()
+    tf = import_tensorflow()
     h, w = tf.cast(shape[0], tf.float32), tf.cast(shape[1], tf.float32)
     s_area, s_ratio, s_offset = tf.unstack(tf.random.experimental.stateless_split(seed, 3))
     area = h * w * tf.random.stateless_uniform([_CROP_ATTEMPTS], s_area, scale[0], scale[1])
@@ -180,7 +173,7 @@ def _sample_crop(shape, seed, scale: tuple[float, float], ratio: tuple[float, fl
 
 def _crop_and_resize(image, box):
     """The ``box`` (int32[4]: top, left, height, width) of ``image``, resized (bilinear) back to [H, W]."""
-    tf = _tf()
+    tf = import_tensorflow()
     top, left, ch, cw = tf.unstack(tf.cast(box, tf.int32))
     crop = image[top : top + ch, left : left + cw]
     return tf.image.resize(crop, tf.shape(image)[:2], method="bilinear")
@@ -194,7 +187,7 @@ def _affine_matrix(height, width, angle, zoom, dx, dy):
     that order, composed into one map (one interpolation instead of three):
     ``input = c + zoom * Rot(angle) @ (output - (dx, dy) - c)``.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     cx, cy = (width - 1.0) / 2.0, (height - 1.0) / 2.0
     a0, a1 = zoom * tf.cos(angle), -zoom * tf.sin(angle)
     b0, b1 = zoom * tf.sin(angle), zoom * tf.cos(angle)
@@ -206,7 +199,7 @@ def _affine_matrix(height, width, angle, zoom, dx, dy):
 
 def _apply_affine(image, matrix, fill_mode: str, fill_value: float):
     """Warps float32[H, W, C] by the 8-vector ``matrix`` (bilinear), as Keras's affine_transform."""
-    tf = _tf()
+    tf = import_tensorflow()
     out = tf.raw_ops.ImageProjectiveTransformV3(
         images=image[None],
         transforms=matrix[None],
@@ -220,12 +213,12 @@ def _apply_affine(image, matrix, fill_mode: str, fill_value: float):
 
 def _adjust_brightness(image, delta):
     """``clip(image + delta, 0, 255)``: Keras RandomBrightness with value_range (0, 255)."""
-    return _tf().clip_by_value(image + delta, 0.0, 255.0)
+    return import_tensorflow().clip_by_value(image + delta, 0.0, 255.0)
 
 
 def _adjust_contrast(image, factor):
     """``clip((x - mean) * factor + mean, 0, 255)``, mean per channel over H, W: Keras RandomContrast."""
-    tf = _tf()
+    tf = import_tensorflow()
     mean = tf.reduce_mean(image, axis=[-3, -2], keepdims=True)
     return tf.clip_by_value((image - mean) * factor + mean, 0.0, 255.0)
 
@@ -234,7 +227,7 @@ def _adjust_saturation(image, factor):
     """HSV saturation times ``factor`` (at most 1), hue and value kept: ``tf.image.adjust_saturation`` in
     closed form (which is faster than that op): each channel x becomes ``v - k * (v - x)``, with v the
     pixel's largest channel and ``k = min(factor, v / (v - smallest channel))``."""
-    tf = _tf()
+    tf = import_tensorflow()
     v, low = tf.reduce_max(image, -1, keepdims=True), tf.reduce_min(image, -1, keepdims=True)
     k = tf.minimum(factor, tf.math.divide_no_nan(v, v - low))
     return tf.maximum(v - (v - image) * k, 0.0)  # and <= v <= 255
@@ -242,7 +235,7 @@ def _adjust_saturation(image, factor):
 
 def _sample_beta(seed, alpha: float):
     """One float32 draw of Beta(alpha, alpha), as the ratio of two stateless Gamma(alpha) draws."""
-    tf = _tf()
+    tf = import_tensorflow()
     s1, s2 = tf.unstack(tf.random.experimental.stateless_split(seed, 2))
     g1 = tf.random.stateless_gamma([], s1, alpha, dtype=tf.float64)
     g2 = tf.random.stateless_gamma([], s2, alpha, dtype=tf.float64)
@@ -271,7 +264,7 @@ def mix_batch(
     Returns:
       ``(images, labels)``: float32[B, H, W, 3] in [0, 255] and float32[B, K] (rows still sum to 1).
     """
-    tf = _tf()
+    tf = import_tensorflow()
     images = tf.cast(tf.convert_to_tensor(images), tf.float32)
     labels = tf.cast(tf.convert_to_tensor(labels_onehot), tf.float32)
     mixup, cutmix = float(config.mixup_alpha), float(config.cutmix_alpha)
@@ -295,7 +288,7 @@ def _mixup(images, labels, lam):
 
 
 def _cutmix(images, labels, lam, seed):
-    shape = _tf().shape(images)
+    shape = import_tensorflow().shape(images)
     return _paste_box(images, labels, _cutmix_box(shape[1], shape[2], lam, seed))
 
 
@@ -303,7 +296,7 @@ def _cutmix_box(h, w, lam, seed):
     """CutMix's box for ``h x w`` images and weight ``lam``: int32[4], (y0, y1, x0, x1), rows
     ``y0 <= y < y1`` and columns ``x0 <= x < x1`` (sides ``sqrt(1 - lam)`` times h and w, centre
     uniform, clipped to the image)."""
-    tf = _tf()
+    tf = import_tensorflow()
     cut = tf.sqrt(1.0 - lam)
     half_h = tf.cast(tf.cast(h, tf.float32) * cut, tf.int32) // 2
     half_w = tf.cast(tf.cast(w, tf.float32) * cut, tf.int32) // 2
@@ -318,7 +311,7 @@ def _cutmix_box(h, w, lam, seed):
 def _paste_box(images, labels, box):
     """Pastes ``box`` (int32[4]: y0, y1, x0, x1) of the reversed batch into each image; labels are
     mixed by the box's area fraction."""
-    tf = _tf()
+    tf = import_tensorflow()
     shape = tf.shape(images)
     h, w = shape[1], shape[2]
     y0, y1, x0, x1 = tf.unstack(tf.cast(box, tf.int32))
@@ -349,7 +342,7 @@ def save_augmentation_grid(
     Returns:
       ``path``, a uint8 RGB PNG of ``N * H`` rows and ``(samples_per_image + 1) * W`` columns.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     array = np.asarray(images)
     if array.ndim != 4 or array.shape[-1] != 3 or array.dtype != np.uint8 or len(array) == 0:
         raise ValueError(

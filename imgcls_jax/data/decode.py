@@ -40,12 +40,44 @@ def tensorflow_available() -> bool:
         return False
 
 
-def _tf():
-    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # quiet TF's C++ logging unless the user chose
-        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
-    import tensorflow as tf
+def import_tensorflow():
+    """``import tensorflow``, its start-up notices kept out of the user's terminal.
 
+    TensorFlow's C++ start-up lines (oneDNN, CPU features, "All log messages before
+    absl::InitializeLog()") are written to file descriptor 2 before ``TF_CPP_MIN_LOG_LEVEL`` is
+    read, so the first import runs with that descriptor pointed at a temporary file; what it
+    wrote is logged at DEBUG level (``imgcls-jax -v`` shows it) and, if the import fails, part
+    of the error. ``TF_CPP_MIN_LOG_LEVEL`` defaults to 2 for what TensorFlow logs later."""
+    if "TF_CPP_MIN_LOG_LEVEL" not in os.environ:  # not setdefault: AutoGraph warns on converting it
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "2"
+    if "tensorflow" in sys.modules:
+        import tensorflow as tf
+
+        return tf
+    import tempfile
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as notices:
+        os.dup2(notices.fileno(), 2)
+        try:
+            import tensorflow as tf
+        except BaseException as exc:
+            os.dup2(saved, 2)
+            exc.add_note(_read_back(notices))
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+        text = _read_back(notices)
+    if text:
+        log.debug("TensorFlow's start-up notices:\n%s", text)
     return tf
+
+
+def _read_back(file) -> str:
+    file.seek(0)
+    return file.read().decode("utf-8", "replace").strip()
 
 
 def check_image(path: str) -> ImageCheck:
@@ -56,7 +88,7 @@ def check_image(path: str) -> ImageCheck:
         from imgcls_jax.data import pil_decode
 
         return pil_decode.check_image(path)
-    tf = _tf()
+    tf = import_tensorflow()
     read = read_image_file(path)
     if isinstance(read, ImageCheck):
         return read
@@ -90,7 +122,7 @@ def decode_image(data):
     up to ~20 grey levels off on real photos; so this and Pillow's decoding
     (:mod:`imgcls_jax.data.pil_decode`) give the same pixels.
     """
-    tf = _tf()
+    tf = import_tensorflow()
     image = tf.cond(
         tf.io.is_jpeg(data),
         lambda: tf.io.decode_jpeg(data, channels=3, dct_method="INTEGER_ACCURATE"),
@@ -107,7 +139,7 @@ def resize_image(image, size: tuple[int, int], mode: str = "squash"):
     (resize the shorter side to ``size / 0.875`` keeping the aspect ratio, then crop the center:
     ImageNet evaluation), ``"pad"`` (fit inside size keeping the aspect ratio, pad with zeros).
     """
-    tf = _tf()
+    tf = import_tensorflow()
     if mode not in RESIZE_MODES:
         raise ValueError(f"resize mode must be one of {RESIZE_MODES}, got {mode!r}")
     height, width = size
@@ -140,7 +172,7 @@ def load_image(path: str, size: tuple[int, int] | None = None, mode: str = "squa
         from imgcls_jax.data import pil_decode
 
         return pil_decode.load_image(path, size, mode)
-    tf = _tf()
+    tf = import_tensorflow()
     check = check_image(path)
     if check.reason:
         raise ValueError(f"{path}: {check.reason}")

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls_jax.data.augment import AugmentConfig, augment_image, mix_batch
-from imgcls_jax.data.decode import _tf, decode_image, resize_image
+from imgcls_jax.data.decode import decode_image, import_tensorflow, resize_image
 from imgcls_jax.data.folders import Record
 
 log = logging.getLogger(__name__)
@@ -69,7 +69,7 @@ def from_records(records: Sequence[Record], class_names: Sequence[str]) -> Sourc
         raise ValueError(f"labels must be in [0, {len(class_names)}), found {labels.min()}..{labels.max()}")
 
     def make():
-        tf = _tf()
+        tf = import_tensorflow()
         ds = tf.data.Dataset.from_tensor_slices((paths, labels))
         return ds.map(
             lambda p, y: (decode_image(tf.io.read_file(p)), y),
@@ -115,7 +115,7 @@ def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = 
         raise ValueError(f"labels must be in [0, {len(names)}), found {labels.min()}..{labels.max()}")
 
     def make():
-        tf = _tf()
+        tf = import_tensorflow()
         return tf.data.Dataset.from_tensor_slices((images, labels.astype(np.int32)))
 
     def fingerprint():
@@ -132,9 +132,9 @@ def from_arrays(images: np.ndarray, labels, class_names: Sequence[str] | None = 
 
 def from_tfds(name: str, split: str, *, data_dir=None, image_key="image", label_key="label") -> Source:
     """A TFDS dataset already prepared in ``data_dir`` (nothing is downloaded here)."""
+    tf = import_tensorflow()  # first: it keeps TensorFlow's start-up notices quiet
     import tensorflow_datasets as tfds
 
-    tf = _tf()
     builder = tfds.builder(name, data_dir=data_dir)
     info = builder.info
     if image_key not in info.features or label_key not in info.features:
@@ -261,7 +261,7 @@ class Pipeline:
         self.cache = cache
         self.cache_files: Path | None = None  # the file prefix of a file cache
         self.shuffle_buffer = shuffle_buffer or source.num_examples
-        tf = _tf()
+        tf = import_tensorflow()
         size = self.image_size
 
         def prepare(image, label):
@@ -305,7 +305,7 @@ class Pipeline:
 
     def dataset(self, epoch: int = 0):
         """The ``tf.data.Dataset`` of batches for ``epoch`` (a fresh, reproducible order)."""
-        tf = _tf()
+        tf = import_tensorflow()
         ds = self._base
         n = self.num_examples
         if self.training:
@@ -349,7 +349,7 @@ class Pipeline:
         return ds.prefetch(tf.data.AUTOTUNE)
 
     def _mix(self, batch, index, epoch, num_classes):
-        tf = _tf()
+        tf = import_tensorflow()
         seed = tf.stack([tf.cast(self.seed + 7919, tf.int64), epoch * 1_000_003 + index])
         onehot = tf.one_hot(batch["label"], num_classes, dtype=tf.float32)
         images, labels = mix_batch(tf.cast(batch["image"], tf.float32), onehot, seed, self.augment)

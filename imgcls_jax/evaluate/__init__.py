@@ -16,7 +16,7 @@ from imgcls_jax.evaluate.metrics import (
     topk_correct,
 )
 from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
-from imgcls_jax.evaluate.predict import Prediction, predict
+from imgcls_jax.evaluate.prediction import Prediction, predict
 from imgcls_jax.evaluate.report_audit import (
     Finding,
     ParsedReport,

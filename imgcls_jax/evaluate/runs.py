@@ -1,6 +1,12 @@
 """A finished run: reload its model (:func:`load_run`) and evaluate it on a split of its manifest
 (:func:`evaluate_run`): loss, top-1/top-5, confusion matrix, classification report, plots.
 
+One set of defaults, for the API and ``imgcls-jax evaluate`` / ``predict`` / ``train`` alike:
+the **best** checkpoint (by the monitored validation metric; the latest one for a run that has
+none, because it has no validation split: :func:`resolve_checkpoint`), and the **test** split,
+else the **val** split (:func:`resolve_split`). What was used is logged and written to
+``eval_<split>/metrics.json`` (``checkpoint``, ``epoch``).
+
 ``evaluate_run(run_dir, split)`` runs every image of the split once through the one evaluation
 loop (:func:`imgcls_jax.train.evaluate_batches`: padded batches masked, sums and the confusion
 matrix accumulated on the devices) and writes into ``run_dir/eval_<split>/``: ``report.txt``
@@ -19,17 +25,44 @@ import numpy as np
 
 from imgcls_jax.config import TrainConfig
 from imgcls_jax.evaluate.metrics import classification_report, classification_report_dict
-from imgcls_jax.train.rundir import CHECKPOINT_CHOICES, RunDir
+from imgcls_jax.train.rundir import CHECKPOINT_CHOICES, RunDir, RunMismatchError
 
 log = logging.getLogger(__name__)
 
 #: ``which`` checkpoint :func:`load_run` restores.
 CHECKPOINTS = CHECKPOINT_CHOICES
+#: The splits :func:`evaluate_run` takes by default, the first one the run has.
+DEFAULT_SPLITS = ("test", "val")
 
 
-class RunMismatchError(ValueError):
-    """A run's ``config.json`` or ``manifest.csv`` describe another model than its checkpoint
-    holds (a file edited by hand, or copied from another run); the message names the layer."""
+def resolve_checkpoint(run: RunDir, which: str | None) -> str:
+    """``which`` (``"best"`` or ``"latest"``) as asked; by default ``"best"``, or ``"latest"`` for
+    a run that has no best checkpoint (no validation split to choose one by), said in the log."""
+    if which is not None:
+        run.checkpoint_dir(which)  # a bad name is a ValueError here
+        return which
+    if run.has_best():
+        return "best"
+    log.info("%s has no best checkpoint (no validation split to choose one): using the latest", run.root)
+    return "latest"
+
+
+def resolve_split(run: RunDir, split: str | None) -> str:
+    """``split`` if the run's manifest has it; by default its test split, else its val split.
+    ``DatasetError`` naming the manifest and its splits otherwise."""
+    from imgcls_jax.data.folders import DatasetError, read_manifest
+
+    splits = {r.split for r in read_manifest(run.manifest)[0]}
+    if split is not None:
+        if split not in splits:
+            raise DatasetError(f"{run.manifest}: no '{split}' split (splits: {sorted(splits)})")
+        return split
+    for name in DEFAULT_SPLITS:
+        if name in splits:
+            return name
+    raise DatasetError(
+        f"{run.manifest}: no 'test' or 'val' split to evaluate (splits: {sorted(splits)}); name one"
+    )
 
 
 @dataclass
@@ -57,9 +90,9 @@ def run_class_names(run_dir) -> list[str]:
     return read_manifest(run.manifest)[1]
 
 
-def load_run(run_dir, which: str = "best") -> LoadedRun:
+def load_run(run_dir, which: str | None = None) -> LoadedRun:
     """Rebuild a run's model from its ``config.json`` and restore its ``best`` (by the monitored
-    validation metric) or ``latest`` checkpoint.
+    validation metric) or ``latest`` checkpoint (default: :func:`resolve_checkpoint`).
 
     Raises ``NotARunError`` (not a run folder), ``ConfigError``/``DatasetError`` (its config.json
     or manifest.csv edited into something invalid), :class:`RunMismatchError` (edited into another
@@ -70,8 +103,10 @@ def load_run(run_dir, which: str = "best") -> LoadedRun:
     from imgcls_jax.train.checkpoints import restore_model
 
     run = RunDir(run_dir)
-    run.checkpoint_dir(which)  # a bad `which` fails before anything is read
+    if which is not None:
+        run.checkpoint_dir(which)  # a bad `which` fails before anything is read
     run.require("manifest.csv")
+    which = resolve_checkpoint(run, which)
     config = TrainConfig.from_json(run.config)
     class_names = run_class_names(run.root)
     build = lambda: model_from_config(config, len(class_names), weights=None)  # noqa: E731
@@ -187,19 +222,21 @@ def format_report(result: EvalResult, history: list[dict] | None = None) -> str:
     return "\n".join(lines)
 
 
-def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResult:
-    """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots."""
-    from imgcls_jax.data import DatasetError, from_records, make_pipeline, read_manifest
+def evaluate_run(run_dir, split: str | None = None, which: str | None = None) -> EvalResult:
+    """Evaluate a run's checkpoint on one split of its manifest; writes the report and plots.
+
+    Defaults (see the module docstring): the test split, else val; the best checkpoint, else the
+    latest."""
+    from imgcls_jax.data import from_records, make_pipeline, read_manifest
     from imgcls_jax.evaluate.plots import plot_confusion_matrix, plot_learning_curves
 
     run = RunDir(run_dir).require("manifest.csv")  # the images first: before the model is built
+    if which is not None:
+        run.checkpoint_dir(which)
+    split = resolve_split(run, split)
     data = TrainConfig.from_json(run.config).data
     records, class_names = read_manifest(run.manifest, root=data, check_splits=[split])
     chosen = [r for r in records if r.split == split]
-    if not chosen:
-        raise DatasetError(
-            f"{run.manifest}: no '{split}' split (splits: {sorted({r.split for r in records})})"
-        )
     loaded = load_run(run_dir, which)
     pipeline = make_pipeline(  # tf.data where TensorFlow imports, else Pillow + NumPy
         from_records(chosen, class_names), image_size=loaded.image_size,
@@ -214,7 +251,7 @@ def evaluate_run(run_dir, split: str = "val", which: str = "latest") -> EvalResu
     metrics = {
         "split": split, "count": result.count, "loss": result.loss, "top1": result.top1, "top5": result.top5,
         "confusion_matrix": result.confusion.tolist(), "class_names": class_names, "report": result.report,
-        "checkpoint": which, "epoch": loaded.epoch,
+        "checkpoint": loaded.which, "epoch": loaded.epoch,
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     plot_confusion_matrix(result.confusion, class_names, out / "confusion_matrix.png")

@@ -8,12 +8,11 @@ and ``tune_main`` are the ``imgcls-jax tune`` command. Optuna is an optional dep
 """
 
 from imgcls_jax.hpo.command import TuneConfig, add_tune_parser, load_tune_config, tune_main
-from imgcls_jax.hpo.search import SearchResult, TrialFault, is_trial_fault, search
-from imgcls_jax.hpo.space import SearchSpaceError, apply_params, parse_space
+from imgcls_jax.hpo.space import apply_params, parse_space
+from imgcls_jax.hpo.trials import SearchResult, TrialFault, is_trial_fault, search
 
 __all__ = [
     "SearchResult",
-    "SearchSpaceError",
     "TrialFault",
     "TuneConfig",
     "add_tune_parser",

@@ -8,23 +8,19 @@ A tune file is JSON with three keys::
       "study": {"n_trials": 20, "pruner": "median", "storage": "sqlite:///study.db", ...}
     }
 
-``study`` takes the keyword arguments of :func:`imgcls_jax.hpo.search` (all optional except
+``study`` takes the keyword arguments of :func:`imgcls_jax.hpo.trials.search` (all optional except
 ``n_trials``); command-line options override them.
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import logging
-import math
-import types
-import typing
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from imgcls_jax.config import MAX_INT, ConfigError, TrainConfig, read_json, short_repr
+from imgcls_jax.config import ConfigError, TrainConfig, check_study_options, read_json
 
 log = logging.getLogger(__name__)
 
@@ -36,66 +32,6 @@ class TuneConfig:
     base: TrainConfig
     space: dict
     study: dict = field(default_factory=dict)
-
-
-def _study_keys() -> set[str]:
-    from imgcls_jax.hpo.search import search
-
-    return {n for n, p in inspect.signature(search).parameters.items() if p.kind is p.KEYWORD_ONLY} | {
-        "n_trials"
-    }
-
-
-#: Allowed [low, high] of the numeric study options (others: [0, MAX_INT] for integers, [0, inf)
-#: for numbers; ``timeout_s`` > 0). The sampler seed is ``seed + 7919 * worker + trials``, which
-#: must stay below 2**32 (numpy's seeds).
-_STUDY_RANGES = {
-    "n_trials": (1, MAX_INT), "seed": (0, 2**31 - 1), "worker": (0, 100_000), "heartbeat_s": (1, 86_400),
-    "grace_s": (1, MAX_INT),
-}  # fmt: skip
-
-
-def _conforms(value, hint) -> bool:
-    """Whether a JSON value fits a type hint of :func:`~imgcls_jax.hpo.search` (bools are not
-    numbers; a path may be a string)."""
-    if typing.get_origin(hint) in (typing.Union, types.UnionType):
-        return any(_conforms(value, h) for h in typing.get_args(hint))
-    if hint is type(None):
-        return value is None
-    if hint in (int, float):
-        ok = isinstance(value, int | float) and not isinstance(value, bool)
-        return ok and (hint is float or isinstance(value, int))
-    if hint is Path:
-        return isinstance(value, str)
-    return isinstance(value, typing.get_origin(hint) or hint)
-
-
-def check_study_options(options: dict, where: str) -> None:
-    """``ConfigError`` naming the option for an unknown one or a value of the wrong type or range
-    (types from :func:`~imgcls_jax.hpo.search`'s signature)."""
-    from imgcls_jax.hpo.search import search
-
-    hints = {"n_trials": int, **typing.get_type_hints(search)}
-    for key, value in options.items():
-        if key not in _study_keys():
-            raise ConfigError(f"{where}: unknown 'study' option {key!r}; known: {sorted(_study_keys())}")
-        if key in hints and not _conforms(value, hints[key]):
-            raise ConfigError(
-                f"{where}: study option {key!r} must be {_describe(hints[key])}, got {short_repr(value)}"
-            )
-        if isinstance(value, int | float) and not isinstance(value, bool):
-            low, high = _STUDY_RANGES.get(key, (0, MAX_INT) if isinstance(value, int) else (0, math.inf))
-            finite = not isinstance(value, float) or math.isfinite(value)  # ints: any size
-            if not (finite and low <= value <= high) or (key == "timeout_s" and value == 0):
-                brackets = f"({low}, {high})" if key == "timeout_s" else f"[{low}, {high}]"
-                raise ConfigError(
-                    f"{where}: study option {key!r} must be in {brackets}, got {short_repr(value)}"
-                )
-
-
-def _describe(hint) -> str:
-    text = str(hint).replace("pathlib.", "").replace("NoneType", "null")
-    return text.replace("<class '", "").replace("'>", "")
 
 
 def load_tune_config(path_or_text) -> TuneConfig:
@@ -129,9 +65,6 @@ def load_tune_config(path_or_text) -> TuneConfig:
     study = raw.get("study", {})
     if not isinstance(study, dict):
         raise ConfigError(f"{where}: 'study' must be an object of options, got {study!r}")
-    bad = sorted(set(study) - _study_keys())
-    if bad:
-        raise ConfigError(f"{where}: unknown 'study' option(s) {bad}; known: {sorted(_study_keys())}")
     check_study_options(study, where)
     return TuneConfig(base, raw["space"], dict(study))
 
@@ -166,12 +99,12 @@ def add_tune_parser(subparsers) -> argparse.ArgumentParser:
 def prepare_tune(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
     """``(base config, space, search options)`` of ``imgcls-jax tune``, everything checked that
     can be before a trial runs (the tune file, the options, the space, the data folder and its
-    validation split, the study folder). Raises only :class:`~imgcls_jax.config.ConfigError`,
-    :class:`~imgcls_jax.hpo.space.SearchSpaceError` and ``DatasetError``: the user's mistakes."""
+    validation split, the study folder). Raises only :class:`~imgcls_jax.config.ConfigError` and
+    ``DatasetError``: the user's mistakes."""
     from imgcls_jax.data.folders import DatasetError
-    from imgcls_jax.hpo.search import _check_validation_split
     from imgcls_jax.hpo.space import parse_space
     from imgcls_jax.hpo.study import make_pruner, make_sampler
+    from imgcls_jax.hpo.trials import _check_validation_split
 
     try:
         tune = load_tune_config(args.config)
@@ -205,7 +138,7 @@ def prepare_tune(args: argparse.Namespace) -> tuple[TrainConfig, dict, dict]:
 
 def tune_main(args: argparse.Namespace) -> int:
     """Run ``imgcls-jax tune``; returns the exit status (0, or 1 when no trial completed)."""
-    from imgcls_jax.hpo.search import search
+    from imgcls_jax.hpo.trials import search
 
     base, space, options = prepare_tune(args)
     result = search(base, space, options.pop("n_trials"), **options)

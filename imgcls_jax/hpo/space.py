@@ -31,14 +31,13 @@ types, and that the extreme values build a valid config) before any trial runs.
 
 from __future__ import annotations
 
-import copy
 import json
 import math
 import re
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-from imgcls_jax.config import AugmentConfig, PhaseConfig, TrainConfig
+from imgcls_jax.config import AugmentConfig, ConfigError, PhaseConfig, TrainConfig
 
 AUGMENT_STRENGTH = "augment_strength"
 #: The augmentation magnitudes ``augment_strength`` scales, with their upper bounds.
@@ -51,10 +50,6 @@ _KEYS = {
     "int": {"low", "high", "log", "step"},
     "categorical": {"choices"},
 }
-
-
-class SearchSpaceError(ValueError):
-    """The search space is invalid; the message names the parameter and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -93,11 +88,11 @@ class Param:
 def parse_space(space: dict, base: TrainConfig) -> list[Param]:
     """Check ``space`` (see the module docstring) against ``base``; return its parameters.
 
-    Raises :class:`SearchSpaceError` naming the parameter for an unknown path, an empty or
+    Raises :class:`ConfigError` naming the parameter for an unknown path, an empty or
     reversed range, a bad distribution, or a value that does not build a valid ``TrainConfig``.
     """
     if not isinstance(space, dict) or not space:
-        raise SearchSpaceError(
+        raise ConfigError(
             f"the search space must be a non-empty mapping of path -> distribution, got {space!r}"
         )
     params = [_parse_param(path, spec) for path, spec in space.items()]
@@ -107,7 +102,7 @@ def parse_space(space: dict, base: TrainConfig) -> list[Param]:
             try:
                 apply_params(base, {param.path: value})
             except (TypeError, ValueError) as e:
-                raise SearchSpaceError(f"search space {param.path!r}: value {value!r} is invalid: {e}") from e
+                raise ConfigError(f"search space {param.path!r}: value {value!r} is invalid: {e}") from e
     return params
 
 
@@ -123,40 +118,36 @@ def _finite(value) -> bool:
 
 def _parse_param(path: str, spec: dict) -> Param:
     if not isinstance(path, str):
-        raise SearchSpaceError(f"search space: parameter names must be strings, got {path!r}")
+        raise ConfigError(f"search space: parameter names must be strings, got {path!r}")
     if not isinstance(spec, dict) or not isinstance(spec.get("type"), str) or spec.get("type") not in _KEYS:
-        raise SearchSpaceError(
+        raise ConfigError(
             f"search space {path!r}: expected {{'type': 'float'|'int'|'categorical', ...}}, got {spec!r}"
         )
     kind = spec["type"]
     unknown = sorted(set(spec) - _KEYS[kind] - {"type"})
     if unknown:
-        raise SearchSpaceError(f"search space {path!r}: unknown key(s) {unknown} for type {kind!r}")
+        raise ConfigError(f"search space {path!r}: unknown key(s) {unknown} for type {kind!r}")
     if kind == "categorical":
         choices = spec.get("choices")
         if not isinstance(choices, list) or not choices:
-            raise SearchSpaceError(
-                f"search space {path!r}: 'choices' must be a non-empty list, got {choices!r}"
-            )
+            raise ConfigError(f"search space {path!r}: 'choices' must be a non-empty list, got {choices!r}")
         if len({json.dumps(c, sort_keys=True) for c in choices}) != len(choices):
-            raise SearchSpaceError(f"search space {path!r}: duplicate choices in {choices!r}")
+            raise ConfigError(f"search space {path!r}: duplicate choices in {choices!r}")
         return Param(path, kind, choices=tuple(choices))
     low, high, log, step = spec.get("low"), spec.get("high"), spec.get("log", False), spec.get("step")
     if not isinstance(log, bool):
-        raise SearchSpaceError(f"search space {path!r}: 'log' must be true or false, got {log!r}")
+        raise ConfigError(f"search space {path!r}: 'log' must be true or false, got {log!r}")
     numbers = (low, high) if step is None else (low, high, step)
     if not all(_finite(v) for v in numbers):
-        raise SearchSpaceError(f"search space {path!r}: low/high/step must be finite numbers, got {spec!r}")
+        raise ConfigError(f"search space {path!r}: low/high/step must be finite numbers, got {spec!r}")
     if kind == "int" and not all(float(v).is_integer() for v in numbers):
-        raise SearchSpaceError(
-            f"search space {path!r}: an int range needs integer low/high/step, got {spec!r}"
-        )
+        raise ConfigError(f"search space {path!r}: an int range needs integer low/high/step, got {spec!r}")
     if not low < high:
-        raise SearchSpaceError(f"search space {path!r}: empty range: low {low} must be < high {high}")
+        raise ConfigError(f"search space {path!r}: empty range: low {low} must be < high {high}")
     if log and low <= 0:
-        raise SearchSpaceError(f"search space {path!r}: a log range needs low > 0, got {low}")
+        raise ConfigError(f"search space {path!r}: a log range needs low > 0, got {low}")
     if step is not None and (step <= 0 or log):
-        raise SearchSpaceError(f"search space {path!r}: step must be > 0 and cannot be combined with log")
+        raise ConfigError(f"search space {path!r}: step must be > 0 and cannot be combined with log")
     return Param(path, kind, float(low) if kind == "float" else int(low), high, log, step)
 
 
@@ -167,7 +158,7 @@ def _resolve(tree: dict, path: str) -> list[tuple[Any, Any]]:
     parts = path.split(".")
     known = sorted(f.name for f in fields(TrainConfig))
     if parts[0] not in tree:
-        raise SearchSpaceError(
+        raise ConfigError(
             f"search space: unknown parameter {path!r}: {parts[0]!r} is not a TrainConfig field "
             f"(known: {known} and {AUGMENT_STRENGTH!r})"
         )
@@ -183,7 +174,7 @@ def _resolve(tree: dict, path: str) -> list[tuple[Any, Any]]:
                 elif re.fullmatch("[0-9]{1,9}", part) and int(part) < len(node):
                     keys = [int(part)]
                 else:
-                    raise SearchSpaceError(
+                    raise ConfigError(
                         f"search space: unknown parameter {path!r}: {where} has {len(node)} entries, "
                         f"no index {part!r}"
                     )
@@ -197,13 +188,13 @@ def _resolve(tree: dict, path: str) -> list[tuple[Any, Any]]:
                 elif where.startswith("phases."):
                     allowed = {f.name for f in fields(PhaseConfig)}
                 if part not in allowed:
-                    raise SearchSpaceError(
+                    raise ConfigError(
                         f"search space: unknown parameter {path!r}: {part!r} is not a key of {where} "
                         f"(known: {sorted(allowed)})"
                     )
                 next_targets.append((node, part))
             else:
-                raise SearchSpaceError(
+                raise ConfigError(
                     f"search space: unknown parameter {path!r}: {where} is a {type(node).__name__}"
                 )
         targets = next_targets
@@ -219,7 +210,7 @@ def apply_params(base: TrainConfig, values: dict[str, Any]) -> TrainConfig:
 
     Raises ``ValueError``/``TypeError`` when a value does not fit its field.
     """
-    tree = copy.deepcopy(asdict(base))
+    tree = json.loads(json.dumps(asdict(base)))  # plain, mutable lists and dicts
     for path, value in values.items():
         for holder, key in _resolve(tree, path):
             if path == AUGMENT_STRENGTH:

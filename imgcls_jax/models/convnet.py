@@ -22,7 +22,14 @@ from flax import nnx
 
 from imgcls_jax.models.base import Classifier, LayerSpec, keras_layer_variables
 from imgcls_jax.models.head import HeadLayer, classic_head, parse_head, with_classes
-from imgcls_jax.models.layers import DepthwiseConv2D, Normalization, _zeros
+from imgcls_jax.models.layers import (
+    DepthwiseConv2D,
+    LayerNorm,
+    LayerScale,
+    Normalization,
+    SeparableConv2D,
+    _zeros,
+)
 from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 
 POOLINGS = (None, "avg", "max")
@@ -32,7 +39,12 @@ WEIGHT_NAMES = {
     nnx.BatchNorm: ("gamma", "beta", "moving_mean", "moving_variance"),
     Normalization: ("mean", "variance", "count"),
     DepthwiseConv2D: ("depthwise_kernel",),
+    SeparableConv2D: ("depthwise_kernel", "pointwise_kernel"),
+    LayerNorm: ("gamma", "beta"),
+    LayerScale: ("gamma",),
 }
+#: A BatchNorm built with ``scale=False`` (the Inception families) has no gamma.
+BN_NO_SCALE = ("beta", "moving_mean", "moving_variance")
 _glorot = nnx.initializers.glorot_uniform()
 
 
@@ -99,9 +111,19 @@ class KerasConvNet(Classifier):
     top_init = staticmethod(_glorot)
 
     def _setup(self, arch: str, *, include_top, pooling, num_classes, head_units, dropout, input_shape, dtype,
-               preprocessing: str | None = None) -> None:  # fmt: skip
+               preprocessing: str | None = None, include_preprocessing: bool = True) -> None:  # fmt: skip
         """Check and set the options every family shares (see :func:`check_options`);
-        ``preprocessing``: the family's input normalisation mode (default: its class attribute)."""
+        ``preprocessing``: the family's input normalisation mode (default: its class attribute).
+        ``include_preprocessing=False`` (Keras's option, where the Keras model normalises its
+        inputs itself): the model applies none (``"none"``): it takes inputs normalised as its
+        weights expect."""
+        if not include_preprocessing:
+            if preprocessing not in (None, "none", getattr(self, "preprocessing", None)):
+                raise ValueError(
+                    f"{arch}: include_preprocessing=False applies no preprocessing, but preprocessing="
+                    f"{preprocessing!r} was asked for: set one of them"
+                )
+            preprocessing = "none"
         num_classes, shape, dtype = check_options(
             arch, include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
             dropout=dropout, input_shape=input_shape, dtype=dtype, min_size=self.min_size,
@@ -155,11 +177,14 @@ class KerasConvNet(Classifier):
     def conv_kernels(self) -> list[nnx.Param]:
         """The backbone's convolution and depthwise kernels, in forward order (for the family's
         initializer, which draws them all at once)."""
-        return [
-            self.keras_variables(name)[0]
-            for name in self.base_layers
-            if isinstance(getattr(self, name), nnx.Conv | DepthwiseConv2D)
-        ]
+        kernels = []
+        for name in self.base_layers:
+            layer = getattr(self, name)
+            if isinstance(layer, SeparableConv2D):
+                kernels += layer.kernels
+            elif isinstance(layer, nnx.Conv | DepthwiseConv2D):
+                kernels.append(layer.kernel)
+        return kernels
 
     # ------------------------------------------------------------------- what a family adds
     def backbone(self, x: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
@@ -237,12 +262,17 @@ class KerasConvNet(Classifier):
         return self._run_head(x, dropout_key)
 
     def keras_variables(self, name: str) -> list[nnx.Variable]:
-        """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma, beta,
-        moving mean, moving variance; Normalization's mean, variance, count; a convolution's or
-        dense layer's kernel (and bias)."""
+        """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma (unless
+        built without), beta, moving mean, moving variance; LayerNormalization's gamma, beta;
+        LayerScale's gamma; Normalization's mean, variance, count; a separable convolution's
+        depthwise and pointwise kernels; a convolution's or dense layer's kernel (and bias)."""
         layer = getattr(self, name)
+        if isinstance(layer, LayerScale):
+            return [layer.gamma]
         if isinstance(layer, Normalization):
             return [layer.mean, layer.variance, layer.count]
+        if isinstance(layer, SeparableConv2D):
+            return list(layer.kernels)
         return keras_layer_variables(layer)
 
     def layer_specs(self) -> list[LayerSpec]:
@@ -253,6 +283,8 @@ class KerasConvNet(Classifier):
         for name in names:
             variables = self.keras_variables(name)
             kind = next((w for t, w in WEIGHT_NAMES.items() if isinstance(getattr(self, name), t)), None)
+            if kind and kind[0] == "gamma" and len(variables) == 3:
+                kind = BN_NO_SCALE
             shapes = tuple(tuple(v.shape) for v in variables)
             weights = kind or ("kernel", "bias")[: len(variables)]
             specs.append(LayerSpec(name, shapes, weights, aliases=self.keras_aliases.get(name, ())))

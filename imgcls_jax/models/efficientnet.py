@@ -50,6 +50,7 @@ import numpy as np
 from flax import nnx
 
 from imgcls_jax.models.base import LayerSpec
+from imgcls_jax.models.conv import check_impl, depthwise_impl_for
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.efficientnet_arch import (
     BLOCKS_ARGS,
@@ -90,8 +91,10 @@ class EfficientNet(KerasConvNet):
     Inputs: raw RGB ``[N, H, W, 3]``, uint8 or float in [0, 255], H and W >= 32 (Keras's
     minimum). Computation in ``dtype`` (float32, bfloat16 or float16); parameters and BatchNorm
     statistics float32; outputs float32. ``drop_connect_rate``: stochastic depth (default Keras's
-    0.2). ``depthwise_impl``: how depthwise convolutions compute (:func:`choose_depthwise_impl`;
-    same parameters and, to rounding, outputs). Built in inference mode; ``model.train()`` turns
+    0.2). ``conv_impl``: how every convolution computes (:mod:`imgcls_jax.models.conv`);
+    ``depthwise_impl``: the depthwise ones, when not ``"auto"``
+    (:func:`~imgcls_jax.models.conv.depthwise_impl_for`); same parameters and, to rounding,
+    outputs. Built in inference mode; ``model.train()`` turns
     BatchNorm batch statistics, dropout and drop connect on (see the module docstring for frozen
     blocks).
 
@@ -117,6 +120,7 @@ class EfficientNet(KerasConvNet):
         dtype=jnp.float32,
         drop_connect_rate: float | None = None,
         top_dropout: float | None = None,
+        conv_impl: str = "auto",
         depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -132,8 +136,8 @@ class EfficientNet(KerasConvNet):
         for key, rate in {"drop_connect_rate": drop_connect_rate, "top_dropout": top_dropout}.items():
             if rate is not None and not 0.0 <= rate < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {rate}")
-        choose_depthwise_impl(depthwise_impl)  # checks the name
-        self.depthwise_impl = depthwise_impl
+        self.conv_impl = check_impl(conv_impl)
+        self.depthwise_impl = choose_depthwise_impl(depthwise_impl)  # checks the name
         self.blocks = tuple(blocks(arch, drop_connect_rate))
         self.normalization = Normalization(3)
         for spec in base_layer_specs(arch):
@@ -154,11 +158,11 @@ class EfficientNet(KerasConvNet):
             return BatchNorm(spec.shapes[0][0], epsilon=BN_EPSILON, momentum=BN_MOMENTUM, rngs=rngs)
         kh, _, cin, cout = spec.shapes[0]
         if spec.weight_names[0] == "depthwise_kernel":
-            return DepthwiseConv2D(cin, kh, dtype=self.dtype, impl=self.depthwise_impl)
+            impl = depthwise_impl_for(self.conv_impl, self.depthwise_impl)
+            return DepthwiseConv2D(cin, kh, dtype=self.dtype, impl=impl)
         strides = 2 if spec.name == "stem_conv" else 1
-        return conv2d(
-            cin, cout, kh, strides=strides, use_bias=len(spec.shapes) == 2, dtype=self.dtype, rngs=rngs
-        )
+        return conv2d(cin, cout, kh, strides=strides, use_bias=len(spec.shapes) == 2, dtype=self.dtype,
+                      conv_impl=self.conv_impl, rngs=rngs)  # fmt: skip
 
     # ------------------------------------------------------------------ Classifier interface
     @property

@@ -34,9 +34,10 @@ NO_PADDING = ((0, 0), (0, 0))
 
 @dataclass(frozen=True)
 class ConvOp:
-    """One convolution of a forward pass: input ``(h, w)``, square kernel ``k``, ``stride``, zero
-    padding ``pads = ((top, bottom), (left, right))`` (explicit or SAME's implicit one), channels
-    ``cin -> cout``, ``groups`` (``cin`` for a depthwise convolution)."""
+    """One convolution of a forward pass: input ``(h, w)``, kernel ``k x k`` (``k x kw`` when
+    ``kw`` is set, e.g. Inception's 1x7), ``stride``, zero padding ``pads = ((top, bottom), (left,
+    right))`` (explicit or SAME's implicit one), channels ``cin -> cout``, ``groups`` (``cin`` for
+    a depthwise convolution; ``cout = cin * depth_multiplier`` then)."""
 
     h: int
     w: int
@@ -46,22 +47,27 @@ class ConvOp:
     cin: int
     cout: int
     groups: int = 1
+    kw: int | None = None
+
+    @property
+    def kernel(self) -> tuple[int, int]:
+        """``(kh, kw)``."""
+        return (self.k, self.k if self.kw is None else self.kw)
 
     @property
     def out(self) -> tuple[int, int]:
         """The output ``(h, w)``."""
-        (top, bottom), (left, right) = self.pads
-        return (
-            (self.h + top + bottom - self.k) // self.stride + 1,
-            (self.w + left + right - self.k) // self.stride + 1,
+        return tuple(
+            (n + before + after - k) // self.stride + 1
+            for n, k, (before, after) in zip((self.h, self.w), self.kernel, self.pads)
         )
 
     def flops(self, padding: str = "full") -> float:
         """Forward FLOPs of one image (multiply-add = 2); ``padding="valid"`` leaves out the taps
         on the zero padding."""
         taps = [
-            _taps(n, o, self.k, self.stride, p[0], padding)
-            for n, o, p in zip((self.h, self.w), self.out, self.pads)
+            _taps(n, o, k, self.stride, p[0], padding)
+            for n, o, k, p in zip((self.h, self.w), self.out, self.kernel, self.pads)
         ]
         return 2.0 * taps[0] * taps[1] * self.cin * self.cout / self.groups
 
@@ -90,7 +96,8 @@ def square(image_size: int | Sequence[int]) -> tuple[int, int]:
 
 def count_flops(model, ops: Sequence[ConvOp], mode: str = "forward", padding: str = "full") -> float:
     """FLOPs of one image through ``model``: the convolutions ``ops`` (its backbone's, in forward
-    order) and the dense layers of its top or head (``model.head_layers``).
+    order) and the dense layers of its top or head (``model.head_layers`` with a kernel: a
+    normalisation layer there is left out; a 1x1 convolution on the pooled map counts as dense).
 
     ``mode``: ``"forward"``; ``"train"`` (every layer's forward, weight gradient and input
     gradient, except the first convolution's input gradient: 3 x forward - first conv);

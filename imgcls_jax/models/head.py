@@ -215,8 +215,6 @@ class TransferHead:
     def _make_head(self, fin: int, head: Sequence[HeadLayer], rngs: nnx.Rngs, kernel_init=_glorot) -> None:
         """Add ``head``'s layers for ``fin`` input features; sets ``head_spec`` and
         ``head_layers`` (weighted layers, in order)."""
-        from imgcls_jax.models.layers import BatchNorm  # the families' Keras BatchNormalization
-
         self.head_spec = tuple(head)
         names, rates = layer_names(self.head_spec), {}
         for layer, name in zip(self.head_spec, names):
@@ -226,8 +224,14 @@ class TransferHead:
                 setattr(self, name, dense)
                 fin = layer.units
             elif layer.kind == "batchnorm":
-                setattr(self, name, BatchNorm(fin, epsilon=layer.epsilon, momentum=layer.momentum,
-                                              center=layer.center, scale=layer.scale, rngs=rngs))  # fmt: skip
+                # Keras's BatchNormalization as the families' (models.layers.BatchNorm, which this module
+                # cannot import: layers -> flops -> vgg -> base -> head): float32, the biased batch
+                # variance in training; _run_head casts its output back to the compute dtype
+                norm = nnx.BatchNorm(fin, epsilon=layer.epsilon, momentum=layer.momentum,
+                                     use_running_average=True, use_fast_variance=False, dtype=jnp.float32,
+                                     param_dtype=jnp.float32, use_bias=layer.center, use_scale=layer.scale,
+                                     rngs=rngs)  # fmt: skip
+                setattr(self, name, norm)
             elif layer.kind == "layernorm":
                 norm = nnx.LayerNorm(fin, epsilon=layer.epsilon, use_bias=layer.center, use_scale=layer.scale,
                                      use_fast_variance=False, dtype=jnp.float32, param_dtype=jnp.float32,

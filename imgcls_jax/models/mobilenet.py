@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.conv import check_impl, depthwise_impl_for
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
 from imgcls_jax.models.layers import (
@@ -70,8 +71,9 @@ class MobileNetV2(KerasConvNet):
     :class:`~imgcls_jax.models.convnet.KerasConvNet`). Stages, named as Keras's layers: ``Conv1``
     (stem), ``expanded_conv``, ``block_1`` .. ``block_16``, ``Conv_1``; features
     ``[N, ceil(H / 32), ceil(W / 32), 1280]``. Any input of at least 32x32 (Keras's rule). Other
-    widths (``alpha``) are not implemented: ``ValueError``. ``depthwise_impl``: see
-    :func:`~imgcls_jax.models.layers.choose_depthwise_impl`."""
+    widths (``alpha``) are not implemented: ``ValueError``. ``conv_impl``: how every convolution
+    runs (:mod:`imgcls_jax.models.conv`); ``depthwise_impl``: the depthwise ones, when not
+    ``"auto"`` (:func:`~imgcls_jax.models.conv.depthwise_impl_for`)."""
 
     preprocessing = "tf"
     #: keras-applications' MobileNetV2 named its top ``Logits``, which its published files keep
@@ -89,6 +91,7 @@ class MobileNetV2(KerasConvNet):
         dtype=jnp.float32,
         preprocessing: str = "tf",
         alpha: float = 1.0,
+        conv_impl: str = "auto",
         depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -103,8 +106,9 @@ class MobileNetV2(KerasConvNet):
             preprocessing=preprocessing,
         )  # fmt: skip
         self.alpha = 1.0
-        choose_depthwise_impl(depthwise_impl)  # checks the name
-        self.depthwise_impl = depthwise_impl
+        self.conv_impl = check_impl(conv_impl)
+        self.depthwise_impl = choose_depthwise_impl(depthwise_impl)  # checks the name
+        dw_impl = depthwise_impl_for(conv_impl, depthwise_impl)
         self.Conv1 = self._conv(3, STEM_FILTERS, 3, rngs, strides=2, padding="SAME")
         self.bn_Conv1 = self._bn(STEM_FILTERS, rngs)
         cin = STEM_FILTERS
@@ -113,7 +117,7 @@ class MobileNetV2(KerasConvNet):
             if i:
                 setattr(self, f"{p}_expand", self._conv(cin, width, 1, rngs))
                 setattr(self, f"{p}_expand_BN", self._bn(width, rngs))
-            setattr(self, f"{p}_depthwise", DepthwiseConv2D(width, 3, dtype=self.dtype, impl=depthwise_impl))
+            setattr(self, f"{p}_depthwise", DepthwiseConv2D(width, 3, dtype=self.dtype, impl=dw_impl))
             setattr(self, f"{p}_depthwise_BN", self._bn(width, rngs))
             setattr(self, f"{p}_project", self._conv(width, cout, 1, rngs))
             setattr(self, f"{p}_project_BN", self._bn(cout, rngs))
@@ -124,7 +128,8 @@ class MobileNetV2(KerasConvNet):
         self._build_head(LAST_FILTERS, rngs)
 
     def _conv(self, cin: int, cout: int, k: int, rngs: nnx.Rngs, **options) -> nnx.Conv:
-        return conv2d(cin, cout, k, use_bias=False, dtype=self.dtype, rngs=rngs, **options)
+        return conv2d(cin, cout, k, use_bias=False, dtype=self.dtype, conv_impl=self.conv_impl, rngs=rngs,
+                      **options)  # fmt: skip
 
     @staticmethod
     def _bn(channels: int, rngs: nnx.Rngs) -> BatchNorm:

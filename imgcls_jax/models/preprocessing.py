@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 
 #: Modes understood by :func:`preprocess_input`; ``"none"`` is the identity, ``"unit"`` scales
-#: to ``[0, 1]`` (what a Keras model with a ``Rescaling(1/255)`` layer in front computes).
-MODES = ("caffe", "torch", "tf", "none", "unit")
+#: to ``[0, 1]`` (what a Keras model with a ``Rescaling(1/255)`` layer in front computes),
+#: ``"tf128"`` to ``[-1, 1)`` by ``x / 128 - 1`` (EfficientNetV2-S/M/L's ``Rescaling(1/128,
+#: offset=-1)``; ``"tf"`` divides by 127.5).
+MODES = ("caffe", "torch", "tf", "none", "unit", "tf128")
 
 # Keras's constants, verbatim: caffe means are in BGR order, torch statistics in RGB order.
 CAFFE_MEAN_BGR = (103.939, 116.779, 123.68)
@@ -71,8 +73,9 @@ def preprocess_input(images, mode: str = "caffe", dtype=jnp.float32):
     Args:
       images: ``uint8`` or float array ``[..., H, W, 3]``, RGB, values in ``[0, 255]``.
       mode: ``"caffe"`` (RGB->BGR, subtract the BGR ImageNet mean, no scaling; Keras VGG16/19),
-        ``"torch"`` (``/255`` then per-channel mean/std), ``"tf"`` (``/127.5 - 1``) or
-        ``"unit"`` (``/255``), ``"none"`` (cast only) or an affine mode (see the module docstring).
+        ``"torch"`` (``/255`` then per-channel mean/std), ``"tf"`` (``/127.5 - 1``),
+        ``"tf128"`` (``/128 - 1``), ``"unit"`` (``/255``), ``"none"`` (cast only) or an affine mode
+        (see the module docstring).
       dtype: the float dtype of the result (the arithmetic is done in float32 first).
 
     Returns:
@@ -88,6 +91,8 @@ def preprocess_input(images, mode: str = "caffe", dtype=jnp.float32):
         x = (x[..., ::-1] if bgr else x) * scale.astype(np.float32) + offset.astype(np.float32)
     elif mode == "tf":
         x = x / 127.5 - 1.0
+    elif mode == "tf128":
+        x = x * (1.0 / 128.0) - 1.0
     elif mode == "torch":
         x = (x / 255.0 - np.asarray(TORCH_MEAN_RGB, np.float32)) / np.asarray(TORCH_STD_RGB, np.float32)
     elif mode == "unit":

@@ -16,7 +16,19 @@ from dataclasses import dataclass
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models import mobilenet, resnet
+from imgcls_jax.models import (
+    convnext,
+    densenet,
+    efficientnet_v2,
+    inception_resnet_v2,
+    inception_v3,
+    mobilenet,
+    mobilenet_v1,
+    mobilenet_v3,
+    nasnet,
+    resnet,
+    xception,
+)
 from imgcls_jax.models.efficientnet import EfficientNet
 from imgcls_jax.models.efficientnet_arch import STAGES as EFFICIENTNET_STAGES
 from imgcls_jax.models.efficientnet_arch import VARIANTS as EFFICIENTNET_VARIANTS
@@ -108,12 +120,47 @@ for _arch in EFFICIENTNET_VARIANTS:  # efficientnetb0 ... efficientnetb7: normal
     register_model(_arch, preprocessing="none", stages=EFFICIENTNET_STAGES, min_size=32)(
         _builder(EfficientNet, _arch)
     )
-register_model("resnet50", preprocessing="caffe", stages=resnet.STAGE_NAMES, min_size=32)(
-    _builder(resnet.ResNet50)
-)
+for _arch, _variant in resnet.VARIANTS.items():  # resnet50 ... resnet152v2
+    register_model(
+        _arch, preprocessing="tf" if _variant.v2 else "caffe", stages=resnet.STAGE_NAMES, min_size=32
+    )(_builder(resnet.ResNet, _arch))
 register_model("mobilenetv2", preprocessing="tf", stages=mobilenet.STAGE_NAMES, min_size=32)(
     _builder(mobilenet.MobileNetV2)
 )
+for _arch in convnext.VARIANTS:  # convnexttiny ... convnextxlarge: ImageNet mean/std inside the model
+    register_model(_arch, preprocessing="torch", stages=convnext.STAGES, min_size=convnext.MIN_SIZE)(
+        _builder(convnext.ConvNeXt, _arch)
+    )
+for _arch, _variant in efficientnet_v2.VARIANTS.items():  # efficientnetv2b0 ... efficientnetv2l
+    register_model(
+        _arch, preprocessing=_variant.preprocessing, stages=efficientnet_v2.stages(_arch),
+        min_size=efficientnet_v2.MIN_SIZE,
+    )(_builder(efficientnet_v2.EfficientNetV2, _arch))  # fmt: skip
+for _arch in mobilenet_v3.VARIANTS:  # mobilenetv3small, mobilenetv3large: Rescaling to [-1, 1] inside
+    register_model(
+        _arch, preprocessing="tf", stages=mobilenet_v3.stages(_arch), min_size=mobilenet_v3.MIN_SIZE
+    )(_builder(mobilenet_v3.MobileNetV3, _arch))
+for _arch in densenet.VARIANTS:  # densenet121, densenet169, densenet201
+    register_model(_arch, preprocessing="torch", stages=densenet.STAGE_NAMES, min_size=32)(
+        _builder(densenet.DenseNet, _arch)
+    )
+register_model("xception", preprocessing="tf", stages=xception.STAGE_NAMES, min_size=xception.MIN_SIZE)(
+    _builder(xception.Xception)
+)
+register_model(
+    "inceptionv3", preprocessing="tf", stages=inception_v3.STAGE_NAMES, min_size=inception_v3.MIN_SIZE
+)(_builder(inception_v3.InceptionV3))
+register_model(
+    "inceptionresnetv2", preprocessing="tf", stages=inception_resnet_v2.STAGE_NAMES,
+    min_size=inception_resnet_v2.MIN_SIZE,
+)(_builder(inception_resnet_v2.InceptionResNetV2))  # fmt: skip
+register_model("mobilenet", preprocessing="tf", stages=mobilenet_v1.STAGE_NAMES, min_size=32)(
+    _builder(mobilenet_v1.MobileNet)
+)
+for _arch, _nasnet in nasnet.VARIANTS.items():  # nasnetmobile, nasnetlarge
+    register_model(_arch, preprocessing="tf", stages=_nasnet.stage_names(), min_size=32)(
+        _builder(nasnet.NASNet, _arch)
+    )
 
 
 #: Options of :func:`create_model` every family takes, with their defaults.
@@ -181,7 +228,9 @@ def create_model(
             f"the ImageNet top has 1000 classes, not {num_classes}: use include_top=False "
             "(a transfer head) for another number of classes"
         )
-    preprocessing = preprocessing or info.preprocessing
+    if preprocessing is None:  # Keras's include_preprocessing=False: the model normalises nothing
+        no_preprocessing = family_options.get("include_preprocessing") is False
+        preprocessing = "none" if no_preprocessing else info.preprocessing
     generic = {k: family_options.pop(k) for k in HEAD_OPTIONS if k in family_options and not info.takes(k)}
     options = dict(
         include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
@@ -234,7 +283,8 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
 
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
     """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
-    classes: what training builds (with ``config.weights``), and evaluation and prediction
+    classes: what training builds (with ``config.weights``; ``"random"`` is the seeded random
+    init), and evaluation and prediction
     (``weights=None``, then their checkpoint). ``input_size``: ``S`` or ``(height, width)``
     (default: the last phase's)."""
     if input_size is None:
@@ -251,8 +301,9 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     if head is not None:  # the whole head: the classic options do not apply
         options.update(head=head, head_units=(), dropout=0.0)
         options.pop("head_activation", None)
+    if weights == "config":
+        weights = None if config.weights == "random" else config.weights  # "random": seeded init
     return create_model(
-        config.model, num_classes=num_classes, weights=config.weights if weights == "config" else weights,
-        pooling=config.pooling, dtype=config.dtype, seed=config.seed, input_shape=(height, width, 3),
-        preprocessing=config.preprocessing, **options,
+        config.model, num_classes=num_classes, weights=weights, pooling=config.pooling, dtype=config.dtype,
+        seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

@@ -126,10 +126,11 @@ class VGG(Classifier):
     at zero); it matters only for layers that are not loaded from a weight file.
 
     ``conv_impl`` picks how the 3x3 convolutions compute (see :mod:`imgcls_jax.models.conv`):
-    ``"auto"`` (default: im2col + matmul for small maps on CPU, XLA's convolution otherwise),
-    ``"xla"`` or ``"im2col"``. All give the same parameters and, to float rounding, the same
-    outputs; only speed and memory differ. Max pooling always uses
-    :func:`imgcls_jax.models.conv.max_pool_2x2` (``nnx.max_pool``'s values and gradient, faster).
+    ``"auto"`` (default: on CPU oneDNN's kernels where they are available, im2col + matmul for
+    small maps; XLA's convolution elsewhere), ``"xla"``, ``"im2col"`` or ``"onednn"``. All give
+    the same parameters and, to float rounding, the same outputs; only speed and memory differ.
+    Max pooling always uses :func:`imgcls_jax.models.conv.max_pool_2x2` (``nnx.max_pool``'s
+    values and gradient, faster).
 
     Dropout is off after construction (inference mode, like calling a Keras model); call
     ``model.train()`` to enable it and ``model.eval()`` to disable it again.

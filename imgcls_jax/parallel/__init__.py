@@ -5,9 +5,6 @@ Each process's share of the images is :func:`imgcls_jax.data.shard_records`; the
 loop is :func:`imgcls_jax.train.evaluate_batches`.
 """
 
-import importlib
-import warnings
-
 from imgcls_jax.parallel.mesh import (
     ENV_COORDINATOR,
     ENV_LOCAL_DEVICE_IDS,
@@ -57,23 +54,3 @@ __all__ = [
     "to_host",
     "tree_shardings",
 ]
-
-#: Names that moved in 0.2, kept for one release (loaded on first use, with a DeprecationWarning).
-_MOVED = {
-    "shard_records": "imgcls_jax.data.sharding",
-    "make_parallel_steps": "imgcls_jax.parallel.legacy",
-    "ParallelSteps": "imgcls_jax.parallel.legacy",
-    "evaluate": "imgcls_jax.parallel.legacy",
-}
-
-
-def __getattr__(name):
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    if name == "shard_records":
-        warnings.warn(
-            "imgcls_jax.parallel.shard_records moved to imgcls_jax.data.shard_records",
-            DeprecationWarning,
-            stacklevel=2,
-        )
-    return getattr(importlib.import_module(_MOVED[name]), name)

@@ -20,7 +20,7 @@ from imgcls_jax.train.optim import (
     set_lr_scale,
     trainable_layers,
 )
-from imgcls_jax.train.rundir import METRIC_FIELDS, NotARunError, RunDir
+from imgcls_jax.train.rundir import METRIC_FIELDS, NotARunError, RunDir, RunMismatchError
 from imgcls_jax.train.state import SplitModel, TrainState, ema_update, init_state, split_model
 from imgcls_jax.train.steps import (
     cross_entropy,
@@ -41,6 +41,7 @@ __all__ = [
     "NotARunError",
     "OptimizerSpec",
     "RunDir",
+    "RunMismatchError",
     "SplitModel",
     "TrainState",
     "Trainer",

@@ -1,6 +1,6 @@
 """The one evaluation loop: every image of a split counted exactly once, on any number of devices
-and processes. ``fit``'s validation, :func:`imgcls_jax.evaluate.evaluate_run` and
-:func:`imgcls_jax.parallel.evaluate` all run :func:`evaluate_batches`.
+and processes. ``fit``'s validation and :func:`imgcls_jax.evaluate.evaluate_run` both run
+:func:`evaluate_batches`.
 
 Each host batch is padded to a multiple of this process's device count (the padding masked), put
 on the devices split over the data axis, and evaluated; the sums (loss, top-1, top-5, count,

@@ -52,8 +52,10 @@ def _train_config(info, run_dir: Path, data, seed: int, batch_size: int) -> Trai
         head["head_activation"] = info.head_activation
     else:
         head = {"head": tuple(info.head), "head_units": (), "dropout": 0.0}
+    # init_from: the model starts from the Keras file (training from this config fine-tunes it)
     return TrainConfig(
         data=str(Path(data).absolute()) if data is not None else "", run_dir=str(run_dir),
+        init_from=str(Path(info.source).absolute()),
         image_size=int(height), batch_size=batch_size, model=info.arch, weights=None, pooling=info.pooling,
         seed=seed, preprocessing=info.preprocessing, output_activation=info.output_activation,
         phases=[PhaseConfig(trainable="keras")], **head,

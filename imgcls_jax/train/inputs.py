@@ -39,19 +39,36 @@ def input_placement(config: TrainConfig) -> tuple[str, bool]:
     return backend, on_device
 
 
-def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
-    """The class names, the train pipeline and one pipeline per evaluation split of a run
-    (tf.data or NumPy ones, see :func:`input_placement`).
+def run_records(config: TrainConfig, run_dir: Path, *, reuse: bool, write: bool = True):
+    """``(records, class names)``: every image of a run with its split.
 
-    Splits come from the folder (presplit) or ``split_records`` with ``config.seed``; ``write``
-    saves them as ``run_dir/manifest.csv``. With several processes each pipeline holds this
-    process's share (see :func:`process_share`) and batches of its per-process size."""
-    from imgcls_jax.data import from_records, make_pipeline, scan_folder, split_records
+    ``reuse`` (a run resumed from its folder): read from the folder's ``manifest.csv``, never
+    rescanned: images added to the data folder since do not enter the run, and an image of the
+    manifest that is gone is a ``DatasetError`` naming it. Otherwise scanned from
+    ``config.data``: presplit folders as they are, else ``split_records`` with ``config.seed``;
+    ``write`` saves them as ``manifest.csv``."""
+    from imgcls_jax.data import read_manifest, scan_folder, split_records
 
+    manifest = run_dir / "manifest.csv"
+    if reuse:
+        records, class_names = read_manifest(manifest, root=config.data)
+        splits = sorted({r.split for r in records})
+        read_manifest(manifest, root=config.data, check_splits=splits)  # every image still there
+        log.info("%s: %d images read from the run's manifest (not rescanned)", manifest, len(records))
+        return records, class_names
     found = scan_folder(config.data, exclude=config.exclude)
     records = found.records if found.presplit else split_records(found.records, config.splits, config.seed)
     if write:
-        write_manifest_atomically(run_dir / "manifest.csv", records, found.class_names, root=found.root)
+        write_manifest_atomically(manifest, records, found.class_names, root=found.root)
+    return records, found.class_names
+
+
+def run_inputs(config: TrainConfig, records, class_names):
+    """The train pipeline and one pipeline per evaluation split of a run's ``records`` (tf.data
+    or NumPy ones, see :func:`input_placement`). With several processes each pipeline holds this
+    process's share (see :func:`process_share`) and batches of its per-process size."""
+    from imgcls_jax.data import from_records, make_pipeline
+
     by_split: dict[str, list] = {}
     for r in records:
         by_split.setdefault(r.split, []).append(r)
@@ -63,13 +80,13 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
     backend, on_device = input_placement(config)
     size = config.size_at(0)  # the first phase's; fit resizes for later phases
     train = make_pipeline(
-        from_records(by_split["train"], found.class_names), backend=backend, image_size=size,
+        from_records(by_split["train"], class_names), backend=backend, image_size=size,
         batch_size=batch, training=True, augment=config.augment, cache=config.cache, seed=config.seed,
         device_augment=on_device,
     )  # fmt: skip
     evals = {
         name: make_pipeline(
-            from_records(rs, found.class_names),
+            from_records(rs, class_names),
             backend=backend,
             image_size=size,
             batch_size=eval_batch,
@@ -81,7 +98,7 @@ def run_inputs(config: TrainConfig, run_dir: Path, write: bool = True):
         if name != "train"
     }
     log.info("input: %s pipeline, augmentation on the %s", backend, "device" if on_device else "host")
-    return found.class_names, train, evals
+    return train, evals
 
 
 def write_manifest_atomically(path: Path, records, class_names, root) -> None:

@@ -45,15 +45,22 @@ import numpy as np
 from flax import nnx
 
 from imgcls_jax import parallel
-from imgcls_jax.config import PhaseConfig, TrainConfig
+from imgcls_jax.config import (
+    RESULT_NEUTRAL_FIELDS,
+    PhaseConfig,
+    TrainConfig,
+    check_devices,
+    check_trainable,
+    resume_differences,
+)
 from imgcls_jax.train.callbacks import best_epoch, early_stopping_epoch, improvements, plateau_learning_rates
 from imgcls_jax.train.checkpoints import Checkpoints, finished_steps, model_items, set_model_items, state_item
 from imgcls_jax.train.evaluation import evaluate_batches
 from imgcls_jax.train.faults import kill_point
-from imgcls_jax.train.inputs import feature_inputs, run_inputs
+from imgcls_jax.train.inputs import feature_inputs, run_inputs, run_records
 from imgcls_jax.train.monitor import NoBoard, TensorBoard, progress
 from imgcls_jax.train.optim import OptimizerSpec, lr_scale, set_lr_scale
-from imgcls_jax.train.rundir import RunDir
+from imgcls_jax.train.rundir import RunDir, RunMismatchError
 from imgcls_jax.train.state import SplitModel, TrainState, init_state, split_model
 from imgcls_jax.train.steps import head_forward, image_forward, make_eval_step, make_train_step
 
@@ -112,24 +119,48 @@ def refuse_used_run_dir(run: RunDir) -> None:
         )
 
 
-def check_devices(config: TrainConfig) -> None:
-    """The (global) batches must divide over every device of every process."""
-    devices, processes = jax.device_count(), jax.process_count()
-    where = f" of {processes} processes" if processes > 1 else ""
-    for name in ("batch_size", "eval_batch_size"):
-        value = getattr(config, name)
-        if value is not None and value % devices:
-            raise ValueError(
-                f"TrainConfig.{name}={value} does not divide over the {devices} devices{where}; "
-                f"use a multiple of {devices} (it is the global batch, split over the devices)"
-            )
+def check_resume(config: TrainConfig, run: RunDir) -> bool:
+    """Whether ``fit`` resumes from ``run``'s folder, reading its ``manifest.csv`` rather than
+    rescanning the data (True when the folder holds a ``config.json`` and a manifest, written by an
+    earlier start of this same run). The folder is the truth: a ``config.json`` that differs from
+    ``config`` in a field that changes results (:func:`~imgcls_jax.config.resume_differences`) is a
+    :class:`RunMismatchError` listing each field, when the folder holds checkpoints; without one
+    (nothing trained yet) the run starts afresh, with a warning. Fields that cannot change results
+    (:data:`~imgcls_jax.config.RESULT_NEUTRAL_FIELDS`) may differ (logged)."""
+    if not (run.config.is_file() and run.manifest.is_file()):
+        return False
+    stored = TrainConfig.from_json(run.config)
+    differences = resume_differences(stored, config)
+    trained = any(finished_steps(d) for d in (run.checkpoints, run.best))
+    if differences and trained:
+        listed = "; ".join(f"{name}: {old!r} in the run, {new!r} now" for name, old, new in differences)
+        raise RunMismatchError(
+            f"{run.root} holds a run whose config.json differs from this one in what changes results: "
+            f"{listed}. Resume it with its own config (imgcls-jax train --config {run.config}), or start "
+            "afresh: imgcls-jax train --restart moves the old run aside (RUN_DIR.replaced-<time>); "
+            "fit() into a new run_dir"
+        )
+    if differences:
+        log.warning(
+            "%s: config.json differs from this run's (%s) and nothing was trained yet: starting afresh",
+            run.root, ", ".join(name for name, _, _ in differences),
+        )  # fmt: skip
+        return False
+    neutral = [
+        f for f in RESULT_NEUTRAL_FIELDS if f != "run_dir" and getattr(stored, f) != getattr(config, f)
+    ]
+    if neutral:
+        log.info("%s: resuming with other %s than its config.json (they do not change results)",
+                 run.root, ", ".join(neutral))  # fmt: skip
+    return True
 
 
 class Trainer:
     """Runs one :class:`~imgcls_jax.config.TrainConfig` (see the module docstring)."""
 
     def __init__(self, config: TrainConfig, *, resume: bool = True, callbacks: Sequence[Callable] = ()):
-        check_devices(config)
+        check_devices(config, jax.device_count(), jax.process_count())
+        check_trainable(config)
         self.config, self.resume, self.callbacks = config, resume, list(callbacks)
         self.run_dir = RunDir(config.run_dir)
         self.main = jax.process_index() == 0
@@ -145,15 +176,12 @@ class Trainer:
         config, run = self.config, self.run_dir
         if not self.resume:
             refuse_used_run_dir(run)
+        reuse = self.resume and check_resume(config, run)  # before anything is written
         run.root.mkdir(parents=True, exist_ok=True)
-        if self.main:
+        if self.main and not reuse:
             run.write_config(config)
-        self.class_names, self.train, self.evals = run_inputs(config, run.root, write=self.main)
-        if config.output_activation != "softmax":
-            raise ValueError(
-                f"TrainConfig.output_activation={config.output_activation!r}: fit trains with softmax "
-                "cross-entropy; such a model can be evaluated and used to predict, not trained here"
-            )
+        records, self.class_names = run_records(config, run.root, reuse=reuse, write=self.main)
+        self.train, self.evals = run_inputs(config, records, self.class_names)
         self.model = model_from_config(config, len(self.class_names), input_size=config.size_at(0))
         if config.init_from is not None:
             from imgcls_jax.train.imported import initialize_from
@@ -319,7 +347,7 @@ class Trainer:
     def train_epoch(self, phase: Phase, epoch: int) -> dict:
         """Train ``phase`` for one epoch; the epoch's ``metrics.csv`` row (no validation yet)."""
         steps, batch_size = len(phase.train), self.config.batch_size
-        start, losses, accs = time.perf_counter(), [], []
+        start, losses, accs, norms = time.perf_counter(), [], [], []
         bar = progress(steps * batch_size, f"epoch {epoch}") if self.main else None
         first_step = int(phase.state.step)
         for batch in parallel.prefetch_to_device(phase.train.epoch(epoch), mesh=self.mesh):
@@ -327,9 +355,11 @@ class Trainer:
             kill_point("train_step", epoch)
             losses.append(m["loss"])
             accs.append(m["accuracy"])
+            norms.append(m["grad_norm"])
             if bar is not None:
                 bar.update(batch_size)
         losses = np.asarray(jax.device_get(jnp.stack(losses)))
+        norms = np.asarray(jax.device_get(jnp.stack(norms)))
         elapsed = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -338,13 +368,15 @@ class Trainer:
         lrs = [
             float(phase.spec.learning_rate(phase.hyper, first_step + i)) * scale for i in range(len(losses))
         ]
-        for i, (loss, lr) in enumerate(zip(losses, lrs)):
-            self.board.scalars(epoch * steps + i, {"step/train_loss": loss, "step/learning_rate": lr})
+        for i, (loss, lr, norm) in enumerate(zip(losses, lrs, norms)):
+            self.board.scalars(
+                epoch * steps + i, {"step/train_loss": loss, "step/learning_rate": lr, "step/grad_norm": norm}
+            )
         return {
             "epoch": epoch, "phase": phase.index, "step": int(phase.state.step),
             "train_loss": float(losses.mean()), "train_accuracy": float(np.mean(jax.device_get(accs))),
             "val_loss": "", "val_accuracy": "", "learning_rate": lrs[-1],
-            "images_per_s": steps * batch_size / elapsed,
+            "images_per_s": steps * batch_size / elapsed, "grad_norm": float(norms.mean()),
         }  # fmt: skip
 
     def _check_finite(self, losses: np.ndarray, epoch: int, phase: int, steps: int) -> None:
@@ -455,12 +487,3 @@ class Trainer:
                 epoch, self.config.monitor, len(scores) - 1 - best,
             )  # fmt: skip
             self.stopped_early = True
-
-
-def __getattr__(name):  # names deprecated in 0.2 (see imgcls_jax.train.legacy), loaded on first use
-    import importlib
-
-    legacy = importlib.import_module("imgcls_jax.train.legacy")
-    if legacy.MOVED.get(name) != __name__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(legacy, name)

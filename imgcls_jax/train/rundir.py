@@ -4,7 +4,8 @@ Layout::
 
     run_dir/config.json      the TrainConfig (the run can be repeated from it)
     run_dir/manifest.csv     every image with its label and split
-    run_dir/metrics.csv      one row per epoch (phase, losses, accuracies, lr, images/s)
+    run_dir/metrics.csv      one row per epoch (phase, losses, accuracies, lr, images/s, the mean
+                             global gradient norm of its steps)
     run_dir/tensorboard/     TensorBoard events: per-step loss and learning rate, per-epoch metrics
     run_dir/checkpoints/     orbax: the latest ``keep_checkpoints`` epochs
     run_dir/best/            orbax: the model of the best epoch by ``config.monitor``
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 
 METRIC_FIELDS = [
     "epoch", "phase", "step", "train_loss", "train_accuracy", "val_loss", "val_accuracy",
-    "learning_rate", "images_per_s",
+    "learning_rate", "images_per_s", "grad_norm",
 ]  # fmt: skip
 CHECKPOINT_CHOICES = ("best", "latest")
 
@@ -39,10 +40,18 @@ class NotARunError(FileNotFoundError):
     """A folder that is not a run folder written by ``fit`` (or lacks what is asked of it)."""
 
 
+class RunMismatchError(ValueError):
+    """A run folder that does not match what it is used with: its ``config.json`` or
+    ``manifest.csv`` describe another model than its checkpoint holds (a file edited by hand, or
+    copied from another run; the message names the layer), or a resumed run's config differs
+    from the one stored in the folder in a field that changes results (the message lists each
+    field with both values)."""
+
+
 def _typed(row: dict) -> dict:
     """A ``metrics.csv`` row with the types of a fresh one: ints, floats, "" where empty."""
     ints = ("epoch", "phase", "step")
-    return {k: v if v == "" else int(v) if k in ints else float(v) for k, v in row.items()}
+    return {k: v if v in ("", None) else int(v) if k in ints else float(v) for k, v in row.items()}
 
 
 class RunDir:
@@ -108,13 +117,13 @@ class RunDir:
         out = io.StringIO(newline="")
         writer = csv.writer(out)
         writer.writerow(METRIC_FIELDS)
-        writer.writerows([row[k] for k in METRIC_FIELDS] for row in rows)
+        writer.writerows([row.get(k, "") for k in METRIC_FIELDS] for row in rows)  # "": a column added later
         self._replace(self.metrics, out.getvalue(), "metrics.csv")
 
     def append_metrics(self, row: dict) -> None:
         """Add an epoch's row to ``metrics.csv`` (an ``OSError`` naming the file if it fails)."""
         out = io.StringIO(newline="")
-        csv.writer(out).writerow([row[k] for k in METRIC_FIELDS])
+        csv.writer(out).writerow([row.get(k, "") for k in METRIC_FIELDS])
         try:
             with open(self.metrics, "a", newline="") as f:
                 f.write(out.getvalue())

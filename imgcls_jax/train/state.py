@@ -88,10 +88,13 @@ class SplitModel:
 
     def stats_of(self, model) -> nnx.State:
         """The trained layers' BatchNorm statistics of a merged ``model`` (after a forward pass)."""
-        return nnx.state(model, self._is_trained_stat)
+        return trained_stats(model, self.trained)
 
-    def _is_trained_stat(self, path, value) -> bool:
-        return isinstance(value, nnx.BatchStat) and path[0] in self.trained
+
+def trained_stats(model, trained: Sequence[str]) -> nnx.State:
+    """The BatchNorm statistics of the layers named ``trained`` in ``model``: a function of the
+    names alone, so a compiled step that calls it holds no model arrays."""
+    return nnx.state(model, lambda path, value: isinstance(value, nnx.BatchStat) and path[0] in trained)
 
 
 def split_model(model, trainable: Sequence[str]) -> SplitModel:

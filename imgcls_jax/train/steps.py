@@ -30,7 +30,7 @@ from imgcls_jax.config import AugmentConfig
 from imgcls_jax.data.device_augment import augment_train_batch
 from imgcls_jax.train.metrics import confusion_matrix_update, topk_correct
 from imgcls_jax.train.optim import OptimizerSpec
-from imgcls_jax.train.state import SplitModel, TrainState, ema_update
+from imgcls_jax.train.state import SplitModel, TrainState, ema_update, trained_stats
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0) -> jax.Array:
@@ -107,8 +107,10 @@ def _constrain(tree, placement):
 
 def _train_program(split: SplitModel, optimizer, forward, placement, augment) -> Callable:
     """The jitted ``(state, frozen, rest, batch, hyper, keys) -> (state, metrics)``; ``keys``:
-    the dropout key and the augmentation key, each folded with the step number."""
-    graph = split.train_graph
+    the dropout key and the augmentation key, each folded with the step number. It keeps the
+    graph and the trained layers' names of ``split``, never ``split`` itself: the cache of
+    compiled steps must not hold a model's arrays alive (tests/test_memory.py)."""
+    graph, trained = split.train_graph, split.trained
 
     def step(state: TrainState, frozen, rest, batch, hyper, keys):
         key = jax.random.fold_in(keys[0], state.step)
@@ -121,7 +123,7 @@ def _train_program(split: SplitModel, optimizer, forward, placement, augment) ->
             model = nnx.merge(graph, params, state.stats, frozen, rest, copy=True)
             logits = forward(model, batch, key)
             loss = cross_entropy(logits, batch["label"], hyper["label_smoothing"]).mean()
-            return loss, (logits, split.stats_of(model))
+            return loss, (logits, trained_stats(model, trained))
 
         (loss, (logits, stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
         updates, opt_state = optimizer.build(hyper).update(grads, state.opt_state, state.params)
@@ -264,12 +266,3 @@ def make_eval_step(split: SplitModel, forward=image_forward) -> Callable:
 def model_state_outputs(state: TrainState) -> dict[str, Any]:
     """The parts of ``state`` that make the model to evaluate and save: eval params and stats."""
     return {"params": state.eval_params, "stats": state.stats}
-
-
-def __getattr__(name):  # names deprecated in 0.2 (see imgcls_jax.train.legacy), loaded on first use
-    import importlib
-
-    legacy = importlib.import_module("imgcls_jax.train.legacy")
-    if legacy.MOVED.get(name) != __name__:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(legacy, name)

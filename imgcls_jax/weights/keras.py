@@ -34,11 +34,27 @@ from imgcls_jax.models.base import LayerSpec
 
 #: Layers of a Keras classification top: VGG's three, the other families' ``predictions``.
 TOP_LAYERS = ("fc1", "fc2", "predictions")
-#: Every name a Keras top layer has in the published files: those, and the top dense layer as
-#: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``).
-TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits"}
+#: Every name a Keras top layer has in the published files: those, the top dense layer as
+#: keras-applications named it for ResNet (``probs``) and MobileNetV2 (``Logits``), and
+#: MobileNetV3's and MobileNet's top convolutions (``conv_2``, ``logits``; ``conv_preds``).
+TOP_NAMES = frozenset(TOP_LAYERS) | {"probs", "Logits", "conv_2", "logits", "conv_preds"}
+#: ConvNeXt's top: ``<model name>_head_layernorm`` and ``<model name>_head_dense``.
+_TOP_PATTERN = re.compile(r".+_head_(layernorm|dense)")
+
+
+def is_top_layer(name: str) -> bool:
+    """Whether ``name`` is a layer of a Keras application's classification top (:data:`TOP_NAMES`,
+    ConvNeXt's ``*_head_layernorm`` / ``*_head_dense``)."""
+    return name in TOP_NAMES or bool(_TOP_PATTERN.fullmatch(name))
+
+
 #: A layer name only one family's files have -> that family, for "it looks like" hints.
-FAMILY_MARKERS = {
+FAMILY_MARKERS = {  # the more specific first: Xception has VGG's block1_conv1, DenseNet ResNet's conv1_conv
+    "block1_conv1_bn": "Xception",
+    "pool2_conv": "DenseNet",
+    "block35_1_conv": "InceptionResNetV2",
+    "conv_dw_1": "MobileNet",
+    "normal_conv_1_0": "NASNet",
     "block1_conv1": "VGG",
     "conv1_conv": "ResNet",
     "bn_Conv1": "MobileNetV2",
@@ -80,6 +96,20 @@ def _open(path: Path):
         ) from exc
 
 
+def _nested_layers(name: str, wnames: Sequence[str], datasets: list) -> dict[str, list]:
+    """A legacy group's weights by layer: a nested model (ConvNeXt's ``Sequential`` stem and
+    downsampling blocks) is one group whose weights name their own layers
+    (``convnext_tiny_stem/convnext_tiny_stem_conv/kernel``, or ``convnext_tiny_stem_conv/kernel:0``
+    in Keras 2's files): it is split by those names. A plain layer keeps its group's name."""
+    owners = [w.split("/")[-2] if w.count("/") >= 1 else None for w in wnames]
+    if None in owners or len(set(owners)) < 2:
+        return {name: datasets}
+    split: dict[str, list] = {}
+    for owner, dataset in zip(owners, datasets):
+        split.setdefault(owner, []).append(dataset)
+    return split
+
+
 def _legacy_layers(path: Path, root) -> FileLayers:
     layers = {}
     for name in _decode(root.attrs["layer_names"]):
@@ -88,13 +118,13 @@ def _legacy_layers(path: Path, root) -> FileLayers:
         group = root[name]
         if "weight_names" not in group.attrs:
             raise WeightFileError(f"{path}: layer {name!r} has no 'weight_names' attribute")
-        datasets = []
-        for wname in _decode(group.attrs["weight_names"]):
+        datasets, wnames = [], _decode(group.attrs["weight_names"])
+        for wname in wnames:
             if wname not in group:
                 raise WeightFileError(f"{path}: layer {name!r} lists weight {wname!r}, which is missing")
             datasets.append(group[wname])
         if datasets:
-            layers[name] = datasets
+            layers.update(_nested_layers(name, wnames, datasets))
     backend = root.attrs.get("backend")
     backend = backend.decode() if isinstance(backend, bytes) else backend
     return FileLayers(path, "legacy", layers, backend)
@@ -158,16 +188,31 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
     file.layers = renamed
 
 
+#: Keras's names for layers it was given no name for: the class's name, numbered after the first.
+AUTO_NAMED = ("conv2d", "batch_normalization", "normalization", "separable_conv2d", "depthwise_conv2d")
+
+
+def _numbered(prefix: str, names: Iterable[str]) -> list[str]:
+    """``names`` that are ``prefix`` or ``prefix_<n>``, in the order of ``n`` (none first)."""
+    pattern = re.compile(rf"{re.escape(prefix)}(?:_(\d+))?")
+    found = [(m, n) for n in names if (m := pattern.fullmatch(n))]
+    return [n for m, n in sorted(found, key=lambda mn: int(mn[0].group(1) or -1))]
+
+
 def _match_numbered_names(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
-    """Keras names a layer it was given no name for after its class (``normalization``) and
-    numbers the repeats of a session (``normalization_3``): an expected layer the file lacks takes
-    the file's one unexpected ``<name>_<n>``."""
-    expected = {s.name for s in specs}
-    for name in expected - set(file.layers):
-        numbered = re.compile(rf"{re.escape(name)}_\d+")
-        candidates = [k for k in file.layers if k not in expected and numbered.fullmatch(k)]
-        if len(candidates) == 1:
-            file.layers = {name if k == candidates[0] else k: v for k, v in file.layers.items()}
+    """Keras names a layer it was given no name for after its class (``normalization``,
+    ``conv2d``, ``batch_normalization``) and numbers them in the order a session creates them
+    (``conv2d``, ``conv2d_1``, ...; Keras 2 starts at ``conv2d_1``, and a session that built
+    other models first goes on from their count). A model names such layers as a fresh Keras 3
+    session would; where the file's layers of such a class differ from the model's in names but
+    not in number, they are matched by their numbers' order (Keras itself loads by order)."""
+    for prefix in AUTO_NAMED:
+        ours = _numbered(prefix, (s.name for s in specs))
+        theirs = _numbered(prefix, file.layers)
+        if not ours or set(ours) == set(theirs) or len(ours) != len(theirs):
+            continue
+        renamed = dict(zip(theirs, ours))
+        file.layers = {renamed.get(k, k): v for k, v in file.layers.items()}
 
 
 def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
@@ -176,6 +221,11 @@ def _apply_aliases(file: FileLayers, specs: Sequence[LayerSpec]) -> None:
         alias = next((a for a in spec.aliases if a in file.layers), None)
         if spec.name not in file.layers and alias is not None:
             file.layers = {spec.name if k == alias else k: v for k, v in file.layers.items()}
+
+
+def _is_classifier(name: str) -> bool:
+    """The layer whose outputs are the classes (Keras's top, or our transfer head's)."""
+    return name in ("predictions", "logits", "conv_preds", "head_logits") or name.endswith("_head_dense")
 
 
 def _family_hint(arch: str, missing: Sequence[str], extra: Sequence[str]) -> str:
@@ -198,13 +248,14 @@ def _check_names(file: FileLayers, specs: Sequence[LayerSpec], arch: str) -> Non
     found = list(file.layers)
     missing = [n for n in expected if n not in file.layers]
     extra = [n for n in found if n not in expected]
-    model_top = "predictions" in expected
-    if not model_top and extra and set(extra) <= TOP_NAMES and not missing:
+    model_top = any(is_top_layer(n) for n in expected)
+    # (ConvNeXt's models without the top end with a layer the top has not: it may be missing)
+    if not model_top and extra and all(is_top_layer(n) for n in extra) and len(missing) <= 1:
         raise WeightFileError(
             f"{path}: file has the classification top ({', '.join(extra)}) but the model was built "
             f"with include_top=False: use the '_notop' file, or include_top=True"
         )
-    if model_top and missing and set(missing) <= set(TOP_LAYERS) and not extra:
+    if model_top and missing and all(is_top_layer(n) for n in missing) and len(extra) <= 1:
         raise WeightFileError(
             f"{path}: file has no classification top ({', '.join(missing)} missing: a '_notop' "
             f"file) but the model was built with include_top=True: use the top file, or "
@@ -259,7 +310,7 @@ def _check_layer(file: FileLayers, spec: LayerSpec) -> None:
                 f"(file backend: {file.backend or 'unknown'}): use the "
                 "'tf_dim_ordering' (HWIO) file"
             )
-        elif spec.name in ("predictions", "head_logits") and got[:-1] == want[:-1]:
+        elif _is_classifier(spec.name) and got[:-1] == want[:-1]:
             msg += (
                 f"; the file has {got[-1]} classes, the model {want[-1]}: for a different "
                 "number of classes use include_top=False with num_classes"

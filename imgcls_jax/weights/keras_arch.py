@@ -33,9 +33,12 @@ from imgcls_jax.weights.keras import WeightFileError
 from imgcls_jax.weights.keras_families import (
     BaseMatch,
     activation_name,
+    application,
     candidates,
     lead,
+    lead_is_mode,
     match_base,
+    refused_family,
 )
 from imgcls_jax.weights.keras_inputs import IDENTITY_AT_INFERENCE, Affine, input_affine, mode_affine
 from imgcls_jax.weights.keras_layers import KerasGraph, Node
@@ -258,15 +261,15 @@ def realize(arch: str, seen: Affine) -> tuple[str, dict[str, list[np.ndarray]]] 
     """``(mode, computed arrays)``: the family's preprocessing mode and the statistics of its
     free ``Normalization`` (if it has one) with which it maps raw pixels to ``seen``, the affine
     map of raw pixels the user's base receives; None when it cannot."""
-    start = lead(arch)
+    start, own = lead(arch), lead_is_mode(arch)
     modes = list(_family_modes(arch))
     if len(modes) > 1 and start.free is None:  # the family takes any mode: the exact one
-        exact = start.before.inverse().after(seen).as_mode()
+        exact = (seen if own else start.before.inverse().after(seen)).as_mode()
         modes += [] if exact is None else [exact]
     for mode in modes:
         pixels = mode_affine(mode)
-        if start.free is None:
-            if start.before.after(pixels).equals(seen):
+        if start.free is None:  # the mode computes the base's affine start itself, or precedes it
+            if (pixels if own else start.before.after(pixels)).equals(seen):
                 return mode, {}
             continue
         norm = start.after.inverse().after(seen).after(start.before.after(pixels).inverse())
@@ -287,8 +290,8 @@ def resolve_preprocessing(graph, arch, prefix, graph_affine, preprocessing, wher
         applied, source = preprocessing, "given"
     elif own > base_own:
         applied, source = "none", "graph"
-    else:
-        applied, source = model_info(arch).preprocessing, "assumed"
+    else:  # the family's Keras preprocess_input: the identity where its base normalizes raw pixels
+        applied, source = ("none" if lead_is_mode(arch) else model_info(arch).preprocessing), "assumed"
     seen = graph_affine.after(mode_affine(applied))
     found = realize(arch, seen)
     names = ", ".join(f"{graph.nodes[i].name!r} ({graph.nodes[i].class_name})" for i in prefix) or "none"
@@ -313,6 +316,8 @@ def resolve_preprocessing(graph, arch, prefix, graph_affine, preprocessing, wher
 def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, where: str) -> BaseMatch:
     from imgcls_jax.models.registry import list_models
 
+    if arch is not None:
+        application(arch)  # a family refused (NOT_YET): why, before anything else
     names = [arch] if arch is not None else candidates(graph, list_models())
     reasons = {}
     for name in names:
@@ -325,6 +330,9 @@ def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, whe
                       and isinstance(match_base(graph, out, boundary, n), BaseMatch)), None)  # fmt: skip
         if other is not None:
             raise WeightFileError(f"{where}: this is a {other} model, but arch={arch!r} was asked for")
+    refused = refused_family(graph) if arch is None else None
+    if refused is not None:  # a registered family whose whole models do not come over yet
+        application(refused)
     if not reasons:
         raise WeightFileError(f"{where}: no registered family has a Keras graph to compare the base with")
     best, why = next(iter(reasons.items()))

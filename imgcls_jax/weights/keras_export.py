@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls_jax.weights.keras_families import family_config, lead
+from imgcls_jax.weights.keras_families import family_config, lead, lead_is_mode
 from imgcls_jax.weights.keras_inputs import mode_affine
 from imgcls_jax.weights.keras_layers import read_graph
 
@@ -354,11 +354,16 @@ def _keras_top(arch: str, num_classes: int):
 
 
 # ---------------------------------------------------------------------------- the weights
-def input_bridge(mode: str, input_preprocessing: str) -> tuple[tuple | None, tuple | None]:
+def input_bridge(
+    mode: str, input_preprocessing: str, arch: str | None = None
+) -> tuple[tuple | None, tuple | None]:
     """``(reorder, (scale, offset))``: the channel order and the ``Rescaling`` layer that turn
     pixels preprocessed with ``input_preprocessing`` into what ``mode`` computes (None: nothing
-    to do)."""
+    to do); for a family ``arch`` whose Keras base applies its mode itself (:func:`lead_is_mode`),
+    into what that base's own first layers turn into what ``mode`` computes."""
     bridge = mode_affine(mode).after(mode_affine(input_preprocessing).inverse())
+    if arch is not None and lead_is_mode(arch):
+        bridge = lead(arch).before.inverse().after(bridge)
     reorder = None if bridge.perm == (0, 1, 2) else bridge.perm
     scale, offset = bridge.scale, bridge.offset
     if np.allclose(scale, 1.0, rtol=1e-7) and np.allclose(offset, 0.0, atol=1e-7):
@@ -389,7 +394,7 @@ def _export_plan(model, input_preprocessing, keras_output, nested: bool, legacy:
         )
     if output_activation == "sigmoid" and keras_output != "sigmoid":
         raise ValueError(f"the model's outputs are sigmoids; keras_output={keras_output!r} would change them")
-    reorder, rescaling = input_bridge(model.preprocessing, input_preprocessing)
+    reorder, rescaling = input_bridge(model.preprocessing, input_preprocessing, model.arch)
     if reorder is not None and legacy:
         raise ValueError(
             f"a legacy .h5 model for inputs preprocessed with {input_preprocessing!r} cannot apply the "

@@ -156,6 +156,8 @@ def mode_affine(mode: str) -> Affine:
         return Affine(IDENTITY, 1.0 / (255.0 * std), -np.asarray(TORCH_MEAN_RGB, np.float64) / std)
     if mode == "unit":
         return Affine(IDENTITY, ones / 255.0, 0 * ones)
+    if mode == "tf128":
+        return Affine(IDENTITY, ones / 128.0, -ones)
     if mode == "none":
         return Affine.identity()
     raise ValueError(f"unknown preprocessing mode {mode!r}; expected one of {MODES}")
@@ -202,7 +204,8 @@ def _index(spec) -> int | str | None:
 
 
 def _error(node: Node, where: str, why: str) -> WeightFileError:
-    function = f" {node.config.get('function')}" if "function" in node.config else ""
+    function = node.config.get("function")  # TFOpLambda's op name; a Lambda's Python code is a dict
+    function = f" {function}" if isinstance(function, str) else " with Python code" if function else ""
     return WeightFileError(f"{where}: layer {node.name!r} ({node.class_name}{function}) {why}")
 
 

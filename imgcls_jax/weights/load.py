@@ -62,7 +62,8 @@ def load_weights(
         family = IMAGENET.get((getattr(model, "arch", None), False))
         preprocessing = family.preprocessing if family is not None else "caffe"
     if isinstance(weights, str) and weights == "imagenet":
-        path, published = resolve_imagenet(model.arch, model.include_top, input_shape=model.input_shape)
+        key = getattr(model, "imagenet_key", model.arch)  # MobileNetV3: a file per width
+        path, published = resolve_imagenet(key, model.include_top, input_shape=model.input_shape)
         preprocessing = published.preprocessing
     else:
         path = Path(weights).expanduser()

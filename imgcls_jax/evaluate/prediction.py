@@ -1,8 +1,12 @@
-"""Predict with a trained run: top-k class names and probabilities for files, folders, arrays.
+"""Predict with a model or a trained run: top-k class names and probabilities for files,
+folders, arrays.
 
-``predict(loaded, inputs)`` (``loaded`` from :func:`imgcls_jax.evaluate.load_run`) accepts an
-image file, a folder (every image in it, recursively, sorted), a list of files, or an array
-``uint8[N, H, W, 3]`` / ``[H, W, 3]`` of RGB pixels.
+``predict(model_or_run, inputs)``: ``model_or_run`` is a run folder (its best checkpoint), a run
+loaded with :func:`imgcls_jax.evaluate.load_run`, or a model (``create_model``, ``from_keras``);
+``inputs`` an image file, a folder (every image in it, recursively, sorted), a list of files, or
+an array ``uint8[N, H, W, 3]`` / ``[H, W, 3]`` of RGB pixels. The forward pass is compiled once
+per model graph and batch shape in a process and reused by later calls (it holds no weights:
+they are an input).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ import jax
 import numpy as np
 from flax import nnx
 
-from imgcls_jax.evaluate.runs import LoadedRun
+from imgcls_jax.evaluate.runs import LoadedRun, load_run
+from imgcls_jax.train.steps import cached_jit
 
 log = logging.getLogger(__name__)
 
@@ -77,14 +82,23 @@ def check_inputs(files: Sequence[str]) -> None:
 
 
 def predict(
-    loaded: LoadedRun,
+    model_or_run,
     inputs,
     *,
     top_k: int = 5,
     batch_size: int = 32,
     resize: str = "squash",
+    class_names: Sequence[str] | None = None,
+    which: str | None = None,
 ) -> list[Prediction]:
     """Top-``top_k`` ``(class name, probability)`` for each input image (see the module docstring).
+
+    Args:
+      model_or_run: a run folder (``which`` checkpoint, default as :func:`load_run`), a
+        :class:`~imgcls_jax.evaluate.runs.LoadedRun`, or a model; a model predicts at its own
+        ``input_shape`` and names its classes ``class_names`` (default ``"0"``, ``"1"``, ...).
+      inputs: an image file, a folder, a list of files, or RGB pixels ``[N, H, W, 3]`` /
+        ``[H, W, 3]`` (resized with ``resize`` where their size is not the model's).
 
     Files that cannot be decoded raise an error naming them (nothing is silently dropped).
     """
@@ -92,7 +106,7 @@ def predict(
         raise ValueError(f"top_k must be >= 1, got {top_k}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    size = loaded.image_size
+    model, size, names = _predictor(model_or_run, class_names, which)
     if isinstance(inputs, np.ndarray | jax.Array):
         images = np.asarray(inputs)
         if images.ndim == 3:
@@ -107,7 +121,32 @@ def predict(
 
         sources = image_files(inputs)
         images = np.stack([_load(load_image, f, size, resize) for f in sources])
-    return _predict_arrays(loaded, images, sources, top_k, batch_size)
+    return _predict_arrays(model, names, images, sources, top_k, batch_size)
+
+
+def _predictor(model_or_run, class_names, which) -> tuple[nnx.Module, tuple[int, int], list[str]]:
+    """``(model, input (height, width), class names)`` of what :func:`predict` was given."""
+    if isinstance(model_or_run, str | os.PathLike):
+        model_or_run = load_run(model_or_run, which)
+    elif which is not None:
+        raise ValueError("which= chooses a run folder's checkpoint; not for a loaded run or a model")
+    if isinstance(model_or_run, LoadedRun):
+        if class_names is not None:
+            raise ValueError("class_names= names a model's outputs; a run has its own (its manifest)")
+        return model_or_run.model, model_or_run.image_size, list(model_or_run.class_names)
+    model = model_or_run
+    if not isinstance(model, nnx.Module) or not hasattr(model, "input_shape"):
+        raise TypeError(
+            f"predict takes a run folder, a loaded run or a model, got {type(model_or_run).__name__}"
+        )
+    size = tuple(int(d) for d in model.input_shape[:2])
+    count = getattr(model, "num_classes", None)
+    if not count:
+        raise ValueError(f"{type(model).__name__} has no classifier (num_classes unset): nothing to predict")
+    names = [str(i) for i in range(count)] if class_names is None else [str(c) for c in class_names]
+    if len(names) != count:
+        raise ValueError(f"class_names has {len(names)} names; the model has {count} classes")
+    return model, size, names
 
 
 def _resized(image: np.ndarray, size: tuple[int, int], mode: str) -> np.ndarray:
@@ -135,17 +174,30 @@ def _load(load_image, path: str, size: tuple[int, int], resize: str) -> np.ndarr
         raise UnreadableImageError(f"{e} (not an image this library can decode)") from e
 
 
-def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_size: int):
-    graphdef, state = nnx.split(loaded.model)
+def _probabilities(graphdef):
+    """The jitted ``(state, images) -> probabilities`` of models of ``graphdef``, built once per
+    graph in a process (:func:`~imgcls_jax.train.steps.cached_jit`): later calls with the same
+    shapes reuse its executable, and it holds no weights (``state`` is an input)."""
 
-    @jax.jit
-    def probabilities(state, x):
-        model = nnx.merge(graphdef, state)
-        logits = model(x)
-        # softmax, or sigmoid for a model with sigmoid outputs (an imported Keras model)
-        return model.probabilities(logits) if hasattr(model, "probabilities") else jax.nn.softmax(logits, -1)
+    def build():
+        def probabilities(state, images):
+            model = nnx.merge(graphdef, state)
+            model.eval()  # inference mode (dropout off, BatchNorm's moving statistics), as Keras's predict
+            logits = model(images)
+            # softmax, or sigmoid for a model with sigmoid outputs (an imported Keras model)
+            if hasattr(model, "probabilities"):
+                return model.probabilities(logits)
+            return jax.nn.softmax(logits.astype(np.float32), -1)
 
-    k = min(top_k, len(loaded.class_names))
+        return jax.jit(probabilities)
+
+    return cached_jit(("predict", graphdef), build)
+
+
+def _predict_arrays(model, class_names, images, sources: Sequence[str], top_k: int, batch_size: int):
+    graphdef, state = nnx.split(model)
+    probabilities = _probabilities(graphdef)
+    k = min(top_k, len(class_names))
     out = []
     for start in range(0, len(images), batch_size):
         chunk = images[start : start + batch_size]
@@ -155,5 +207,5 @@ def _predict_arrays(loaded, images, sources: Sequence[str], top_k: int, batch_si
         probs = np.asarray(probabilities(state, chunk))[:real]
         for i, p in enumerate(probs):
             order = np.argsort(-p, kind="stable")[:k]
-            out.append(Prediction(sources[start + i], [(loaded.class_names[j], float(p[j])) for j in order]))
+            out.append(Prediction(sources[start + i], [(class_names[j], float(p[j])) for j in order]))
     return out

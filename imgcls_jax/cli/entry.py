@@ -19,13 +19,14 @@ def _setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def main(argv=None) -> int:
+def main(argv=None, *, train_defaults: dict | None = None, train_prog: str | None = None) -> int:
     """Run the command ``argv`` (default ``sys.argv[1:]``); returns the exit status: 0, 1 (a
     command's own "failed", e.g. ``audit --strict`` with warnings), or 2 (a user's mistake,
-    printed as one line). A failure of the program itself raises (a traceback)."""
+    printed as one line). A failure of the program itself raises (a traceback).
+    ``train_defaults``, ``train_prog``: see :func:`~imgcls_jax.cli.parser.build_parser`."""
     verbose = False
     try:
-        args = build_parser().parse_args(argv)
+        args = build_parser(train_defaults, train_prog).parse_args(argv)
         verbose = args.verbose
         _setup_logging(verbose)
         return args.func(args)

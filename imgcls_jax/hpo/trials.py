@@ -99,7 +99,7 @@ def search(
       plots: write PNG plots (optimisation history, intermediate values, importances).
 
     Raises:
-      SearchSpaceError: the space is invalid (before any trial runs).
+      ConfigError: the space is invalid (before any trial runs).
       ValueError: bad arguments, no validation split, or a stored study made with another
         space or objective.
     """

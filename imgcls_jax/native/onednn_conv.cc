@@ -1,0 +1,491 @@
+// 2-D convolutions (forward, input gradient, weight gradient) by oneDNN, as XLA FFI handlers for
+// JAX on the CPU. Built and loaded by imgcls_jax/native/build.py and onednn.py; see onednn.py for
+// the JAX side (jax.ffi.ffi_call, custom_vjp, sharding).
+//
+// Layouts are JAX's: activations NHWC, kernels HWIO ([KH, KW, Cin / groups, Cout], output
+// channels group-major, as lax.conv_general_dilated with feature_group_count). Data types:
+// float32 and bfloat16 (same for every operand; oneDNN accumulates in float32).
+//
+// Handlers (attributes: stride_h, stride_w, pad_top, pad_bottom, pad_left, pad_right, groups):
+//   imgcls_onednn_conv_fwd          (x, w)  -> y
+//   imgcls_onednn_conv_bwd_data     (dy, w) -> dx   (dx's shape from the result buffer)
+//   imgcls_onednn_conv_bwd_weights  (x, dy) -> dw   (dw's shape from the result buffer)
+//
+// oneDNN picks its own weight layout for speed (format_tag::any); the kernel is reordered from
+// HWIO into it (and a weight gradient back to HWIO) on each call, as PyTorch and TensorFlow do.
+// Primitives are built once per shape and cached.
+//
+// Threads: oneDNN runs single-threaded in each thread (its OpenMP runtime never starts a team),
+// and the parallelism is XLA's own: the batch is split into as many chunks as XLA's intra-op
+// pool has threads (IMGCLS_ONEDNN_THREADS caps it), and the chunks are taken one by one by the
+// calling thread and by tasks scheduled on that pool (the FFI ThreadPool). So the cores are
+// shared with XLA's other work through one pool (no oversubscription), and a chunk waits for no
+// particular thread (an OpenMP team's barrier waits for every member: on a loaded machine a
+// preempted member stalls the whole convolution). The weight gradient is the sum of the chunks'
+// partial gradients, in chunk order, in float32: the same numbers on every run with the same
+// number of threads (the same machine and settings).
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <sstream>
+#include <string>
+#include <unordered_map>
+#include <vector>
+
+#include "oneapi/dnnl/dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using dnnl::memory;
+
+namespace {
+
+enum Kind : int { kFwd = 0, kBwdData = 1, kBwdWeights = 2 };
+
+struct Geometry {
+  int64_t n, h, w, c;     // input
+  int64_t kh, kw, o;      // kernel (and output channels)
+  int64_t oh, ow;         // output
+  int64_t g;              // groups
+  int64_t sh, sw, pt, pb, pl, pr;
+  memory::data_type dt;
+};
+
+// Activations [N, H, W, C] as oneDNN's logical (N, C, H, W) with NHWC strides.
+memory::desc activation_md(int64_t n, int64_t c, int64_t h, int64_t w, memory::data_type dt) {
+  return memory::desc({n, c, h, w}, dt, {h * w * c, 1, w * c, c});
+}
+
+// The HWIO kernel [KH, KW, C / G, O] as oneDNN's (O, I, KH, KW) or (G, O / G, I, KH, KW).
+memory::desc hwio_md(const Geometry& q) {
+  int64_t i = q.c / q.g;
+  if (q.g == 1) return memory::desc({q.o, i, q.kh, q.kw}, q.dt, {1, q.o, q.kw * i * q.o, i * q.o});
+  int64_t og = q.o / q.g;
+  return memory::desc({q.g, og, i, q.kh, q.kw}, q.dt, {og, 1, q.o, q.kw * i * q.o, i * q.o});
+}
+
+memory::desc any_weights_md(const Geometry& q) {
+  int64_t i = q.c / q.g;
+  if (q.g == 1) return memory::desc({q.o, i, q.kh, q.kw}, q.dt, memory::format_tag::any);
+  return memory::desc({q.g, q.o / q.g, i, q.kh, q.kw}, q.dt, memory::format_tag::any);
+}
+
+dnnl::engine& cpu_engine() {
+  static dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+  return engine;
+}
+
+// One cached primitive: the convolution, and the reorder between the HWIO kernel and the
+// primitive's weight layout when they differ.
+struct Entry {
+  dnnl::primitive conv;
+  dnnl::primitive reorder;  // empty when the primitive takes HWIO as it is
+  memory::desc weights_md;  // the primitive's weight (or weight-gradient) layout
+  memory::desc user_weights_md;
+  memory::desc src_md, dst_md;  // x / dx and y / dy (NHWC)
+  size_t scratchpad_bytes = 0;
+  std::string impl;
+};
+
+dnnl::primitive_attr user_scratchpad() {
+  dnnl::primitive_attr attr;
+  attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+  return attr;
+}
+
+dnnl::convolution_forward::primitive_desc forward_pd(const Geometry& q) {
+  return dnnl::convolution_forward::primitive_desc(
+      cpu_engine(), dnnl::prop_kind::forward_training, dnnl::algorithm::convolution_direct,
+      activation_md(q.n, q.c, q.h, q.w, q.dt), any_weights_md(q),
+      activation_md(q.n, q.o, q.oh, q.ow, q.dt), {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr},
+      user_scratchpad());
+}
+
+std::unique_ptr<Entry> make_entry(Kind kind, const Geometry& q) {
+  auto e = std::make_unique<Entry>();
+  e->src_md = activation_md(q.n, q.c, q.h, q.w, q.dt);
+  e->dst_md = activation_md(q.n, q.o, q.oh, q.ow, q.dt);
+  e->user_weights_md = hwio_md(q);
+  auto fwd = forward_pd(q);
+  const char* impl = nullptr;
+  if (kind == kFwd) {
+    e->conv = dnnl::convolution_forward(fwd);
+    e->weights_md = fwd.weights_desc();
+    e->scratchpad_bytes = fwd.scratchpad_desc().get_size();
+    impl = fwd.impl_info_str();
+  } else if (kind == kBwdData) {
+    dnnl::convolution_backward_data::primitive_desc pd(
+        cpu_engine(), dnnl::algorithm::convolution_direct, e->src_md, any_weights_md(q), e->dst_md,
+        {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr}, fwd, user_scratchpad());
+    e->conv = dnnl::convolution_backward_data(pd);
+    e->weights_md = pd.weights_desc();
+    e->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    impl = pd.impl_info_str();
+  } else {  // the weight gradient in float32 whatever the inputs' type (summed over chunks)
+    Geometry qw = q;
+    qw.dt = memory::data_type::f32;
+    e->user_weights_md = hwio_md(qw);
+    dnnl::convolution_backward_weights::primitive_desc pd(
+        cpu_engine(), dnnl::algorithm::convolution_direct, e->src_md, any_weights_md(qw), e->dst_md,
+        {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr}, fwd, user_scratchpad());
+    e->conv = dnnl::convolution_backward_weights(pd);
+    e->weights_md = pd.diff_weights_desc();
+    e->scratchpad_bytes = pd.scratchpad_desc().get_size();
+    impl = pd.impl_info_str();
+  }
+  e->impl = impl ? impl : "?";
+  if (e->weights_md != e->user_weights_md) {
+    auto& eng = cpu_engine();
+    e->reorder = kind == kBwdWeights
+                     ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->weights_md, eng, e->user_weights_md))
+                     : dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_weights_md, eng, e->weights_md));
+  }
+  return e;
+}
+
+std::string key_of(Kind kind, const Geometry& q) {
+  std::ostringstream s;
+  s << kind << ',' << static_cast<int>(q.dt);
+  for (int64_t v : {q.n, q.h, q.w, q.c, q.kh, q.kw, q.o, q.oh, q.ow, q.g, q.sh, q.sw, q.pt, q.pb, q.pl, q.pr})
+    s << ',' << v;
+  return s.str();
+}
+
+void single_threaded() {
+#ifdef _OPENMP
+  omp_set_num_threads(1);  // this thread's OpenMP setting: oneDNN then runs without a team
+#endif
+}
+
+std::mutex& cache_mutex() {
+  static std::mutex m;
+  return m;
+}
+
+std::unordered_map<std::string, std::unique_ptr<Entry>>& cache() {
+  static std::unordered_map<std::string, std::unique_ptr<Entry>> c;
+  return c;
+}
+
+// The cached primitive of (kind, q); built on first use (single-threaded, as it will run).
+Entry& entry(Kind kind, const Geometry& q) {
+  std::lock_guard<std::mutex> lock(cache_mutex());
+  auto& c = cache();
+  std::string key = key_of(kind, q);
+  auto it = c.find(key);
+  if (it == c.end()) it = c.emplace(key, make_entry(kind, q)).first;
+  return *it->second;
+}
+
+// A 64-byte aligned buffer of at least `bytes` for this thread (oneDNN's scratchpad).
+char* thread_scratch(size_t bytes) {
+  thread_local std::vector<char> buf;
+  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
+  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) / 64 * 64);
+}
+
+memory scratchpad(const Entry& e) {
+  return memory(memory::desc({static_cast<int64_t>(e.scratchpad_bytes)}, memory::data_type::u8,
+                             memory::format_tag::a),
+                cpu_engine(), thread_scratch(e.scratchpad_bytes));
+}
+
+int pool_threads(ffi::ThreadPool* pool) {
+  static int cap = [] {
+    const char* v = std::getenv("IMGCLS_ONEDNN_THREADS");
+    return v ? std::atoi(v) : 0;
+  }();
+  int n = pool ? static_cast<int>(pool->num_threads()) : 1;
+  n = n < 1 ? 1 : n;
+  return cap > 0 && cap < n ? cap : n;
+}
+
+// Runs work(0) ... work(chunks - 1) on the calling thread and on up to chunks - 1 tasks of
+// `pool`; returns when all are done, with the first error message (empty if none).
+std::string run_chunks(int chunks, ffi::ThreadPool* pool, const std::function<void(int)>& work) {
+  struct State {
+    std::atomic<int> next{0};
+    int chunks = 0, done = 0;
+    std::mutex m;
+    std::condition_variable cv;
+    std::string error;
+    const std::function<void(int)>* work = nullptr;
+  };
+  auto state = std::make_shared<State>();
+  state->chunks = chunks;
+  state->work = &work;
+  auto loop = [](const std::shared_ptr<State>& st) {
+    single_threaded();
+    for (int c; (c = st->next.fetch_add(1)) < st->chunks;) {
+      std::string error;
+      try {
+        (*st->work)(c);  // only reached while the caller waits: `work` is alive
+      } catch (const dnnl::error& e) {
+        error = std::string("oneDNN: ") + e.what() + " (status " + std::to_string(static_cast<int>(e.status)) + ")";
+      } catch (const std::exception& e) {
+        error = std::string("onednn conv: ") + e.what();
+      }
+      std::lock_guard<std::mutex> lock(st->m);
+      if (!error.empty() && st->error.empty()) st->error = error;
+      if (++st->done == st->chunks) st->cv.notify_all();
+    }
+  };
+  for (int i = 1; i < chunks && pool; ++i) pool->Schedule([state, loop] { loop(state); });
+  loop(state);
+  std::unique_lock<std::mutex> lock(state->m);
+  state->cv.wait(lock, [&] { return state->done == state->chunks; });
+  return state->error;
+}
+
+size_t elements(const Geometry& q) { return static_cast<size_t>(q.kh * q.kw * (q.c / q.g) * q.o); }
+
+uint16_t to_bf16(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest even
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// Runs one convolution over `chunks` batch chunks: `a` is x (fwd, bwd_weights) or dy (bwd_data);
+// `b` is w (fwd, bwd_data) or dy (bwd_weights); `out` is y, dx or dw.
+std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
+  single_threaded();
+  int chunks = static_cast<int>(std::min<int64_t>(q.n, pool_threads(pool)));
+  size_t esize = q.dt == memory::data_type::bf16 ? 2 : 4;
+  auto chunk_geometry = [&](int c, int64_t* n0) {
+    Geometry g = q;
+    *n0 = q.n * c / chunks;
+    g.n = q.n * (c + 1) / chunks - *n0;
+    return g;
+  };
+  std::vector<Entry*> entries(chunks);
+  for (int c = 0; c < chunks; ++c) {
+    int64_t n0;
+    entries[c] = &entry(kind, chunk_geometry(c, &n0));
+  }
+  auto& eng = cpu_engine();
+  size_t in_step = q.h * q.w * q.c * esize, out_step = q.oh * q.ow * q.o * esize;
+  char* src = static_cast<char*>(kind == kBwdData ? out : a);  // x / dx
+  char* dst = static_cast<char*>(kind == kBwdData ? a : kind == kFwd ? out : b);  // y / dy
+  if (kind != kBwdWeights) {
+    // the kernel in each distinct layout the chunks' primitives want (one, unless they differ)
+    std::vector<std::vector<char>> held;
+    std::vector<memory> weights(chunks);
+    memory user_w(entries[0]->user_weights_md, eng, b);
+    for (int c = 0; c < chunks; ++c) {
+      Entry& e = *entries[c];
+      for (int d = 0; d < c && !weights[c]; ++d)
+        if (entries[d]->weights_md == e.weights_md) weights[c] = weights[d];
+      if (weights[c]) continue;
+      if (!e.reorder) {
+        weights[c] = user_w;
+        continue;
+      }
+      held.emplace_back(e.weights_md.get_size() + 64);
+      char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(held.back().data()) + 63) / 64 * 64);
+      weights[c] = memory(e.weights_md, eng, p);
+      dnnl::stream stream(eng);
+      e.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights[c]}});
+      stream.wait();
+    }
+    return run_chunks(chunks, pool, [&](int c) {
+      int64_t n0;
+      chunk_geometry(c, &n0);
+      Entry& e = *entries[c];
+      dnnl::stream stream(eng);
+      memory s(e.src_md, eng, src + n0 * in_step), d(e.dst_md, eng, dst + n0 * out_step);
+      if (kind == kFwd)
+        e.conv.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DST, d},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+      else
+        e.conv.execute(stream, {{DNNL_ARG_DIFF_DST, d}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DIFF_SRC, s},
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+      stream.wait();
+    });
+  }
+  // weight gradient: each chunk's partial sum, float32 HWIO, then added in chunk order
+  size_t k = elements(q);
+  std::vector<float> partial(k * chunks);
+  std::string error = run_chunks(chunks, pool, [&](int c) {
+    int64_t n0;
+    chunk_geometry(c, &n0);
+    Entry& e = *entries[c];
+    dnnl::stream stream(eng);
+    memory user_dw(e.user_weights_md, eng, partial.data() + k * c);
+    std::vector<char> blocked;
+    memory dw = user_dw;
+    if (e.reorder) {
+      blocked.resize(e.weights_md.get_size() + 64);
+      dw = memory(e.weights_md, eng, reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blocked.data()) + 63) / 64 * 64));
+    }
+    e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, src + n0 * in_step)},
+                            {DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, dst + n0 * out_step)},
+                            {DNNL_ARG_DIFF_WEIGHTS, dw},
+                            {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+    if (e.reorder) e.reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
+    stream.wait();
+  });
+  if (!error.empty()) return error;
+  for (int c = 1; c < chunks; ++c)
+    for (size_t i = 0; i < k; ++i) partial[i] += partial[k * c + i];
+  if (q.dt == memory::data_type::f32) {
+    std::memcpy(out, partial.data(), k * sizeof(float));
+  } else {
+    auto* o = static_cast<uint16_t*>(out);
+    for (size_t i = 0; i < k; ++i) o[i] = to_bf16(partial[i]);
+  }
+  return "";
+}
+
+bool data_type_of(ffi::DataType t, memory::data_type* out) {
+  if (t == ffi::DataType::F32) *out = memory::data_type::f32;
+  else if (t == ffi::DataType::BF16) *out = memory::data_type::bf16;
+  else return false;
+  return true;
+}
+
+// Geometry from the NHWC activation (x or dx), the HWIO kernel (w or dw) and the NHWC output
+// (y or dy) dimensions; checks them.
+ffi::Error geometry(ffi::AnyBuffer::Dimensions xd, ffi::AnyBuffer::Dimensions wd,
+                    ffi::AnyBuffer::Dimensions yd, ffi::DataType t, int64_t sh, int64_t sw, int64_t pt,
+                    int64_t pb, int64_t pl, int64_t pr, int64_t g, Geometry* q) {
+  if (xd.size() != 4 || wd.size() != 4 || yd.size() != 4)
+    return ffi::Error::InvalidArgument("onednn conv: expected 4-D NHWC activations and an HWIO kernel");
+  if (!data_type_of(t, &q->dt))
+    return ffi::Error::InvalidArgument("onednn conv: only float32 and bfloat16 are supported");
+  *q = Geometry{xd[0], xd[1], xd[2], xd[3], wd[0], wd[1], wd[3], yd[1], yd[2], g, sh, sw, pt, pb, pl, pr, q->dt};
+  if (g < 1 || q->c % g || q->o % g || wd[2] * g != q->c || yd[0] != q->n || yd[3] != q->o)
+    return ffi::Error::InvalidArgument("onednn conv: inconsistent shapes or groups");
+  if ((q->h + pt + pb - q->kh) / sh + 1 != q->oh || (q->w + pl + pr - q->kw) / sw + 1 != q->ow)
+    return ffi::Error::InvalidArgument("onednn conv: output size does not match strides and padding");
+  return ffi::Error::Success();
+}
+
+ffi::Error guarded(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
+  std::string error;
+  try {
+    error = run(kind, q, a, b, out, pool);
+  } catch (const dnnl::error& e) {
+    error = std::string("oneDNN: ") + e.what() + " (status " + std::to_string(static_cast<int>(e.status)) + ")";
+  } catch (const std::exception& e) {
+    error = std::string("onednn conv: ") + e.what();
+  }
+  return error.empty() ? ffi::Error::Success() : ffi::Error::Internal(error);
+}
+
+ffi::Error Fwd(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> y,
+               int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+  Geometry q;
+  if (auto err = geometry(x.dimensions(), w.dimensions(), y->dimensions(), x.element_type(), sh, sw, pt, pb,
+                          pl, pr, g, &q);
+      err.failure())
+    return err;
+  return guarded(kFwd, q, x.untyped_data(), w.untyped_data(), y->untyped_data(), &pool);
+}
+
+ffi::Error BwdData(ffi::ThreadPool pool, ffi::AnyBuffer dy, ffi::AnyBuffer w, ffi::Result<ffi::AnyBuffer> dx,
+                   int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+  Geometry q;
+  if (auto err = geometry(dx->dimensions(), w.dimensions(), dy.dimensions(), dy.element_type(), sh, sw, pt,
+                          pb, pl, pr, g, &q);
+      err.failure())
+    return err;
+  return guarded(kBwdData, q, dy.untyped_data(), w.untyped_data(), dx->untyped_data(), &pool);
+}
+
+ffi::Error BwdWeights(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer dy, ffi::Result<ffi::AnyBuffer> dw,
+                      int64_t sh, int64_t sw, int64_t pt, int64_t pb, int64_t pl, int64_t pr, int64_t g) {
+  Geometry q;
+  if (auto err = geometry(x.dimensions(), dw->dimensions(), dy.dimensions(), x.element_type(), sh, sw, pt,
+                          pb, pl, pr, g, &q);
+      err.failure())
+    return err;
+  return guarded(kBwdWeights, q, x.untyped_data(), dy.untyped_data(), dw->untyped_data(), &pool);
+}
+
+template <typename B>
+auto with_attrs(B binding) {
+  return std::move(binding)
+      .template Attr<int64_t>("stride_h")
+      .template Attr<int64_t>("stride_w")
+      .template Attr<int64_t>("pad_top")
+      .template Attr<int64_t>("pad_bottom")
+      .template Attr<int64_t>("pad_left")
+      .template Attr<int64_t>("pad_right")
+      .template Attr<int64_t>("groups");
+}
+
+}  // namespace
+
+// The library is built with -fvisibility=hidden: only these symbols are exported.
+#define IMGCLS_EXPORT __attribute__((visibility("default")))
+extern "C" {
+IMGCLS_EXPORT XLA_FFI_Error* imgcls_onednn_conv_fwd(XLA_FFI_CallFrame* call_frame);
+IMGCLS_EXPORT XLA_FFI_Error* imgcls_onednn_conv_bwd_data(XLA_FFI_CallFrame* call_frame);
+IMGCLS_EXPORT XLA_FFI_Error* imgcls_onednn_conv_bwd_weights(XLA_FFI_CallFrame* call_frame);
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_fwd, Fwd,
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_bwd_data, BwdData,
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(imgcls_onednn_conv_bwd_weights, BwdWeights,
+                              with_attrs(ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<ffi::AnyBuffer>().Arg<ffi::AnyBuffer>().Ret<ffi::AnyBuffer>()));
+
+// Plain C entry points for the loader (ctypes).
+extern "C" {
+
+// oneDNN's version as "major.minor.patch".
+IMGCLS_EXPORT const char* imgcls_onednn_version() {
+  static std::string v = [] {
+    const dnnl_version_t* d = dnnl_version();
+    return std::to_string(d->major) + "." + std::to_string(d->minor) + "." + std::to_string(d->patch);
+  }();
+  return v.c_str();
+}
+
+// 1 if oneDNN can build all three primitives of a small 3x3 convolution of `dtype` (0 float32,
+// 1 bfloat16) on this CPU, else 0.
+IMGCLS_EXPORT int imgcls_onednn_supports(int dtype) {
+  Geometry q{2, 8, 8, 16, 3, 3, 16, 8, 8, 1, 1, 1, 1, 1, 1, 1,
+             dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
+  single_threaded();
+  try {
+    for (Kind k : {kFwd, kBwdData, kBwdWeights}) make_entry(k, q);
+  } catch (const std::exception&) {
+    return 0;
+  }
+  return 1;
+}
+
+// The oneDNN implementation chosen for one convolution (e.g. "brg:avx512_core"), for profiles;
+// kind 0/1/2 = forward / input gradient / weight gradient. Empty if it cannot be built.
+IMGCLS_EXPORT const char* imgcls_onednn_impl(int kind, int dtype, int64_t n, int64_t h, int64_t w, int64_t c, int64_t kh,
+                               int64_t kw, int64_t o, int64_t sh, int64_t sw, int64_t pt, int64_t pb,
+                               int64_t pl, int64_t pr, int64_t g) {
+  static thread_local std::string out;
+  Geometry q{n, h, w, c, kh, kw, o, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1, g, sh, sw,
+             pt, pb, pl, pr, dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
+  single_threaded();
+  try {
+    auto e = make_entry(static_cast<Kind>(kind), q);
+    out = e->impl + (e->reorder ? " (+weight reorder)" : "");
+  } catch (const std::exception&) {
+    out.clear();
+  }
+  return out.c_str();
+}
+
+}  // extern "C"
