@@ -193,13 +193,12 @@ def randomize_all(
     model((preprocess or (lambda x: x))(batch), training=True)  # moving statistics := the batch's
     for bn, m in zip(bns, momentum, strict=True):
         bn.momentum = m
-        gamma, beta, mean, var = bn.get_weights()
+        *affine, mean, var = bn.get_weights()  # gamma (unless scale=False, as Inception's), beta
         var = np.maximum(var, 0.1 * np.median(var))  # nearly constant channels would amplify rounding
         mean = mean + rng.normal(0, 0.2 * jitter, mean.shape) * np.sqrt(var)
         bn.set_weights(
             [
-                gamma,
-                beta,
+                *affine,
                 mean.astype(np.float32),
                 (var * np.exp(rng.uniform(-0.7, 0.7, var.shape) * jitter)).astype(np.float32),
             ]

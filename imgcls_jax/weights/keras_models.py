@@ -116,6 +116,8 @@ def from_keras(
             )
         info = replace(plan.info, class_names=names, source=where, format=fmt, keras_version=keras_version)
         model = build_model(info, dtype=dtype, seed=seed)
+        weighted = {*model.base_layers, *model.head_layers}  # the matched layers without weights left out
+        info = replace(info, trainable_layers=tuple(n for n in info.trainable_layers if n in weighted))
         arrays = _read_layers(model, replace(plan, info=info), weights, graph)
     _assign(model, arrays)
     model.keras_trainable = info.trainable_layers
