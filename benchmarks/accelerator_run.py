@@ -16,6 +16,11 @@ one model, mode and batch at 224x224 in bfloat16 (autocast for PyTorch):
 5. ``frozen``: the transfer-learning first phase (head trained on a frozen base).
 6. ``e2e``: ``fit`` of ``--data`` (flowers5) at 128x128 from scratch, device augmentation, the
    NumPy input pipeline: each epoch's images/s, the step alone, then the test accuracy.
+7. ``families``: one model of every other family (``benchmarks.peers.FAMILY_MODELS`` not in
+   ``core``: ResNet50V2, ConvNeXtTiny, EfficientNetV2S, MobileNetV3Large, DenseNet121, Xception,
+   InceptionV3, InceptionResNetV2, MobileNet, NASNetMobile), training at the same batch:
+   imgcls_jax and its PyTorch peer in eager mode (torchvision's model, else timm's; NASNetMobile
+   has none, its row says so), each at 224 px or the model's smallest side if larger.
 
 **Budget** (``--budget-s``, from the process's start). Before every task, every compilation and
 every timed phase the run checks that the time left holds ``MARGIN`` times its estimate (priors
@@ -43,9 +48,10 @@ and brings back at most 8 files from it, which a cache's files could crowd out. 
 ``--resume PREVIOUS/results.json`` a second call skips the rows the first one finished and
 carries them into its own results.
 
-Needs JAX, flax, optax, orbax, numpy, Pillow, pytest (PyTorch and torchvision for the peers); no
-TensorFlow. ``--tiny`` runs the same code at 32x32 with batches of 8 on a CPU
-(tests/test_accelerator_run.py, with TensorFlow made unimportable).
+Needs JAX, flax, optax, orbax, numpy, Pillow, pytest (PyTorch, torchvision and timm for the
+peers); no TensorFlow. ``--tiny`` runs the same code at 32x32 with batches of 8 on a CPU
+(tests/test_accelerator_run.py, with TensorFlow made unimportable); its ``families`` section takes
+one model (Xception, at its smallest side, 71 px).
 """
 
 from __future__ import annotations
@@ -73,7 +79,7 @@ log = logging.getLogger("accelerator_run")
 FLOWERS = ROOT.parent / "shared" / "data" / "flowers5"
 SAMPLE = ROOT / "examples" / "data" / "flowers_sample"
 CACHE_DIR = Path(tempfile.gettempdir()) / "imgcls_compile_cache"
-SECTIONS = ("peak", "core", "compile", "batches", "frozen", "e2e")
+SECTIONS = ("peak", "core", "compile", "batches", "frozen", "e2e", "families")
 FRAMEWORKS = ("imgcls_jax", "torch eager", "torch compile")
 E2E_SPLITS = {"train": 0.65, "val": 0.10, "test": 0.25}
 MARGIN = 1.25  #: a task starts only if the time left is at least MARGIN x its estimate
@@ -91,19 +97,29 @@ FLOPS_NOTE = (
 )
 
 #: Seconds of a task's first call (compilation, autotuning and one step) by framework and mode,
-#: per model where they differ. "full": GUESSES for one H100 at 224x224 bf16, batch 256, from
-#: compile times of such steps elsewhere: no GPU has run this script yet. The run rescales each
-#: framework's guesses by the ratio of its own measured first calls to them, so only the first
-#: task of each framework relies on them. "tiny": seen on the shared 2-core CPU under a load of
-#: ~12 (2026-12-06, the slow test of tests/test_accelerator_run.py); a quiet machine is faster.
+#: per model where they differ (a model not listed: the largest of its mode, the default guess).
+#: "full": GUESSES for one H100 at 224x224 bf16, batch 256, from compile times of such steps
+#: elsewhere and the models' depth (DenseNet121: 121 layers; NASNetMobile: 356 convolutions):
+#: no GPU has run this script yet. The run rescales each framework's guesses by the ratio of its
+#: own measured first calls to them, so only the first task of each framework relies on them.
+#: "tiny": seen on the shared 2-core CPU under a load of ~12 (2026-12-06, the slow test of
+#: tests/test_accelerator_run.py); a quiet machine is faster.
 FIRST_CALL_S = {
     "full": {
         "imgcls_jax": {
-            "train": {"vgg16": 25, "resnet50": 40, "mobilenetv2": 35, "efficientnetb0": 50},
+            "train": {"vgg16": 25, "resnet50": 40, "mobilenetv2": 35, "efficientnetb0": 50,
+                      "resnet50v2": 40, "convnexttiny": 40, "efficientnetv2s": 70, "mobilenetv3large": 45,
+                      "densenet121": 90, "xception": 45, "inceptionv3": 70, "inceptionresnetv2": 120,
+                      "mobilenet": 25, "nasnetmobile": 150},
             "forward": {"vgg16": 8, "resnet50": 12, "mobilenetv2": 10, "efficientnetb0": 15},
             "frozen": {"vgg16": 10, "resnet50": 15, "mobilenetv2": 12, "efficientnetb0": 18},
         },
-        "torch eager": {"train": 8, "forward": 4, "frozen": 5},
+        "torch eager": {
+            "train": {"vgg16": 8, "resnet50": 8, "mobilenetv2": 8, "efficientnetb0": 8, "resnet50v2": 8,
+                      "convnexttiny": 8, "efficientnetv2s": 12, "mobilenetv3large": 8, "densenet121": 15,
+                      "xception": 8, "inceptionv3": 12, "inceptionresnetv2": 20, "mobilenet": 6},
+            "forward": 4, "frozen": 5,
+        },
         "torch compile": {
             "train": {"vgg16": 35, "resnet50": 60, "mobilenetv2": 55, "efficientnetb0": 80},
             "forward": {"vgg16": 20, "resnet50": 30, "mobilenetv2": 30, "efficientnetb0": 40},
@@ -112,14 +128,14 @@ FIRST_CALL_S = {
     },
     "tiny": {
         "imgcls_jax": {
-            "train": {"vgg16": 20, "mobilenetv2": 80},
+            "train": {"vgg16": 20, "mobilenetv2": 80, "xception": 30},  # xception: 22 s at load ~4 (12-07)
             "forward": {"vgg16": 6, "mobilenetv2": 12},
             "frozen": {"vgg16": 5, "mobilenetv2": 11},
         },
         "torch eager": {"train": 3, "forward": 1, "frozen": 1},
         "torch compile": {"train": 120, "forward": 18, "frozen": 18},
     },
-}
+}  # fmt: skip
 #: Other estimates (seconds), same sources: the peak, a timed phase before its step is known, the
 #: e2e fit's first epoch (scan, decode, compilations) and each later one, its evaluation.
 OTHER_S = {
@@ -129,17 +145,22 @@ OTHER_S = {
 
 
 def settings(tiny: bool) -> dict:
-    """What the run measures: sizes, batches, models, timed runs, the e2e fit."""
+    """What the run measures: sizes, batches, models, timed runs, the e2e fit, the other families'
+    models (``families``; each runs at ``size`` or its smallest side if larger)."""
+    from benchmarks.peers import FAMILY_MODELS  # numpy and pytest only: JAX is not started here
+
     if tiny:
         return {
             "size": 32, "batch": 8, "more_batches": [16], "modes": ["train", "forward"],
             "archs": ["vgg16", "mobilenetv2"],  # VGG and a BatchNorm family: the same code paths
+            "families": ["xception"],  # one program family, at its smallest side (71 px)
             "timed": 3, "e2e_size": 32, "e2e_batch": 8, "e2e_epochs": 2,
             "peak_shapes": [(256, 256, 256)], "estimates": "tiny",
         }  # fmt: skip
+    archs = ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0"]
     return {
         "size": 224, "batch": 256, "more_batches": [512, 128], "modes": ["train", "forward"],
-        "archs": ["vgg16", "resnet50", "mobilenetv2", "efficientnetb0"],
+        "archs": archs, "families": [a for a in FAMILY_MODELS if a not in archs],
         "timed": 10, "e2e_size": 128, "e2e_batch": 256, "e2e_epochs": 30,
         "peak_shapes": None, "estimates": "full",
     }  # fmt: skip
@@ -185,6 +206,8 @@ def plan(cfg: dict, sections) -> list[Task]:
             tasks += [Task(section, fw, a, "frozen", batch) for a in cfg["archs"] for fw in FRAMEWORKS[:2]]
         elif section == "e2e":
             tasks.append(Task(section, "e2e"))
+        elif section == "families":
+            tasks += [Task(section, fw, a, "train", batch) for a in cfg["families"] for fw in FRAMEWORKS[:2]]
     return tasks
 
 
@@ -254,13 +277,25 @@ def dry_run(tasks: list[Task], est: Estimates, budget_s: float) -> str:
     ]
     total, ended = 0.0, False
     for i, task in enumerate(tasks, 1):
-        seconds = est.task(task)
+        free = free_skip(task)  # a row saying why, at no cost
+        seconds = 0.0 if free else est.task(task)
         if not ended and total + MARGIN * seconds > budget_s:
             lines.append("     --- the budget ends about here; what follows is listed as not run ---")
             ended = True
         total += seconds
-        lines.append(f"{i:>3}  {task.section:8} {task.key:42} {seconds:>6.0f} {total:>8.0f}")
+        lines.append(f"{i:>3}  {task.section:8} {task.key:42} {seconds:>6.0f} {total:>8.0f}"
+                     + (f"  skipped: {free.split(':')[0]}" if free else ""))  # fmt: skip
     return "\n".join(lines)
+
+
+def free_skip(task: Task, no_torch: bool = False) -> str | None:
+    """Why a PyTorch task is skipped without running (PyTorch not installed, no PyTorch peer of
+    the model); ``None`` for any other task."""
+    from benchmarks.peers import NO_TORCH_PEER
+
+    if not task.framework.startswith("torch"):
+        return None
+    return "PyTorch not installed" if no_torch else NO_TORCH_PEER.get(task.model)
 
 
 # ---------------------------------------------------------------------------------- recording
@@ -401,10 +436,18 @@ def measure(run, task: Task, ctx: Context) -> None:
     row["images_per_s"] = round(task.batch / seconds, 1)
 
 
+def task_size(task: Task, ctx: Context) -> int:
+    """The task's image side: the run's, or the model's smallest if larger (recorded in its row)."""
+    from benchmarks.peers import image_size
+
+    ctx.row["image_size"] = image_size(task.model, ctx.cfg["size"])
+    return ctx.row["image_size"]
+
+
 def jax_task(task: Task, ctx: Context) -> None:
     from benchmarks.peers import jax_runner
 
-    run, _, _ = jax_runner(task.mode, ctx.cfg["size"], task.batch, dtype="bfloat16", arch=task.model)
+    run, _, _ = jax_runner(task.mode, task_size(task, ctx), task.batch, dtype="bfloat16", arch=task.model)
     measure(run, task, ctx)
     if "images_per_s" in ctx.row:
         add_flops(ctx.row, run.model, task, ctx)
@@ -416,7 +459,7 @@ def add_flops(row: dict, model, task: Task, ctx: Context) -> None:
     from benchmarks.perf import analytic_flops
 
     try:
-        per_image = analytic_flops(model, ctx.cfg["size"], task.mode)
+        per_image = analytic_flops(model, row.get("image_size", ctx.cfg["size"]), task.mode)
     except Exception as error:  # the measured rate stays
         row["flops_error"] = f"{type(error).__name__}: {error}"
         return
@@ -432,7 +475,7 @@ def torch_task(task: Task, ctx: Context) -> None:
 
     compile_ = task.framework == "torch compile"
     run = torch_runner(
-        task.mode, ctx.cfg["size"], task.batch, compile=compile_, bf16=_torch_gpu(), arch=task.model
+        task.mode, task_size(task, ctx), task.batch, compile=compile_, bf16=_torch_gpu(), arch=task.model
     )
     ctx.row["settings"] = run.settings
     measure(run, task, ctx)
@@ -511,10 +554,11 @@ def run_plan(tasks: list[Task], ctx: Context, done: set[str]) -> None:
     for task in tasks:
         if task.key in done:
             continue
-        if no_torch and task.framework.startswith("torch"):  # costs nothing: no budget check
+        why = free_skip(task, no_torch)
+        if why:  # costs nothing: no budget check
             ctx.rec.row({"key": task.key, "section": task.section, "framework": task.framework,
                          "model": task.model, "mode": task.mode, "batch": task.batch,
-                         "skipped": "PyTorch not installed"})  # fmt: skip
+                         "skipped": why})  # fmt: skip
             continue
         estimate = ctx.est.task(task)
         if not ctx.budget.fits(estimate):
@@ -695,8 +739,9 @@ def _mfu(row: dict | None) -> str:
     return f"{row['tflop_per_s']:.3g} TFLOP/s, {parts[0]} / {parts[1]}"
 
 
-def throughput_table(rows: list[dict]) -> list[str]:
-    """One line per (model, mode, batch): imgcls_jax beside its PyTorch peers, in run order."""
+def throughput_table(rows: list[dict], size: int | None = None) -> list[str]:
+    """One line per (model, mode, batch): imgcls_jax beside its PyTorch peers, in run order; a
+    model run at another side than ``size`` (its smallest) says so beside its name."""
     groups: dict[tuple, dict] = {}
     for row in rows:
         groups.setdefault((row["model"], row["mode"], row["batch"]), {})[row["framework"]] = row
@@ -715,7 +760,9 @@ def throughput_table(rows: list[dict]) -> list[str]:
         firsts = ", ".join(
             f"{by[f]['first_call_s']:.0f}" if "first_call_s" in by.get(f, {}) else "-" for f in FRAMEWORKS
         )
-        cells = [model, mode, str(batch), _cell(ours), _mfu(ours), *map(_cell, peers), ratio, firsts]
+        sides = {r["image_size"] for r in by.values() if "image_size" in r} - {size}
+        name = model + "".join(f" ({side} px)" for side in sorted(sides)) if size else model
+        cells = [name, mode, str(batch), _cell(ours), _mfu(ours), *map(_cell, peers), ratio, firsts]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -779,8 +826,12 @@ def markdown(results: dict) -> str:
             "PyTorch: " + "; ".join(f"{k} {v}" for k, v in torch_side.items() if k != "model") + ".",
             "",
         ]
-    lines += [f"## Steps at {results['settings']['size']}x{results['settings']['size']}, bfloat16", ""]
-    lines += throughput_table(results["rows"])
+    size = results["settings"]["size"]
+    lines += [f"## Steps at {size}x{size} (a model's smallest side where larger), bfloat16", ""]
+    lines += throughput_table(results["rows"], size)
+    peer_models = {r["model"]: r["settings"]["model"] for r in results["rows"] if "settings" in r}
+    if peer_models:
+        lines += ["", "PyTorch peers: " + "; ".join(f"{m}: {what}" for m, what in peer_models.items()) + "."]
     if "e2e" in results:
         lines += e2e_lines(results["e2e"])
     finished = {r["key"] for r in results["rows"]} | {n["key"] for n in results["not_run"]}

@@ -1,9 +1,12 @@
-"""VGG16 step runners for the speed benchmarks: imgcls_jax and its peers (PyTorch, Keras 3).
+"""Step runners for the speed benchmarks: imgcls_jax and its peers (PyTorch, Keras 3), of VGG16
+and of one model of every other family (:data:`FAMILY_MODELS`; each model's Keras application in
+:data:`KERAS_APPS`, its PyTorch peer in :data:`TORCH_PEERS`: torchvision's model where torchvision
+has the architecture, else timm's, else none and the PyTorch rows skip saying so).
 
-Every runner builds VGG16 without top + global average pooling + Dense(``NUM_CLASSES``) logits
-with random weights, makes one synthetic batch already on the framework's device (images in
-[0, 255], labels ``i % NUM_CLASSES``), and returns a zero-argument callable that runs one step and
-waits for it. Modes:
+Every runner builds the model (``arch``, VGG16 by default) without top + global average pooling +
+Dense(``NUM_CLASSES``) logits with random weights, makes one synthetic batch already on the
+framework's device (images in [0, 255], labels ``i % NUM_CLASSES``), and returns a zero-argument
+callable that runs one step and waits for it. Modes:
 
 * ``forward``: inference logits of the batch (imgcls_jax: its jitted eval step, which also
   masks, sums the loss and counts correct predictions).
@@ -24,6 +27,8 @@ compiles). Each runner's ``run.settings`` says what it ran.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass, field
 
 import numpy as np
 import pytest
@@ -50,7 +55,8 @@ def jax_runner(
 ):
     """``(run, step, args)``: ``run()`` does one step; ``step(*args)`` is the jitted function it
     calls (for XLA's cost analysis). Images are uint8 on the default device, as the pipeline
-    delivers them; the model's caffe preprocessing runs inside the step."""
+    delivers them; the model's preprocessing runs inside the step. ``impl``: ``conv_impl`` (and
+    ``depthwise_impl`` unless ``"auto"``) for the families that take them."""
     import jax
     import jax.numpy as jnp
 
@@ -65,7 +71,7 @@ def jax_runner(
     )
 
     images, labels = synthetic_batch(size, batch)
-    options = {"conv_impl": impl}
+    options = _impl_options(arch, impl)
     model = create_model(
         arch, num_classes=NUM_CLASSES, pooling="avg", input_shape=(size, size, 3), dtype=dtype, **options
     )
@@ -99,14 +105,97 @@ def jax_runner(
 # ---------------------------------------------------------------- PyTorch
 
 
-#: The other families' peers: Keras applications and torchvision models of the same architecture.
+#: The benchmarks' model of each family but VGG (``test_family_step``, the ``families`` section of
+#: ``accelerator_run.py``): its first or smallest member, or the one PyTorch's libraries have
+#: (EfficientNetV2S: torchvision has no V2-B0; MobileNetV3Large, the usual benchmark of the two;
+#: NASNetMobile, though only NASNetLarge has a PyTorch peer: 18x its multiply-adds at 224 px).
+FAMILY_MODELS = (
+    "resnet50", "resnet50v2", "mobilenetv2", "efficientnetb0", "convnexttiny", "efficientnetv2s",
+    "mobilenetv3large", "densenet121", "xception", "inceptionv3", "inceptionresnetv2", "mobilenet",
+    "nasnetmobile",
+)  # fmt: skip
+
+#: The Keras application each model equals (``keras.applications.<name>``).
 KERAS_APPS = {
-    "vgg16": "VGG16",
-    "resnet50": "ResNet50",
-    "mobilenetv2": "MobileNetV2",
-    "efficientnetb0": "EfficientNetB0",
+    "vgg16": "VGG16", "resnet50": "ResNet50", "resnet50v2": "ResNet50V2", "mobilenetv2": "MobileNetV2",
+    "efficientnetb0": "EfficientNetB0", "convnexttiny": "ConvNeXtTiny", "efficientnetv2s": "EfficientNetV2S",
+    "efficientnetv2b0": "EfficientNetV2B0", "mobilenetv3large": "MobileNetV3Large",
+    "mobilenetv3small": "MobileNetV3Small", "densenet121": "DenseNet121", "xception": "Xception",
+    "inceptionv3": "InceptionV3", "inceptionresnetv2": "InceptionResNetV2", "mobilenet": "MobileNet",
+    "nasnetmobile": "NASNetMobile", "nasnetlarge": "NASNetLarge",
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TorchPeer:
+    """A model's PyTorch peer: ``library`` ``"torchvision"`` (``torchvision.models.<name>``) or
+    ``"timm"`` (``timm.create_model(name)``, the first of ``names`` that this timm registers: timm
+    renamed some, e.g. ``xception`` -> ``legacy_xception`` in 0.9), with ``options``; ``note``: how
+    it differs from the Keras application, if it does; ``new_head``: Keras's model without top ends
+    before torchvision's whole ``classifier`` (MobileNetV3's hidden Linear): that is replaced by one
+    Linear, else the last Linear is the head."""
+
+    library: str
+    names: tuple[str, ...]
+    options: dict = field(default_factory=dict)
+    note: str = ""
+    new_head: bool = False
+
+
+#: The PyTorch peer of each model: torchvision's where torchvision has the architecture, else timm's.
+TORCH_PEERS = {
+    "resnet50": TorchPeer("torchvision", ("resnet50",)),
+    "resnet50v2": TorchPeer(
+        "timm", ("resnetv2_50",),
+        note="pre-activation as Keras's; timm strides in each stage's first block, Keras in its last",
+    ),
+    "mobilenetv2": TorchPeer("torchvision", ("mobilenet_v2",)),
+    "efficientnetb0": TorchPeer("torchvision", ("efficientnet_b0",)),
+    "convnexttiny": TorchPeer(
+        "torchvision", ("convnext_tiny",), {"stochastic_depth_prob": 0.0}, "no stochastic depth, as Keras"
+    ),
+    "efficientnetv2s": TorchPeer("torchvision", ("efficientnet_v2_s",)),
+    "efficientnetv2b0": TorchPeer(
+        "timm", ("tf_efficientnetv2_b0",), note="timm's TensorFlow-compatible port (SAME padding at run time)"
+    ),
+    "mobilenetv3large": TorchPeer("torchvision", ("mobilenet_v3_large",), new_head=True),
+    "mobilenetv3small": TorchPeer("torchvision", ("mobilenet_v3_small",), new_head=True),
+    "densenet121": TorchPeer("torchvision", ("densenet121",)),
+    "inceptionv3": TorchPeer(
+        "torchvision", ("inception_v3",), {"aux_logits": False, "init_weights": False}, "no auxiliary head"
+    ),
+    "xception": TorchPeer("timm", ("legacy_xception", "xception")),
+    "inceptionresnetv2": TorchPeer("timm", ("inception_resnet_v2",)),
+    "mobilenet": TorchPeer("timm", ("mobilenetv1_100",)),
+    "nasnetlarge": TorchPeer("timm", ("nasnetalarge",)),
+}  # fmt: skip
+
+#: Why a model has no PyTorch peer (its PyTorch rows skip with this).
+NO_TORCH_PEER = {
+    "nasnetmobile": "no PyTorch peer known for nasnetmobile: neither torchvision nor timm has NASNet-A "
+    "Mobile (timm has NASNet-A Large: IMGCLS_BENCH_FAMILIES=nasnetlarge)",
 }
-TORCHVISION = {"resnet50": "resnet50", "mobilenetv2": "mobilenet_v2", "efficientnetb0": "efficientnet_b0"}
+
+
+def image_size(arch: str, size: int) -> int:
+    """The side a benchmark of ``arch`` runs at: ``size``, or the model's smallest input side if
+    larger (Xception 71, InceptionV3 / InceptionResNetV2 75)."""
+    from imgcls_jax.models import model_info
+
+    return max(size, model_info(arch).min_size)
+
+
+def _impl_options(arch: str, impl: str) -> dict:
+    """``conv_impl`` (and ``depthwise_impl`` where not ``"auto"``) for the families that take them."""
+    from imgcls_jax.models import model_info
+    from imgcls_jax.models.conv import DEPTHWISE_IMPLS
+
+    info, options = model_info(arch), {}
+    if info.accepts("conv_impl"):
+        options["conv_impl"] = impl
+    if impl != "auto" and impl in DEPTHWISE_IMPLS and info.accepts("depthwise_impl"):
+        options["depthwise_impl"] = impl
+    return options
 
 
 def _torch_vgg16(nn):
@@ -121,22 +210,60 @@ def _torch_vgg16(nn):
 
 
 def _torch_family(arch: str, nn):
-    """torchvision's architecture of ``arch`` with ``NUM_CLASSES`` outputs, split into base and
-    head (the last Linear layer): torchvision's own model where it is installed and loads, else
-    the same architecture built here (:mod:`benchmarks.torch_models`: the PyPI torchvision wheel
-    is built for the CUDA torch and does not load with the CPU wheel)."""
+    """``(base, head, what)``: ``arch``'s PyTorch peer (:data:`TORCH_PEERS`) with ``NUM_CLASSES``
+    outputs, split into the base (pooled features) and the head (one Linear layer), and what it
+    is. Skips (``pytest.skip``) saying why where no peer is known or its library is not installed."""
+    peer = TORCH_PEERS.get(arch)
+    if peer is None:
+        pytest.skip(NO_TORCH_PEER.get(arch, f"no PyTorch peer known for {arch} (peers.TORCH_PEERS)"))
+    if peer.library == "timm":
+        return _timm_family(arch, peer, nn)
+    name, options = peer.names[0], {"weights": None, "num_classes": NUM_CLASSES, **peer.options}
+    what = f"torchvision {name}({', '.join(f'{k}={v}' for k, v in options.items())})"
     try:
         import torchvision
 
-        model = getattr(torchvision.models, TORCHVISION[arch])(weights=None, num_classes=NUM_CLASSES)
-    except (ImportError, RuntimeError):
+        model = getattr(torchvision.models, name)(**options)
+    except (ImportError, RuntimeError) as error:  # the PyPI wheel needs the CUDA torch
         from benchmarks import torch_models
 
+        if arch not in torch_models.ARCHS:
+            why = "not installed" if isinstance(error, ImportError) else f"does not load ({error})"
+            pytest.skip(f"no PyTorch peer installed for {arch}: its peer is torchvision's {name}, and "
+                        f"torchvision {why} (pip install torchvision)")  # fmt: skip
         model = torch_models.build(arch, NUM_CLASSES)
-    if arch == "resnet50":
-        head, model.fc = model.fc, nn.Identity()
-    else:  # mobilenet_v2, efficientnet_b0: classifier = Dropout, Linear
-        head, model.classifier[-1] = model.classifier[-1], nn.Identity()
+        what = f"torchvision's {name} rebuilt in torch.nn (benchmarks/torch_models.py; torchvision: {error})"
+    if peer.new_head:
+        features = next(m for m in model.classifier.modules() if isinstance(m, nn.Linear)).in_features
+        model.classifier = nn.Identity()
+        what += f", classifier replaced by Linear({features}, {NUM_CLASSES}) as Keras's model without top"
+        return model, nn.Linear(features, NUM_CLASSES), what + (f"; {peer.note}" if peer.note else "")
+    return (*_split_last_linear(model, nn), what + (f"; {peer.note}" if peer.note else ""))
+
+
+def _timm_family(arch: str, peer: TorchPeer, nn):
+    """timm's model of ``peer``: base = the model with its classifier reset (pooled features),
+    head = a new Linear on them."""
+    try:
+        import timm
+    except (ImportError, RuntimeError) as error:  # RuntimeError: a torchvision built for another torch
+        pytest.skip(f"no PyTorch peer installed for {arch}: its peer is timm's {peer.names[0]}, and timm "
+                    f"is not installed ({error}; pip install timm)")  # fmt: skip
+    name = next((n for n in peer.names if timm.is_model(n)), None)
+    if name is None:
+        pytest.skip(f"no PyTorch peer installed for {arch}: timm {timm.__version__} has none of {peer.names}")
+    model = timm.create_model(name, pretrained=False, num_classes=NUM_CLASSES, **peer.options)
+    model.reset_classifier(0)  # the base ends at the pooled features
+    what = f"timm {timm.__version__} {name}(pretrained=False), classifier reset, head Linear("
+    what += f"{model.num_features}, {NUM_CLASSES})" + (f"; {peer.note}" if peer.note else "")
+    return model, nn.Linear(model.num_features, NUM_CLASSES), what
+
+
+def _split_last_linear(model, nn):
+    """``(base, head)``: ``model`` with its last Linear layer replaced by the identity, and that layer."""
+    name, head = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.Identity())
     return model, head
 
 
@@ -144,9 +271,10 @@ def torch_runner(
     mode: str, size: int, batch: int, *, compile: bool = False, bf16: bool = False, arch: str = "vgg16"
 ):
     """PyTorch eager (or ``torch.compile``d, static shapes) ``arch`` (VGG16 built here, the others
-    from torchvision), channels_last, on CUDA when available, with ``cudnn.benchmark`` and the
-    fused Adam. ``bf16``: ``torch.autocast`` to bfloat16 (GPU), parameters float32. The returned
-    ``run`` has ``run.settings``: what it runs, for the results."""
+    from torchvision or timm: :data:`TORCH_PEERS`; skips where none is known or installed),
+    channels_last, on CUDA when available, with ``cudnn.benchmark`` and the fused Adam. ``bf16``:
+    ``torch.autocast`` to bfloat16 (GPU), parameters float32. The returned ``run`` has
+    ``run.settings``: what it runs, for the results."""
     torch = pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
     nn = torch.nn
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -155,7 +283,10 @@ def torch_runner(
     torch.backends.cudnn.benchmark = True  # cuDNN times its algorithms per shape, as XLA autotunes
     images, labels = synthetic_batch(size, batch)
     torch.manual_seed(0)
-    base, head = _torch_vgg16(nn) if arch == "vgg16" else _torch_family(arch, nn)
+    if arch == "vgg16":
+        (base, head), what = _torch_vgg16(nn), f"VGG16 built as Keras's ({_VGG_NOTE})"
+    else:
+        base, head, what = _torch_family(arch, nn)
     model = nn.Sequential(base, head).to(device=device, memory_format=torch.channels_last)
     x = torch.from_numpy(images).permute(0, 3, 1, 2).to(device).contiguous(memory_format=torch.channels_last)
     y = torch.from_numpy(labels).long().to(device)
@@ -163,8 +294,7 @@ def torch_runner(
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     compiled = (lambda module: torch.compile(module, dynamic=False)) if compile else (lambda module: module)
     settings = {
-        "model": f"VGG16 built as Keras's ({_VGG_NOTE})" if arch == "vgg16" else f"torchvision "
-        f"{TORCHVISION[arch]}(weights=None, num_classes={NUM_CLASSES})",
+        "model": what,
         "device": device, "memory_format": "channels_last", "cudnn.benchmark": True,
         "autocast": "bfloat16" if bf16 else None, "torch": torch.__version__,
         "compile": "torch.compile(dynamic=False), default mode" if compile else "eager",

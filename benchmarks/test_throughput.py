@@ -1,5 +1,5 @@
-"""Device throughput of VGG16 steps (and of ResNet50, MobileNetV2, EfficientNetB0: ``FAMILIES``),
-with MFU, side by side with PyTorch and Keras 3.
+"""Device throughput of VGG16 steps (and of one model of every other family: ``FAMILIES``), with
+MFU, side by side with PyTorch and Keras 3.
 
 Groups (pytest-benchmark ``group``):
 
@@ -55,7 +55,7 @@ import jax
 import pytest
 
 from benchmarks import peers
-from benchmarks.perf import compiled_flops, measure_peak, mfu
+from benchmarks.perf import analytic_flops, compiled_flops, measure_peak, mfu
 from imgcls_jax.models import create_model
 from imgcls_jax.models.flops import vgg_flops
 
@@ -121,12 +121,12 @@ def _build(framework: str, mode: str, batch: int):
     return peers.keras_runner(mode, SIZE, batch, bf16=bf16)
 
 
-def _record(benchmark, group: str, batch: int, framework: str, flops: dict | None):
+def _record(benchmark, group: str, batch: int, framework: str, flops: dict | None, size: int = SIZE):
     median = benchmark.stats.stats.median
     info = {
         "device": str(jax.devices()[0].device_kind) if ACCEL else platform.processor() or "cpu",
         "dtype": DTYPE,
-        "image_size": SIZE,
+        "image_size": size,
         "batch": batch,
         "images_per_s": round(batch / median, 2),
         "step_ms": round(1e3 * median, 3),
@@ -176,26 +176,24 @@ def test_step(benchmark, mode, batch, framework):
     _record(benchmark, group, batch, framework, flops)
 
 
-#: One model of each other family (``IMGCLS_BENCH_FAMILIES``, comma-separated; empty: none), at
-#: the first batch size: eval and full training steps against Keras and torchvision.
-FAMILIES = [
-    a for a in os.environ.get("IMGCLS_BENCH_FAMILIES", "resnet50,mobilenetv2,efficientnetb0").split(",") if a
-]
+#: One model of each other family (``IMGCLS_BENCH_FAMILIES``, comma-separated; empty: none; default
+#: :data:`benchmarks.peers.FAMILY_MODELS`, every family but VGG), at the first batch size and at
+#: ``SIZE`` or the model's smallest side if larger: eval and full training steps against Keras and
+#: the PyTorch peer (torchvision's, else timm's; none known: the PyTorch rows skip saying so).
+FAMILIES = [a for a in os.environ.get("IMGCLS_BENCH_FAMILIES", ",".join(peers.FAMILY_MODELS)).split(",") if a]
 
 
 def _family_flops(arch: str, mode: str, batch: int) -> dict:
     """XLA's FLOPs of imgcls_jax's compiled step of ``arch`` (with XLA's convolutions, as
-    :func:`_jax_flops`) and the family's analytic count."""
+    :func:`_jax_flops`) and the family's analytic count (:func:`benchmarks.perf.analytic_flops`:
+    the ``flops`` of the family's module; the program families' is ``models/program.py``'s)."""
     key = ("family", arch, mode, batch)
     if key not in _STATE:
-        import importlib
-
-        _, step, args = peers.jax_runner(mode, SIZE, batch, dtype=DTYPE, arch=arch, impl="xla")
-        model = create_model(arch, num_classes=peers.NUM_CLASSES, pooling="avg", input_shape=(SIZE, SIZE, 3))
-        family = importlib.import_module(type(model).__module__)
+        size = peers.image_size(arch, SIZE)
+        run, step, args = peers.jax_runner(mode, size, batch, dtype=DTYPE, arch=arch, impl="xla")
         _STATE[key] = {
             "xla": compiled_flops(step, *args),
-            "analytic": batch * family.flops(model, SIZE, mode, padding="valid"),
+            "analytic": batch * analytic_flops(run.model, size, mode, padding="valid"),
         }
     return _STATE[key]
 
@@ -204,20 +202,21 @@ def _family_flops(arch: str, mode: str, batch: int) -> dict:
 @pytest.mark.parametrize("mode", ["forward", "train"])
 @pytest.mark.parametrize("arch", FAMILIES)
 def test_family_step(benchmark, arch, mode, framework):
-    """The BatchNorm families' eval and full training steps, with their Keras and torchvision
-    peers at the same shapes (MFU from imgcls_jax's XLA count, the same work for every row)."""
-    batch, group = BATCHES[0], f"{GROUPS[mode]} {arch}"
-    benchmark.group = f"{group} {SIZE}px {DTYPE} batch {batch}"
+    """The other families' eval and full training steps, with their Keras and PyTorch peers at
+    the same shapes (MFU from imgcls_jax's XLA count, the same work for every row)."""
+    batch, size = BATCHES[0], peers.image_size(arch, SIZE)
+    group = f"{GROUPS[mode]} {arch}" + (f" {size}px" if size != SIZE else "")  # its smallest side
+    benchmark.group = f"{GROUPS[mode]} {arch} {size}px {DTYPE} batch {batch}"
     bf16 = DTYPE == "bfloat16"
     try:
         if framework == "imgcls_jax":
-            run = peers.jax_runner(mode, SIZE, batch, dtype=DTYPE, arch=arch)[0]
+            run = peers.jax_runner(mode, size, batch, dtype=DTYPE, arch=arch)[0]
             _family_flops(arch, mode, batch)
         elif framework.startswith("torch"):
             compile_ = framework == "torch-compile"
-            run = peers.torch_runner(mode, SIZE, batch, compile=compile_, bf16=bf16, arch=arch)
+            run = peers.torch_runner(mode, size, batch, compile=compile_, bf16=bf16, arch=arch)
         else:
-            run = peers.keras_runner(mode, SIZE, batch, bf16=bf16, arch=arch)
+            run = peers.keras_runner(mode, size, batch, bf16=bf16, arch=arch)
         benchmark.pedantic(run, rounds=ROUNDS, warmup_rounds=2 if framework == "torch-compile" else 1)
     except Exception as error:
         if _out_of_memory(error):
@@ -226,7 +225,7 @@ def test_family_step(benchmark, arch, mode, framework):
     finally:
         run = None
         _release_device_memory()
-    _record(benchmark, group, batch, framework, _STATE.get(("family", arch, mode, batch)))
+    _record(benchmark, group, batch, framework, _STATE.get(("family", arch, mode, batch)), size)
 
 
 def _release_device_memory():

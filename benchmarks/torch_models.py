@@ -11,6 +11,9 @@ convolution), MobileNetV2 width 1.0, EfficientNetB0 with squeeze-excitation and 
 
 from __future__ import annotations
 
+#: The models :func:`build` makes.
+ARCHS = ("resnet50", "mobilenetv2", "efficientnetb0")
+
 
 def build(arch: str, num_classes: int):
     """The model of ``arch`` (``"resnet50"``, ``"mobilenetv2"``, ``"efficientnetb0"``)."""

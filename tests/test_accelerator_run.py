@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import accelerator_run as accel
+from benchmarks import peers
 from tests import helpers
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,8 +53,10 @@ def whole_files(out: Path) -> dict:
     table = (out / "results.md").read_text()
     assert table.startswith("# Accelerator run") and table.endswith("\n")
     measured = [r for r in results["rows"] if "images_per_s" in r]
+    size = results["settings"]["size"]
     for row in measured[:-1]:
-        line = f"| {row['model']} | {row['mode']} | {row['batch']} |"
+        side = row.get("image_size", size)  # a model's smallest side, where larger, is in its name
+        line = f"| {row['model']}{f' ({side} px)' if side != size else ''} | {row['mode']} | {row['batch']} |"
         shown = [x for x in table.splitlines() if x.startswith(line)]
         assert shown and f" {accel._rate(row['images_per_s'])} |" in shown[0], (row, table)
     lines = (out / "log.txt").read_text().splitlines()
@@ -157,15 +160,55 @@ def test_the_plan_puts_the_figures_that_matter_first():
     assert keys[:5] == ["peak", "imgcls_jax vgg16 train 256", "torch eager vgg16 train 256",
                         "imgcls_jax vgg16 forward 256", "torch eager vgg16 forward 256"]  # fmt: skip
     sections = [t.section for t in tasks]
-    assert sections == sorted(sections, key=accel.SECTIONS.index) and keys[-1] == "e2e"
+    assert sections == sorted(sections, key=accel.SECTIONS.index)
+    assert sections[-1] == "families" and keys[sections.index("families") - 1] == "e2e"
     core = [t for t in tasks if t.section == "core"]
-    assert {(t.model, t.mode) for t in core} == {
-        (a, m) for a in ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0") for m in ("train", "forward")
-    }
-    assert len(keys) == len(set(keys))
+    core_archs = ("vgg16", "resnet50", "mobilenetv2", "efficientnetb0")
+    assert {(t.model, t.mode) for t in core} == {(a, m) for a in core_archs for m in ("train", "forward")}
+    # after e2e: the training step of every other family's model, imgcls_jax and PyTorch eager
+    families = [t.key for t in tasks if t.section == "families"]
+    others = [a for a in peers.FAMILY_MODELS if a not in core_archs]
+    assert families == [f"{fw} {a} train 256" for a in others for fw in ("imgcls_jax", "torch eager")]
+    assert len(others) == 10 and len(keys) == len(set(keys))
     est = accel.Estimates("full")
     text = accel.dry_run(tasks, est, 480)
     assert "the budget ends about here" in text and text.count("\n") == len(tasks) + 2
+    # a model without a PyTorch peer: its row says so at no cost, in the plan and in the run
+    nasnet = accel.Task("families", "torch eager", "nasnetmobile", "train", 256)
+    assert accel.free_skip(nasnet).startswith("no PyTorch peer known for nasnetmobile")
+    last = text.splitlines()[-1]
+    assert last.split()[7] == "0" and last.endswith("skipped: no PyTorch peer known for nasnetmobile")
+    assert accel.free_skip(accel.Task("families", "imgcls_jax", "nasnetmobile", "train", 256)) is None
+    tiny = accel.plan(accel.settings(tiny=True), ["families"])
+    assert [t.key for t in tiny] == ["imgcls_jax xception train 8", "torch eager xception train 8"]
+    row = {"key": tiny[0].key, "framework": "imgcls_jax", "model": "xception", "mode": "train", "batch": 8,
+           "image_size": 71, "images_per_s": 12.5}  # fmt: skip
+    assert accel.throughput_table([row], 32)[2].startswith("| xception (71 px) | train | 8 | 12.5 |")
+
+
+def test_every_family_has_a_benchmark_model_and_its_peers():
+    """benchmarks/peers.py names one model of every registered family but VGG, each with its
+    Keras application and a PyTorch peer (or why it has none): a family added to the registry
+    without one fails here."""
+    import inspect
+
+    from imgcls_jax import list_models
+    from imgcls_jax.models import model_info
+
+    def family(name):  # the builder's class; ResNet v1 and v2 share one, told apart by preprocessing
+        cls = inspect.getclosurevars(model_info(name).build).nonlocals["cls"]
+        return cls.__name__ + (f" {model_info(name).preprocessing}" if cls.__name__ == "ResNet" else "")
+
+    registered = {family(n) for n in list_models()} - {"VGG"}
+    assert len(registered) == 13 and sorted(map(family, peers.FAMILY_MODELS)) == sorted(registered)
+    for name in peers.FAMILY_MODELS:
+        keras_app = peers.KERAS_APPS[name]
+        assert keras_app.lower() == name, name  # the Keras application of that very model
+        assert (name in peers.TORCH_PEERS) != (name in peers.NO_TORCH_PEER), name
+    assert set(peers.TORCH_PEERS) <= set(peers.KERAS_APPS) <= set(list_models())
+    # the image side of each: the run's, or the model's smallest where larger
+    assert peers.image_size("xception", 32) == 71 and peers.image_size("inceptionv3", 32) == 75
+    assert peers.image_size("xception", 224) == 224 and peers.image_size("densenet121", 32) == 32
 
 
 def test_estimates_follow_what_the_run_measures():
@@ -275,9 +318,10 @@ def test_resume_carries_finished_rows(tmp_path):
 
 @pytest.mark.slow
 def test_accelerator_run_tiny_every_section(tmp_path):
-    """Every section but torch.compile (minutes on this CPU), e2e fit and evaluation included."""
+    """Every section but torch.compile (minutes on this CPU), e2e fit and evaluation included, and
+    the other families' section (one model here: Xception at its smallest side, 71 px)."""
     out = tmp_path / "out"
-    run = start(out, "--sections", "peak,core,batches,frozen,e2e", "--budget-s", "1200")
+    run = start(out, "--sections", "peak,core,batches,frozen,e2e,families", "--budget-s", "1200")
     log = run.communicate(timeout=1500)[0]
     assert run.returncode == 0, log[-4000:]
     results = whole_files(out)
@@ -291,3 +335,40 @@ def test_accelerator_run_tiny_every_section(tmp_path):
     modes = {(r["model"], r["mode"], r["batch"]) for r in results["rows"] if "images_per_s" in r}
     assert ("vgg16", "frozen", 8) in modes and ("mobilenetv2", "train", 16) in modes
     assert "## End to end" in (out / "results.md").read_text()
+    families = {r["key"]: r for r in results["rows"] if r["section"] == "families"}
+    assert sorted(families) == ["imgcls_jax xception train 8", "torch eager xception train 8"]
+    xception = families["imgcls_jax xception train 8"]
+    assert xception["image_size"] == 71 and xception["images_per_s"] > 0 and xception["gflop_per_image"] > 0
+    assert "| xception (71 px) | train | 8 |" in (out / "results.md").read_text()
+
+
+@pytest.mark.slow
+def test_each_pytorch_peer_has_the_architecture_of_its_model():
+    """Where PyTorch, torchvision and timm are installed (the GPU machine; not this project's
+    environment): every peer of benchmarks/peers.py builds, splits into a base ending at the pooled
+    features and a Linear head, and has the parameter count of imgcls_jax's model (= Keras's) to
+    0.15% (torchvision's ResNet50 has no convolution biases, InceptionV3's BatchNorms have a scale
+    where Keras's have none)."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("torchvision")
+    pytest.importorskip("timm")
+    from functools import partial
+
+    import jax
+    import numpy as np
+    from flax import nnx
+
+    from imgcls_jax import create_model
+
+    for arch in peers.TORCH_PEERS:
+        base, head, what = peers._torch_family(arch, torch.nn)
+        size = peers.image_size(arch, 32)
+        with torch.no_grad():
+            features = base.eval()(torch.zeros(1, 3, size, size))
+        assert isinstance(head, torch.nn.Linear) and features.shape == (1, head.in_features), (arch, what)
+        ours = nnx.eval_shape(
+            partial(create_model, arch, num_classes=5, pooling="avg", input_shape=(size,) * 2 + (3,))
+        )
+        expected = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nnx.state(ours, nnx.Param)))
+        count = sum(p.numel() for p in [*base.parameters(), *head.parameters()])
+        assert abs(count / expected - 1) < 1.5e-3, (arch, what, count, expected)

@@ -51,6 +51,9 @@ OPTIONS = {
     "efficientnetb0": {"conv_impl": "xla", "depthwise_impl": "shift"},
     "mobilenetv2": {"conv_impl": "xla", "depthwise_impl": "shift"},
     "resnet50": {"conv_impl": "xla"},
+    "convnexttiny": {"conv_impl": "xla"},
+    "efficientnetv2b0": {"conv_impl": "xla", "depthwise_impl": "shift"},
+    "mobilenetv3small": {"conv_impl": "xla", "depthwise_impl": "shift"},
 }
 #: XLA's count / the analytic "valid" count (convolutions and dense layers only): XLA adds the
 #: elementwise work (BatchNorm, activations, squeeze-excite gating, additions, pooling, softmax,
@@ -189,7 +192,7 @@ def _classic_cases():
         yield pytest.param(arch, small, marks=[] if quick else [pytest.mark.slow], id=f"{arch}-{small}")
 
 
-@pytest.mark.parametrize("arch, size", _classic_cases())
+@pytest.mark.parametrize("arch, size", list(_classic_cases()))
 def test_classic_full_count_equals_keras_layers(arch, size):
     module, default, _, published = CLASSIC[arch]
     theirs = keras_flops(keras_app(arch, True, size))

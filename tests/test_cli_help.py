@@ -44,7 +44,7 @@ RESOLVED = {
     ("evaluate", "split"), ("evaluate", "checkpoint"), ("predict", "checkpoint"),
     # the Keras commands' (tests/test_keras_cli.py checks what they use)
     ("import-keras", "preprocessing"), ("import-keras", "class_names"),
-    ("export-keras", "input_preprocessing"),
+    ("export-keras", "input_preprocessing"), ("export-keras", "checkpoint"),
 }  # fmt: skip
 
 

@@ -8,6 +8,7 @@ Quick tier: the models tests/test_applications.py runs quick (the smallest of ea
 the others with ``-m slow``.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 from flax import nnx
 
 import imgcls_jax
-from imgcls_jax import TrainConfig
+from imgcls_jax import ConfigError, TrainConfig
 from imgcls_jax.train.checkpoints import Checkpoints, model_items, restore_model
 from imgcls_jax.train.rundir import RunDir
 from tests.keras_references import registry_params
@@ -50,9 +51,15 @@ def test_the_search_space_takes_every_registered_model(tmp_path):
     config (its size rule and stages checked)."""
     from imgcls_jax.hpo.space import parse_space
 
-    base = TrainConfig(model="vgg16", data=str(tmp_path), image_size=32, weights="random")
-    (param,) = parse_space({"model": {"type": "categorical", "choices": imgcls_jax.list_models()}}, base)
-    assert list(param.choices) == imgcls_jax.list_models()
+    names = imgcls_jax.list_models()
+    smallest = max(imgcls_jax.models.model_info(n).min_size for n in names)  # 75: the Inceptions
+    base = TrainConfig(model="vgg16", data=str(tmp_path), image_size=smallest, weights="random")
+    (param,) = parse_space({"model": {"type": "categorical", "choices": names}}, base)
+    assert list(param.choices) == names
+    # a size one of them refuses is refused for the space, naming the model
+    small = dataclasses.replace(base, image_size=32)
+    with pytest.raises(ConfigError, match="inceptionresnetv2.*at least 75x75"):
+        parse_space({"model": {"type": "categorical", "choices": names}}, small)
 
 
 def _randomized(model, seed):

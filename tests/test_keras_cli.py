@@ -73,7 +73,7 @@ def test_import_predict_finetune_export_round_trip(keras_file, folder, tmp_path,
     config = json.loads((run / "config.json").read_text())
     phase = {"epochs": 1, "trainable": "all", "optimizer": "sgd", "learning_rate": 1e-7}
     config.update(
-        data=str(folder), splits={"train": 0.75, "val": 0.25}, batch_size=6, augment={}, phases=[phase]
+        data=str(folder), splits={"train": 1.0}, batch_size=6, augment={}, phases=[phase]
     )
     (tmp_path / "tune.json").write_text(json.dumps(config))
     train = [
@@ -92,8 +92,9 @@ def test_import_predict_finetune_export_round_trip(keras_file, folder, tmp_path,
     assert 0 < moved < 0.02  # trained a little (measured 1.2e-3), starting from the imported weights
 
     out = tmp_path / "tuned.keras"
-    assert cli.main(["export-keras", str(tuned), str(out), "--checkpoint", "latest"]) == 0
-    capsys.readouterr()
+    # no --checkpoint: as evaluate and predict, the best one, else (no validation split) the latest
+    assert cli.main(["export-keras", str(tuned), str(out)]) == 0
+    assert "(latest checkpoint" in capsys.readouterr().out
     back = kb.keras_out(keras.saving.load_model(out), kb.caffe(images(folder)))
     latest = predicted_latest(tuned, folder)
     assert np.abs(back - np.array([latest[f] for f in files])).max() <= 1e-5

@@ -11,6 +11,9 @@ import os
 import sys
 from pathlib import Path
 
+#: the help of every command's ``--checkpoint`` (evaluate.runs.resolve_checkpoint decides)
+CHECKPOINT_HELP = "best or latest (default best; the latest for a run without a validation split)"
+
 
 class UsageError(Exception):
     """A mistake in how a command was called: printed as one line, exit status 2."""

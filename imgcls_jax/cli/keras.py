@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from imgcls_jax.cli.errors import UsageError, _make_folder, reading_input
+from imgcls_jax.cli.errors import CHECKPOINT_HELP, UsageError, _make_folder, reading_input
 
 
 def cmd_import_keras(args) -> int:
@@ -95,7 +95,7 @@ def _add_keras(sub) -> None:
     p = sub.add_parser("export-keras", help="a trained run as a Keras file (.keras or .h5) Keras loads")
     p.add_argument("run_dir", help="a run folder written by 'train' or 'import-keras'")
     p.add_argument("out_file", help="the Keras file to write: .keras (Keras 3) or .h5 (legacy)")
-    p.add_argument("--checkpoint", choices=["best", "latest"], default="best", help="default: best")
+    p.add_argument("--checkpoint", choices=["best", "latest"], help=CHECKPOINT_HELP)
     p.add_argument(
         "--input-preprocessing", choices=MODES,
         help="what the Keras model's users will feed it (default: the run's own normalisation; 'none' adds "

@@ -13,7 +13,7 @@ from imgcls_jax.cli.commands import (
     cmd_predict,
     cmd_train,
 )
-from imgcls_jax.cli.errors import _fraction, _image_size, _Parser, _positive_int
+from imgcls_jax.cli.errors import CHECKPOINT_HELP, _fraction, _image_size, _Parser, _positive_int
 from imgcls_jax.cli.keras import _add_keras
 from imgcls_jax.hpo import add_tune_parser
 
@@ -101,9 +101,6 @@ def add_train_parser(sub, models: list[str], defaults: dict | None = None, prog:
     p.add_argument("--no-eval", action="store_true", help="skip the final evaluation and report")
     p.set_defaults(func=cmd_train, train_defaults=d)
     return p
-
-
-CHECKPOINT_HELP = "best or latest (default best; the latest for a run without a validation split)"
 
 
 def _add_evaluate_and_predict(sub) -> None:

@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from imgcls_jax.models.conv import check_impl
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
 from imgcls_jax.models.layers import (
@@ -94,7 +95,8 @@ class ConvNeXt(KerasConvNet):
 
     Inputs: raw RGB ``[N, H, W, 3]``, uint8 or float in [0, 255], H and W >= 32. Computation in
     ``dtype``; parameters float32; outputs float32. ``drop_path_rate``: stochastic depth (default
-    Keras's 0: none). Dropout keys: ``fold_in(dropout_key, i)``, i the head dropout's index, ``1000
+    Keras's 0: none). ``conv_impl``: how every convolution computes (:mod:`imgcls_jax.models.conv`).
+    Dropout keys: ``fold_in(dropout_key, i)``, i the head dropout's index, ``1000
     + b`` for block b's stochastic depth. See the module docstring for what Keras does.
     """
 
@@ -115,6 +117,7 @@ class ConvNeXt(KerasConvNet):
         preprocessing: str = "torch",
         include_preprocessing: bool = True,
         drop_path_rate: float = 0.0,
+        conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if arch not in VARIANTS:
@@ -129,10 +132,11 @@ class ConvNeXt(KerasConvNet):
         variant = VARIANTS[arch]
         self.keras_name, self.depths, self.dims = variant.keras_name, variant.depths, variant.dims
         self.drop_path_rate = float(drop_path_rate)
+        self.conv_impl = check_impl(conv_impl)
         p = self.keras_name
         self._set(
             f"{p}_stem_conv",
-            conv2d(3, self.dims[0], 4, strides=4, use_bias=True, dtype=self.dtype, rngs=rngs),
+            self._conv(3, self.dims[0], 4, rngs, strides=4),
         )
         self._set(f"{p}_stem_layernorm", LayerNorm(self.dims[0], epsilon=LN_EPSILON, rngs=rngs))
         rates = np.linspace(0.0, self.drop_path_rate, sum(self.depths))
@@ -144,7 +148,7 @@ class ConvNeXt(KerasConvNet):
                 )
                 self._set(
                     f"{p}_downsampling_conv_{i - 1}",
-                    conv2d(self.dims[i - 1], dim, 2, strides=2, use_bias=True, dtype=self.dtype, rngs=rngs),
+                    self._conv(self.dims[i - 1], dim, 2, rngs, strides=2),
                 )
             for j in range(depth):
                 self._block_layers(
@@ -159,10 +163,15 @@ class ConvNeXt(KerasConvNet):
     def _set(self, name: str, layer) -> None:
         setattr(self, name, layer)
 
+    def _conv(self, cin: int, cout: int, k: int, rngs: nnx.Rngs, **options) -> nnx.Conv:
+        """Keras's ``Conv2D`` with a bias, as every ConvNeXt convolution."""
+        return conv2d(cin, cout, k, use_bias=True, dtype=self.dtype, conv_impl=self.conv_impl, rngs=rngs,
+                      **options)  # fmt: skip
+
     def _block_layers(self, b: str, dim: int, rate: float, rngs: nnx.Rngs) -> None:
         self._set(
             f"{b}_depthwise_conv",
-            conv2d(dim, dim, 7, padding="SAME", use_bias=True, dtype=self.dtype, groups=dim, rngs=rngs),
+            self._conv(dim, dim, 7, rngs, padding="SAME", groups=dim),
         )
         self._set(f"{b}_layernorm", LayerNorm(dim, epsilon=LN_EPSILON, rngs=rngs))
         self._set(f"{b}_pointwise_conv_1", self._dense(dim, 4 * dim, _zeros, rngs))

@@ -42,6 +42,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.conv import check_impl, depthwise_impl_for
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
 from imgcls_jax.models.layers import (
@@ -210,8 +211,9 @@ class EfficientNetV2(KerasConvNet):
 
     Inputs: raw RGB ``[N, H, W, 3]`` in [0, 255], H and W >= 32. ``include_preprocessing``: see
     the module docstring. ``drop_connect_rate``: stochastic depth (default Keras's 0.2).
+    ``conv_impl``: how every convolution computes (:mod:`imgcls_jax.models.conv`);
     ``depthwise_impl``: how depthwise convolutions compute
-    (:func:`~imgcls_jax.models.layers.choose_depthwise_impl`). Dropout keys: ``fold_in(dropout_key,
+    (:func:`~imgcls_jax.models.conv.depthwise_impl_for`). Dropout keys: ``fold_in(dropout_key,
     i)``, i the head dropout's index (0 for the top's), ``1000 + b`` for block b's stochastic depth.
     """
 
@@ -234,6 +236,7 @@ class EfficientNetV2(KerasConvNet):
         include_preprocessing: bool = True,
         drop_connect_rate: float | None = None,
         top_dropout: float | None = None,
+        conv_impl: str = "auto",
         depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -251,8 +254,9 @@ class EfficientNetV2(KerasConvNet):
         for key, rate in {"drop_connect_rate": drop_connect_rate, "top_dropout": top_dropout}.items():
             if rate is not None and not 0.0 <= rate < 1.0:
                 raise ValueError(f"{key} must be in [0, 1), got {rate}")
+        self.conv_impl = check_impl(conv_impl)
         self.depthwise_impl = depthwise_impl
-        choose_depthwise_impl(depthwise_impl)  # checks the name
+        self._depthwise = depthwise_impl_for(self.conv_impl, choose_depthwise_impl(depthwise_impl))
         self.blocks = tuple(blocks(arch, drop_connect_rate))
         stem = round_filters(BLOCK_TABLES[variant.table][0][3], variant.width)
         self.stem_conv = self._conv(3, stem, 3, 2, rngs)
@@ -271,8 +275,9 @@ class EfficientNetV2(KerasConvNet):
         self, cin: int, cout: int, k: int, strides: int, rngs: nnx.Rngs, bias: bool = False
     ) -> nnx.Conv:
         return conv2d(
-            cin, cout, k, strides=strides, padding="SAME", use_bias=bias, dtype=self.dtype, rngs=rngs
-        )
+            cin, cout, k, strides=strides, padding="SAME", use_bias=bias, dtype=self.dtype,
+            conv_impl=self.conv_impl, rngs=rngs,
+        )  # fmt: skip
 
     @staticmethod
     def _bn(channels: int, rngs: nnx.Rngs) -> BatchNorm:
@@ -288,7 +293,7 @@ class EfficientNetV2(KerasConvNet):
             setattr(
                 self,
                 f"{p}dwconv2",
-                DepthwiseConv2D(f, block.kernel, dtype=self.dtype, impl=self.depthwise_impl),
+                DepthwiseConv2D(f, block.kernel, dtype=self.dtype, impl=self._depthwise),
             )
             setattr(self, f"{p}bn", self._bn(f, rngs))
         if block.se_filters:

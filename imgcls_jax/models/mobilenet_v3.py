@@ -38,6 +38,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.conv import check_impl, depthwise_impl_for
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
 from imgcls_jax.models.layers import (
@@ -170,8 +171,10 @@ class MobileNetV3(KerasConvNet):
 
     ``alpha``: width multiplier (any > 0; ImageNet weights exist for 0.75 and 1.0, 1.0 only when
     minimalistic: Keras's rule). ``minimalistic``: see the module docstring.
-    ``include_preprocessing``: Keras's (True: ``"tf"`` inside the model). ``depthwise_impl``: how
-    the depthwise convolutions compute. Inputs: raw RGB ``[N, H, W, 3]`` in [0, 255], H, W >= 32.
+    ``include_preprocessing``: Keras's (True: ``"tf"`` inside the model). ``conv_impl``: how
+    every convolution computes (:mod:`imgcls_jax.models.conv`); ``depthwise_impl``: how the
+    depthwise ones do (:func:`~imgcls_jax.models.conv.depthwise_impl_for`). Inputs: raw RGB
+    ``[N, H, W, 3]`` in [0, 255], H, W >= 32.
     """
 
     preprocessing = "tf"
@@ -193,6 +196,7 @@ class MobileNetV3(KerasConvNet):
         alpha: float = 1.0,
         minimalistic: bool = False,
         top_dropout: float = 0.2,
+        conv_impl: str = "auto",
         depthwise_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
@@ -207,7 +211,8 @@ class MobileNetV3(KerasConvNet):
             dropout=dropout, input_shape=input_shape, dtype=dtype, preprocessing=preprocessing,
             include_preprocessing=include_preprocessing,
         )  # fmt: skip
-        choose_depthwise_impl(depthwise_impl)  # checks the name
+        self.conv_impl = check_impl(conv_impl)
+        self._depthwise = depthwise_impl_for(self.conv_impl, choose_depthwise_impl(depthwise_impl))
         self.alpha, self.minimalistic, self.depthwise_impl = float(alpha), bool(minimalistic), depthwise_impl
         self.model_type, last_point = VARIANTS[arch]
         self.activation = "relu" if minimalistic else "hard_swish"
@@ -225,7 +230,8 @@ class MobileNetV3(KerasConvNet):
         init_glorot_kernels(self.conv_kernels() + top, rngs.params())  # Keras's default initializer
 
     def _conv(self, cin: int, cout: int, k: int, rngs: nnx.Rngs, bias: bool = False, **options) -> nnx.Conv:
-        return conv2d(cin, cout, k, use_bias=bias, dtype=self.dtype, rngs=rngs, **options)
+        return conv2d(cin, cout, k, use_bias=bias, dtype=self.dtype, conv_impl=self.conv_impl, rngs=rngs,
+                      **options)  # fmt: skip
 
     @staticmethod
     def _bn(channels: int, rngs: nnx.Rngs) -> BatchNorm:
@@ -239,7 +245,7 @@ class MobileNetV3(KerasConvNet):
         setattr(
             self,
             f"{p}depthwise",
-            DepthwiseConv2D(b.width, b.kernel, dtype=self.dtype, impl=self.depthwise_impl),
+            DepthwiseConv2D(b.width, b.kernel, dtype=self.dtype, impl=self._depthwise),
         )
         setattr(self, f"{p}depthwise_bn", self._bn(b.width, rngs))
         if b.se:

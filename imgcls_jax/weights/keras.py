@@ -189,7 +189,10 @@ def _rename_keras3_by_order(file: FileLayers, specs: Sequence[LayerSpec]) -> Non
 
 
 #: Keras's names for layers it was given no name for: the class's name, numbered after the first.
-AUTO_NAMED = ("conv2d", "batch_normalization", "normalization", "separable_conv2d", "depthwise_conv2d")
+AUTO_NAMED = (
+    "conv2d", "batch_normalization", "normalization", "layer_normalization", "separable_conv2d",
+    "depthwise_conv2d",
+)  # fmt: skip
 
 
 def _numbered(prefix: str, names: Iterable[str]) -> list[str]:
