@@ -72,9 +72,7 @@ def test_import_predict_finetune_export_round_trip(keras_file, folder, tmp_path,
     tuned = tmp_path / "tuned"
     config = json.loads((run / "config.json").read_text())
     phase = {"epochs": 1, "trainable": "all", "optimizer": "sgd", "learning_rate": 1e-7}
-    config.update(
-        data=str(folder), splits={"train": 1.0}, batch_size=6, augment={}, phases=[phase]
-    )
+    config.update(data=str(folder), splits={"train": 1.0}, batch_size=6, augment={}, phases=[phase])
     (tmp_path / "tune.json").write_text(json.dumps(config))
     train = [
         "train",

@@ -244,7 +244,11 @@ def test_every_family_takes_the_head(name):
     assert [str(h) for h in other.head_spec] == ["dense 8 tanh", "dropout 0", "dense 3"]  # dropout 0: classic
     assert other.output_activation == "sigmoid"
     config = TrainConfig(
-        data="x", model=name, image_size=32, head=list(HEAD), phases=[{"trainable": "keras"}],
+        data="x",
+        model=name,
+        image_size=32,
+        head=list(HEAD),
+        phases=[{"trainable": "keras"}],
         weights="random",  # trainable 'keras' keeps what Keras froze frozen: a random base on purpose
     )
     assert config.head == HEAD
