@@ -233,20 +233,21 @@ def test_every_family_takes_the_head(name):
     from imgcls_jax import TrainConfig
     from imgcls_jax.config import ConfigError
     from imgcls_jax.models import create_model
-    from imgcls_jax.models.registry import model_from_config
+    from imgcls_jax.models.registry import model_from_config, model_info
 
+    size = max(32, model_info(name).min_size)  # Xception 71, the Inceptions 75
     model = nnx.eval_shape(lambda: create_model(name, num_classes=3, pooling="avg", head=HEAD,
-                                                input_shape=(32, 32, 3)))  # fmt: skip
+                                                input_shape=(size, size, 3)))  # fmt: skip
     assert model.head_layers == ("head_fc1", "head_bn1", "head_ln1", "head_fc2", "head_bn2", "head_logits")
     options = dict(num_classes=3, pooling="avg", head_units=(8,), head_activation="tanh",
-                   output_activation="sigmoid", input_shape=(32, 32, 3))  # fmt: skip
+                   output_activation="sigmoid", input_shape=(size, size, 3))  # fmt: skip
     other = nnx.eval_shape(lambda: create_model(name, **options))
     assert [str(h) for h in other.head_spec] == ["dense 8 tanh", "dropout 0", "dense 3"]  # dropout 0: classic
     assert other.output_activation == "sigmoid"
     config = TrainConfig(
         data="x",
         model=name,
-        image_size=32,
+        image_size=size,
         head=list(HEAD),
         phases=[{"trainable": "keras"}],
         weights="random",  # trainable 'keras' keeps what Keras froze frozen: a random base on purpose
