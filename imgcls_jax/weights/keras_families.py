@@ -86,11 +86,7 @@ NOT_YET: dict[str, str] = {
                                                                         "xlarge")},
     **{f"nasnet{v}": "Keras builds NASNet's 'adjust' layers from the input size it is given, so one stored "
        "graph cannot describe its bases" for v in ("mobile", "large")},
-    # mapped as the others are, but not verified to the 1e-5 the supported families are: InceptionV3's
-    # transfer model was 2.1e-5 off Keras's probabilities at 96 px (5.3e-6 at 76 px; its BatchNorms
-    # have no gamma), InceptionResNetV2 not compared (measured 2026-12-07)
-    "inceptionv3": "not verified yet: an InceptionV3 transfer model's probabilities were 2.1e-5 off Keras's "
-                   "at 96 px, above the 1e-5 the supported families are tested to",
+    # mapped as the others are, but not compared with Keras yet (whole models)
     "inceptionresnetv2": "not verified yet against Keras (whole models)",
 }  # fmt: skip
 
@@ -300,7 +296,6 @@ _REFUSED_MARKS = {
     "normal_conv_1_13": "nasnetlarge",
     "stem_conv1": "nasnetmobile",
     "block35_1": "inceptionresnetv2",
-    "mixed10": "inceptionv3",
 }
 
 
