@@ -168,12 +168,15 @@ def _renamed(value, rename: dict[str, str]):
 def _legacy_entry(entry: dict) -> dict:
     """A Keras 3 layer entry in Keras 2 form: plain dtype, no initializers or regularizers (Keras
     takes its defaults; they do not change predictions), no module keys. ``ValueError`` for a
-    Keras 3 operation on a tensor and a constant (MobileNetV3's hard sigmoid ``x + 3``, ``x / 6``),
-    which a Keras 2 config cannot hold."""
-    if str(entry.get("module", "")).startswith("keras.src.ops"):
+    Keras 3 operation on a tensor and a constant (MobileNetV3's hard sigmoid ``x + 3``, ``x / 6``)
+    or a layer class of an application's own module (InceptionResNetV2's ``CustomScaleLayer``),
+    which a Keras 2 config cannot hold (Keras finds them by their module only)."""
+    module = str(entry.get("module") or "keras.layers")
+    if module != "keras.layers":
+        what = "operation" if module.startswith("keras.src.ops") else "layer"
         raise ValueError(
-            f"this family's Keras base holds the operation {entry['name']!r} ({entry['class_name']} of a "
-            "tensor and a constant), which a legacy .h5 model config cannot hold: export a .keras file"
+            f"this family's Keras base holds the {what} {entry['name']!r} ({entry['class_name']} of "
+            f"{module}), which a legacy .h5 model config cannot name: export a .keras file"
         )
     config = {k: v for k, v in entry["config"].items()
               if not any(w in k for w in ("initializer", "regularizer", "constraint"))}  # fmt: skip

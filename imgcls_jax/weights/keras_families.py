@@ -86,8 +86,6 @@ NOT_YET: dict[str, str] = {
                                                                         "xlarge")},
     **{f"nasnet{v}": "Keras builds NASNet's 'adjust' layers from the input size it is given, so one stored "
        "graph cannot describe its bases" for v in ("mobile", "large")},
-    # mapped as the others are, but not compared with Keras yet (whole models)
-    "inceptionresnetv2": "not verified yet against Keras (whole models)",
 }  # fmt: skip
 
 
@@ -295,7 +293,6 @@ _REFUSED_MARKS = {
     **{f"convnext_{v}_stem_conv": f"convnext{v}" for v in ("tiny", "small", "base", "large", "xlarge")},
     "normal_conv_1_13": "nasnetlarge",
     "stem_conv1": "nasnetmobile",
-    "block35_1": "inceptionresnetv2",
 }
 
 
