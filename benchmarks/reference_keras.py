@@ -1,30 +1,42 @@
 """The same protocol, two frameworks, one table: flowers5 from scratch with Keras 3 and imgcls_jax.
 
-Opt-in (not part of ``pytest benchmarks/``; an hour or more on a 2-core CPU). From the repository
-root::
+Opt-in (not part of ``pytest benchmarks/``; tens of minutes per run on a 2-core CPU). From the
+repository root::
 
-    nice -n 10 .venv/bin/python -m benchmarks.reference_keras --results-md benchmarks/RESULTS.md
+    nice -n 10 .venv/bin/python -m benchmarks.reference_keras --model vgg16 --seed 1 \
+        --out runs/reference_keras/vgg16_s1
+    .venv/bin/python -m benchmarks.reference_keras --summarize runs/reference_keras/*/results.json
 
-The protocol is ``examples/configs/flowers5_scratch_cpu.json`` with ``--epochs`` (12) epochs:
-VGG16 from scratch at 32x32, batch 32, the 65/10/25 stratified split of ``imgcls_jax.data``
-(``scan_folder`` / ``split_records`` / ``write_manifest``, seed 0), flip / rotation 0.05 / zoom 0.1
-/ translation 0.1 augmentation (reflect fill), global average pooling -> Dense(256, relu) ->
-Dropout(0.5) -> Dense(5), Adam 2e-4 with 2 epochs of linear warmup then cosine decay to 0, label
-smoothing 0.1; the best epoch by validation accuracy is evaluated on the test split (accuracy =
-the confusion matrix's trace / its sum).
+The protocol is ``examples/configs/flowers5_scratch_cpu.json`` with ``--epochs`` (12) epochs and
+``--model`` (:data:`MODELS`: its Keras application and its default size, 32x32 for VGG16, 64x64
+for MobileNetV2) from scratch, batch 32, the 65/10/25 stratified split of ``imgcls_jax.data``
+(``scan_folder`` / ``split_records`` with seed ``--split-seed``, 0; written once as a pre-split
+folder of links, ``OUT/split/{train,val,test}/<class>/``, which both frameworks read, so that the
+split stays the same whatever ``--seed`` is), flip / rotation 0.05 / zoom 0.1 / translation 0.1
+augmentation (reflect fill), global average pooling -> Dense(256, relu) -> Dropout(0.5) ->
+Dense(5), Adam 2e-4 with 2 epochs of linear warmup then cosine decay to 0, label smoothing 0.1;
+the best epoch by validation accuracy is evaluated on the test split (accuracy = the confusion
+matrix's trace / its sum). ``--seed`` seeds everything else on both sides: the initial weights,
+the shuffling, the augmentation, dropout (imgcls_jax's ``TrainConfig.seed``; Keras's
+``set_random_seed``, the shuffle's seed, and the augmentation layers' seeds ``10 * seed + 1..4``).
 
 Keras trains on the manifest's own files: ``tf.data`` decoding and resizing as
 ``image_dataset_from_directory`` does, the uint8-equivalent float images cached in memory, the
 last incomplete batch dropped (as imgcls_jax does), ``RandomFlip`` / ``RandomRotation`` /
-``RandomZoom`` / ``RandomTranslation`` in the pipeline, ``preprocess_input`` in the model,
-``CosineDecay(warmup_target=, warmup_steps=)``, ``CategoricalCrossentropy(label_smoothing=0.1)``,
-``ModelCheckpoint(save_best_only=True)`` on ``val_accuracy``.
+``RandomZoom`` / ``RandomTranslation`` in the pipeline, the application's ``preprocess_input`` in
+the model, ``CosineDecay(warmup_target=, warmup_steps=)``,
+``CategoricalCrossentropy(label_smoothing=0.1)``, ``ModelCheckpoint(save_best_only=True)`` on
+``val_accuracy``.
 
 Where the time goes, for each: the whole epoch (wall time between the ends of consecutive
-epochs: training, validation, checkpoint), its training part, the input pipeline alone (one
-augmented training epoch iterated to host arrays, cache warm) and the train step alone (the
-run's own compiled step on one fixed batch, times the steps of an epoch). The machine's load
-average is recorded beside the numbers (the 2 cores may be shared).
+epochs: training, validation, checkpoint), its training part, and (unless ``--accuracy-only``)
+the input pipeline alone (one augmented training epoch iterated to host arrays, cache warm) and
+the train step alone (the run's own compiled step on one fixed batch, times the steps of an
+epoch). The machine's load average is recorded beside the numbers (the 2 cores may be shared).
+
+``--summarize`` reads several runs' ``results.json`` and prints (or puts into ``--results-md``)
+one table of them: each run's test accuracy on both sides, and per model the mean and the sample
+standard deviation over the seeds.
 """
 
 from __future__ import annotations
@@ -49,28 +61,69 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "examples" / "configs" / "flowers5_scratch_cpu.json"
 MARK_START, MARK_END = "<!-- reference_keras:start -->", "<!-- reference_keras:end -->"
+SEEDS_START, SEEDS_END = "<!-- reference_keras_seeds:start -->", "<!-- reference_keras_seeds:end -->"
+#: The models the protocol runs: registry name -> (``keras.applications`` class, the module whose
+#: ``preprocess_input`` the Keras model applies, the default image side in pixels).
+MODELS = {
+    "vgg16": ("VGG16", "vgg16", 32),
+    "vgg19": ("VGG19", "vgg19", 32),
+    "resnet50": ("ResNet50", "resnet50", 64),
+    "mobilenetv2": ("MobileNetV2", "mobilenet_v2", 64),
+    "efficientnetb0": ("EfficientNetB0", "efficientnet", 64),
+}
 log = logging.getLogger("reference_keras")
 
 
-def protocol(data: str, out: Path, epochs: int):
-    """The imgcls_jax ``TrainConfig`` of the protocol (``CONFIG`` with ``epochs`` epochs)."""
+def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int = 0, size=None,
+             learning_rate: float | None = None):  # fmt: skip
+    """The imgcls_jax ``TrainConfig`` of the protocol: ``CONFIG`` with ``epochs`` epochs, ``model``
+    at ``size`` (default: its :data:`MODELS` size), ``seed``, reading the pre-split folder
+    ``data``, and Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4)."""
     from imgcls_jax import TrainConfig
 
-    config = TrainConfig.from_json(CONFIG)
-    config.data, config.run_dir = str(data), str(out / "imgcls_jax")
-    config.phases[0].epochs = epochs
-    return TrainConfig.from_json(config.to_json())  # validated again
+    raw = json.loads(CONFIG.read_text())
+    raw.update(model=model, seed=seed, image_size=size or MODELS[model][2])
+    raw.update(data=str(data), run_dir=str(out / "imgcls_jax"))
+    raw["phases"][0]["epochs"] = epochs
+    if learning_rate is not None:
+        raw["phases"][0]["learning_rate"] = learning_rate
+    return TrainConfig.from_json(json.dumps(raw))
+
+
+def presplit_folder(source: str, out: Path, split_seed: int) -> Path:
+    """``out/split/{train,val,test}/<class>/<file>``: links to ``source``'s images, split as
+    ``CONFIG``'s fractions with ``split_seed`` (``split_records``); made once, then reused (a
+    folder of another split is an error)."""
+    from imgcls_jax.data import scan_folder, split_records
+
+    raw = json.loads(CONFIG.read_text())
+    found = scan_folder(source, exclude=raw["exclude"])
+    records = split_records(found.records, raw["splits"], split_seed)
+    root, stamp = out / "split", {"source": str(Path(source).resolve()), "split_seed": split_seed}
+    if (root / "split.json").is_file():
+        if json.loads((root / "split.json").read_text()) != stamp:
+            raise RuntimeError(f"{root} holds another split ({(root / 'split.json').read_text()}); remove it")
+        return root
+    for r in records:
+        link = root / r.split / found.class_names[r.label] / Path(r.path).name
+        link.parent.mkdir(parents=True, exist_ok=True)
+        if link.is_symlink() or link.exists():
+            raise RuntimeError(f"{link}: two images of one class share a file name")
+        link.symlink_to(Path(r.path).resolve())
+    (root / "split.json").write_text(json.dumps(stamp))
+    return root
 
 
 def make_manifest(config, out: Path):
-    """The split both frameworks train on: ``(records, class_names)``, written to
-    ``out/manifest.csv``."""
-    from imgcls_jax.data import scan_folder, split_records, write_manifest
+    """The split both frameworks train on (the pre-split folder ``config.data``):
+    ``(records, class_names)``, written to ``out/manifest.csv``."""
+    from imgcls_jax.data import scan_folder, write_manifest
 
     found = scan_folder(config.data, exclude=config.exclude)
-    records = split_records(found.records, config.splits, config.seed)
-    write_manifest(out / "manifest.csv", records, found.class_names, root=found.root)
-    return records, found.class_names
+    if not found.presplit:
+        raise RuntimeError(f"{config.data}: not a pre-split folder (see presplit_folder)")
+    write_manifest(out / "manifest.csv", found.records, found.class_names, root=found.root)
+    return found.records, found.class_names
 
 
 def load() -> float:
@@ -162,12 +215,12 @@ def keras_datasets(records, class_names, config):
     import keras
     import tensorflow as tf
 
-    size, k, a = config.image_size, len(class_names), config.augment
+    size, k, a, s = config.image_size, len(class_names), config.augment, 10 * config.seed
     augment = keras.Sequential([
-        keras.layers.RandomFlip("horizontal", seed=1),
-        keras.layers.RandomRotation(a.rotation, fill_mode=a.fill_mode, seed=2),
-        keras.layers.RandomZoom(a.zoom, fill_mode=a.fill_mode, seed=3),
-        keras.layers.RandomTranslation(a.translation, a.translation, fill_mode=a.fill_mode, seed=4),
+        keras.layers.RandomFlip("horizontal", seed=s + 1),
+        keras.layers.RandomRotation(a.rotation, fill_mode=a.fill_mode, seed=s + 2),
+        keras.layers.RandomZoom(a.zoom, fill_mode=a.fill_mode, seed=s + 3),
+        keras.layers.RandomTranslation(a.translation, a.translation, fill_mode=a.fill_mode, seed=s + 4),
     ])  # fmt: skip
 
     def decode(path, label):
@@ -190,16 +243,17 @@ def keras_datasets(records, class_names, config):
 
 
 def keras_model(config, num_classes: int, steps_per_epoch: int):
-    """VGG16(include_top=False, weights=None, pooling="avg") + Dense(256, relu) + Dropout +
-    Dense(k, softmax), ``preprocess_input`` inside; Adam with CosineDecay and its warmup."""
+    """``keras.applications.<MODELS[model]>(include_top=False, weights=None, pooling="avg")`` +
+    Dense(256, relu) + Dropout + Dense(k, softmax), its module's ``preprocess_input`` inside;
+    Adam with CosineDecay and its warmup."""
     import keras
 
     size, phase = config.image_size, config.phases[0]
+    application, module, _ = MODELS[config.model]
     inputs = keras.Input((size, size, 3))
-    x = keras.layers.Lambda(keras.applications.vgg16.preprocess_input)(inputs)
-    x = keras.applications.VGG16(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3))(
-        x
-    )
+    x = keras.layers.Lambda(getattr(keras.applications, module).preprocess_input)(inputs)
+    base = getattr(keras.applications, application)
+    x = base(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3))(x)
     for units in config.head_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(config.dropout)(x)
@@ -297,15 +351,17 @@ def _median(values, skip_first=True) -> float:
 
 
 def table(results: dict, meta: dict) -> str:
-    """The markdown section for RESULTS.md."""
+    """The markdown section of one run (both frameworks)."""
     j, k = results["imgcls_jax"], results["keras"]
 
     def row(name, fn, fmt):
         return f"| {name} | {fmt(fn(j))} | {fmt(fn(k))} | {fn(j) / fn(k):.2f} |"
 
     pct, sec = (lambda v: f"{100 * v:.2f}%"), (lambda v: f"{v:.1f} s")
+    size = meta.get("image_size", 32)
     lines = [
-        f"## The same protocol, two frameworks (flowers5, 32x32, from scratch), {meta['date']}", "",
+        f"## The same protocol, two frameworks ({meta.get('model', 'vgg16')}, flowers5, {size}x{size}, "
+        f"from scratch, seed {meta.get('seed', 0)}), {meta['date']}", "",
         f"`{meta['command']}`; {meta['machine']}; load average {meta['load_start']:.1f} at the start, "
         f"{meta['load_end']:.1f} at the end (during the epochs: imgcls_jax {min(j['load']):.1f}-"
         f"{max(j['load']):.1f}, Keras {min(k['load']):.1f}-{max(k['load']):.1f}). {meta['versions']}; "
@@ -320,19 +376,76 @@ def table(results: dict, meta: dict) -> str:
         row("of which validation, checkpoint, logging",
             lambda r: _median(r["epoch_s"]) - _median(r["train_s"]), sec),
         row("epoch 0 (compilation, cache filling)", lambda r: r["epoch_s"][0], sec),
-        row("input pipeline alone, one epoch", lambda r: r["input_s"], sec),
-        row(f"train step alone x {j['steps_per_epoch']} steps", lambda r: r["step_s"], sec), "",
     ]  # fmt: skip
-    return "\n".join(lines)
+    if "input_s" in j and "input_s" in k:
+        lines += [
+            row("input pipeline alone, one epoch", lambda r: r["input_s"], sec),
+            row(f"train step alone x {j['steps_per_epoch']} steps", lambda r: r["step_s"], sec),
+        ]
+    return "\n".join([*lines, ""])
 
 
-def update_results(path: Path, section: str) -> None:
-    """Put ``section`` between the markers of ``path`` (appended with them the first time)."""
+def _key(run: dict) -> tuple:
+    """``(model, image side, epochs, learning rate)`` of a run's ``results.json`` (older runs:
+    VGG16 at 32, 12 epochs, 2e-4)."""
+    m = run["meta"]
+    return m.get("model", "vgg16"), m.get("image_size", 32), m.get("epochs", 12), m.get("learning_rate", 2e-4)
+
+
+def summary(paths) -> str:
+    """One markdown table of several runs' ``results.json`` (``paths``): each run, then per model
+    and size the mean and sample standard deviation of the test accuracy over its seeds, and
+    the difference of the means (imgcls_jax minus Keras, in points)."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    runs.sort(key=lambda r: (_key(r), r["meta"].get("seed", 0)))
+
+    def pct(v):
+        return f"{100 * v:.2f}%"
+
+    lines = [
+        "| model | size | epochs, Adam peak rate | seed | test, imgcls_jax | test, Keras | best val (epoch), "
+        "imgcls_jax | best val (epoch), Keras | s/epoch imgcls_jax / Keras | date, load |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    groups: dict[tuple, list] = {}
+    for r in runs:
+        m, j, k = r["meta"], r["imgcls_jax"], r["keras"]
+        key = _key(r)
+        groups.setdefault(key, []).append(r)
+        lines.append(
+            f"| {key[0]} | {key[1]} | {key[2]}, {key[3]:g} | {m.get('seed', 0)} | {pct(j['test_accuracy'])} "
+            f"({j['test_correct']}/"
+            f"{j['test_count']}) | {pct(k['test_accuracy'])} ({k['test_correct']}/{k['test_count']}) | "
+            f"{pct(j['best_val_accuracy'])} ({j['best_epoch']}) | {pct(k['best_val_accuracy'])} "
+            f"({k['best_epoch']}) | {_median(j['epoch_s']):.1f} / {_median(k['epoch_s']):.1f} s | "
+            f"{m['date']}, {m['load_start']:.1f}-{m['load_end']:.1f} |"
+        )
+    lines += [
+        "", "| model | size | epochs, Adam peak rate | seeds | imgcls_jax mean +- sd | Keras mean +- sd "
+        "| difference of means |", "|---|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for (model, size, epochs, rate), rs in groups.items():
+        acc = {side: [100 * r[side]["test_accuracy"] for r in rs] for side in ("imgcls_jax", "keras")}
+        sd = {side: statistics.stdev(v) if len(v) > 1 else float("nan") for side, v in acc.items()}
+        mean = {side: statistics.mean(v) for side, v in acc.items()}
+        cells = [f"{mean[side]:.2f} +- {sd[side]:.2f}" for side in ("imgcls_jax", "keras")]
+        seeds = ", ".join(str(r["meta"].get("seed", 0)) for r in rs)
+        lines.append(
+            f"| {model} | {size} | {epochs}, {rate:g} | {seeds} | {cells[0]} | {cells[1]} | "
+            f"{mean['imgcls_jax'] - mean['keras']:+.2f} points |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def update_results(path: Path, section: str, marks=(MARK_START, MARK_END)) -> None:
+    """Put ``section`` between the markers ``marks`` of ``path`` (appended with them the first
+    time)."""
+    start, end = marks
     text = path.read_text()
-    block = f"{MARK_START}\n{section}\n{MARK_END}"
-    if MARK_START in text:
-        head, rest = text.split(MARK_START, 1)
-        text = head + block + rest.split(MARK_END, 1)[1]
+    block = f"{start}\n{section}\n{end}"
+    if start in text:
+        head, rest = text.split(start, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
         text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
@@ -355,27 +468,47 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--data", default=str(ROOT.parent / "shared" / "data" / "flowers5"))
     parser.add_argument("--out", default="runs/reference_keras", type=Path)
+    parser.add_argument("--model", default="vgg16", choices=sorted(MODELS))
+    parser.add_argument("--image-size", type=int, help="default: the model's (see MODELS)")
+    parser.add_argument("--seed", default=0, type=int, help="weights, shuffling, augmentation, dropout")
+    parser.add_argument("--split-seed", default=0, type=int, help="the train/val/test split's seed")
     parser.add_argument("--epochs", default=12, type=int)
+    parser.add_argument("--learning-rate", type=float, help="Adam's peak rate (default the config's, 2e-4)")
+    parser.add_argument("--accuracy-only", action="store_true", help="skip the input/step timings")
     parser.add_argument("--results-md", type=Path, help="put the table into this markdown file")
+    parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
+                        help="only print (or put into --results-md) the table of these runs")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.summarize:
+        section = summary(args.summarize)
+        if args.results_md:
+            update_results(args.results_md, section, (SEEDS_START, SEEDS_END))
+        print(section)
+        return {}
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.date.today().isoformat(), "load_start": load(),
         "command": "nice -n 10 python -m benchmarks.reference_keras " + " ".join(argv or sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
-        "versions": versions(),
+        "versions": versions(), "model": args.model, "seed": args.seed, "split_seed": args.split_seed,
     }  # fmt: skip
-    config = protocol(args.data, args.out, args.epochs)
+    data = presplit_folder(args.data, args.out, args.split_seed)
+    config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size, args.learning_rate)
+    meta.update(
+        image_size=config.image_size, epochs=args.epochs, learning_rate=config.phases[0].learning_rate
+    )
     records, class_names = make_manifest(config, args.out)
     counts = {name: sum(r.split == name for r in records) for name in ("train", "val", "test")}
-    meta["split"] = ", ".join(f"{n} {name}" for name, n in counts.items()) + " images (stratified, seed 0)"
+    listing = ", ".join(f"{n} {name}" for name, n in counts.items())
+    meta["split"] = f"{listing} images (stratified, seed {args.split_seed})"
     results = {"imgcls_jax": run_imgcls_jax(config, args.out)}
-    results["imgcls_jax"].update(imgcls_jax_input_and_step(config, args.out))
+    if not args.accuracy_only:
+        results["imgcls_jax"].update(imgcls_jax_input_and_step(config, args.out))
     keras_run = run_keras(config, records, class_names, args.out)
-    keras_run.update(
-        keras_input_and_step(keras_run.pop("model"), keras_run.pop("data"), keras_run["steps_per_epoch"])
-    )
+    model, keras_data = keras_run.pop("model"), keras_run.pop("data")
+    if not args.accuracy_only:
+        keras_run.update(keras_input_and_step(model, keras_data, keras_run["steps_per_epoch"]))
     results["keras"] = keras_run
     meta["load_end"] = load()
     (args.out / "results.json").write_text(json.dumps({"meta": meta, **results}, indent=2))

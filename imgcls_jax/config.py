@@ -355,7 +355,7 @@ class PhaseConfig:
             ok = ok and bool(parse_trainable(self.trainable))
         except ValueError:
             ok = False
-        _check(ok, f"{where}.trainable", "'head', 'all' or 'top:N' (N >= 0)", self.trainable)
+        _check(ok, f"{where}.trainable", "'head', 'all', 'top:N' (N >= 0) or 'keras'", self.trainable)
         _choice(f"{where}.optimizer", self.optimizer, OPTIMIZERS)
         _choice(f"{where}.schedule", self.schedule, PHASE_SCHEDULES)
         _number(f"{where}.learning_rate", self.learning_rate, 0, math.inf, low_open=True, high_open=True)
@@ -422,6 +422,9 @@ class TrainConfig:
     #: How logits become probabilities in prediction: ``softmax``, or ``sigmoid`` (a Keras model
     #: ending in sigmoid units; evaluated and predicted, not trained: ``fit`` is softmax).
     output_activation: str = "softmax"
+    #: The whole transfer head as layers (``["dense 64", "batchnorm", "activation gelu", "dense 5"]``,
+    #: see :mod:`imgcls_jax.models.head`), instead of head_units / head_activation / dropout.
+    head: tuple[str, ...] | None = None
     #: A run folder or a Keras model file (``.keras``, or ``.h5`` from ``model.save``) whose whole
     #: model, head included, starts the training (its architecture must be this config's).
     init_from: str | None = None
@@ -553,11 +556,14 @@ class TrainConfig:
 
     def _validate_head(self, info) -> None:
         """The input normalisation, the head's activations and where the model starts from."""
-        from imgcls_jax.models.preprocessing import MODES
+        from imgcls_jax.models.preprocessing import MODES, check_mode
         from imgcls_jax.models.vgg import HEAD_ACTIVATIONS, OUTPUT_ACTIVATIONS
 
         if self.preprocessing is not None:
-            _choice("TrainConfig.preprocessing", self.preprocessing, MODES)
+            try:  # a named mode, or an affine one (a Keras model's own Rescaling/Normalization)
+                check_mode(self.preprocessing)
+            except ValueError:
+                _choice("TrainConfig.preprocessing", self.preprocessing, MODES)
         for name, choices, default in (
             ("head_activation", sorted(HEAD_ACTIVATIONS), "relu"),
             ("output_activation", OUTPUT_ACTIVATIONS, "softmax"),
@@ -566,6 +572,13 @@ class TrainConfig:
             _choice(f"TrainConfig.{name}", value, choices)
             if value != default and not info.accepts(name):
                 raise ConfigError(f"TrainConfig.{name}={value!r}: {self.model} takes no {name}")
+        if self.head is not None:
+            from imgcls_jax.models.head import parse_head
+
+            try:
+                _set(self, "head", tuple(str(layer) for layer in parse_head(self.head)))
+            except ValueError as e:
+                raise ConfigError(f"TrainConfig.head: {e}") from None
         if self.init_from is not None:
             _check(isinstance(self.init_from, str) and bool(self.init_from), "TrainConfig.init_from",
                    "None or a run folder / Keras model file path", self.init_from)  # fmt: skip

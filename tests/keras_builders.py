@@ -4,6 +4,8 @@ Weights are He-scaled random values with non-zero biases, and the output layer i
 logits spread (std 2): probabilities neither uniform nor one-hot, so a wrong weight shows.
 """
 
+import functools
+
 import numpy as np
 
 SIZE = 32
@@ -25,14 +27,14 @@ def randomize(model, seed: int) -> None:
     model.set_weights(weights)
 
 
-def spread_output(model, x: np.ndarray) -> None:
-    """Scale the last Dense layer so its pre-activation outputs on ``x`` have std 2."""
+def spread_output(model, x: np.ndarray, std: float = 2.0) -> None:
+    """Scale the last Dense layer so its pre-activation outputs on ``x`` have std ``std``."""
     k = keras()
     dense = [layer for layer in model.layers if isinstance(layer, k.layers.Dense)][-1]
     features = np.asarray(k.Model(model.inputs, dense.input)(x, training=False))
     kernel, bias = dense.get_weights()
     logits = features @ kernel + bias
-    scale = 2.0 / max(float(logits.std()), 1e-6)
+    scale = std / max(float(logits.std()), 1e-6)
     dense.set_weights([kernel * scale, (bias - logits.mean(0)) * scale])
 
 
@@ -118,3 +120,163 @@ def assert_probabilities_equal(ours, theirs, tol: float = 1e-5) -> float:
     print(f"max |imgcls_jax - keras| = {err:.2e} (tolerance {tol})")
     assert err <= tol, f"max abs diff {err:.3g} > {tol}"
     return err
+
+
+# ------------------------------------------------------------------ every family, any head
+#: Registry name -> (``keras.applications`` builder, module of its ``preprocess_input``).
+def _apps() -> dict:
+    from imgcls_jax.weights.keras_families import KERAS_APPLICATIONS
+
+    return {name: (row.builder, row.module) for name, row in KERAS_APPLICATIONS.items()}
+
+
+APPS = _apps()
+
+
+def leaves(model) -> list:
+    """Every leaf layer of a Keras model, nested models' included."""
+    return [layer for layer in model._flatten_layers(include_self=False) if not layer._layers]
+
+
+def randomize_all(
+    model,
+    seed: int,
+    preprocess=None,
+    size: int | None = None,
+    jitter: float = 0.1,
+    batch: np.ndarray | None = None,
+    gamma=(0.2, 0.6),
+) -> None:
+    """Random weights for every leaf layer (He-scaled kernels, BatchNorm gamma uniform in
+    ``gamma``, beta and biases ~N(0, 0.1-0.2), Normalization statistics of pixels in [0, 1]) and
+    every BatchNormalization's moving statistics set to the statistics of ``batch`` (raw images;
+    default 8 random ones of ``size``; ``preprocess``: what the model is fed of them) and then
+    perturbed (mean +- ``0.2 jitter`` std, variance x ``exp(+-0.7 jitter)``): every layer stays
+    input-dependent and the statistics are random and positive (see tests/bn_helpers.py).
+
+    Float32's rounding grows through a deep network's layers (measured on ResNet50 at 64 px with
+    gamma in [0.5, 1.5]: Keras's own float32 probabilities 6e-5 off its float64 ones, imgcls_jax's
+    3e-5); the defaults (small gammas: residual branches small beside their shortcuts; statistics
+    near the images' own) keep both within 1e-5 of each other, which comparing probabilities at
+    1e-5 needs."""
+    rng = np.random.default_rng(seed)
+    draw = {"bias": lambda s: rng.normal(0, 0.1, s), "gamma": lambda s: rng.uniform(*gamma, s),
+            "beta": lambda s: rng.normal(0, 0.2, s), "moving_mean": lambda s: rng.normal(0, 0.2, s),
+            "moving_variance": lambda s: rng.uniform(0.5, 2.0, s), "mean": lambda s: rng.uniform(0.3, 0.6, s),
+            "variance": lambda s: rng.uniform(0.03, 0.1, s), "count": lambda s: np.full(s, 1234)}  # fmt: skip
+    for layer in leaves(model):
+        values = []
+        for w in layer.weights:
+            kind, shape = w.path.split("/")[-1], tuple(w.shape)
+            if kind in ("kernel", "depthwise_kernel", "pointwise_kernel"):
+                fan_in = int(np.prod(shape[:-1] if kind != "depthwise_kernel" else shape[:2]))
+                values.append(rng.normal(0, np.sqrt(2.0 / fan_in), shape).astype(w.dtype))
+            elif kind not in draw:  # ConvNeXt's LayerScale gamma (Keras names it "variable")
+                values.append(rng.uniform(*gamma, shape).astype(w.dtype))
+            else:
+                values.append(np.asarray(draw[kind](shape)).astype(w.dtype))
+        if values:
+            layer.set_weights(values)
+        if hasattr(layer, "finalize_state"):  # Normalization reads its variables only then
+            layer.finalize_state()
+    k = keras()
+    bns = [layer for layer in leaves(model) if isinstance(layer, k.layers.BatchNormalization)]
+    flags = [(layer, layer.trainable) for layer in leaves(model)]
+    for layer, _ in flags:
+        layer.trainable = True  # frozen BatchNorm layers run in inference mode even when training
+    momentum = [bn.momentum for bn in bns]
+    for bn in bns:
+        bn.momentum = 0.0
+    if batch is None:
+        batch = images(8, seed=seed + 1000, size=size or model.input_shape[1])
+    batch = np.asarray(batch, np.float32)
+    model((preprocess or (lambda x: x))(batch), training=True)  # moving statistics := the batch's
+    for bn, m in zip(bns, momentum, strict=True):
+        bn.momentum = m
+        *affine, mean, var = bn.get_weights()  # gamma (unless scale=False, as Inception's), beta
+        var = np.maximum(var, 0.1 * np.median(var))  # nearly constant channels would amplify rounding
+        mean = mean + rng.normal(0, 0.2 * jitter, mean.shape) * np.sqrt(var)
+        bn.set_weights(
+            [
+                *affine,
+                mean.astype(np.float32),
+                (var * np.exp(rng.uniform(-0.7, 0.7, var.shape) * jitter)).astype(np.float32),
+            ]
+        )
+    for layer, trainable in flags:
+        layer.trainable = trainable
+
+
+def transfer(arch: str, size, *, nested: bool = True, preprocessing: str = "graph",
+             head=("gap", 16, "relu", 0.2), classes: int = 3, output: str = "softmax",
+             base_trainable: bool = True):  # fmt: skip
+    """A Keras transfer model on ``keras.applications.<arch>`` (no weights) at ``size`` (an int, or
+    None for any size): the base nested (``base(x)``) or inline (``Model(base.input, ...)``);
+    ``preprocessing``: ``"graph"`` (the family's ``preprocess_input`` applied to the symbolic
+    input), ``"rescaling"`` (``Rescaling(1/255)``), ``"normalization"`` (a ``Normalization`` layer
+    with statistics of pixels in [0, 255]) or ``"none"`` (fed what its users preprocess);
+    ``head``: a pooling (``"gap"``, ``"gmp"``, ``"flatten"``) then layers: an int (Dense units),
+    an activation name, a float (Dropout rate), ``"bn"``, ``"ln"``; the output ``Dense(classes,
+    output)``. Returns ``(model, what its users feed it: a function of raw float32 pixels)``."""
+    k = keras()
+    builder, module = APPS[arch]
+    shape = (size, size, 3)
+    app = getattr(k.applications, builder)
+    preprocess = getattr(k.applications, module).preprocess_input
+    inputs = k.Input(shape)
+    x = inputs
+    if preprocessing == "graph":
+        x = preprocess(x)
+    elif preprocessing == "rescaling":
+        x = k.layers.Rescaling(1 / 255.0)(x)
+    elif preprocessing == "normalization":
+        x = k.layers.Normalization(mean=[120.0, 110.0, 100.0], variance=[3600.0, 3000.0, 2500.0])(x)
+    if nested:
+        base = app(include_top=False, weights=None, input_shape=shape)
+        base.trainable = base_trainable
+        x = base(x)
+    else:
+        base = app(include_top=False, weights=None, input_tensor=x)
+        base.trainable = base_trainable
+        x = base.output
+    pooling, *layers = head
+    x = {"gap": k.layers.GlobalAveragePooling2D, "gmp": k.layers.GlobalMaxPooling2D,
+         "flatten": k.layers.Flatten}[pooling]()(x)  # fmt: skip
+    for layer in layers:
+        if isinstance(layer, bool):
+            raise TypeError(layer)
+        if isinstance(layer, int):
+            x = k.layers.Dense(layer)(x)
+        elif isinstance(layer, float):
+            x = k.layers.Dropout(layer)(x)
+        elif layer == "bn":
+            x = k.layers.BatchNormalization()(x)
+        elif layer == "ln":
+            x = k.layers.LayerNormalization()(x)
+        else:
+            x = k.layers.Activation(layer)(x)
+    model = k.Model(inputs, k.layers.Dense(classes, activation=output)(x))
+    fed = (lambda raw: np.asarray(preprocess(np.array(raw, np.float32)))) if preprocessing == "none" else (
+        lambda raw: np.asarray(raw, np.float32))  # fmt: skip
+    return model, fed
+
+
+def probabilities(model, raw: np.ndarray) -> np.ndarray:
+    """``model.probabilities(model(raw))``, jitted (one compile per model graph and shape: op by op,
+    a deep model's first call compiles every layer separately, far slower)."""
+    from flax import nnx
+
+    graph, state = nnx.split(model)
+    return np.asarray(_jitted_probabilities(graph)(state, raw))
+
+
+@functools.cache
+def _jitted_probabilities(graph):
+    import jax
+    from flax import nnx
+
+    def run(state, x):
+        model = nnx.merge(graph, state)
+        return model.probabilities(model(x))
+
+    return jax.jit(run)

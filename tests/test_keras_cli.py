@@ -125,3 +125,77 @@ def test_init_from_refuses_another_architecture_or_other_classes(keras_file, fol
         shutil.copytree(folder / old, other / new)
     with pytest.raises(ValueError, match="its classes"):
         fit(TrainConfig(**{**base, "init_from": str(run), "data": str(other)}, head_units=(8,)))
+
+
+@pytest.mark.slow
+def test_efficientnet_round_trip_a_user_makes(folder, tmp_path_factory, tmp_path, capsys):
+    """The round trip a Keras user makes with an EfficientNetB0 transfer model (half its base
+    frozen): import-keras (predicts Keras's probabilities), train --init-from with the run's own
+    config for a few steps (the frozen layers stay frozen: trainable 'keras'), export-keras, and
+    Keras's predictions equal imgcls_jax's on held-out images."""
+    k_model, fed = kb.transfer("efficientnetb0", kb.SIZE, nested=True, preprocessing="none",
+                               head=("gap", 16, "relu", 0.2))  # fmt: skip
+    kb.randomize_all(k_model, seed=4, preprocess=fed, batch=images(folder)[::3])
+    kb.spread_output(k_model, fed(images(folder)), std=0.25)
+    base = k_model.get_layer("efficientnetb0")
+    frozen = [layer.name for layer in base.layers[: len(base.layers) // 2] if layer.weights]
+    for name in frozen:
+        base.get_layer(name).trainable = False
+    keras_file = tmp_path / "effnet.keras"
+    k_model.save(keras_file)
+    heldout = tmp_path_factory.mktemp("heldout")
+    rng = np.random.default_rng(9)
+    for name, color in zip(CLASSES, ((30, 30, 200), (30, 200, 30), (200, 30, 30))):
+        (heldout / name).mkdir()
+        for i in range(3):
+            pixels = np.clip(rng.normal(color, 50, (kb.SIZE, kb.SIZE, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels).save(heldout / name / f"{i}.png")
+    files = sorted(str(p) for p in heldout.rglob("*.png"))
+    run = tmp_path / "imported"
+    assert cli.main(["import-keras", str(keras_file), str(run), "--class-names", ",".join(CLASSES)]) == 0
+    out = capsys.readouterr().out
+    assert (
+        "efficientnetb0, 3 classes" in out and "preprocessing: the Keras model's users feed it 'none'" in out
+    )
+    theirs = kb.keras_out(k_model, fed(images(heldout)))
+    ours = predicted(run, heldout, capsys)
+    assert np.abs(np.array([ours[f] for f in files]) - theirs).max() <= 1e-5
+
+    config = json.loads((run / "config.json").read_text())
+    assert config["model"] == "efficientnetb0" and config["phases"][0]["trainable"] == "keras"
+    config.update(data=str(folder), splits={"train": 0.75, "val": 0.25}, batch_size=6, augment={})
+    config["phases"][0].update(epochs=1, optimizer="sgd", learning_rate=0.05, warmup_epochs=0)
+    (tmp_path / "tune.json").write_text(json.dumps(config))
+    tuned = tmp_path / "tuned"
+    train = [
+        "train",
+        "--config",
+        str(tmp_path / "tune.json"),
+        "--init-from",
+        str(run),
+        "--run-dir",
+        str(tuned),
+    ]
+    assert cli.main(train) == 0
+    capsys.readouterr()
+    from imgcls_jax import load_run
+
+    before, after = load_run(run).model, load_run(tuned, "latest").model
+    for name in (frozen[0], frozen[-1]):  # frozen in Keras: not trained here
+        for a, b in zip(before.keras_variables(name), after.keras_variables(name), strict=True):
+            np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()))
+
+    def changed(name):
+        return not np.array_equal(
+            before.keras_variables(name)[0].get_value(), after.keras_variables(name)[0].get_value()
+        )
+
+    assert all(changed(n) for n in ("top_conv", "head_fc1", "head_logits"))  # trainable in Keras: trained
+
+    exported = tmp_path / "tuned.keras"
+    assert cli.main(["export-keras", str(tuned), str(exported), "--checkpoint", "latest"]) == 0
+    capsys.readouterr()
+    back = kb.keras_out(keras.saving.load_model(exported), images(heldout).astype("float32"))
+    latest = predicted_latest(tuned, heldout)
+    assert np.abs(back - np.array([latest[f] for f in files])).max() <= 1e-5
+    assert np.abs(back - theirs).max() > 1e-3  # it was trained

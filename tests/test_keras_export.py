@@ -104,7 +104,7 @@ def test_export_errors(tmp_path):
     with pytest.raises(ValueError, match="suffix must be .keras"):
         to_keras(model, tmp_path / "m.weights.h5")
     with pytest.raises(ValueError, match="reverses the channels"):
-        to_keras(model, tmp_path / "m.keras", input_preprocessing="none")  # caffe model
+        to_keras(model, tmp_path / "m.h5", input_preprocessing="none")  # caffe model, legacy file
     with pytest.raises(ValueError, match="needs 2 classes"):
         to_keras(model, tmp_path / "m.keras", keras_output="sigmoid")
     with pytest.raises(ValueError, match="no classifier head"):
@@ -164,3 +164,98 @@ print(sorted(m for m in ("keras", "tensorflow") if m in sys.modules))
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+# ------------------------------------------------------------ the head every family shares
+HEAD = ("dense 16", "batchnorm", "activation gelu", "dropout 0.2", "layernorm epsilon=1e-05", "dense 8 swish",
+        "batchnorm epsilon=0.01 momentum=0.9 center=0", "dense 3")  # fmt: skip
+
+
+def test_head_layers_compute_what_keras_does():
+    """Dense, BatchNormalization (moving statistics, no beta), LayerNormalization, activations and
+    dropout (at inference) as Keras computes them, with Keras's weights copied in Keras's order."""
+    from imgcls_jax.models import create_model
+
+    L = keras.layers
+    inputs = keras.Input((512,))
+    x = L.BatchNormalization()(L.Dense(16)(inputs))
+    x = L.LayerNormalization(epsilon=1e-5)(L.Dropout(0.2)(L.Activation("gelu")(x)))
+    x = L.BatchNormalization(epsilon=0.01, momentum=0.9, center=False)(L.Dense(8, activation="swish")(x))
+    k_head = keras.Model(inputs, L.Dense(3)(x))
+    rng = np.random.default_rng(3)
+    weights = [rng.uniform(0.5, 2.0, w.shape) if "variance" in w.path else rng.normal(0, 0.3, w.shape)
+               for w in k_head.weights]  # fmt: skip
+    k_head.set_weights([w.astype(np.float32) for w in weights])
+    model = create_model("vgg16", num_classes=3, pooling="avg", head=HEAD, input_shape=(32, 32, 3))
+    assert model.head_layers == ("head_fc1", "head_bn1", "head_ln1", "head_fc2", "head_bn2", "head_logits")
+    keras_layers = [layer for layer in k_head.layers if layer.weights]
+    for name, layer in zip(model.head_layers, keras_layers, strict=True):
+        for variable, array in zip(model.keras_variables(name), layer.get_weights(), strict=True):
+            variable.set_value(jax.numpy.asarray(array))
+    features = rng.normal(0, 2.0, (6, 512)).astype(np.float32)
+    ours = np.asarray(model.head(features))
+    theirs = np.asarray(k_head(features, training=False))
+    np.testing.assert_allclose(ours, theirs, rtol=1e-5, atol=1e-5)
+    assert [str(h) for h in model.head_spec] == list(HEAD)
+
+
+def test_head_texts_and_their_errors():
+    from imgcls_jax.models.head import as_classic, classic_head, parse_head
+
+    assert [str(h) for h in parse_head(HEAD)] == list(HEAD)
+    classic = classic_head((64, 32), "gelu", 0.5, 5)
+    assert [str(h) for h in classic] == [
+        "dense 64 gelu",
+        "dropout 0.5",
+        "dense 32 gelu",
+        "dropout 0.5",
+        "dense 5",
+    ]
+    assert as_classic(classic) == ((64, 32), "gelu", 0.5) and as_classic(parse_head(HEAD)) is None
+    bad = {"dense": "dense takes its units", "dense 0": "dense takes its units", "dropout 1.0": "rate in",
+           "batchnorm momentum=2": "momentum in", "activation mish": "unknown activation",
+           "conv 3": "unknown kind", "layernorm momentum=0.9": "layernorm takes"}  # fmt: skip
+    for text, match in bad.items():
+        with pytest.raises(ValueError, match=match):
+            parse_head([text, "dense 2"])
+    with pytest.raises(ValueError, match="no 'dense' layer"):
+        parse_head(["batchnorm"])
+
+
+QUICK_HEADS = ("vgg16", "mobilenetv2")  # the head is one class's: two families in the quick tier
+
+
+@pytest.mark.parametrize("name", [n if n in QUICK_HEADS else pytest.param(n, marks=pytest.mark.slow)
+                                  for n in __import__("imgcls_jax").list_models()])  # fmt: skip
+def test_every_family_takes_the_head(name):
+    """The one head is every family's: ``create_model(head=...)`` (and ``head_activation``,
+    ``output_activation``) for each registered family; ``TrainConfig.head`` builds it."""
+    from imgcls_jax import TrainConfig
+    from imgcls_jax.config import ConfigError
+    from imgcls_jax.models import create_model
+    from imgcls_jax.models.registry import model_from_config, model_info
+
+    size = max(32, model_info(name).min_size)  # Xception 71, the Inceptions 75
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=3, pooling="avg", head=HEAD,
+                                                input_shape=(size, size, 3)))  # fmt: skip
+    assert model.head_layers == ("head_fc1", "head_bn1", "head_ln1", "head_fc2", "head_bn2", "head_logits")
+    options = dict(num_classes=3, pooling="avg", head_units=(8,), head_activation="tanh",
+                   output_activation="sigmoid", input_shape=(size, size, 3))  # fmt: skip
+    other = nnx.eval_shape(lambda: create_model(name, **options))
+    assert [str(h) for h in other.head_spec] == ["dense 8 tanh", "dropout 0", "dense 3"]  # dropout 0: classic
+    assert other.output_activation == "sigmoid"
+    config = TrainConfig(
+        data="x",
+        model=name,
+        image_size=size,
+        head=list(HEAD),
+        phases=[{"trainable": "keras"}],
+        weights="random",  # trainable 'keras' keeps what Keras froze frozen: a random base on purpose
+    )
+    assert config.head == HEAD
+    model = nnx.eval_shape(lambda: model_from_config(config, 3, weights=None))
+    assert [str(h) for h in model.head_spec] == list(HEAD)
+    with pytest.raises(ValueError, match="trainable='keras'.*not imported from Keras"):
+        model.trainable_layers("keras")
+    with pytest.raises(ConfigError, match=r"TrainConfig.head: head layer 'dense x'"):
+        TrainConfig(data="x", head=["dense x"])

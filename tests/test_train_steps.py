@@ -214,7 +214,7 @@ def test_top_n_blocks_selection():
     assert trainable_layers(model, "top:0") == ("head_logits",)
     with pytest.raises(ValueError, match="top:N"):
         trainable_layers(model, "top:6")
-    with pytest.raises(ValueError, match="'head', 'all' or 'top:N'"):
+    with pytest.raises(ValueError, match="'head', 'all', 'top:N'"):
         trainable_layers(model, "base")
 
 

@@ -31,10 +31,25 @@ def cmd_import_keras(args) -> int:
     print(
         f"imported {args.model_file} ({info.arch}, {info.num_classes} classes, {info.preprocessing} inputs)"
     )
+    print(f"preprocessing: {describe_preprocessing(info)}")
     for note in info.notes:
         print(f"note: {note}")
     print(f"run dir: {out}  (imgcls-jax predict {out} IMAGES; with --data: imgcls-jax evaluate {out})")
     return 0
+
+
+def describe_preprocessing(info) -> str:
+    """Which preprocessing an import chose, and why (``info``: a ``KerasModelInfo``)."""
+    why = {
+        "given": "as --preprocessing says",
+        "graph": "the model holds its own preprocessing",
+        "assumed": f"no preprocessing in the model: {info.arch}'s own preprocess_input assumed; pass "
+        "--preprocessing if its users apply another",
+    }[info.preprocessing_source]
+    return (
+        f"the Keras model's users feed it {info.input_preprocessing!r} pixels ({why}); the imported model "
+        f"takes raw RGB pixels and applies {info.preprocessing!r} itself"
+    )
 
 
 def cmd_export_keras(args) -> int:
@@ -55,7 +70,9 @@ def cmd_export_keras(args) -> int:
 def _add_keras(sub) -> None:
     from imgcls_jax.models import MODES
 
-    p = sub.add_parser("import-keras", help="a Keras transfer model (.keras / .h5) as a run folder")
+    p = sub.add_parser(
+        "import-keras", help="a Keras transfer model (.keras / .h5) of any registered family as a run folder"
+    )
     p.add_argument(
         "model_file", help="a .keras archive, a whole-model .h5, or a weights file with --architecture"
     )
@@ -67,8 +84,8 @@ def _add_keras(sub) -> None:
     )
     p.add_argument(
         "--preprocessing", choices=MODES,
-        help="what you apply to raw pixels before the Keras model (default: caffe, or none when the model "
-        "starts with preprocessing layers)",
+        help="what you apply to raw pixels before the Keras model (default: none when the model holds "
+        "preprocessing layers of its own, else its base's own preprocess_input)",
     )  # fmt: skip
     p.add_argument(
         "--class-names", help="the classes in output order, comma-separated (default class_0, ...)"

@@ -19,10 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from imgcls_jax.models.head import OUTPUT_ACTIVATIONS, HeadLayer, TransferHead, parse_head, with_classes
+
 #: The forms of a ``trainable`` spec (see :func:`parse_trainable`).
-TRAINABLE_FORMS = "'head', 'all' or 'top:N'"
+TRAINABLE_FORMS = "'head', 'all', 'top:N' or 'keras'"
 
 
 @dataclass(frozen=True)
@@ -50,8 +53,10 @@ class LayerSpec:
 
 @dataclass(frozen=True)
 class Trainable:
-    """A parsed ``trainable`` spec: ``kind`` is ``"head"``, ``"all"`` or ``"top"`` (the last
-    ``top`` stages of the backbone plus the head)."""
+    """A parsed ``trainable`` spec: ``kind`` is ``"head"``, ``"all"``, ``"top"`` (the last
+    ``top`` stages of the backbone plus the head) or ``"keras"`` (the layers the Keras model it
+    was imported from trains: its layers' ``trainable`` flags, see
+    :attr:`Classifier.keras_trainable`)."""
 
     kind: str
     top: int = 0
@@ -61,13 +66,14 @@ class Trainable:
 
 
 def parse_trainable(spec: str | Trainable) -> Trainable:
-    """``"head"``, ``"all"`` or ``"top:N"`` (N >= 0) -> :class:`Trainable`; ``ValueError`` otherwise.
+    """``"head"``, ``"all"``, ``"top:N"`` (N >= 0) or ``"keras"`` -> :class:`Trainable`;
+    ``ValueError`` otherwise.
 
     Whether N fits a model is checked by :meth:`Classifier.trainable_layers` (the number of stages
     is the family's)."""
     if isinstance(spec, Trainable):
         return spec
-    if spec in ("head", "all"):
+    if spec in ("head", "all", "keras"):
         return Trainable(spec)
     match = re.fullmatch(r"top:(\d+)", spec) if isinstance(spec, str) else None
     if not match:
@@ -75,7 +81,7 @@ def parse_trainable(spec: str | Trainable) -> Trainable:
     return Trainable("top", int(match.group(1)))
 
 
-class Classifier(nnx.Module):
+class Classifier(TransferHead, nnx.Module):
     """Base class of the model families.
 
     A family sets, in its ``__init__``: ``arch`` (its registry name), ``include_top``,
@@ -83,11 +89,21 @@ class Classifier(nnx.Module):
     ``preprocessing`` (the :func:`~imgcls_jax.models.preprocess_input` mode it applies to raw
     pixels itself) and ``head_layers`` (names of the head's weighted layers, in order); and
     implements :attr:`stages`, :meth:`features`, :meth:`pool`, :meth:`head`,
-    :meth:`layer_specs` and :meth:`keras_variables`.
+    :meth:`layer_specs` and :meth:`keras_variables`. The transfer head is the one every family
+    shares (:mod:`imgcls_jax.models.head`): built with ``_make_head``, run with ``_run_head``,
+    replaced with :meth:`set_head`.
+
+    ``output_activation`` (``"softmax"`` or ``"sigmoid"``) is how :meth:`probabilities` turns
+    logits into class probabilities. ``keras_trainable``: for a model imported from Keras, the
+    weighted layers its Keras ``trainable`` flags train (what ``trainable="keras"`` trains), else
+    None.
     """
 
     arch: str
     head_layers: tuple[str, ...] = ()
+    head_spec: tuple[HeadLayer, ...] = ()
+    output_activation: str = "softmax"
+    keras_trainable: tuple[str, ...] | None = None
 
     # ------------------------------------------------------------------ what a family implements
     @property
@@ -124,6 +140,56 @@ class Classifier(nnx.Module):
         return layers
 
     # ----------------------------------------------------------------------------- shared logic
+    def head_kernel_init(self):
+        """The initializer of the head's Dense kernels: Keras's default, glorot uniform."""
+        return nnx.initializers.glorot_uniform()
+
+    def head_layer_specs(self) -> list[LayerSpec]:
+        """The transfer head's weighted layers as Keras holds them (Dense: kernel, bias;
+        BatchNormalization: gamma, beta, moving mean, moving variance; LayerNormalization: gamma,
+        beta; without gamma or beta when built without them), under their names here."""
+        if getattr(self, "include_top", False):
+            return [s for s in self.layer_specs() if s.name in self.head_layers]
+        specs = []
+        for name in self.head_layers:
+            variables, layer = self.keras_variables(name), getattr(self, name)
+            specs.append(LayerSpec(name, tuple(tuple(v.shape) for v in variables), keras_weight_names(layer)))
+        return specs
+
+    def probabilities(self, logits: jax.Array) -> jax.Array:
+        """Class probabilities ``float32[N, K]`` from :meth:`__call__`'s logits ``[N, K]``: a
+        softmax over the classes, or an elementwise sigmoid when ``output_activation`` is
+        ``"sigmoid"``."""
+        logits = jnp.asarray(logits, jnp.float32)
+        if self.output_activation == "sigmoid":
+            return jax.nn.sigmoid(logits)
+        return jax.nn.softmax(logits, axis=-1)
+
+    def set_head(self, head, *, output_activation: str | None = None, seed: int = 0) -> None:
+        """Replace the transfer head with ``head`` (:class:`~imgcls_jax.models.head.HeadLayer` s or
+        their texts, e.g. ``["dense 64", "batchnorm", "activation gelu", "dense 5"]``; its last
+        dense layer keeps the model's ``num_classes`` whatever it says), drawn afresh from
+        ``seed``. ``output_activation``: see :meth:`probabilities` (default: unchanged).
+
+        Raises ``ValueError`` for a model without a transfer head (the Keras top, or features
+        only) or a bad head."""
+        if getattr(self, "include_top", False) or getattr(self, "num_classes", None) is None:
+            raise ValueError(
+                f"{self.arch}: set_head needs a transfer head (include_top=False, num_classes set)"
+            )
+        if output_activation is not None and output_activation not in OUTPUT_ACTIVATIONS:
+            raise ValueError(
+                f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output_activation!r}"
+            )
+        head = with_classes(parse_head(head), self.num_classes)
+        first = next(name for name in self.head_layers if hasattr(getattr(self, name), "kernel"))
+        fin = getattr(self, first).kernel.shape[0]
+        for name in (*self.head_layers, *dict(getattr(self, "_head_dropouts", ())).values()):
+            delattr(self, name)
+        self._make_head(fin, head, nnx.Rngs(params=seed, dropout=seed + 1), self.head_kernel_init())
+        if output_activation is not None:
+            self.output_activation = output_activation
+
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (or features, without a head) of raw RGB ``images`` ``[N, H, W, 3]``, uint8 or
         float in [0, 255]. ``dropout_key``: a PRNG key for dropout in training mode (default: the
@@ -143,10 +209,19 @@ class Classifier(nnx.Module):
         """Names of the layers a phase with ``trainable=spec`` trains.
 
         ``"head"``: the transfer head (or the Keras top); ``"all"``: every layer; ``"top:N"``:
-        the last N stages of the backbone (:attr:`stages`) plus the head.
+        the last N stages of the backbone (:attr:`stages`) plus the head; ``"keras"``:
+        :attr:`keras_trainable`.
         """
         spec = parse_trainable(spec)
         head = tuple(self.head_layers)
+        if spec.kind == "keras":
+            if self.keras_trainable is None:
+                raise ValueError(
+                    "trainable='keras' trains the layers a Keras model's trainable flags train, but this "
+                    "model was not imported from Keras: start from one (init_from a Keras model file or an "
+                    "import-keras run folder), or use 'head', 'all' or 'top:N'"
+                )
+            return tuple(self.keras_trainable)
         if spec.kind == "head":
             if not head:
                 raise ValueError("trainable='head' but the model has no head (num_classes unset)")
@@ -161,6 +236,26 @@ class Classifier(nnx.Module):
             )
         chosen = self.stages[len(stages) - spec.top :]
         return tuple(layer for _, layers in chosen for layer in layers) + head
+
+
+def keras_layer_variables(layer) -> list[nnx.Variable]:
+    """A layer's variables in Keras's weight order: BatchNorm's gamma, beta, moving mean, moving
+    variance; LayerNorm's gamma, beta; a convolution's or dense layer's kernel and bias (those a
+    layer was built without are left out)."""
+    if isinstance(layer, nnx.BatchNorm):
+        return [v for v in (layer.scale, layer.bias) if v is not None] + [layer.mean, layer.var]
+    if isinstance(layer, nnx.LayerNorm):
+        return [v for v in (layer.scale, layer.bias) if v is not None]
+    bias = getattr(layer, "bias", None)
+    return [layer.kernel] if bias is None else [layer.kernel, bias]
+
+
+def keras_weight_names(layer) -> tuple[str, ...]:
+    """The Keras names of :func:`keras_layer_variables`' variables."""
+    if isinstance(layer, nnx.BatchNorm | nnx.LayerNorm):
+        names = [n for n, v in (("gamma", layer.scale), ("beta", layer.bias)) if v is not None]
+        return (*names, *(("moving_mean", "moving_variance") if isinstance(layer, nnx.BatchNorm) else ()))
+    return ("kernel", "bias") if getattr(layer, "bias", None) is not None else ("kernel",)
 
 
 def check_input_shape(input_shape: Sequence[int]) -> tuple[int, int, int]:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models.base import Classifier, LayerSpec
+from imgcls_jax.models.base import Classifier, LayerSpec, keras_layer_variables
+from imgcls_jax.models.head import HeadLayer, classic_head, parse_head, with_classes
 from imgcls_jax.models.layers import (
     DepthwiseConv2D,
     LayerNorm,
@@ -89,8 +90,10 @@ class KerasConvNet(Classifier):
     * ``include_top=False, num_classes=None``: features: the last map ``float32[N, h, w, C]``
       (``pooling=None``; ``h = ceil(H / 32)``) or ``float32[N, C]`` (``"avg"``/``"max"``).
     * ``include_top=False, num_classes=K``: pooling (flatten when ``pooling=None``: the model then
-      takes only ``input_shape``), ``head_units`` Dense+ReLU layers ``head_fc1, ...`` each followed
-      by dropout (dropout on the pooled features without hidden layers), ``head_logits`` (K).
+      takes only ``input_shape``) and the transfer head (:mod:`imgcls_jax.models.head`): by
+      default ``head_units`` Dense+ReLU layers ``head_fc1, ...`` each followed by dropout (dropout
+      on the pooled features without hidden layers), ``head_logits`` (K); any other with
+      :meth:`~imgcls_jax.models.Classifier.set_head`.
 
     Inputs: raw RGB ``[N, H, W, 3]`` (uint8 or float in [0, 255]), normalised by the model
     (:meth:`preprocess`). Computation in ``dtype``, parameters and BatchNorm statistics float32,
@@ -143,9 +146,12 @@ class KerasConvNet(Classifier):
             rngs=rngs,
         )
 
-    def _build_head(self, feature_channels: int, rngs: nnx.Rngs, top_dropout: float = 0.0) -> None:
+    def _build_head(self, feature_channels: int, rngs: nnx.Rngs, top_dropout: float = 0.0, *,
+                    head: Sequence | None = None) -> None:  # fmt: skip
         """Keras's top (``top_dropout`` when its rate is > 0, as Keras builds it, and
-        ``predictions``) or the transfer head, after the backbone's layers."""
+        ``predictions``) or the transfer head, after the backbone's layers: ``head`` (layers of
+        :mod:`imgcls_jax.models.head`, e.g. ``["dense 64 gelu", "layernorm", "dense 5"]``), by
+        default the one of the options ``head_units`` / ``dropout`` (Dense + ReLU + dropout)."""
         self.feature_channels = feature_channels
         self.head_layers: tuple[str, ...] = ()
         if self.include_top:
@@ -156,12 +162,17 @@ class KerasConvNet(Classifier):
         elif self.num_classes is not None:
             h, w = self.feature_size(self.input_shape[:2])
             fin = feature_channels * (1 if self.pooling else h * w)
-            for i, units in enumerate(self.head_units, start=1):
-                setattr(self, f"head_fc{i}", self._dense(fin, units, _glorot, rngs))
-                fin = units
-            self.head_logits = self._dense(fin, self.num_classes, _glorot, rngs)
-            self.head_layers = (*(f"head_fc{i}" for i in range(1, len(self.head_units) + 1)), "head_logits")
-            self.head_dropout = nnx.Dropout(self.dropout_rate, deterministic=True, rngs=rngs)
+            if head is None:
+                head = classic_head(self.head_units, "relu", self.dropout_rate, self.num_classes)
+            self._make_head(fin, with_classes(parse_head(head), self.num_classes), rngs, _glorot)
+
+    def keras_top(self, num_classes: int) -> tuple[str | None, tuple[HeadLayer, ...], tuple[str, ...]]:
+        """Keras's own top as a head: ``(pooling, layers, Keras names)``: ``avg_pool``, the
+        ``top_dropout`` when the model has one, ``predictions`` (its softmax is the output's)."""
+        dropout = getattr(self, "top_dropout", None)
+        layers = () if dropout is None else (HeadLayer("dropout", rate=float(dropout.rate)),)
+        names = ("avg_pool", *(() if dropout is None else ("top_dropout",)), "predictions")
+        return "avg", (*layers, HeadLayer("dense", units=num_classes)), names
 
     def conv_kernels(self) -> list[nnx.Param]:
         """The backbone's convolution and depthwise kernels, in forward order (for the family's
@@ -248,11 +259,7 @@ class KerasConvNet(Classifier):
             return self.predictions(x).astype(jnp.float32)
         if self.num_classes is None:
             return x.astype(jnp.float32)
-        if not self.head_units:
-            x = dropout(self.head_dropout, x, 0)
-        for i in range(1, len(self.head_units) + 1):
-            x = dropout(self.head_dropout, nnx.relu(getattr(self, f"head_fc{i}")(x)), i)
-        return self.head_logits(x).astype(jnp.float32)
+        return self._run_head(x, dropout_key)
 
     def keras_variables(self, name: str) -> list[nnx.Variable]:
         """The variables of Keras layer ``name`` in Keras's weight order: BatchNorm's gamma (unless
@@ -260,18 +267,13 @@ class KerasConvNet(Classifier):
         LayerScale's gamma; Normalization's mean, variance, count; a separable convolution's
         depthwise and pointwise kernels; a convolution's or dense layer's kernel (and bias)."""
         layer = getattr(self, name)
-        if isinstance(layer, nnx.BatchNorm):
-            return [v for v in (layer.scale, layer.bias, layer.mean, layer.var) if v is not None]
-        if isinstance(layer, LayerNorm):
-            return [layer.scale, layer.bias]
         if isinstance(layer, LayerScale):
             return [layer.gamma]
         if isinstance(layer, Normalization):
             return [layer.mean, layer.variance, layer.count]
         if isinstance(layer, SeparableConv2D):
             return list(layer.kernels)
-        bias = getattr(layer, "bias", None)
-        return [layer.kernel] if bias is None else [layer.kernel, bias]
+        return keras_layer_variables(layer)
 
     def layer_specs(self) -> list[LayerSpec]:
         """The Keras-named layers a Keras weight file for this model holds (the backbone, and the

@@ -107,7 +107,7 @@ def count_flops(model, ops: Sequence[ConvOp], mode: str = "forward", padding: st
         raise ValueError(f"mode must be one of {FLOP_MODES}, got {mode!r}")
     convs = [op.flops(padding) for op in ops]
     head = [getattr(model, name) for name in model.head_layers]
-    dense = [2.0 * float(layer.kernel.size) for layer in head if hasattr(layer, "kernel")]
+    dense = [2.0 * float(layer.kernel.size) for layer in head if hasattr(layer, "kernel")]  # not norms
     if mode == "forward":
         return sum(convs) + sum(dense)
     if mode == "frozen":

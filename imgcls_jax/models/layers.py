@@ -91,15 +91,16 @@ class BatchNorm(nnx.BatchNorm):
     gamma/beta/moving_mean/moving_variance (the last two ``nnx.BatchStat``). Built in inference
     mode; in training mode (``.train()``) the batch statistics (biased variance, computed as
     ``mean((x - mean)^2)``) normalise and ``moving <- momentum * moving + (1 - momentum) * batch``.
-    ``scale=False``: no gamma (Keras's ``BatchNormalization(scale=False)``, as the Inception
-    families build it; ``scale`` is then None).
+    ``center`` / ``scale``: Keras's options (no beta / no gamma when False; ``bias`` / ``scale`` is
+    then None; the Inception families build ``scale=False``).
     """
 
-    def __init__(self, channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs, scale: bool = True):
+    def __init__(self, channels: int, *, epsilon: float, momentum: float, rngs: nnx.Rngs, center: bool = True,
+                 scale: bool = True):  # fmt: skip
         super().__init__(
             channels, epsilon=epsilon, momentum=momentum, use_running_average=True, use_fast_variance=False,
-            use_scale=scale, dtype=jnp.float32, param_dtype=jnp.float32, scale_init=_ones, bias_init=_zeros,
-            rngs=rngs,
+            dtype=jnp.float32, param_dtype=jnp.float32, scale_init=_ones, bias_init=_zeros, use_bias=center,
+            use_scale=scale, rngs=rngs,
         )  # fmt: skip
 
     def __call__(self, x: jax.Array, **kwargs) -> jax.Array:

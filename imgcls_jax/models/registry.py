@@ -50,12 +50,21 @@ class ModelInfo:
     stages: tuple[str, ...] = ()
     min_size: int = 1
 
-    def accepts(self, option: str) -> bool:
+    def takes(self, option: str) -> bool:
+        """Whether the family's builder takes ``option``."""
         params = inspect.signature(self.build).parameters
         return option in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
 
+    def accepts(self, option: str) -> bool:
+        """Whether :func:`create_model` takes ``option`` for this family: the builder's own, or one
+        of :data:`HEAD_OPTIONS` (every family's transfer head takes them)."""
+        return option in HEAD_OPTIONS or self.takes(option)
+
 
 _MODELS: dict[str, ModelInfo] = {}
+#: Options of the transfer head :func:`create_model` applies to any family (see
+#: :mod:`imgcls_jax.models.head`) when its builder does not take them itself.
+HEAD_OPTIONS = {"head_activation": "relu", "output_activation": "softmax"}
 
 
 def register_model(name: str, *, preprocessing: str = "caffe", stages: Sequence[str] = (), min_size: int = 1):
@@ -179,6 +188,7 @@ def create_model(
     dtype="float32",
     preprocessing: str | None = None,
     seed: int = 0,
+    head: Sequence[str] | None = None,
     **family_options,
 ):
     """Build a registered model, optionally with Keras weights.
@@ -199,15 +209,20 @@ def create_model(
         (``"caffe"`` for Keras's VGG files, also without weights). Setting one that contradicts
         the published weights is an error.
       seed: seeds parameter init (head and random weights) and the dropout stream.
+      head: the transfer head as layers (:mod:`imgcls_jax.models.head`, e.g. ``["dense 64",
+        "batchnorm", "activation gelu", "dropout 0.2", "dense 5"]``), instead of ``head_units`` /
+        ``dropout`` / ``head_activation``; needs ``num_classes`` (its last dense layer's units).
       family_options: options only some families take, e.g. VGG's ``conv_impl`` and
-        ``kernel_init``; passing one to a family that does not take it is an error.
+        ``kernel_init``; passing one to a family that does not take it is an error. Every family
+        takes ``head_activation`` (the hidden layers' activation, default ``"relu"``) and
+        ``output_activation`` (``"softmax"`` or ``"sigmoid"``, see ``model.probabilities``).
 
     Returns:
       The model, in inference mode (``model.train()`` turns dropout on).
     """
     info = model_info(name)
     if include_top is None:
-        include_top = num_classes in (None, 1000) and not head_units and not dropout
+        include_top = num_classes in (None, 1000) and not head_units and not dropout and head is None
     if weights == "imagenet" and include_top and num_classes not in (None, 1000):
         raise ValueError(
             f"the ImageNet top has 1000 classes, not {num_classes}: use include_top=False "
@@ -216,17 +231,38 @@ def create_model(
     if preprocessing is None:  # Keras's include_preprocessing=False: the model normalises nothing
         no_preprocessing = family_options.get("include_preprocessing") is False
         preprocessing = "none" if no_preprocessing else info.preprocessing
+    generic = {k: family_options.pop(k) for k in HEAD_OPTIONS if k in family_options and not info.takes(k)}
     options = dict(
         include_top=include_top, pooling=pooling, num_classes=num_classes, head_units=head_units,
         dropout=dropout, input_shape=input_shape, dtype=jnp.dtype(dtype), preprocessing=preprocessing,
         rngs=nnx.Rngs(params=seed, dropout=seed + 1), **family_options,
     )  # fmt: skip
     model = info.build(**_options_for(info, options))
+    _set_head(model, head, generic, head_units, dropout, seed)
     if weights is not None:
-        from imgcls_jax.weights import load_weights
+        from imgcls_jax.weights.load import load_weights
 
         load_weights(model, weights, preprocessing=preprocessing)
     return model
+
+
+def _set_head(model, head, generic: dict, head_units, dropout: float, seed: int) -> None:
+    """Give ``model`` the transfer head ``head`` (or the classic options' head with a
+    ``head_activation`` its builder did not take) and ``output_activation``."""
+    from imgcls_jax.models.head import OUTPUT_ACTIVATIONS, classic_head
+
+    activation = generic.get("head_activation", "relu")
+    if head is None and activation != "relu":
+        head = classic_head(head_units, activation, dropout, model.num_classes or 1)
+    elif head is not None and (tuple(head_units) or dropout):
+        raise ValueError("head describes the whole transfer head: leave head_units and dropout unset")
+    if head is not None:
+        model.set_head(head, seed=seed)
+    output = generic.get("output_activation", "softmax")
+    if output not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"output_activation must be one of {OUTPUT_ACTIVATIONS}, got {output!r}")
+    if output != "softmax":
+        model.output_activation = output
 
 
 def _options_for(info: ModelInfo, options: dict) -> dict:
@@ -234,7 +270,7 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
     a set one is an error."""
     given = {}
     for key, value in options.items():
-        if info.accepts(key):
+        if info.takes(key):
             given[key] = value
         elif COMMON_OPTIONS.get(key, object()) == value or (
             key == "preprocessing" and value == info.preprocessing
@@ -255,14 +291,19 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
         height, width = config.size_at()
     else:
         height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
-    options = {} if config.kernel_init is None else {"kernel_init": config.kernel_init}
+    options = {"head_units": config.head_units, "dropout": config.dropout}
+    if config.kernel_init is not None:
+        options["kernel_init"] = config.kernel_init
     for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
         if getattr(config, name) != default:
             options[name] = getattr(config, name)
+    head = getattr(config, "head", None)
+    if head is not None:  # the whole head: the classic options do not apply
+        options.update(head=head, head_units=(), dropout=0.0)
+        options.pop("head_activation", None)
     if weights == "config":
         weights = None if config.weights == "random" else config.weights  # "random": seeded init
     return create_model(
-        config.model, num_classes=num_classes, weights=weights,
-        pooling=config.pooling, head_units=config.head_units, dropout=config.dropout, dtype=config.dtype,
+        config.model, num_classes=num_classes, weights=weights, pooling=config.pooling, dtype=config.dtype,
         seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip

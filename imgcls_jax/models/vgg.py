@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Sequence
-from functools import partial
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from imgcls_jax.models.base import Classifier, LayerSpec
+from imgcls_jax.models.base import Classifier, LayerSpec, keras_layer_variables
 from imgcls_jax.models.conv import ConvGeneralDilated, check_impl, max_pool_2x2
+from imgcls_jax.models.head import ACTIVATIONS, OUTPUT_ACTIVATIONS, HeadLayer, classic_head
 from imgcls_jax.models.preprocessing import check_mode, preprocess_input
 
 #: Convolutions per block for each architecture; filters double per block up to 512.
@@ -41,24 +41,9 @@ KERNEL_INITS = {
 }
 _zeros = nnx.initializers.zeros_init()
 
-#: Activations of the transfer head's hidden layers, by their Keras names; each computes what
-#: ``keras.activations.<name>`` does (``gelu`` is the exact erf form, Keras's default).
-HEAD_ACTIVATIONS = {
-    "relu": nnx.relu,
-    "linear": lambda x: x,
-    "tanh": jnp.tanh,
-    "sigmoid": nnx.sigmoid,
-    "elu": nnx.elu,
-    "selu": nnx.selu,
-    "gelu": partial(jax.nn.gelu, approximate=False),
-    "silu": nnx.silu,
-    "swish": nnx.silu,
-    "softplus": nnx.softplus,
-    "relu6": jax.nn.relu6,
-}
-#: How logits become class probabilities: ``softmax`` (one class per image) or ``sigmoid``
-#: (independent classes, e.g. a Keras model ending in ``Dense(K, activation="sigmoid")``).
-OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+#: Activations of the transfer head's layers, by their Keras names (the shared head's, see
+#: :mod:`imgcls_jax.models.head`); and how logits become class probabilities.
+HEAD_ACTIVATIONS = ACTIVATIONS
 
 
 def base_layer_specs(arch: str) -> list[LayerSpec]:
@@ -125,7 +110,9 @@ class VGG(Classifier):
       flatten when ``pooling=None``), then for each entry of ``head_units`` a Dense+ReLU layer
       (``head_fc1``, ...) followed by dropout, then ``head_logits`` (K). With no hidden units the
       dropout is applied to the pooled features. Returns logits ``float32[N, K]``.
-      ``head_activation`` names the hidden layers' activation (see :data:`HEAD_ACTIVATIONS`).
+      ``head_activation`` names the hidden layers' activation (see :data:`HEAD_ACTIVATIONS`); any
+      other head (normalisation layers, several activations and dropout rates) with
+      :meth:`~imgcls_jax.models.Classifier.set_head`.
 
     Outputs are always logits; :meth:`probabilities` turns them into class probabilities with
     ``output_activation`` (``"softmax"``, the default, or ``"sigmoid"``).
@@ -212,14 +199,12 @@ class VGG(Classifier):
             self.head_layers = ("fc1", "fc2", "predictions")
         elif num_classes is not None:
             fin = self._flat_features() if pooling is None else FILTERS[-1]
-            names = []
-            for i, units in enumerate(self.head_units, start=1):
-                setattr(self, f"head_fc{i}", self._dense(fin, units, rngs))
-                names.append(f"head_fc{i}")
-                fin = units
-            self.head_logits = self._dense(fin, num_classes, rngs)
-            self.head_layers = (*names, "head_logits")
-            self.head_dropout = nnx.Dropout(self.dropout_rate, deterministic=True, rngs=rngs)
+            head = classic_head(self.head_units, head_activation, self.dropout_rate, num_classes)
+            self._make_head(fin, head, rngs, self.head_kernel_init())
+
+    def head_kernel_init(self):
+        """The head's Dense kernels start as every kernel: ``kernel_init``."""
+        return KERNEL_INITS[self.kernel_init]
 
     def _flat_features(self) -> int:
         height, width, _ = self.input_shape
@@ -236,6 +221,12 @@ class VGG(Classifier):
             rngs=rngs,
         )
 
+    def keras_top(self, num_classes: int) -> tuple[str | None, tuple[HeadLayer, ...], tuple[str, ...]]:
+        """Keras's own top as a head: ``(pooling, layers, Keras names)``: ``flatten``, ``fc1`` and
+        ``fc2`` (4096, ReLU) and ``predictions`` (``num_classes``; its softmax is the output's)."""
+        fc = HeadLayer("dense", units=4096, activation="relu")
+        return None, (fc, fc, HeadLayer("dense", units=num_classes)), ("flatten", "fc1", "fc2", "predictions")
+
     @property
     def stages(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
         """The five convolution blocks, ``("block1", ("block1_conv1", "block1_conv2")), ...``."""
@@ -245,9 +236,9 @@ class VGG(Classifier):
         )
 
     def keras_variables(self, name: str) -> list[nnx.Variable]:
-        """Kernel and bias of the convolution or dense layer ``name`` (Keras's weight order)."""
-        layer = getattr(self, name)
-        return [layer.kernel, layer.bias]
+        """Kernel and bias of the convolution or dense layer ``name`` (Keras's weight order; a
+        head's normalisation layers: see :func:`~imgcls_jax.models.base.keras_layer_variables`)."""
+        return keras_layer_variables(getattr(self, name))
 
     def layer_specs(self) -> list[LayerSpec]:
         """Keras-named layers a Keras weight file for this model must provide, in order."""
@@ -312,26 +303,7 @@ class VGG(Classifier):
             return self.predictions(x).astype(jnp.float32)
         if self.num_classes is None:
             return x.astype(jnp.float32)
-
-        def dropout(x, i):
-            key = None if dropout_key is None else jax.random.fold_in(dropout_key, i)
-            return self.head_dropout(x, rngs=key)
-
-        if not self.head_units:
-            x = dropout(x, 0)
-        activation = HEAD_ACTIVATIONS[self.head_activation]
-        for i in range(1, len(self.head_units) + 1):
-            x = dropout(activation(getattr(self, f"head_fc{i}")(x)), i)
-        return self.head_logits(x).astype(jnp.float32)
-
-    def probabilities(self, logits: jax.Array) -> jax.Array:
-        """Class probabilities ``float32[N, K]`` from :meth:`__call__`'s logits ``[N, K]``: a
-        softmax over the classes, or an elementwise sigmoid when ``output_activation`` is
-        ``"sigmoid"``."""
-        logits = jnp.asarray(logits, jnp.float32)
-        if self.output_activation == "sigmoid":
-            return jax.nn.sigmoid(logits)
-        return jax.nn.softmax(logits, axis=-1)
+        return self._run_head(x, dropout_key)
 
 
 def _check_options(

@@ -29,22 +29,36 @@ IMPORT_RECORD = "keras_import.json"
 
 
 def _train_config(info, run_dir: Path, data, seed: int, batch_size: int) -> TrainConfig:
+    """The config describing the imported model: its family, pooling, head (the classic options
+    when they express it, else ``head``), preprocessing, output; one phase training what the Keras
+    model's ``trainable`` flags train (``trainable="keras"``)."""
+    from imgcls_jax.config import PhaseConfig
+
     height, width, _ = info.input_shape
     if height != width:
         raise ValueError(f"{info.source}: input shape {info.input_shape}: a run's image_size is square")
-    implied_top = info.num_classes in (None, 1000) and not info.head_units and not info.dropout
-    if implied_top != info.include_top:
+    implied_top = (
+        info.num_classes in (None, 1000) and info.classic and not info.head_units and not info.dropout
+    )
+    if info.include_top and not implied_top:
         raise ValueError(
-            f"{info.source}: a run folder cannot record include_top={info.include_top} for this head "
-            f"(a {info.num_classes}-class head without hidden layers or dropout is read as Keras's top)"
+            f"{info.source}: a run folder cannot record Keras's own top with {info.num_classes} classes "
+            "(a config builds it for 1000 classes only)"
         )
+    if info.include_top:
+        head = {"head_units": (), "dropout": 0.0}
+    elif info.classic and not implied_top:
+        head = {"head_units": tuple(info.head_units), "dropout": info.dropout}
+        head["head_activation"] = info.head_activation
+    else:
+        head = {"head": tuple(info.head), "head_units": (), "dropout": 0.0}
     # init_from: the model starts from the Keras file (training from this config fine-tunes it)
     return TrainConfig(
         data=str(Path(data).absolute()) if data is not None else "", run_dir=str(run_dir),
         init_from=str(Path(info.source).absolute()),
         image_size=int(height), batch_size=batch_size, model=info.arch, weights=None, pooling=info.pooling,
-        head_units=tuple(info.head_units), dropout=info.dropout, seed=seed, preprocessing=info.preprocessing,
-        head_activation=info.head_activation, output_activation=info.output_activation,
+        seed=seed, preprocessing=info.preprocessing, output_activation=info.output_activation,
+        phases=[PhaseConfig(trainable="keras")], **head,
     )  # fmt: skip
 
 
@@ -101,8 +115,10 @@ def write_run_folder(
 
 
 def initialize_from(model, source, class_names: list[str]) -> str:
-    """Put the whole model of ``source`` (head included) into ``model``, which must have its
-    architecture; returns what was loaded, for the log.
+    """Put the whole model of ``source`` (head included, BatchNorm statistics too) into ``model``,
+    which must have its architecture; returns what was loaded, for the log. The Keras model's
+    ``trainable`` flags come along (``model.keras_trainable``, what ``trainable="keras"`` trains)
+    from a Keras file or an ``import-keras`` run folder.
 
     ``source``: a run folder (its ``best`` checkpoint, else ``latest``; its classes must be
     ``class_names``, in order) or a Keras model file (``.keras``, or ``.h5`` saved with
@@ -117,14 +133,17 @@ def initialize_from(model, source, class_names: list[str]) -> str:
         theirs = read_manifest(run.manifest)[1]
         if theirs != list(class_names):
             raise ValueError(f"init_from {path}: its classes {theirs} are not this run's {list(class_names)}")
-        _check_same_model(model, TrainConfig.from_json(run.config), path)
+        _check_same_model(model, TrainConfig.from_json(run.config), path, len(class_names))
         which = "best" if run.has_best() else "latest"
         epoch = restore_model(run, which, model)
+        record = run.root / IMPORT_RECORD
+        if record.is_file():
+            model.keras_trainable = tuple(json.loads(record.read_text()).get("trainable_layers", ()))
         return f"{which} checkpoint (epoch {epoch}) of {path}"
     from imgcls_jax.weights import from_keras
 
     imported, info = from_keras(path)
-    for name in ("preprocessing", "head_activation", "output_activation"):
+    for name in ("preprocessing", "output_activation"):
         if getattr(info, name) != getattr(model, name, None):
             raise ValueError(
                 f"init_from {path}: its {name} is {getattr(info, name)!r}, the config's "
@@ -134,13 +153,20 @@ def initialize_from(model, source, class_names: list[str]) -> str:
         raise ValueError(
             f"init_from {path}: {info.num_classes} outputs, but the data has {len(class_names)} classes"
         )
-    ours, theirs = nnx.state(model, nnx.Param), nnx.state(imported, nnx.Param)
+    if [str(h) for h in model.head_spec] != [str(h) for h in imported.head_spec]:
+        raise ValueError(
+            f"init_from {path}: its head {[str(h) for h in imported.head_spec]} is not this config's "
+            f"{[str(h) for h in model.head_spec]} (set TrainConfig.head to it)"
+        )
+    kinds = nnx.Any(nnx.Param, nnx.BatchStat)
+    ours, theirs = nnx.state(model, kinds), nnx.state(imported, kinds)
     mine = {k: v.shape for k, v in nnx.to_flat_state(ours)}
     found = {k: v.shape for k, v in nnx.to_flat_state(theirs)}
     if mine != found:
         differ = sorted(set(mine.items()) ^ set(found.items()))[:4]
         raise ValueError(f"init_from {path}: its model is not this config's (first differences: {differ})")
     nnx.update(model, theirs)
+    model.keras_trainable = imported.keras_trainable
     return f"Keras model {path}"
 
 
@@ -149,9 +175,20 @@ _MODEL_FIELDS = {"model": "arch", "pooling": "pooling", "head_units": "head_unit
                  "head_activation": "head_activation", "output_activation": "output_activation"}  # fmt: skip
 
 
-def _check_same_model(model, config: TrainConfig, path: Path) -> None:
+def _check_same_model(model, config: TrainConfig, path: Path, num_classes: int) -> None:
     """``ValueError`` naming each difference between ``model`` and the model of ``config``."""
+    from imgcls_jax.models.head import classic_head, parse_head, with_classes
+
     differ = []
+    head = getattr(config, "head", None)
+    if not getattr(model, "include_top", False):
+        if head is not None:
+            want = with_classes(parse_head(head), num_classes)
+        else:
+            want = classic_head(config.head_units, config.head_activation, config.dropout, num_classes)
+        want, have = [str(h) for h in want], [str(h) for h in model.head_spec]
+        if want != have:
+            differ.append(f"head {want} there, {have} here")
     for field, attribute in _MODEL_FIELDS.items():
         mine, theirs = getattr(model, attribute, None), getattr(config, field)
         if mine is not None and (tuple(mine) if isinstance(mine, list | tuple) else mine) != (

@@ -1,45 +1,49 @@
-"""Match a Keras model's chain of layers onto :class:`imgcls_jax.models.VGG`.
+"""Map a Keras model's graph onto a registered family with a head: what a whole model imports as.
 
-Understood, in this order (anything else is an error naming the layer):
+A Keras transfer model is read as (anything else is an error naming the layer, its class and
+what is understood):
 
-1. input layers: ``Rescaling`` and constant arithmetic (see :mod:`imgcls_jax.weights.keras_inputs`);
-2. the VGG16 or VGG19 convolutional base, nested as one layer (``keras.applications.VGG16``
-   called on an input) or as flat layers; its layer names do not matter, its shapes do;
-3. ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D`` or ``Flatten`` (or nothing: a feature
-   extractor), or Keras VGG's own top (``flatten``, ``fc1``, ``fc2``, ``predictions``);
-4. ``Dense`` layers (with ``Activation`` / ``ReLU`` / ``Softmax`` layers after them) and
-   ``Dropout``; the last Dense is the output: softmax, sigmoid or linear (logits).
+1. one image input, then whatever maps its pixels affinely (``Rescaling``, ``Normalization``,
+   ``preprocess_input`` applied to the symbolic input, augmentation layers, which are the
+   identity at inference): :mod:`imgcls_jax.weights.keras_inputs`;
+2. the base: any registered family with a Keras graph (:mod:`imgcls_jax.weights.keras_families`),
+   nested as one layer or inline, found by walking the graphs (its layer names do not matter);
+3. ``GlobalAveragePooling2D``, ``GlobalMaxPooling2D`` or ``Flatten`` (or nothing: features),
+   or the family's Keras top (VGG's ``flatten``/``fc1``/``fc2``/``predictions``, the others'
+   ``avg_pool``/``predictions``);
+4. the head: ``Dense`` layers (any activation of :data:`imgcls_jax.models.head.ACTIVATIONS`),
+   ``Dropout``, ``BatchNormalization``, ``LayerNormalization``, ``Activation`` / ``ReLU`` /
+   ``Softmax`` layers, in any order; the last ``Dense`` gives the logits, whose final activation
+   (softmax, sigmoid or linear) is the output's.
 
-Layers that are the identity at inference (augmentation layers, ``GaussianNoise``, ...) are
-skipped and listed in the description's ``notes``.
+What the user feeds the Keras model: ``preprocessing`` when given; else raw pixels when the graph
+holds preprocessing of its own (affine layers beyond the base's own), else the base's own
+``preprocess_input`` (the family's published preprocessing). :attr:`KerasModelInfo.notes` says
+which, and everything mapped approximately or skipped.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from imgcls_jax.models.vgg import BLOCKS, FILTERS, HEAD_ACTIVATIONS
-from imgcls_jax.weights.keras import WeightFileError
-from imgcls_jax.weights.keras_inputs import INPUT_LAYERS, resolve_preprocessing
-from imgcls_jax.weights.keras_layers import FlatModel, KerasLayer
+import numpy as np
 
-IDENTITY_AT_INFERENCE = (
-    "RandomFlip",
-    "RandomRotation",
-    "RandomZoom",
-    "RandomTranslation",
-    "RandomContrast",
-    "RandomBrightness",
-    "RandomCrop",
-    "RandomHeight",
-    "RandomWidth",
-    "GaussianNoise",
-    "GaussianDropout",
-    "AlphaDropout",
-    "ActivityRegularization",
+from imgcls_jax.models.head import ACTIVATIONS, HeadLayer, as_classic, layer_names
+from imgcls_jax.weights.keras import WeightFileError
+from imgcls_jax.weights.keras_families import (
+    BaseMatch,
+    activation_name,
+    application,
+    candidates,
+    lead,
+    lead_is_mode,
+    match_base,
+    refused_family,
 )
+from imgcls_jax.weights.keras_inputs import IDENTITY_AT_INFERENCE, Affine, input_affine, mode_affine
+from imgcls_jax.weights.keras_layers import KerasGraph, Node
+
 POOLING_LAYERS = {"GlobalAveragePooling2D": "avg", "GlobalMaxPooling2D": "max", "Flatten": None}
-KERAS_TOP = ("fc1", "fc2", "predictions")
 OUTPUTS = ("softmax", "sigmoid", "linear")
 
 
@@ -47,14 +51,19 @@ OUTPUTS = ("softmax", "sigmoid", "linear")
 class KerasModelInfo:
     """What :func:`imgcls_jax.weights.from_keras` imported, as plain data.
 
-    ``arch``, ``include_top``, ``pooling``, ``head_units``, ``head_activation``, ``dropout``,
-    ``num_classes``, ``output_activation``, ``preprocessing``, ``input_shape`` are the
-    :class:`~imgcls_jax.models.VGG` arguments of the imported model. ``keras_output`` is the
-    Keras model's last activation (``softmax``, ``sigmoid`` or ``linear`` logits) and
-    ``keras_output_units`` its width: a binary ``Dense(1, sigmoid)`` is imported as two softmax
-    classes ``[1 - p, p]``. ``input_preprocessing`` is what the user applies to raw RGB pixels
-    before calling the Keras model; the imported model applies ``preprocessing`` to raw pixels
-    itself. ``notes``: whatever was mapped approximately or skipped.
+    ``arch`` (the registry name of the base's family), ``include_top``, ``pooling``,
+    ``num_classes``, ``output_activation``, ``preprocessing``, ``input_shape`` describe the
+    imported model; ``head`` its transfer head as layers (:mod:`imgcls_jax.models.head`), and
+    ``head_units`` / ``head_activation`` / ``dropout`` the same head in the classic options when it
+    is one (``classic``). ``keras_output`` is the Keras model's last activation (``softmax``,
+    ``sigmoid`` or ``linear`` logits) and ``keras_output_units`` its width: a binary
+    ``Dense(1, sigmoid)`` is imported as two softmax classes ``[1 - p, p]``.
+    ``input_preprocessing`` is what the user applies to raw RGB pixels before calling the Keras
+    model (``preprocessing_source``: ``"given"``, ``"graph"``: the graph holds its own and takes
+    raw pixels, or ``"assumed"``: the base's own ``preprocess_input``); the imported model applies
+    ``preprocessing`` to raw pixels itself. ``trainable_layers``: the imported model's layers that
+    the Keras model's ``trainable`` flags train. ``notes``: whatever was mapped approximately or
+    skipped.
     """
 
     arch: str
@@ -70,6 +79,10 @@ class KerasModelInfo:
     preprocessing: str
     input_preprocessing: str
     input_shape: tuple[int, int, int]
+    head: tuple[str, ...] = ()
+    classic: bool = True
+    preprocessing_source: str = "assumed"
+    trainable_layers: tuple[str, ...] = ()
     class_names: tuple[str, ...] | None = None
     source: str = ""
     format: str = ""
@@ -84,252 +97,340 @@ class KerasModelInfo:
                 out[key] = list(value)
         return out
 
+    @property
+    def head_layers(self) -> tuple[HeadLayer, ...]:
+        from imgcls_jax.models.head import parse_head
+
+        return parse_head(self.head) if self.head else ()
+
 
 @dataclass
 class ArchPlan:
-    """A matched architecture: the description and which Keras layer feeds each VGG layer."""
+    """A matched architecture: the description, which user node holds the weights of each
+    layer of the imported model (by its name there), the arrays computed instead of read (the
+    family's free ``Normalization``), and the output conversion (a binary sigmoid)."""
 
     info: KerasModelInfo
-    layers: list[tuple[str, KerasLayer]]  # (VGG attribute name, Keras layer holding its weights)
-    notes: list[str] = field(default_factory=list)
+    base: BaseMatch
+    head_nodes: dict[str, Node]
+    computed: dict[str, list[np.ndarray]] = field(default_factory=dict)
+    binary: bool = False
 
 
-def activation_name(value) -> str:
-    """A Keras activation as a lower-case name (``None`` -> ``"linear"``)."""
-    if isinstance(value, dict):  # Keras 3 serialized function: {"class_name": "function", "config": "relu"}
-        value = value.get("config") if isinstance(value.get("config"), str) else value.get("class_name")
-    return "linear" if value is None else str(value).lower()
+def _error(where: str, node: Node, why: str) -> WeightFileError:
+    return WeightFileError(f"{where}: layer {node.name!r} ({node.class_name}) {why}")
 
 
-def _error(where: str, layer: KerasLayer, why: str) -> WeightFileError:
-    return WeightFileError(f"{where}: layer {layer.name!r} ({layer.class_name}) {why}")
+# ------------------------------------------------------------------------------------ the head
+def _head_chain(graph: KerasGraph, where: str) -> tuple[int, list[Node]]:
+    """``(base output, head nodes)``: walking back from the output along single-input layers to
+    the first pooling layer (its input is the base's output); no pooling: the whole model is the
+    base (a feature extractor)."""
+    chain, current = [], graph.output
+    if len(graph.nodes[current].inputs) > 1:
+        why = "joins branches at the model's output: only a single chain of layers can follow the base"
+        raise _error(where, graph.nodes[current], why)
+    while True:
+        node = graph.nodes[current]
+        if len(node.inputs) != 1:  # the input, or a merge inside the base: no pooling found
+            return graph.output, []
+        chain.append(node)
+        if node.class_name in POOLING_LAYERS:
+            prev = graph.nodes[node.inputs[0]]
+            if node.class_name == "Flatten" and prev.class_name in POOLING_LAYERS:
+                chain.append(prev)  # GlobalAveragePooling2D(keepdims=True) + Flatten
+                node = prev
+            chain.reverse()
+            for a, b in zip(chain, chain[1:]):
+                if graph.consumers.get(a.id) != [b.id]:
+                    raise _error(where, a, "feeds more than the next layer of the head: only a single chain "
+                                           "of layers can follow the base")  # fmt: skip
+            return node.inputs[0], chain
+        current = node.inputs[0]
 
 
-def _check_conv(layer: KerasLayer, filters: int, where: str) -> None:
-    c = layer.config
-    got = {
-        "filters": c.get("filters"),
-        "kernel_size": list(c.get("kernel_size", [])),
-        "strides": list(c.get("strides", [1, 1])),
-        "padding": c.get("padding"),
-        "dilation_rate": list(c.get("dilation_rate", [1, 1])),
-        "groups": c.get("groups", 1),
-        "activation": activation_name(c.get("activation")),
-        "data_format": c.get("data_format") or "channels_last",
-    }
-    want = {
-        "filters": filters,
-        "kernel_size": [3, 3],
-        "strides": [1, 1],
-        "padding": "same",
-        "dilation_rate": [1, 1],
-        "groups": 1,
-        "activation": "relu",
-        "data_format": "channels_last",
-    }
-    bad = {k: got[k] for k in want if got[k] != want[k]}
-    if bad:
-        raise _error(where, layer, f"differs from the VGG convolution it stands for: {bad}, expected {want}")
+def _head_layer(node: Node, where: str, notes: list[str]) -> HeadLayer | None:
+    """The head layer a Keras layer after the pooling is (None: skipped at inference)."""
+    c, name = node.config, node.class_name
+    if name == "Dense":
+        activation = activation_name(c.get("activation"))
+        if activation not in ACTIVATIONS:
+            raise _error(where, node, f"has activation {activation!r}, which cannot be mapped; known: "
+                                      f"{sorted(ACTIVATIONS)}")  # fmt: skip
+        return HeadLayer("dense", units=int(c["units"]), activation=activation)
+    if name == "Dropout":
+        return HeadLayer("dropout", rate=float(c.get("rate", 0.0)))
+    if name in ("BatchNormalization", "LayerNormalization"):
+        axis = c.get("axis", -1)
+        if axis not in (-1, 1, [-1], [1]) or c.get("rms_scaling") or c.get("renorm"):
+            raise _error(where, node, f"normalizes over axis {axis} (or with rms_scaling/renorm): only plain "
+                                      "normalization of the features (axis -1) is supported")  # fmt: skip
+        kind = "batchnorm" if name == "BatchNormalization" else "layernorm"
+        options = {"momentum": float(c.get("momentum", 0.99))} if kind == "batchnorm" else {}
+        return HeadLayer(kind, epsilon=float(c.get("epsilon", 1e-3)), center=bool(c.get("center", True)),
+                         scale=bool(c.get("scale", True)), **options)  # fmt: skip
+    if name in ("Activation", "ReLU", "Softmax"):
+        return HeadLayer("activation", activation=_activation_of(node, where))
+    if name in IDENTITY_AT_INFERENCE:
+        notes.append(f"skipped {node.name!r} ({name}): the identity at inference (Keras's predict)")
+        return None
+    if name in POOLING_LAYERS:
+        raise _error(where, node, "cannot be mapped: a second pooling after the head's first layers")
+    raise _error(where, node, "cannot be mapped onto a transfer head: after the pooling only Dense, Dropout, "
+                              "BatchNormalization, LayerNormalization and Activation/ReLU/Softmax layers are "
+                              "understood")  # fmt: skip
 
 
-def _check_pool(layer: KerasLayer, where: str) -> None:
-    c = layer.config
-    pool = list(c.get("pool_size", [2, 2]))
-    strides = list(c.get("strides") or pool)
-    if pool != [2, 2] or strides != [2, 2] or c.get("padding", "valid") != "valid":
-        raise _error(where, layer, f"is not a 2x2/2 'valid' max pooling (pool {pool}, strides {strides})")
+def _activation_of(node: Node, where: str) -> str:
+    c = node.config
+    if node.class_name == "Activation":
+        name = activation_name(c.get("activation"))
+    elif node.class_name == "Softmax":
+        name = "softmax" if c.get("axis", -1) in (-1, [-1]) else "?"
+    else:
+        relu = (c.get("max_value"), c.get("negative_slope", 0) or 0, c.get("threshold", 0) or 0)
+        name = {(None, 0, 0): "relu", (6, 0, 0): "relu6"}.get(relu, "?")
+    if name not in ACTIVATIONS:
+        raise _error(where, node, f"applies {name!r}, which cannot be mapped; known: {sorted(ACTIVATIONS)}")
+    return name
 
 
-def match_base(layers: list[KerasLayer], start: int, where: str, arch: str | None) -> tuple[str, int]:
-    """``(arch, index after the base)`` for the VGG base starting at ``layers[start]``."""
-    blocks, convs, i = [], [], start
-    while i < len(layers) and layers[i].class_name in ("Conv2D", "MaxPooling2D") and len(blocks) < 5:
-        if layers[i].class_name == "Conv2D":
-            convs.append(layers[i])
-        else:
-            blocks.append(convs)
-            convs = []
-        i += 1
-    counts = tuple(len(b) for b in blocks)
-    found = next((name for name, want in BLOCKS.items() if counts == want and not convs), None)
-    if found is None:
-        at = layers[i] if i < len(layers) else layers[-1]
-        raise WeightFileError(
-            f"{where}: the convolutional base is not VGG16 or VGG19: found convolutions per pooled block "
-            f"{counts}{f' and {len(convs)} more' if convs else ''} (VGG16: {BLOCKS['vgg16']}, VGG19: "
-            f"{BLOCKS['vgg19']}), up to layer {at.name!r} ({at.class_name})"
+def parse_head(chain: list[Node], where: str, notes: list[str]) -> tuple:
+    """``(pooling, head layers, their nodes, output activation, the output's Keras node)`` of
+    the chain after the base (see the module docstring). The output activation is taken off
+    the head (the head gives logits)."""
+    if not chain:
+        return None, (), [], None, None
+    first = chain[0]
+    if first.class_name not in POOLING_LAYERS:
+        raise _error(
+            where, first, "cannot be mapped: expected global pooling, Flatten or Dense after the base"
         )
-    if arch is not None and arch != found:
-        raise WeightFileError(f"{where}: this is a {found.upper()} model, but arch={arch!r} was asked for")
-    for b, block in enumerate(blocks):
-        for layer in block:
-            _check_conv(layer, FILTERS[b], where)
-    for layer in layers[start:i]:
-        if layer.class_name == "MaxPooling2D":
-            _check_pool(layer, where)
-    return found, i
-
-
-def _base_names(arch: str) -> list[str]:
-    return [f"block{b}_conv{c}" for b, n in enumerate(BLOCKS[arch], start=1) for c in range(1, n + 1)]
-
-
-def _head(layers: list[KerasLayer], where: str) -> tuple[list[list], dict[int, list[float]]]:
-    """Dense layers as ``[layer, activation]`` and dropout rates by position (Dense layers before)."""
-    denses: list[list] = []
-    dropouts: dict[int, list[float]] = {}
-    for layer in layers:
-        c = layer.config
-        if layer.class_name == "Dense":
-            denses.append([layer, activation_name(c.get("activation"))])
-        elif layer.class_name == "Dropout":
-            dropouts.setdefault(len(denses), []).append(float(c.get("rate", 0.0)))
-        elif layer.class_name in ("Activation", "ReLU", "Softmax"):
-            if layer.class_name == "Activation":
-                name = activation_name(c.get("activation"))
-            elif layer.class_name == "Softmax":
-                name = "softmax" if c.get("axis", -1) in (-1, [-1]) else "?"
-            else:
-                relu = (c.get("max_value"), c.get("negative_slope", 0) or 0, c.get("threshold", 0) or 0)
-                name = {(None, 0, 0): "relu", (6, 0, 0): "relu6"}.get(relu, "?")
-            if not denses or denses[-1][1] != "linear" or name == "?":
-                raise _error(where, layer, "must directly follow a Dense layer without activation")
-            denses[-1][1] = name
-        elif layer.class_name in POOLING_LAYERS or layer.class_name in INPUT_LAYERS:
-            raise _error(where, layer, "cannot be mapped: it comes after the head's first layers")
-        else:
+    pooling, rest = POOLING_LAYERS[first.class_name], chain[1:]
+    if rest and rest[0].class_name == "Flatten" and pooling:
+        rest = rest[1:]  # after keepdims=True
+    layers, nodes = [], []
+    for node in rest:
+        layer = _head_layer(node, where, notes)
+        if layer is None:
+            continue
+        if (
+            layer.kind == "activation"
+            and layers
+            and layers[-1].kind == "dense"
+            and layers[-1].activation == "linear"
+        ):
+            layers[-1] = HeadLayer(
+                "dense", units=layers[-1].units, activation=layer.activation
+            )  # Dense + Activation
+            continue
+        layers.append(layer)
+        nodes.append(node)
+    dense = [i for i, h in enumerate(layers) if h.kind == "dense"]
+    if not dense:
+        if layers:
             raise _error(
-                where,
-                layer,
-                "cannot be mapped onto a VGG transfer head (only Dense, Dropout and Activation layers "
-                "can follow the pooling)",
+                where, nodes[0], "comes after the pooling, but no Dense layer gives the class scores"
             )
-    return denses, dropouts
+        return pooling, (), [], None, None
+    last, output = dense[-1], "linear"
+    tail = [h for h in layers[last + 1 :] if h.kind == "activation"]
+    if tail and layers[-1].kind == "activation":
+        output, layers, nodes = layers[-1].activation, layers[:-1], nodes[:-1]
+    elif not tail and last == len(layers) - 1:
+        output = layers[last].activation
+        layers[last] = HeadLayer("dense", units=layers[last].units)
+    if output not in OUTPUTS or any(h.kind == "activation" for h in layers[last + 1 :]):
+        raise _error(where, nodes[last], f"(the output) has activation {output!r}; expected one of {OUTPUTS}")
+    if layers[last].activation != "linear":
+        raise _error(where, nodes[last], "(the output) has an activation before the model's final one")
+    return pooling, tuple(layers), nodes, output, nodes[last]
 
 
-def _keras_top(layers: list[KerasLayer]) -> bool:
-    names = [layer.name for layer in layers]
-    return len(layers) == 4 and layers[0].class_name == "Flatten" and tuple(names[1:]) == KERAS_TOP
+# ------------------------------------------------------------------------- the preprocessing
+def _family_modes(arch: str) -> tuple[str, ...]:
+    from imgcls_jax.models.preprocessing import MODES
+    from imgcls_jax.models.registry import model_info
+
+    info = model_info(arch)
+    rest = tuple(m for m in MODES if m != info.preprocessing) if info.takes("preprocessing") else ()
+    return (info.preprocessing, *rest)
 
 
-def match_architecture(
-    flat: FlatModel,
-    where: str,
-    *,
-    preprocessing: str | None = None,
-    arch: str | None = None,
-    input_shape: tuple[int, int, int] | None = None,
-) -> ArchPlan:
-    """Map ``flat`` onto a VGG; raise :class:`WeightFileError` naming any layer it cannot map."""
-    notes: list[str] = []
-    layers = []
-    for layer in flat.layers:
-        if layer.class_name in IDENTITY_AT_INFERENCE:
-            notes.append(
-                f"skipped {layer.name!r} ({layer.class_name}): the identity at inference "
-                "(Keras's predict, or training=False)"
-            )
-        else:
-            layers.append(layer)
-    start = 0
-    while start < len(layers) and layers[start].class_name in INPUT_LAYERS:
-        start += 1
-    if start == len(layers) or layers[start].class_name != "Conv2D":
-        at = layers[start] if start < len(layers) else None
+def realize(arch: str, seen: Affine) -> tuple[str, dict[str, list[np.ndarray]]] | None:
+    """``(mode, computed arrays)``: the family's preprocessing mode and the statistics of its
+    free ``Normalization`` (if it has one) with which it maps raw pixels to ``seen``, the affine
+    map of raw pixels the user's base receives; None when it cannot."""
+    start, own = lead(arch), lead_is_mode(arch)
+    modes = list(_family_modes(arch))
+    if len(modes) > 1 and start.free is None:  # the family takes any mode: the exact one
+        exact = (seen if own else start.before.inverse().after(seen)).as_mode()
+        modes += [] if exact is None else [exact]
+    for mode in modes:
+        pixels = mode_affine(mode)
+        if start.free is None:  # the mode computes the base's affine start itself, or precedes it
+            if (pixels if own else start.before.after(pixels)).equals(seen):
+                return mode, {}
+            continue
+        norm = start.after.inverse().after(seen).after(start.before.after(pixels).inverse())
+        if norm.perm == (0, 1, 2) and (norm.scale > 0).all() and np.isfinite(norm.scale).all():
+            variance, mean = 1.0 / norm.scale**2, -norm.offset / norm.scale  # (y - m) / sqrt(v)
+            arrays = [mean.astype(np.float32), variance.astype(np.float32), np.zeros((), np.float32)]
+            return mode, {start.free: arrays}
+    return None
+
+
+def resolve_preprocessing(graph, arch, prefix, graph_affine, preprocessing, where, notes):
+    """``(mode, input preprocessing, source, computed arrays)``; see the module docstring."""
+    from imgcls_jax.models.registry import model_info
+
+    own = len([i for i in prefix if graph.nodes[i].class_name not in IDENTITY_AT_INFERENCE])
+    base_own = len(lead(arch).nodes)
+    if preprocessing is not None:
+        applied, source = preprocessing, "given"
+    elif own > base_own:
+        applied, source = "none", "graph"
+    else:  # the family's Keras preprocess_input: the identity where its base normalizes raw pixels
+        applied, source = ("none" if lead_is_mode(arch) else model_info(arch).preprocessing), "assumed"
+    seen = graph_affine.after(mode_affine(applied))
+    found = realize(arch, seen)
+    names = ", ".join(f"{graph.nodes[i].name!r} ({graph.nodes[i].class_name})" for i in prefix) or "none"
+    if found is None:
         raise WeightFileError(
-            f"{where}: "
-            + (f"layer {at.name!r} ({at.class_name}) cannot be mapped: " if at else "")
-            + "expected the VGG16/VGG19 convolutional base after the input (and Rescaling) layers; "
-            "this does not look like a VGG model"
+            f"{where}: with preprocessing={applied!r} applied outside the model and the model's own input "
+            f"layers ({names}), the {arch} base sees {seen.describe()}, which {arch} cannot compute from "
+            f"raw pixels (its preprocessing modes: {_family_modes(arch)}). Pass the preprocessing you apply "
+            "to raw RGB pixels before calling the Keras model (preprocessing='none' when you feed raw pixels)"
         )
-    mode, applied = resolve_preprocessing(layers[:start], preprocessing, where)
-    found, i = match_base(layers, start, where, arch)
-    plan_layers = list(zip(_base_names(found), [la for la in layers[start:i] if la.class_name == "Conv2D"]))
-    rest = layers[i:]
-    kwargs = {"include_top": False, "pooling": None, "head_units": (), "head_activation": "relu"}
-    if _keras_top(rest):
-        kwargs["include_top"] = True
-        denses, dropouts = _head(rest[1:], where)
-    elif rest and rest[0].class_name in POOLING_LAYERS:
-        kwargs["pooling"] = POOLING_LAYERS[rest[0].class_name]
-        rest = rest[1:]
-        if kwargs["pooling"] and rest and rest[0].class_name == "Flatten":  # after keepdims=True
-            rest = rest[1:]
-        denses, dropouts = _head(rest, where)
-    elif rest:
-        raise _error(
-            where, rest[0], "cannot be mapped: expected global pooling, Flatten or Dense after the base"
-        )
-    else:
-        denses, dropouts = [], {}
-    info = _describe(found, kwargs, denses, dropouts, flat, where, notes, input_shape)
-    info = KerasModelInfo(**{**info, "preprocessing": mode, "input_preprocessing": applied})
-    if info.include_top:
-        names = list(KERAS_TOP)
-    else:
-        names = [f"head_fc{k}" for k in range(1, len(denses))] + ["head_logits"]
-    plan_layers += list(zip(names, [dense for dense, _ in denses]))
-    return ArchPlan(info, plan_layers, notes)
-
-
-def _describe(arch, kwargs, denses, dropouts, flat, where, notes, input_shape) -> dict:
-    """The :class:`KerasModelInfo` fields other than the preprocessing ones."""
-    hidden, output = denses[:-1], denses[-1] if denses else None
-    activations = {act for _, act in hidden}
-    if len(activations) > 1:
-        raise WeightFileError(
-            f"{where}: the hidden Dense layers use different activations {sorted(activations)}: "
-            "imgcls_jax's head uses one activation for all of them"
-        )
-    act = activations.pop() if activations else "relu"
-    if act not in HEAD_ACTIVATIONS:
-        layer = next(la for la, a in hidden if a == act)
-        raise _error(
-            where, layer, f"has activation {act!r}, which cannot be mapped; known: {sorted(HEAD_ACTIVATIONS)}"
-        )
-    if output is not None and output[1] not in OUTPUTS:
-        raise _error(
-            where, output[0], f"(the output) has activation {output[1]!r}; expected one of {OUTPUTS}"
-        )
-    if kwargs["include_top"] and (
-        act != "relu" or dropouts or [int(la.config["units"]) for la, _ in hidden] != [4096, 4096]
-    ):
-        raise WeightFileError(f"{where}: layers named fc1/fc2/predictions differ from Keras VGG's top")
-    units = tuple(int(la.config["units"]) for la, _ in hidden)
-    rates = [r for rs in dropouts.values() for r in rs]
-    dropout = max(rates, default=0.0)
-    vgg_layout = {p: [dropout] for p in (range(1, len(hidden) + 1) if hidden else [0])} if dropout else {}
-    if dropouts != vgg_layout and not kwargs["include_top"]:
+    if source == "graph":
+        notes.append(f"preprocessing found in the model ({names}): it takes raw RGB pixels in [0, 255]")
+    elif source == "assumed":
         notes.append(
-            f"Keras's dropout {dict(dropouts)} (rates by number of Dense layers before them) is not "
-            f"imgcls_jax's layout ({dropout} after each hidden layer, or after the pooling without "
-            "one): identical at inference; training this model uses imgcls_jax's layout"
+            f"no preprocessing in the model: its users are assumed to apply {arch}'s own preprocess_input "
+            f"({applied!r}) to raw pixels; pass preprocessing=... (--preprocessing) if they apply another"
         )
-    keras_output = output[1] if output else None
-    out_units = int(output[0].config["units"]) if output else None
-    binary = keras_output == "sigmoid" and out_units == 1
+    return found[0], applied, source, found[1]
+
+
+# ------------------------------------------------------------------------------------ the plan
+def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, where: str) -> BaseMatch:
+    from imgcls_jax.models.registry import list_models
+
+    if arch is not None:
+        application(arch)  # a family refused (NOT_YET): why, before anything else
+    names = [arch] if arch is not None else candidates(graph, list_models())
+    reasons = {}
+    for name in names:
+        found = match_base(graph, out, boundary, name)
+        if isinstance(found, BaseMatch):
+            return found
+        reasons[name] = found
+    if arch is not None:
+        other = next((n for n in candidates(graph, list_models()) if n != arch
+                      and isinstance(match_base(graph, out, boundary, n), BaseMatch)), None)  # fmt: skip
+        if other is not None:
+            raise WeightFileError(f"{where}: this is a {other} model, but arch={arch!r} was asked for")
+    refused = refused_family(graph) if arch is None else None
+    if refused is not None:  # a registered family whose whole models do not come over yet
+        application(refused)
+    if not reasons:
+        raise WeightFileError(f"{where}: no registered family has a Keras graph to compare the base with")
+    best, why = next(iter(reasons.items()))
+    raise WeightFileError(
+        f"{where}: the base (up to {graph.describe(out) if out else 'the input'}) is none of the families "
+        f"imgcls_jax imports ({', '.join(names)}); closest, {best}: {why}"
+    )
+
+
+def _keras_top(arch, pooling, head, nodes) -> bool:
+    """Whether the head is the family's Keras top (its layers and their Keras names)."""
+    from flax import nnx
+
+    from imgcls_jax.models.registry import create_model
+
+    dense = [h for h in head if h.kind == "dense"]
+    if not dense:
+        return False
+    model = nnx.eval_shape(lambda: create_model(arch, include_top=True, num_classes=dense[-1].units,
+                                                input_shape=(224, 224, 3)))  # fmt: skip
+    top_pooling, top, names = model.keras_top(dense[-1].units)
+    return (top_pooling, tuple(top)) == (pooling, tuple(head)) and [n.name for n in nodes] == list(names[1:])
+
+
+def match_architecture(graph: KerasGraph, where: str, weights_of, *, preprocessing: str | None = None,
+                       arch: str | None = None, input_shape=None) -> ArchPlan:  # fmt: skip
+    """Map ``graph`` onto a family and a head; ``WeightFileError`` naming any layer it cannot map.
+    ``weights_of(node)``: the arrays of a node (for the ``Normalization`` layers of the input)."""
+    notes: list[str] = []
+    _check_input(graph, where)
+    boundary, graph_affine, prefix = input_affine(graph, weights_of, where)
+    for i in prefix:
+        if graph.nodes[i].class_name in IDENTITY_AT_INFERENCE:
+            notes.append(f"skipped {graph.nodes[i].name!r} ({graph.nodes[i].class_name}): the identity at "
+                         "inference (Keras's predict)")  # fmt: skip
+    out, chain = _head_chain(graph, where)
+    base = _find_base(graph, out, boundary, arch, where)
+    pooling, head, nodes, output, output_node = parse_head(chain, where, notes)
+    mode, applied, source, computed = resolve_preprocessing(
+        graph, base.family, prefix, graph_affine, preprocessing, where, notes
+    )
+    include_top = bool(head) and _keras_top(base.family, pooling, head, nodes)
+    units = [h for h in head if h.kind == "dense"][-1].units if head else None
+    binary = output == "sigmoid" and units == 1
     if binary:
+        if head[-1].kind != "dense":
+            raise _error(where, output_node, "is a binary Dense(1, sigmoid) output followed by other layers: "
+                                             "only a final Dense(1, sigmoid) can be imported")  # fmt: skip
         notes.append("a binary Dense(1, sigmoid) output p is imported as two softmax classes [1 - p, p]")
-    shape = _input_shape(flat.input_shape, input_shape, kwargs, where, notes)
-    if flat.dtype_policy not in ("float32", None):
-        notes.append(f"the Keras model computes in {flat.dtype_policy!r}; the imported one in float32")
-    return {
-        "arch": arch,
-        **kwargs,
-        "head_units": () if kwargs["include_top"] else units,
-        "head_activation": act,
-        "dropout": dropout if not kwargs["include_top"] else 0.0,
-        "num_classes": (2 if binary else out_units) if output else None,
-        "output_activation": "sigmoid" if keras_output == "sigmoid" and not binary else "softmax",
-        "keras_output": keras_output,
-        "keras_output_units": out_units,
-        "input_shape": shape,
-        "notes": tuple(notes),
-    }
+        head = (*head[:-1], HeadLayer("dense", units=2))
+    if output == "linear":
+        notes.append("the Keras model outputs logits (a linear last layer): the imported model's "
+                     "probabilities are their softmax")  # fmt: skip
+    classic = None if include_top or not head else as_classic(head)
+    head_nodes = _head_nodes(head, nodes, include_top)
+    trainable = _trainable(base, head_nodes, computed)
+    shape = _input_shape(graph.input_shape, input_shape, pooling is None and bool(head), where, notes)
+    if graph.dtype_policy not in ("float32", None):
+        notes.append(f"the Keras model computes in {graph.dtype_policy!r}; the imported one in float32")
+    info = KerasModelInfo(
+        arch=base.family, include_top=include_top, pooling=pooling if not include_top else None,
+        head_units=classic[0] if classic else (), head_activation=classic[1] if classic else "relu",
+        dropout=classic[2] if classic else 0.0, num_classes=(2 if binary else units) if head else None,
+        output_activation="sigmoid" if output == "sigmoid" and not binary else "softmax",
+        keras_output=output, keras_output_units=units, preprocessing=mode, input_preprocessing=applied,
+        input_shape=shape, head=() if include_top else tuple(str(h) for h in head),
+        classic=classic is not None, preprocessing_source=source, trainable_layers=trainable,
+        notes=tuple(notes),
+    )  # fmt: skip
+    return ArchPlan(info, base, head_nodes, computed, binary)
 
 
-def _input_shape(saved, given, kwargs, where, notes) -> tuple[int, int, int]:
-    flattens = kwargs["include_top"] or kwargs["pooling"] is None
+def _head_nodes(head, nodes, include_top: bool) -> dict[str, Node]:
+    """Our head layer name -> the user's node with its weights (Keras's own top keeps its names)."""
+    if include_top:
+        return {n.name: n for n in nodes if n.class_name == "Dense"}
+    return {name: node for name, node in zip(layer_names(head), nodes) if name is not None}
+
+
+def _trainable(base: BaseMatch, head_nodes: dict[str, Node], computed) -> tuple[str, ...]:
+    """The imported model's weighted layers whose Keras layers are trainable (by their flags and
+    their enclosing models')."""
+    names = [name for name, node in base.weights.items() if node.layer.trainable and name not in computed]
+    return (*names, *(name for name, node in head_nodes.items() if node.layer.trainable))
+
+
+def _check_input(graph: KerasGraph, where: str) -> None:
+    shape = graph.input_shape
+    if shape is None:
+        return
+    if len(shape) != 3 or shape[-1] != 3:
+        raise WeightFileError(
+            f"{where}: layer {graph.nodes[0].name!r} (InputLayer) takes inputs of shape {tuple(shape)}: only "
+            "images (height, width, 3 RGB channels) can be imported"
+        )
+
+
+def _input_shape(saved, given, flattens: bool, where, notes) -> tuple[int, int, int]:
     if given is not None:
         given = tuple(int(v) for v in given)
         if saved and None not in saved and tuple(saved) != given and flattens:

@@ -1,17 +1,22 @@
-"""And back out: ``to_keras(model, path)`` writes an imgcls_jax VGG as a Keras model file.
+"""And back out: ``to_keras(model, path)`` writes an imgcls_jax model as a Keras model file.
 
 Written without Keras, in Keras's own layouts:
 
 * ``.keras``: a Keras 3 archive (``metadata.json``, ``config.json``, ``model.weights.h5``), read
-  by ``keras.saving.load_model``;
+  by ``keras.saving.load_model`` (no custom objects);
 * ``.h5``: a whole-model legacy HDF5 file (``model_config`` in Keras 2 / tf.keras form, and
-  ``model_weights``), read by ``keras.saving.load_model`` and by tf.keras' ``load_model``.
+  ``model_weights``), read by ``keras.saving.load_model``.
 
 The Keras model is what a Keras user builds for transfer learning: an input, an optional
-``Rescaling`` layer, the VGG base as one nested layer named ``vgg16``/``vgg19`` (Keras's own
-layer names; ``nested=False`` writes its layers flat), the pooling (``GlobalAveragePooling2D``,
-``GlobalMaxPooling2D`` or ``Flatten``), ``Dense`` + ``Dropout`` layers and the output ``Dense``.
-A model with Keras's ImageNet top is written as ``keras.applications.VGG16(include_top=True)``.
+``Rescaling`` layer, the family's base as Keras's application builds it
+(:mod:`imgcls_jax.weights.keras_families`: the same graph import goes by), nested as one layer
+named after the family (``vgg16``, ``resnet50``, ...; ``nested=False`` writes its layers flat),
+the pooling (``GlobalAveragePooling2D``, ``GlobalMaxPooling2D`` or ``Flatten``) and the head's
+layers (``Dense``, ``Dropout``, ``BatchNormalization``, ``LayerNormalization``, ``Activation``),
+the last ``Dense`` with the output's activation. A model with Keras's ImageNet top gets the
+family's top layers under Keras's names (``fc1``, ``fc2``, ``predictions``; ``avg_pool``,
+``top_dropout``, ``predictions``). Zero paddings that Keras computes from the input size
+(``imagenet_utils.correct_pad``) are written for the model's ``input_shape``.
 """
 
 from __future__ import annotations
@@ -19,237 +24,454 @@ from __future__ import annotations
 import json
 import tempfile
 import zipfile
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from imgcls_jax.models.vgg import BLOCKS, FILTERS
+from imgcls_jax.weights.keras_families import family_config, lead, lead_is_mode
 from imgcls_jax.weights.keras_inputs import mode_affine
-from imgcls_jax.weights.keras_layers import flatten_model
+from imgcls_jax.weights.keras_layers import read_graph
 
 #: Keras version whose file formats are written (read by Keras 3.x and tf.keras 2.x alike).
 KERAS3_FORMAT_VERSION = "3.15.1"
 LEGACY_FORMAT_VERSION = "2.21.0"
-_POOL_LAYERS = {"avg": "GlobalAveragePooling2D", "max": "GlobalMaxPooling2D", None: "Flatten"}
+_POOL_LAYERS = {
+    "avg": ("GlobalAveragePooling2D", "global_average_pooling2d"),
+    "max": ("GlobalMaxPooling2D", "global_max_pooling2d"),
+    None: ("Flatten", "flatten"),
+}
+_HEAD_CLASSES = {"dense": ("Dense", "dense"), "dropout": ("Dropout", "dropout"),
+                 "batchnorm": ("BatchNormalization", "batch_normalization"),
+                 "layernorm": ("LayerNormalization", "layer_normalization"),
+                 "activation": ("Activation", "activation")}  # fmt: skip
 
 
-class _Chain:
-    """Builds a Functional model config layer by layer (each layer consumes the previous)."""
+# ------------------------------------------------------------------------------ the config
+@dataclass
+class _Builder:
+    """Builds a Functional model config (Keras 3 form, or Keras 2 form with ``legacy``)."""
 
-    def __init__(self, name: str, input_shape, legacy: bool):
-        self.name, self.legacy, self.layers, self.shape = name, legacy, [], [None, *input_shape]
-        self.previous: tuple[str, int] | None = None
-        shape_key = "batch_input_shape" if legacy else "batch_shape"
-        config = {shape_key: self.shape, "dtype": "float32", "sparse": False, "ragged": False}
-        self.add("InputLayer", f"{name}_input" if name != "model" else "input_layer", config, self.shape)
+    name: str
+    legacy: bool
+    layers: list = field(default_factory=list)
+    used: dict = field(default_factory=dict)
+    ranks: dict = field(default_factory=dict)  # layer name -> its output's rank (Keras 3 needs one)
 
-    def add(self, class_name: str, name: str, config: dict, shape, entry: dict | None = None, node: int = 0):
-        """Append a layer (``entry``: a whole nested model entry) whose output has ``shape``."""
-        if entry is None:
-            trainable = {} if class_name == "InputLayer" else {"trainable": True}
-            entry = {"class_name": class_name, "config": {"name": name, **trainable, **config}}
-        if (
-            class_name != "InputLayer"
-            and "dtype" not in entry["config"]
-            and entry["class_name"] not in ("Functional",)
-        ):
-            entry["config"]["dtype"] = "float32"
-        entry["name"] = name
-        if not self.legacy:
-            entry.setdefault("module", "keras.layers")
-            entry.setdefault("registered_name", None)
-        entry["inbound_nodes"] = self._inbound() if self.previous else []
+    def unique(self, base: str) -> str:
+        """``base``, ``base_1``, ... as Keras names layers it was given no name for."""
+        n = self.used.get(base, -1) + 1
+        self.used[base] = n
+        return base if n == 0 else f"{base}_{n}"
+
+    def input(self, name: str, shape) -> str:
+        key = "batch_input_shape" if self.legacy else "batch_shape"
+        config = {key: [None, *shape], "dtype": "float32", "sparse": False, "ragged": False, "name": name}
+        self.layers.append(self._entry("InputLayer", name, config, []))
+        self.ranks[name] = 4
+        return name
+
+    def add(self, class_name: str, name: str, config: dict, inputs: list[str]) -> str:
+        config = {"name": name, "trainable": True, "dtype": "float32", **config}
+        self.layers.append(self._entry(class_name, name, config, inputs))
+        pooled = class_name.startswith("Global") or class_name == "Flatten"
+        self.ranks[name] = 2 if pooled else self.ranks.get(inputs[0], 4)
+        return name
+
+    def op(self, class_name: str, config: dict, args: list) -> str:
+        """A Keras 3 operation layer (what ``keras.ops`` on a symbolic tensor records), ``args``
+        with ``str`` for the inputs' layer names."""
+        name = self.unique({"GetItem": "get_item", "Stack": "stack"}[class_name])
+
+        def arg(value):
+            if isinstance(value, str):
+                return self._inbound([value], merge=False)[0]["args"][0]
+            return [arg(v) for v in value] if isinstance(value, list) else value
+
+        entry = {"module": "keras.src.ops.numpy", "class_name": class_name,
+                 "config": {"name": name, **config}, "registered_name": class_name, "name": name,
+                 "inbound_nodes": [{"args": [arg(a) for a in args], "kwargs": {}}]}  # fmt: skip
         self.layers.append(entry)
-        self.previous, self.shape = (name, node), list(shape)
+        self.ranks[name] = 3 if class_name == "GetItem" else 4
+        return name
 
-    def _inbound(self):
-        name, node = self.previous
+    def add_entry(self, entry: dict, rename: dict[str, str]) -> str:
+        """A layer entry as Keras wrote it (a family graph's) in this builder's form, its inputs
+        that are layers of ``rename`` taking the renamed ones."""
+        refs = [rename.get(r, r) for r in _refs(entry)]
         if self.legacy:
-            return [[[name, node, 0, {}]]]
-        history = {"shape": self.shape, "dtype": "float32", "keras_history": [name, 0, 0]}
-        return [{"args": [{"class_name": "__keras_tensor__", "config": history}], "kwargs": {}}]
+            entry = _legacy_entry(entry)
+            entry["inbound_nodes"] = self._inbound(refs, merge=False)
+        else:
+            entry = {**entry, "inbound_nodes": _renamed(entry.get("inbound_nodes") or [], rename)}
+        self.layers.append(entry)
+        self.ranks[entry["name"]] = 2 if entry["class_name"] in ("GlobalAveragePooling2D", "Flatten") else 4
+        return entry["name"]
 
-    def config(self) -> dict:
-        first, last = [self.layers[0]["name"], 0, 0], [self.previous[0], 0, 0]
-        io = {"input_layers": [first], "output_layers": [last]} if self.legacy else {
-            "input_layers": first, "output_layers": last}  # fmt: skip
-        out = {
-            "class_name": "Functional",
-            "config": {"name": self.name, "trainable": True, "layers": self.layers, **io},
-        }
+    def add_model(self, entry: dict, inputs: list[str]) -> str:
+        """A nested model (Keras 3 form) called on ``inputs``."""
+        self.layers.append({**entry, "inbound_nodes": self._inbound(inputs, merge=False)})
+        self.ranks[entry["name"]] = 4
+        return entry["name"]
+
+    def _entry(self, class_name: str, name: str, config: dict, inputs: list[str]) -> dict:
+        entry = {"class_name": class_name, "config": config, "name": name}
+        if not self.legacy:
+            entry.update(module="keras.layers", registered_name=None)
+        entry["inbound_nodes"] = self._inbound(inputs, merge=False)
+        return entry
+
+    def _inbound(self, inputs: list[str], merge: bool):
+        if not inputs:
+            return []
+        if self.legacy:
+            return [[[name, 0, 0, {}] for name in inputs]]
+        refs = [
+            {"class_name": "__keras_tensor__",
+             "config": {"shape": [None] * self.ranks.get(name, 4), "dtype": "float32",
+                        "keras_history": [name, 0, 0]}}
+            for name in inputs
+        ]  # fmt: skip
+        return [{"args": [refs] if merge else refs, "kwargs": {}}]
+
+    def config(self, inputs: str, output: str) -> dict:
+        io = ({"input_layers": [[inputs, 0, 0]], "output_layers": [[output, 0, 0]]} if self.legacy
+              else {"input_layers": [inputs, 0, 0], "output_layers": [output, 0, 0]})  # fmt: skip
+        config = {"name": self.name, "trainable": True, "layers": self.layers, **io}
+        out = {"class_name": "Functional", "config": config}
         if not self.legacy:
             out.update({"module": "keras.src.models.functional", "registered_name": "Functional"})
         return out
 
 
-def _conv(filters: int) -> dict:
-    return {"filters": filters, "kernel_size": [3, 3], "strides": [1, 1], "padding": "same",
-            "data_format": "channels_last", "dilation_rate": [1, 1], "groups": 1, "activation": "relu",
-            "use_bias": True}  # fmt: skip
+def _refs(entry: dict) -> list[str]:
+    from imgcls_jax.weights.keras_layers import _tensor_refs
+
+    nodes = entry.get("inbound_nodes") or []
+    return [name for name, _ in _tensor_refs(nodes[0].get("args", []))] if nodes else []
 
 
-def _dense(units: int, activation: str) -> dict:
-    return {"units": int(units), "activation": activation, "use_bias": True}
+def _renamed(value, rename: dict[str, str]):
+    """A Keras 3 call's arguments with the tensors of layers in ``rename`` taken from the renamed."""
+    if isinstance(value, dict):
+        if value.get("class_name") == "__keras_tensor__":
+            history = list(value["config"]["keras_history"])
+            history[0] = rename.get(history[0], history[0])
+            return {**value, "config": {**value["config"], "keras_history": history}}
+        return {k: _renamed(v, rename) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_renamed(v, rename) for v in value]
+    return value
 
 
-def _add_base(chain: _Chain, arch: str) -> None:
-    height, width = chain.shape[1:3]
-    for b, (n_conv, filters) in enumerate(zip(BLOCKS[arch], FILTERS), start=1):
-        for c in range(1, n_conv + 1):
-            chain.add("Conv2D", f"block{b}_conv{c}", _conv(filters), [None, height, width, filters])
-        height, width = (None if height is None else height // 2), (None if width is None else width // 2)
-        pool = {"pool_size": [2, 2], "padding": "valid", "strides": [2, 2], "data_format": "channels_last"}
-        chain.add("MaxPooling2D", f"block{b}_pool", pool, [None, height, width, filters])
-
-
-def keras_config_for(
-    *,
-    arch: str = "vgg16",
-    input_shape=None,
-    include_top: bool = False,
-    pooling: str | None = "avg",
-    head_units=(),
-    head_activation: str = "relu",
-    dropout: float = 0.0,
-    num_classes: int | None = None,
-    keras_output: str = "softmax",
-    rescaling: tuple | None = None,
-    nested: bool = True,
-    legacy: bool = False,
-) -> dict:
-    """The Keras model config (Keras 3 form, or Keras 2 form with ``legacy``) of a VGG transfer
-    model: ``num_classes`` is the output ``Dense``'s width, ``keras_output`` its activation,
-    ``rescaling`` an optional ``(scale, offset)`` input layer (numbers or per-channel lists)."""
-    if arch not in BLOCKS:
-        raise ValueError(f"unknown VGG architecture {arch!r}; expected one of {sorted(BLOCKS)}")
-    shape = list(input_shape) if input_shape is not None else [None, None, 3]
-    if include_top:
-        top = _Chain(arch, shape, legacy)
-        _add_base(top, arch)
-        top.add("Flatten", "flatten", {"data_format": "channels_last"}, [None, int(np.prod(top.shape[1:]))])
-        top.add("Dense", "fc1", _dense(4096, "relu"), [None, 4096])
-        top.add("Dense", "fc2", _dense(4096, "relu"), [None, 4096])
-        top.add(
-            "Dense", "predictions", _dense(num_classes or 1000, keras_output), [None, num_classes or 1000]
-        )
-        return top.config()
-    chain = _Chain("model", shape, legacy)
-    if rescaling is not None:
-        chain.add("Rescaling", "rescaling", {"scale": rescaling[0], "offset": rescaling[1]}, chain.shape)
-    if nested:
-        base = _Chain(arch, chain.shape[1:], legacy)
-        _add_base(base, arch)
-        chain.add("Functional", arch, {}, base.shape, entry=base.config(), node=1 if legacy else 0)
-    else:
-        _add_base(chain, arch)
-    if num_classes is None and pooling is None:
-        return chain.config()
-    features = 512 if pooling else int(np.prod(chain.shape[1:])) if None not in chain.shape[1:] else None
-    chain.add(_POOL_LAYERS[pooling], {"avg": "global_average_pooling2d", "max": "global_max_pooling2d"}.get(
-        pooling, "flatten"), {"data_format": "channels_last"}, [None, features])  # fmt: skip
-    if num_classes is None:
-        return chain.config()
-    if dropout and not head_units:
-        chain.add("Dropout", "dropout", {"rate": float(dropout)}, chain.shape)
-    for i, units in enumerate(head_units):
-        chain.add("Dense", "dense" if i == 0 else f"dense_{i}", _dense(units, head_activation), [None, units])
-        if dropout:
-            chain.add(
-                "Dropout", "dropout" if i == 0 else f"dropout_{i}", {"rate": float(dropout)}, chain.shape
-            )
-    name = "dense" if not head_units else f"dense_{len(head_units)}"
-    chain.add("Dense", name, _dense(num_classes, keras_output), [None, num_classes])
-    return chain.config()
-
-
-def input_rescaling(mode: str, input_preprocessing: str) -> tuple | None:
-    """``(scale, offset)`` of the ``Rescaling`` layer that turns pixels preprocessed with
-    ``input_preprocessing`` into what ``mode`` computes (None: nothing to do)."""
-    have, want = mode_affine(input_preprocessing), mode_affine(mode)
-    if have.flip != want.flip:
+def _legacy_entry(entry: dict) -> dict:
+    """A Keras 3 layer entry in Keras 2 form: plain dtype, no initializers or regularizers (Keras
+    takes its defaults; they do not change predictions), no module keys. ``ValueError`` for a
+    Keras 3 operation on a tensor and a constant (MobileNetV3's hard sigmoid ``x + 3``, ``x / 6``)
+    or a layer class of an application's own module (InceptionResNetV2's ``CustomScaleLayer``),
+    which a Keras 2 config cannot hold (Keras finds them by their module only)."""
+    module = str(entry.get("module") or "keras.layers")
+    if module != "keras.layers":
+        what = "operation" if module.startswith("keras.src.ops") else "layer"
         raise ValueError(
-            f"a Keras model for inputs preprocessed with {input_preprocessing!r} cannot apply the model's "
-            f"{mode!r} preprocessing with a Rescaling layer (it reverses the channels): export with "
-            f"input_preprocessing={mode!r} and apply keras.applications' preprocess_input(mode={mode!r})"
+            f"this family's Keras base holds the {what} {entry['name']!r} ({entry['class_name']} of "
+            f"{module}), which a legacy .h5 model config cannot name: export a .keras file"
         )
-    scale = want.scale / have.scale
-    offset = want.offset - have.offset * scale
+    config = {k: v for k, v in entry["config"].items()
+              if not any(w in k for w in ("initializer", "regularizer", "constraint"))}  # fmt: skip
+    config["dtype"] = "float32"
+    return {"class_name": entry["class_name"], "config": config, "name": entry["name"]}
+
+
+def _base_config(arch: str, input_shape) -> dict:
+    """The Keras config of ``arch``'s base for ``input_shape``: the stored graph with its input
+    size set and its ``correct_pad`` paddings recomputed for that size."""
+    config = family_config(arch)
+    layers = config["config"]["layers"]
+    layers[0]["config"]["batch_shape"] = [None, *input_shape]
+    graph = read_graph(config, arch)
+    sizes = _spatial_sizes(graph, tuple(input_shape[:2]))
+    for node, entry in zip(graph.nodes[1:], layers[1:]):
+        if node.class_name == "ZeroPadding2D" and node.inputs:
+            entry["config"]["padding"] = _correct_pad(entry["config"]["padding"], sizes.get(node.inputs[0]))
+    return config
+
+
+def _correct_pad(padding, size):
+    """A ``correct_pad`` padding (``((k//2 - 1, k//2), ...)``, as Keras writes it for unknown or
+    even sizes) for a map of ``size``: ``k//2`` on both sides of an odd side."""
+    if size is None or not (isinstance(padding, list) and all(isinstance(p, list) for p in padding)):
+        return padding
+    return [
+        [p[1], p[1]] if p[0] == p[1] - 1 and n is not None and n % 2 else p for p, n in zip(padding, size)
+    ]
+
+
+def _spatial_sizes(graph, size: tuple) -> dict[int, tuple | None]:
+    """``{node: (h, w)}`` of the maps in ``graph`` for an input of ``size`` (None where unknown)."""
+    sizes: dict[int, tuple | None] = {0: size}
+    for node in graph.nodes[1:]:
+        before = sizes.get(node.inputs[0]) if node.inputs else None
+        c = node.config
+        if before is None or None in before:
+            sizes[node.id] = None
+        elif node.class_name == "ZeroPadding2D":
+            pad = c["padding"]
+            pad = (
+                [[pad, pad]] * 2
+                if isinstance(pad, int)
+                else [p if isinstance(p, list) else [p, p] for p in pad]
+            )
+            sizes[node.id] = tuple(n + a + b for n, (a, b) in zip(before, pad))
+        elif node.class_name in (
+            "Conv2D",
+            "DepthwiseConv2D",
+            "SeparableConv2D",
+            "MaxPooling2D",
+            "AveragePooling2D",
+        ):
+            kernel = c.get("kernel_size") or c.get("pool_size")
+            strides = c.get("strides") or kernel
+            kernel, strides = (_pair(kernel), _pair(strides))
+            same = c.get("padding", "valid") == "same"
+            sizes[node.id] = tuple(
+                -(-n // s) if same else (n - k) // s + 1 for n, k, s in zip(before, kernel, strides)
+            )
+        elif node.class_name.startswith("Global"):
+            sizes[node.id] = None
+        else:
+            sizes[node.id] = before
+    return sizes
+
+
+def _pair(value):
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def _head_layer_config(layer, output: str | None = None) -> dict:
+    if layer.kind == "dense":
+        return {"units": int(layer.units), "activation": output or layer.activation, "use_bias": True}
+    if layer.kind == "dropout":
+        return {"rate": float(layer.rate)}
+    if layer.kind == "activation":
+        return {"activation": layer.activation}
+    config = {"axis": -1, "epsilon": float(layer.epsilon), "center": layer.center, "scale": layer.scale}
+    if layer.kind == "batchnorm":
+        config["momentum"] = float(layer.momentum)
+    return config
+
+
+def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, keras_output="softmax",
+                 rescaling=None, reorder=None, nested=True,
+                 legacy=False) -> tuple[dict, dict[str, str]]:  # fmt: skip
+    """The Keras config of ``arch``'s base with ``pooling`` and ``head`` (head layers; empty:
+    features), and ``{Keras layer name: the head's layer name here}``.
+
+    ``head_names``: Keras names of the pooling and head layers (Keras's own top), default
+    Keras's automatic ones; ``keras_output``: the output's activation (on the last Dense, or an
+    ``Activation`` after it when layers follow it); ``rescaling``: an optional ``(scale, offset)``
+    input layer (numbers or per-channel lists), after ``reorder``: the input's channels in this
+    order first (Keras 3 operation layers, as ``preprocess_input`` records RGB -> BGR)."""
+    from imgcls_jax.models.head import layer_names
+
+    builder = _Builder("model", legacy)
+    shape = list(input_shape) if input_shape is not None else [None, None, 3]
+    x = builder.input("input_layer", shape)
+    if reorder is not None:  # x[..., reorder] as Keras 3 records preprocess_input's RGB -> BGR
+        if legacy:
+            raise ValueError("a legacy .h5 file cannot reorder the input's channels: export a .keras file")
+        ellipsis = {"class_name": "__ellipsis__", "config": {}}
+        channels = [builder.op("GetItem", {}, [x, [ellipsis, int(c)]]) for c in reorder]
+        x = builder.op("Stack", {"axis": -1}, [channels])
+    if rescaling is not None:
+        x = builder.add("Rescaling", "input_rescaling", {"scale": rescaling[0], "offset": rescaling[1]}, [x])
+    base = _base_config(arch, shape)
+    if nested and not legacy:
+        entry = {**base, "name": arch}
+        entry["config"] = {**base["config"], "name": arch}
+        x = builder.add_model(entry, [x])
+    else:
+        x = _inline(builder, base, x)
+    mapping: dict[str, str] = {}
+    if not head and pooling is None:
+        return builder.config("input_layer", x), mapping
+    names = iter(head_names or [])
+    pool_class, pool_name = _POOL_LAYERS[pooling]
+    x = builder.add(
+        pool_class, next(names, None) or builder.unique(pool_name), {"data_format": "channels_last"}, [x]
+    )
+    last = max((i for i, h in enumerate(head) if h.kind == "dense"), default=-1)
+    ours = layer_names(head) if head else []
+    for i, layer in enumerate(head):
+        cls, auto = _HEAD_CLASSES[layer.kind]
+        name = next(names, None) or builder.unique(auto)
+        output = keras_output if i == last and last == len(head) - 1 else None
+        x = builder.add(cls, name, _head_layer_config(layer, output), [x])
+        if ours[i] is not None:
+            mapping[name] = ours[i]
+    if head and last != len(head) - 1 and keras_output != "linear":
+        x = builder.add("Activation", builder.unique("activation"), {"activation": keras_output}, [x])
+    return builder.config("input_layer", x), mapping
+
+
+def _inline(builder: _Builder, base: dict, x: str) -> str:
+    """The base's layers added flat, its input being ``x``; returns its output layer."""
+    layers = base["config"]["layers"]
+    entry_input = layers[0]["name"]
+    for entry in layers[1:]:
+        builder.add_entry(entry, {entry_input: x})
+    output = base["config"]["output_layers"]
+    return output[0] if isinstance(output[0], str) else output[0][0]
+
+
+def keras_config_for(*, arch: str = "vgg16", input_shape=None, include_top: bool = False,
+                     pooling: str | None = "avg", head_units=(), head_activation: str = "relu",
+                     dropout: float = 0.0, num_classes: int | None = None, keras_output: str = "softmax",
+                     rescaling: tuple | None = None, nested: bool = True, legacy: bool = False,
+                     head=None) -> dict:  # fmt: skip
+    """The Keras model config (Keras 3 form, or Keras 2 form with ``legacy``) of a transfer model:
+    ``arch``'s base, ``pooling``, a head (``head`` layers, or the classic options) whose output
+    ``Dense`` has ``num_classes`` units and the activation ``keras_output``, ``rescaling`` an
+    optional ``(scale, offset)`` input layer."""
+    from imgcls_jax.models.head import classic_head, parse_head, with_classes
+
+    layers, names = (), None
+    if include_top:
+        top_pooling, layers, names = _keras_top(arch, num_classes or 1000)
+        pooling = top_pooling
+    elif num_classes is not None:
+        if head is not None:
+            layers = with_classes(parse_head(head), num_classes)
+        else:
+            layers = classic_head(head_units, head_activation, dropout, num_classes)
+        layers = tuple(h for h in layers if not (h.kind == "dropout" and h.rate == 0.0))
+    config, _ = model_config(
+        arch, input_shape, pooling=pooling, head=layers, head_names=names, keras_output=keras_output,
+        rescaling=rescaling, nested=nested, legacy=legacy,
+    )  # fmt: skip
+    return config
+
+
+def _keras_top(arch: str, num_classes: int):
+    from flax import nnx
+
+    from imgcls_jax.models.registry import create_model
+
+    model = nnx.eval_shape(lambda: create_model(arch, include_top=True, num_classes=num_classes,
+                                                input_shape=(224, 224, 3)))  # fmt: skip
+    return model.keras_top(num_classes)
+
+
+# ---------------------------------------------------------------------------- the weights
+def input_bridge(
+    mode: str, input_preprocessing: str, arch: str | None = None
+) -> tuple[tuple | None, tuple | None]:
+    """``(reorder, (scale, offset))``: the channel order and the ``Rescaling`` layer that turn
+    pixels preprocessed with ``input_preprocessing`` into what ``mode`` computes (None: nothing
+    to do); for a family ``arch`` whose Keras base applies its mode itself (:func:`lead_is_mode`),
+    into what that base's own first layers turn into what ``mode`` computes."""
+    bridge = mode_affine(mode).after(mode_affine(input_preprocessing).inverse())
+    if arch is not None and lead_is_mode(arch):
+        bridge = lead(arch).before.inverse().after(bridge)
+    reorder = None if bridge.perm == (0, 1, 2) else bridge.perm
+    scale, offset = bridge.scale, bridge.offset
     if np.allclose(scale, 1.0, rtol=1e-7) and np.allclose(offset, 0.0, atol=1e-7):
-        return None
+        return reorder, None
 
     def compact(values):
         return float(values[0]) if np.allclose(values, values[0], rtol=1e-7) else [float(v) for v in values]
 
-    return compact(scale), compact(offset)
+    return reorder, (compact(scale), compact(offset))
 
 
-def _export_plan(
-    model, input_preprocessing: str | None, keras_output: str | None, nested: bool, legacy: bool
-):
-    """``(config, plan, binary)``: the Keras config and which Keras layer gets each VGG layer."""
-    from imgcls_jax.weights.keras_arch import match_architecture
-
+def _export_plan(model, input_preprocessing, keras_output, nested: bool, legacy: bool):
+    """``(config, arrays by Keras layer name, weight names by Keras layer name)``."""
     if model.num_classes is None:
         raise ValueError(
             "the model has no classifier head (num_classes=None): nothing to export as a classifier"
         )
+    lead(model.arch)  # a family without a Keras graph: its clear error, before anything is written
     if input_preprocessing is None:
         input_preprocessing = "none" if model.preprocessing == "unit" else model.preprocessing
-    if keras_output is None:
-        keras_output = model.output_activation
-    binary = keras_output == "sigmoid" and model.output_activation == "softmax"
-    if binary and model.num_classes != 2:
+    output_activation = getattr(model, "output_activation", "softmax")
+    keras_output = keras_output or output_activation
+    binary = keras_output == "sigmoid" and output_activation == "softmax"
+    if binary and (model.num_classes != 2 or model.include_top or model.head_spec[-1].kind != "dense"):
         raise ValueError(
-            f"keras_output='sigmoid' for a softmax model needs 2 classes (written as Dense(1, sigmoid)), "
-            f"the model has {model.num_classes}"
+            "keras_output='sigmoid' for a softmax model needs 2 classes and a head ending in its Dense layer "
+            f"(written as Dense(1, sigmoid)); the model has {model.num_classes} classes"
         )
-    if model.output_activation == "sigmoid" and keras_output != "sigmoid":
+    if output_activation == "sigmoid" and keras_output != "sigmoid":
         raise ValueError(f"the model's outputs are sigmoids; keras_output={keras_output!r} would change them")
-    rescaling = input_rescaling(model.preprocessing, input_preprocessing)
-    config = keras_config_for(
-        arch=model.arch, input_shape=model.input_shape, include_top=model.include_top, pooling=model.pooling,
-        head_units=model.head_units, head_activation=model.head_activation, dropout=model.dropout_rate,
-        num_classes=1 if binary else model.num_classes, keras_output=keras_output, rescaling=rescaling,
-        nested=nested, legacy=legacy,
+    reorder, rescaling = input_bridge(model.preprocessing, input_preprocessing, model.arch)
+    if reorder is not None and legacy:
+        raise ValueError(
+            f"a legacy .h5 model for inputs preprocessed with {input_preprocessing!r} cannot apply the "
+            f"model's {model.preprocessing!r} preprocessing (it reverses the channels): export a .keras "
+            f"file, or with input_preprocessing={model.preprocessing!r} and apply keras.applications' "
+            "preprocess_input"
+        )
+    if model.include_top:
+        pooling, head, names = model.keras_top(model.num_classes)
+    else:  # a dropout of rate 0 (the classic head's, without dropout) is no Keras layer
+        pooling, names = model.pooling, None
+        head = tuple(h for h in model.head_spec if not (h.kind == "dropout" and h.rate == 0.0))
+    if binary:
+        head = (*head[:-1], type(head[-1])("dense", units=1))
+    config, mapping = model_config(
+        model.arch, model.input_shape, pooling=pooling, head=head, head_names=names,
+        keras_output=keras_output, rescaling=rescaling, reorder=reorder, nested=nested, legacy=legacy,
     )  # fmt: skip
-    flat = flatten_model(config, "export")
-    plan = match_architecture(flat, "export", preprocessing=input_preprocessing, arch=model.arch)
-    if plan.info.preprocessing != model.preprocessing:  # a bug here, not a user error
-        raise AssertionError(f"exported preprocessing {plan.info.preprocessing} != {model.preprocessing}")
-    return config, flat, plan, binary
+    if model.include_top:
+        mapping = {n: n for n in model.head_layers}
+    return config, _arrays(model, config, mapping, binary)
 
 
-def _arrays(model, plan, binary: bool) -> dict[str, list[np.ndarray]]:
+def _arrays(model, config: dict, mapping: dict[str, str], binary: bool) -> dict[str, tuple[list, tuple]]:
+    """``{Keras layer name: (arrays, weight names)}`` of every weighted layer of ``config``."""
+    specs = {s.name: s for s in model.layer_specs()}
+    specs.update({s.name: s for s in model.head_layer_specs()})
+    graph = read_graph(config, "export")
+    names = {n.name for n in graph.nodes}
+    missing = [s for s in specs if s not in names and s not in mapping.values()]
+    if missing:
+        raise ValueError(f"{model.arch}: layers {missing[:5]} are not in its Keras graph: cannot be exported")
     out = {}
-    for ours, layer in plan.layers:
-        kernel = np.asarray(getattr(model, ours).kernel.get_value(), np.float32)
-        bias = np.asarray(getattr(model, ours).bias.get_value(), np.float32)
+    for node in graph.nodes:
+        ours = mapping.get(node.name, node.name if node.name in specs else None)
+        if ours is None:
+            continue
+        arrays = [np.asarray(v.get_value(), np.float32) for v in model.keras_variables(ours)]
         if binary and ours == "head_logits":  # softmax([z0, z1])[1] = sigmoid(z1 - z0)
-            kernel, bias = kernel[:, 1:] - kernel[:, :1], bias[1:] - bias[:1]
-        out[layer.name] = [kernel, bias]
+            kernel, bias = arrays
+            arrays = [kernel[:, 1:] - kernel[:, :1], bias[1:] - bias[:1]]
+        out[node.name] = (arrays, specs[ours].weight_names)
     return out
 
 
-def _write_keras3_weights(path: Path, flat, arrays) -> None:
+def _write_keras3_weights(path: Path, config: dict, arrays) -> None:
     import h5py
 
+    graph = read_graph(config, "export")
     with h5py.File(path, "w") as f:
         f.create_group("vars").attrs["name"] = "model"
-        for layer in flat.layers:
-            group = f.require_group(layer.keras3_path)
-            group.attrs["name"] = layer.name
-            for i, array in enumerate(arrays.get(layer.name, ())):
+        for node in graph.nodes[1:]:
+            group = f.require_group(node.layer.keras3_path)
+            group.attrs["name"] = node.name
+            for i, array in enumerate(arrays.get(node.name, ((), ()))[0]):
                 group.create_dataset(str(i), data=array)
 
 
-def _write_legacy(path: Path, config: dict, flat, arrays) -> None:
+def _write_legacy(path: Path, config: dict, arrays) -> None:
     import h5py
 
+    graph = read_graph(config, "export")
     groups: dict[str, list[tuple[str, np.ndarray]]] = {}
-    for layer in flat.layers:
-        for kind, array in zip(("kernel", "bias"), arrays.get(layer.name, ())):
-            groups.setdefault(layer.legacy_group, []).append((f"{layer.name}/{kind}:0", array))
+    for node in graph.nodes:
+        values, weight_names = arrays.get(node.name, ((), ()))
+        for kind, array in zip(weight_names, values):
+            groups.setdefault(node.layer.legacy_group, []).append((f"{node.name}/{kind}:0", array))
     with h5py.File(path, "w") as f:
         f.attrs.update(
             {"backend": "tensorflow", "keras_version": LEGACY_FORMAT_VERSION, "written_by": "imgcls_jax"}
@@ -275,42 +497,47 @@ def to_keras(
     keras_output: str | None = None,
     nested: bool | None = None,
 ) -> Path:
-    """Write ``model`` (an imgcls_jax VGG with a head) as a Keras model file; returns the path.
+    """Write ``model`` (an imgcls_jax model of any family with a Keras graph, with a head) as a
+    Keras model file; returns the path.
 
     Args:
-      model: a :class:`~imgcls_jax.models.VGG` with ``num_classes`` set.
+      model: a model with ``num_classes`` set (Keras's top or a transfer head).
       path: ``*.keras`` (Keras 3 archive) or ``*.h5`` (legacy whole-model HDF5).
       input_preprocessing: what the Keras model's users will apply to raw RGB pixels before
         calling it (a mode of :data:`imgcls_jax.models.MODES`). Default: the model's own mode
         (``"caffe"``: ``keras.applications.vgg16.preprocess_input``), except ``"unit"``, written
         as raw-pixel input and a ``Rescaling(1/255)`` layer. When it differs from the model's
-        mode, a ``Rescaling`` layer in front bridges them (e.g. ``"none"`` for a ``"tf"``
-        model adds ``Rescaling(1/127.5, offset=-1)``); ``"caffe"`` cannot be bridged that way.
+        mode, layers in front bridge them: ``Rescaling`` (``"none"`` for a ``"tf"`` model adds
+        ``Rescaling(1/127.5, offset=-1)``), after the RGB -> BGR reversal as Keras 3 records
+        ``preprocess_input`` (``GetItem`` and ``Stack``) for a ``"caffe"`` model (``.keras`` only).
       keras_output: the output activation: default the model's (``softmax``/``sigmoid``);
         ``"linear"`` writes logits; ``"sigmoid"`` for a 2-class softmax model writes a binary
         ``Dense(1, sigmoid)`` giving the probability of class 1.
-      nested: the VGG base as one nested layer (as ``keras.applications.VGG16(...)`` called on
+      nested: the base as one nested layer (as ``keras.applications.ResNet50(...)`` called on
         an input; the default for ``.keras``) or as flat layers (the default for ``.h5``: Keras 3
-        cannot read a nested model from a legacy file, Keras 2's own or this one; tf.keras can).
+        cannot read a nested model from a legacy file).
 
     Raises:
-      ValueError: a model without a head, an unknown suffix, or options that would change the
-        model's predictions.
+      ValueError: a model without a head, an unknown suffix, a family without a Keras graph, or
+        options that would change the model's predictions.
     """
     path = Path(path)
     if path.suffix not in (".keras", ".h5") or path.name.endswith(".weights.h5"):
         raise ValueError(f"{path}: the suffix must be .keras (Keras 3 archive) or .h5 (legacy whole model)")
     legacy = path.suffix == ".h5"
     nested = not legacy if nested is None else nested
-    config, flat, plan, binary = _export_plan(model, input_preprocessing, keras_output, nested, legacy)
-    arrays = _arrays(model, plan, binary)
+    if nested and legacy:
+        raise ValueError(
+            f"{path}: a legacy .h5 file holds the base's layers flat (Keras 3 cannot read nested ones)"
+        )
+    config, arrays = _export_plan(model, input_preprocessing, keras_output, nested, legacy)
     path.parent.mkdir(parents=True, exist_ok=True)
     if legacy:
-        _write_legacy(path, config, flat, arrays)
+        _write_legacy(path, config, arrays)
         return path
     with tempfile.TemporaryDirectory() as tmp:
         weights = Path(tmp) / "model.weights.h5"
-        _write_keras3_weights(weights, flat, arrays)
+        _write_keras3_weights(weights, config, arrays)
         saved = datetime.now(UTC).strftime("%Y-%m-%d@%H:%M:%S")
         meta = {"keras_version": KERAS3_FORMAT_VERSION, "date_saved": saved, "written_by": "imgcls_jax"}
         with zipfile.ZipFile(path, "w") as archive:

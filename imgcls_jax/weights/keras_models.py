@@ -1,4 +1,4 @@
-"""Whole Keras models in: ``from_keras(path)`` -> an imgcls_jax VGG with the same predictions.
+"""Whole Keras models in: ``from_keras(path)`` -> an imgcls_jax model with the same predictions.
 
 Reads, without Keras (zipfile + json + h5py):
 
@@ -9,15 +9,20 @@ Reads, without Keras (zipfile + json + h5py):
   architecture given separately: ``architecture=`` a ``.keras`` archive, a JSON file holding a
   Keras model config (``model.to_json()``, an archive's ``config.json``) or that config as a
   dict; or as keywords (``arch``, ``pooling``, ``head_units``, ``num_classes``, ...), in which case
-  the file's weighted layers are taken in order (convolutions, then Dense layers).
+  the base's layers are found in the file by their Keras names and the head's by their order.
 
-The architecture is matched as :mod:`imgcls_jax.weights.keras_arch` describes; every weight is
-read and checked (shape, dtype, finite) before a model is built, so a file that does not fit
-raises :class:`~imgcls_jax.weights.WeightFileError` and nothing is half loaded.
+The architecture is matched as :mod:`imgcls_jax.weights.keras_arch` describes: a base of any
+registered family with a Keras graph, a head of Dense / Dropout / BatchNormalization /
+LayerNormalization / activation layers. The family's layers get their weights through the same
+mapping Keras weight files use (``layer_specs`` / ``keras_variables``, validated by
+:func:`imgcls_jax.weights.keras.validate`); every weight is read and checked (shape, dtype,
+finite) before the model is returned, so a file that does not fit raises
+:class:`~imgcls_jax.weights.WeightFileError` and nothing is half loaded.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -26,29 +31,23 @@ import zipfile
 from dataclasses import replace
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from imgcls_jax.models.vgg import VGG
-from imgcls_jax.weights.keras import WeightFileError, _open
+from imgcls_jax.weights.keras import FileLayers, WeightFileError, _open, read_arrays, validate
 from imgcls_jax.weights.keras_arch import ArchPlan, KerasModelInfo, match_architecture
-from imgcls_jax.weights.keras_layers import flatten_model
+from imgcls_jax.weights.keras_layers import KerasGraph, Node, read_graph
 
 log = logging.getLogger(__name__)
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 #: Keywords describing the architecture of a weights-only file (see :func:`from_keras`).
 HEAD_KEYWORDS = (
-    "pooling",
-    "head_units",
-    "head_activation",
-    "dropout",
-    "num_classes",
-    "keras_output",
-    "nested",
-)
+    "pooling", "head_units", "head_activation", "dropout", "num_classes", "keras_output", "nested", "head",
+)  # fmt: skip
+#: Keras's weight names in each layer's order (a legacy group lists trainable weights first).
+_WEIGHT_ORDER = {"kernel": 0, "depthwise_kernel": 0, "gamma": 0, "mean": 0, "pointwise_kernel": 1, "beta": 1,
+                 "variance": 1, "bias": 2, "moving_mean": 2, "count": 2, "moving_variance": 3}  # fmt: skip
 
 
 def from_keras(
@@ -62,8 +61,9 @@ def from_keras(
     dtype="float32",
     seed: int = 0,
     **head,
-) -> tuple[VGG, KerasModelInfo]:
-    """Import a Keras VGG16/VGG19 transfer model: ``(model, info)``.
+):
+    """Import a Keras transfer model (a base of any registered family and its head): ``(model,
+    info)``.
 
     Args:
       path: ``.keras`` archive, whole-model ``.h5``, or a weights-only ``.weights.h5`` / ``.h5``.
@@ -72,23 +72,26 @@ def from_keras(
       preprocessing: what you apply to raw RGB pixels (``[0, 255]``) before calling the Keras
         model: ``"caffe"`` (``keras.applications.vgg16.preprocess_input``), ``"tf"``,
         ``"torch"``, ``"unit"`` (``/255``) or ``"none"`` (raw pixels). Default: ``"none"`` when
-        the model starts with ``Rescaling`` (or similar) layers, else ``"caffe"``. The imported
-        model takes raw pixels and applies the equivalent itself (``info.preprocessing``).
-      arch: ``"vgg16"`` or ``"vgg19"`` to insist on one (default: whichever the file holds).
+        the model holds preprocessing of its own in front of the base (``Rescaling``,
+        ``Normalization``, ``preprocess_input`` applied to its input), else the base's own
+        (``info.preprocessing_source`` says which). The imported model takes raw pixels and applies
+        the equivalent itself (``info.preprocessing``).
+      arch: a registry name to insist on (default: whichever family the base is).
       input_shape: ``(H, W, 3)``; needed when the Keras model's input size is not fixed and
         its head flattens the feature map (default for a pooled head: 224x224).
       class_names: the class names, in the model's output order (Keras keeps none).
       dtype: compute dtype of the imported model; parameters are float32.
       seed: seeds the model's dropout stream (every weight comes from the file).
       head: for a weights-only file without ``architecture``: ``pooling`` ("avg", "max" or
-        None), ``head_units``, ``head_activation``, ``dropout``, ``num_classes`` (the Keras
-        output's width: 1 for a binary sigmoid), ``keras_output`` ("softmax", "sigmoid",
-        "linear") and ``arch`` (default "vgg16").
+        None), ``head_units``, ``head_activation``, ``dropout`` (or ``head``, the layers of
+        :mod:`imgcls_jax.models.head`), ``num_classes`` (the Keras output's width: 1 for a binary
+        sigmoid), ``keras_output`` ("softmax", "sigmoid", "linear") and ``arch`` (default "vgg16").
 
     Returns:
       The model (inference mode; it takes raw RGB pixels ``[N, H, W, 3]`` and returns logits
       ``float32[N, K]``; ``model.probabilities(logits)`` gives what the Keras model outputs,
       except that a linear Keras output becomes a softmax) and a :class:`KerasModelInfo`.
+      ``model.keras_trainable`` holds the layers the Keras model's ``trainable`` flags train.
 
     Raises:
       WeightFileError: unreadable file, an architecture that cannot be mapped (the message
@@ -100,17 +103,24 @@ def from_keras(
     if unknown:
         raise TypeError(f"from_keras() got unexpected keyword arguments {unknown}")
     fmt, config, keras_version = _architecture_of(path, architecture, arch, input_shape, head)
-    flat = flatten_model(config, where)
-    plan = match_architecture(flat, where, preprocessing=preprocessing, arch=arch, input_shape=input_shape)
-    by_order = architecture is None and config.get("_imgcls_jax_from_keywords", False)
-    arrays = _read_weights(path, fmt, plan, by_order)
-    names = None if class_names is None else tuple(str(c) for c in class_names)
-    if names is not None and len(names) != plan.info.num_classes:
-        raise ValueError(
-            f"{where}: {len(names)} class names for a model with {plan.info.num_classes} classes"
-        )
-    info = replace(plan.info, class_names=names, source=where, format=fmt, keras_version=keras_version)
-    model = build_model(info, arrays, dtype=dtype, seed=seed)
+    graph = read_graph(config, where)
+    by_name = architecture is None and config.get("_imgcls_jax_from_keywords", False)
+    with _weights_file(path, fmt) as h5file:
+        weights = Locator(h5file, fmt, where, by_name)
+        plan = match_architecture(graph, where, weights.arrays, preprocessing=preprocessing, arch=arch,
+                                  input_shape=input_shape)  # fmt: skip
+        names = None if class_names is None else tuple(str(c) for c in class_names)
+        if names is not None and len(names) != plan.info.num_classes:
+            raise ValueError(
+                f"{where}: {len(names)} class names for a model with {plan.info.num_classes} classes"
+            )
+        info = replace(plan.info, class_names=names, source=where, format=fmt, keras_version=keras_version)
+        model = build_model(info, dtype=dtype, seed=seed)
+        weighted = {*model.base_layers, *model.head_layers}  # the matched layers without weights left out
+        info = replace(info, trainable_layers=tuple(n for n in info.trainable_layers if n in weighted))
+        arrays = _read_layers(model, replace(plan, info=info), weights, graph)
+    _assign(model, arrays)
+    model.keras_trainable = info.trainable_layers
     for note in info.notes:
         log.info("%s: %s", where, note)
     log.info("imported %s (%s, %s) from %s", info.arch, fmt, _summary(info), where)
@@ -120,9 +130,10 @@ def from_keras(
 def _summary(info: KerasModelInfo) -> str:
     if info.include_top:
         return f"Keras top, {info.num_classes} classes"
-    return f"pooling {info.pooling}, head {list(info.head_units)}, {info.num_classes} classes"
+    return f"pooling {info.pooling}, head {list(info.head)}, {info.num_classes} classes"
 
 
+# --------------------------------------------------------------------------------- the file
 def _is_hdf5(path: Path) -> bool:
     with open(path, "rb") as f:
         return f.read(8) == HDF5_SIGNATURE
@@ -203,20 +214,29 @@ def _architecture_of(path: Path, architecture, arch, input_shape, head) -> tuple
         )
     from imgcls_jax.weights.keras_export import keras_config_for
 
-    config = keras_config_for(arch=arch or "vgg16", input_shape=input_shape, **head)
+    try:
+        config = keras_config_for(arch=arch or "vgg16", input_shape=input_shape, **head)
+    except ValueError as exc:
+        raise WeightFileError(f"{path}: {exc}") from exc
     config["_imgcls_jax_from_keywords"] = True
     return fmt, config, version
 
 
-def _split_legacy(arrays: list) -> list[list]:
-    """A legacy group's weights (kernel, bias, kernel, ...) split per layer by their ranks."""
-    layers: list[list] = []
-    for array in arrays:
-        if len(array.shape) >= 2 or not layers or len(layers[-1]) != 1:
-            layers.append([array])
-        else:
-            layers[-1].append(array)
-    return layers
+@contextlib.contextmanager
+def _weights_file(path: Path, fmt: str):
+    """The open HDF5 file holding the weights (extracted from a ``.keras`` archive)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        h5_path = path
+        if fmt == "keras3-archive":
+            with zipfile.ZipFile(path) as archive:
+                try:
+                    h5_path = Path(archive.extract("model.weights.h5", tmp))
+                except (zipfile.BadZipFile, EOFError, OSError) as exc:
+                    raise WeightFileError(
+                        f"{path}: model.weights.h5 cannot be read from the archive: {exc}"
+                    ) from exc
+        with _open(h5_path) as h5file:
+            yield h5file
 
 
 def _key(path: str):
@@ -226,162 +246,156 @@ def _key(path: str):
     ]
 
 
-def _datasets_in_order(h5file, fmt: str) -> list[list]:
-    """Every weighted layer's datasets in model order (convolutions, then Dense layers)."""
-    if fmt == "legacy-h5":
-        root = h5file["model_weights"] if "model_weights" in h5file else h5file
-        found = []
-        for name in root.attrs["layer_names"]:
-            group = root[name.decode() if isinstance(name, bytes) else name]
-            found += _split_legacy(
-                [group[w.decode() if isinstance(w, bytes) else w] for w in group.attrs["weight_names"]]
-            )
-    else:
-        groups = []
-        h5file["layers"].visititems(  # the model's layers (not an optimizer's variables)
-            lambda name, obj: groups.append(f"layers/{name}") if name.endswith("vars") and len(obj) else None
-        )
-        found = [[h5file[g][k] for k in sorted(h5file[g], key=int)] for g in sorted(groups, key=_key)]
-    return sorted(found, key=lambda ds: -len(ds[0].shape))  # stable: 4-D kernels first
+class Locator:
+    """Where a graph node's weights are in an open Keras weights file (see
+    :mod:`imgcls_jax.weights.keras_layers`): by the node's position (its Keras 3 key path, checked
+    against the group's ``name``, or its legacy group and weight names) or, for a file whose
+    architecture was described by keywords, by the layer's name alone."""
 
+    def __init__(self, h5file, fmt: str, where: str, by_name: bool):
+        self.h5, self.fmt, self.where, self.by_name = h5file, fmt, where, by_name
+        self.root = h5file["model_weights"] if "model_weights" in h5file else h5file
+        self._named: dict[str, list] | None = None
 
-def _datasets_exact(h5file, fmt: str, plan: ArchPlan, where: str) -> list[list]:
-    out = []
-    root = h5file["model_weights"] if "model_weights" in h5file else h5file
-    for ours, layer in plan.layers:
-        if fmt == "legacy-h5":
-            if layer.legacy_group not in root:
-                raise WeightFileError(
-                    f"{where}: no weights group {layer.legacy_group!r} for layer {layer.name!r}"
-                )
-            group = root[layer.legacy_group]
-            names = [w.decode() if isinstance(w, bytes) else w for w in group.attrs["weight_names"]]
-            wanted = names[layer.legacy_index : layer.legacy_index + layer.num_weights]
-            datasets = [group[w] for w in wanted if w in group]
-        else:
-            if layer.keras3_path not in h5file:
-                raise WeightFileError(f"{where}: no weights at {layer.keras3_path} for layer {layer.name!r}")
-            group = h5file[layer.keras3_path]
-            saved = group.attrs.get("name")
-            saved = saved.decode() if isinstance(saved, bytes) else saved
-            if saved is not None and saved != layer.name:
-                raise WeightFileError(
-                    f"{where}: weights at {layer.keras3_path} belong to layer {saved!r}, the architecture "
-                    f"puts {layer.name!r} there: the weights are not of this model"
-                )
-            datasets = [group[k] for k in sorted(group, key=int)]
-        if len(datasets) != layer.num_weights:
-            raise WeightFileError(
-                f"{where}: layer {layer.name!r} ({ours}) has {len(datasets)} weights, "
-                f"expected {layer.num_weights}"
-            )
-        out.append(datasets)
-    return out
-
-
-def _read_weights(path: Path, fmt: str, plan: ArchPlan, by_order: bool) -> dict[str, list[np.ndarray]]:
-    """``{VGG layer name: [kernel, bias]}`` float32, validated against the planned shapes."""
-    where = str(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        h5_path = path
-        if fmt == "keras3-archive":
-            with zipfile.ZipFile(path) as archive:
-                try:
-                    h5_path = Path(archive.extract("model.weights.h5", tmp))
-                except (zipfile.BadZipFile, EOFError, OSError) as exc:
-                    raise WeightFileError(
-                        f"{where}: model.weights.h5 cannot be read from the archive: {exc}"
-                    ) from exc
-        with _open(h5_path) as h5file:
-            if by_order:
-                datasets = _datasets_in_order(h5file, fmt)
-                if len(datasets) != len(plan.layers):
-                    raise WeightFileError(
-                        f"{where}: {len(datasets)} weighted layers in the file, the described model has "
-                        f"{len(plan.layers)} (... {', '.join(n for n, _ in plan.layers[-3:])}): "
-                        "not this architecture"
-                    )
+    def named(self) -> dict[str, list]:
+        """Every weighted layer of the file by its name, in the file's order."""
+        if self._named is None:
+            found: dict[str, list] = {}
+            if self.fmt == "legacy-h5":
+                for group in _decode(self.root.attrs["layer_names"]):
+                    for layer, datasets in self._legacy_layers(self.root[group]).items():
+                        found.setdefault(layer, datasets)
             else:
-                datasets = _datasets_exact(h5file, fmt, plan, where)
-            expected = expected_shapes(plan.info)
-            return {
-                ours: _checked(where, ours, layer.name, ds, expected[ours], plan.info)
-                for (ours, layer), ds in zip(plan.layers, datasets)
-            }
+                groups = []
+                self.h5["layers"].visititems(
+                    lambda n, o: groups.append(f"layers/{n}") if n.endswith("vars") and len(o) else None
+                )
+                for g in sorted(groups, key=_key):
+                    name = self.h5[g].attrs.get("name", g.split("/")[-2])
+                    found.setdefault(name.decode() if isinstance(name, bytes) else str(name), self._vars(g))
+            self._named = found
+        return self._named
+
+    def _vars(self, path: str) -> list:
+        group = self.h5[path]
+        return [group[k] for k in sorted(group, key=int)]
+
+    def _legacy_layers(self, group) -> dict[str, list]:
+        """``{layer name: datasets in Keras's order}`` of a legacy group (``layer/weight[:0]``)."""
+        layers: dict[str, list] = {}
+        for wname in _decode(group.attrs.get("weight_names", [])):
+            parts = wname.split("/")
+            layer = parts[-2] if len(parts) > 1 else group.name.split("/")[-1]
+            layers.setdefault(layer, []).append((parts[-1].split(":")[0], group[wname]))
+        return {
+            k: [d for _, d in sorted(v, key=lambda item: _WEIGHT_ORDER.get(item[0], 9))]
+            for k, v in layers.items()
+        }
+
+    def datasets(self, node: Node) -> list:
+        """The weights of ``node`` in Keras's order (h5py datasets; ``[]`` when it has none)."""
+        if self.by_name:
+            return self.named().get(node.name, [])
+        layer = node.layer
+        if self.fmt == "legacy-h5":
+            if layer.legacy_group not in self.root:
+                raise WeightFileError(
+                    f"{self.where}: no weights group {layer.legacy_group!r} for layer {node.name!r}"
+                )
+            return self._legacy_layers(self.root[layer.legacy_group]).get(node.name, [])
+        if layer.keras3_path not in self.h5:
+            return self.named().get(node.name, [])
+        saved = self.h5[layer.keras3_path].attrs.get("name")
+        saved = saved.decode() if isinstance(saved, bytes) else saved
+        if saved is not None and saved != node.name:
+            raise WeightFileError(
+                f"{self.where}: weights at {layer.keras3_path} belong to layer {saved!r}, the architecture "
+                f"puts {node.name!r} there: the weights are not of this model"
+            )
+        return self._vars(layer.keras3_path)
+
+    def arrays(self, node: Node) -> list[np.ndarray]:
+        """``datasets(node)`` read as float64 arrays (the input's Normalization statistics)."""
+        return [np.asarray(d[()], np.float64) for d in self.datasets(node)]
 
 
-def _checked(where, ours, keras_name, datasets, want, info) -> list[np.ndarray]:
-    kernel_shape, bias_shape = want
-    binary = ours == "head_logits" and info.keras_output == "sigmoid" and info.keras_output_units == 1
-    if binary:
-        kernel_shape, bias_shape = (kernel_shape[0], 1), (1,)
-    got = [tuple(d.shape) for d in datasets]
-    if got[0] != kernel_shape or (len(got) > 1 and got[1] != bias_shape):
-        raise WeightFileError(
-            f"{where}: layer {keras_name!r} ({ours}): weight shapes {got}, "
-            f"expected {[kernel_shape, bias_shape]}"
-        )
-    arrays = []
-    for d in datasets:
-        if not np.issubdtype(d.dtype, np.floating):
-            raise WeightFileError(f"{where}: layer {keras_name!r} has {d.dtype} weights, expected float")
-        array = np.asarray(d[()], np.float32)
-        if not np.isfinite(array).all():
-            raise WeightFileError(f"{where}: layer {keras_name!r} has NaN or infinite weights")
-        arrays.append(array)
-    if len(arrays) == 1:  # Dense(use_bias=False)
-        arrays.append(np.zeros(bias_shape, np.float32))
-    if binary:  # sigmoid(z) = softmax([0, z])[1]
-        kernel, bias = arrays
-        arrays = [
-            np.concatenate([np.zeros_like(kernel), kernel], 1),
-            np.concatenate([np.zeros_like(bias), bias]),
+def _decode(values) -> list[str]:
+    return [v.decode("utf8") if isinstance(v, bytes) else str(v) for v in values]
+
+
+# --------------------------------------------------------------------------------- the model
+def build_model(info: KerasModelInfo, *, dtype="float32", seed: int = 0):
+    """The model ``info`` describes (random weights, dropout seeded by ``seed``)."""
+    from imgcls_jax.models.registry import create_model
+
+    options = dict(include_top=info.include_top, pooling=info.pooling, num_classes=info.num_classes,
+                   input_shape=tuple(info.input_shape), dtype=jnp.dtype(dtype), seed=seed,
+                   preprocessing=info.preprocessing)  # fmt: skip
+    if info.head and not info.include_top:
+        if info.classic:
+            options.update(head_units=info.head_units, dropout=info.dropout)
+            if info.head_activation != "relu":
+                options["head_activation"] = info.head_activation
+        else:
+            options["head"] = info.head
+    try:
+        model = create_model(info.arch, **options)
+    except ValueError as exc:
+        raise WeightFileError(f"{info.source}: cannot be built as an imgcls_jax {info.arch}: {exc}") from exc
+    model.output_activation = info.output_activation
+    model.eval()
+    return model
+
+
+def _read_layers(model, plan: ArchPlan, weights: Locator, graph: KerasGraph) -> dict[str, list[np.ndarray]]:
+    """``{layer: arrays in Keras's order}`` for every weighted layer of ``model``, read from the
+    file (validated: count, shapes, dtypes, finite) or computed by the plan."""
+    where, info = weights.where, plan.info
+    specs = [s for s in model.layer_specs() if s.name not in plan.computed]
+    head = [] if info.include_top else model.head_layer_specs()
+    if plan.binary:  # the file's Dense(1): checked as such, converted after
+        head = [
+            replace(s, shapes=((s.shapes[0][0], 1), (1,))) if s.name == "head_logits" else s for s in head
         ]
+    file = FileLayers(Path(where), "keras3" if weights.fmt != "legacy-h5" else "legacy", {})
+    by_model = {**plan.base.weights, **plan.head_nodes}
+    if weights.by_name:
+        by_model.update(_head_by_order(head, weights, {n.name for n in plan.base.weights.values()}))
+    for spec in [*specs, *head]:
+        node = by_model.get(spec.name)
+        if node is None:
+            raise WeightFileError(
+                f"{where}: the model's layer {spec.name!r} has no counterpart in the Keras model"
+            )
+        datasets = weights.datasets(node)
+        if node.class_name == "Dense" and not node.config.get("use_bias", True) and len(datasets) == 1:
+            datasets = [*datasets, np.zeros(spec.shapes[1], np.float32)]  # Dense(use_bias=False)
+        file.layers[spec.name] = datasets
+    validate(file, [*specs, *head], info.arch)
+    arrays = read_arrays(file, [*specs, *head])
+    arrays.update(plan.computed)
+    if plan.binary:  # sigmoid(z) = softmax([0, z])[1]
+        kernel, bias = arrays["head_logits"]
+        arrays["head_logits"] = [np.concatenate([np.zeros_like(kernel), kernel], 1),
+                                 np.concatenate([np.zeros_like(bias), bias])]  # fmt: skip
     return arrays
 
 
-def _vgg_kwargs(info: KerasModelInfo) -> dict:
-    return {
-        "include_top": info.include_top,
-        "pooling": info.pooling,
-        "num_classes": info.num_classes,
-        "head_units": info.head_units,
-        "dropout": info.dropout,
-        "input_shape": tuple(info.input_shape),
-        "preprocessing": info.preprocessing,
-        "head_activation": info.head_activation,
-        "output_activation": info.output_activation,
-    }
+def _head_by_order(head, weights: Locator, base_names: set[str]) -> dict[str, Node]:
+    """For a weights-only file described by keywords: the head's layers are the file's weighted
+    layers that are not the base's, in order."""
+    from imgcls_jax.weights.keras_layers import KerasLayer
 
-
-def expected_shapes(info: KerasModelInfo) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
-    """``{layer: (kernel shape, bias shape)}`` of the VGG ``info`` describes (nothing allocated)."""
-    try:
-        abstract = nnx.eval_shape(lambda: VGG(info.arch, **_vgg_kwargs(info), rngs=nnx.Rngs(0)))
-    except ValueError as exc:
+    rest = [name for name in weights.named() if name not in base_names]
+    if len(rest) != len(head):
         raise WeightFileError(
-            f"{info.source or 'Keras model'}: cannot be built as an imgcls_jax VGG: {exc}"
-        ) from exc
-    names = [n for n in (*abstract.base_layers, *abstract.head_layers)]
-    return {n: (getattr(abstract, n).kernel.shape, getattr(abstract, n).bias.shape) for n in names}
-
-
-def build_model(
-    info: KerasModelInfo, arrays: dict[str, list[np.ndarray]], *, dtype="float32", seed: int = 0
-) -> VGG:
-    """The VGG ``info`` describes, with ``arrays`` ({layer: [kernel, bias]}) as its parameters."""
-    try:
-        model = VGG(
-            info.arch,
-            **_vgg_kwargs(info),
-            dtype=jnp.dtype(dtype),
-            rngs=nnx.Rngs(params=seed, dropout=seed + 1),
+            f"{weights.where}: {len(rest)} weighted layers besides the base in the file ({rest[:6]}), the "
+            f"described head has {len(head)}: not this architecture"
         )
-    except ValueError as exc:
-        raise WeightFileError(f"{info.source}: cannot be built as an imgcls_jax VGG: {exc}") from exc
-    for name, (kernel, bias) in arrays.items():
-        layer = getattr(model, name)
-        layer.kernel.set_value(jax.device_put(jnp.asarray(kernel, jnp.float32)))
-        layer.bias.set_value(jnp.asarray(bias, jnp.float32))
-    model.eval()
-    return model
+    return {spec.name: Node(-1, KerasLayer("Dense", name, {}, "", ""), ()) for spec, name in zip(head, rest)}
+
+
+def _assign(model, layers: dict[str, list[np.ndarray]]) -> None:
+    for name, arrays in layers.items():
+        for variable, array in zip(model.keras_variables(name), arrays, strict=True):
+            variable.set_value(jnp.asarray(array, dtype=jnp.float32))
