@@ -29,8 +29,9 @@ Tolerances:
   Keras's update at the 99.8th percentile and FLIP_TOL everywhere (see there); frozen layers
   untouched in both frameworks.
 
-Quick tier: the references not marked ``slow`` (the smallest model of each family); the large
-variants run with ``pytest -m slow``. VGG's own parity tests (the applications' Keras-1 file
+Quick tier: the references not marked ``slow`` (the smallest model of each family), at their
+first (even) size; their second (odd) size is the ``-size2`` case, and the large variants run,
+with ``pytest -m slow``. VGG's own parity tests (the applications' Keras-1 file
 names, any size, flatten heads): tests/test_parity_keras.py; EfficientNet's ImageNet rescaling:
 tests/test_efficientnet_parity.py.
 """
@@ -98,12 +99,23 @@ NO_GRADIENT_ULPS = 16
 
 
 def _cases():
-    """Every registered name, and each of its OPTION_VARIANTS (slow): ``(name, options or None)``."""
-    cases = [pytest.param((p.values[0], None), marks=p.marks, id=p.id) for p in registry_params()]
+    """Every registered name, and each of its OPTION_VARIANTS (slow): ``(name, options or None,
+    which of the reference's sizes)``. A quick model's case holds its first size (where the
+    bfloat16 and training-step checks run) and a slow ``<name>-size2`` case its second one, so
+    the quick tier builds half the Keras models; a slow model's case holds both."""
+    slow = [pytest.mark.slow]
+    cases = []
+    for p in registry_params():
+        name = p.values[0]
+        if p.marks:
+            cases.append(pytest.param((name, None, None), marks=p.marks, id=p.id))
+        else:
+            cases.append(pytest.param((name, None, (0,)), id=p.id))
+            cases.append(pytest.param((name, None, (1,)), marks=slow, id=f"{p.id}-size2"))
     for name, variants in OPTION_VARIANTS.items():
         for options in variants:
             label = "-".join(f"{k}{v}" for k, v in options.items())
-            cases.append(pytest.param((name, options), marks=[pytest.mark.slow], id=f"{name}-{label}"))
+            cases.append(pytest.param((name, options, None), marks=slow, id=f"{name}-{label}"))
     return cases
 
 
@@ -163,8 +175,9 @@ def _random_keras(name, include_top, size, seed, options):
 def case(request, tmp_path_factory):
     """For one registered model (or an option variant of it): per size, a random Keras model with
     the top and one without, each saved in both layouts; the Keras variants built so far (by
-    ``(include_top, size, pooling)``)."""
-    name, options = request.param
+    ``(include_top, size, pooling)``). ``ref.sizes`` is the case's share of the reference's sizes,
+    ``indices`` their places there (pooling ``"avg"`` at the first, ``"max"`` at the second)."""
+    name, options, indices = request.param
     if name not in KERAS_REFERENCES:
         pytest.fail(
             f"{name} is registered without a Keras reference: add its row to tests/keras_references.py"
@@ -172,16 +185,18 @@ def case(request, tmp_path_factory):
     ref = KERAS_REFERENCES[name]
     if options is not None:
         ref = dataclasses.replace(ref, options=options, slow=True)
+    indices = tuple(range(len(ref.sizes))) if indices is None else indices
+    ref = dataclasses.replace(ref, sizes=tuple(ref.sizes[i] for i in indices))
     tmp = tmp_path_factory.mktemp(name)
     variants, files = {}, {}
-    for i, size in enumerate(ref.sizes):
+    for i, size in zip(indices, ref.sizes, strict=True):
         for include_top in (True, False):
             seed = sum(map(ord, name)) + 2 * i + include_top
             model = _random_keras(name, include_top, size, seed, ref.options)
             variants[(include_top, size, None)] = model
             stem = f"{name}_{'top' if include_top else 'notop'}_{size[0]}x{size[1]}"
             files[(include_top, size)] = save_both_layouts(model, tmp, stem)
-    yield dict(name=name, ref=ref, variants=variants, files=files, tmp=tmp)
+    yield dict(name=name, ref=ref, variants=variants, files=files, tmp=tmp, indices=indices)
     variants.clear()
     release_memory()  # this model's Keras graphs and compiled steps (resident memory grew ~1 GB a family)
 
@@ -268,7 +283,7 @@ def test_outputs_equal_keras(case, layout="legacy"):
     name, sizes = case["name"], case["ref"].sizes
     # a heavy model: one size, the map only (pooling and heads are the family's code its smaller
     # variants run; each pooled Keras model would be one more copy of hundreds of MB)
-    poolings = ((),) if case["ref"].heavy else (("avg",), ("max",))
+    poolings = ((),) if case["ref"].heavy else tuple((("avg",), ("max",))[i] for i in case["indices"])
     errors = {}
     for size, pools in zip(sizes, poolings, strict=True):
         x = np.random.default_rng(sum(size)).integers(0, 256, (2, *size, 3), dtype=np.uint8)
@@ -305,6 +320,7 @@ def test_outputs_depend_on_input(case):
     """The comparison can fail: with calibrated statistics the outputs of different images
     differ by far more than the tolerance (uncalibrated random statistics left MobileNetV2's
     within 3.5e-4 of each other)."""
+    _skip_second_size(case)
     size = case["ref"].sizes[0]
     x = np.random.default_rng(9).integers(0, 256, (4, *size, 3), dtype=np.uint8)
     out = keras_out(keras_variant(case, True, size), case["name"], x)
@@ -316,6 +332,12 @@ def test_outputs_depend_on_input(case):
 def _skip_heavy(case):
     if case["ref"].heavy:
         pytest.skip(f"{case['name']} is heavy (tests/keras_references.py): float32 parity at one size only")
+    _skip_second_size(case)
+
+
+def _skip_second_size(case):
+    if 0 not in case["indices"]:
+        pytest.skip(f"{case['name']}: checked at the reference's first size (its case without -size2)")
 
 
 def test_bfloat16_close_to_keras(case):
