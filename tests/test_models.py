@@ -188,7 +188,7 @@ def test_preprocess_rejects_bad_input():
         preprocess_input(np.zeros((1, 2, 2, 4)), "caffe")
 
 
-@pytest.mark.parametrize("arch", ["vgg16", "vgg19"])
+@pytest.mark.parametrize("arch", ["vgg16", pytest.param("vgg19", marks=pytest.mark.slow)])  # 143 M params x 2
 def test_parameter_count_equals_keras(arch):
     keras = pytest.importorskip("keras")
     theirs = getattr(keras.applications, arch.upper())(weights=None).count_params()

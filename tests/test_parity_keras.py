@@ -60,9 +60,17 @@ def _id(param):
     return f"{param[0]}-{'top' if param[1] else 'notop'}"
 
 
+#: VGG19's cases are slow: the same code as VGG16's with four more layers, and its 224 px top
+#: (143 M parameters, in both frameworks) set the quick tier's memory peak (tests/test_memory.py)
+_SLOW = [pytest.mark.slow]
+
+
 @pytest.fixture(
-    scope="module", params=[("vgg16", True), ("vgg16", False), ("vgg19", True), ("vgg19", False)], ids=_id
-)
+    scope="module",
+    params=[("vgg16", True), ("vgg16", False), pytest.param(("vgg19", True), marks=_SLOW),
+            pytest.param(("vgg19", False), marks=_SLOW)],
+    ids=_id,
+)  # fmt: skip
 def keras_files(request, tmp_path_factory):
     """A random-weight Keras model and its weights in both layouts."""
     arch, include_top = request.param
