@@ -57,6 +57,14 @@ def predicted(run, folder, capsys) -> dict[str, list]:
     return {r["source"]: [dict(r["top_k"])[c] for c in CLASSES] for r in rows}
 
 
+def fine_tune(config: dict, run, tuned) -> int:
+    """``imgcls-jax train --config FILE --init-from RUN --run-dir TUNED`` (FILE: ``config`` beside
+    TUNED); its exit status."""
+    path = tuned.parent / f"{tuned.name}.json"
+    path.write_text(json.dumps(config))
+    return cli.main(["train", "--config", str(path), "--init-from", str(run), "--run-dir", str(tuned)])
+
+
 def test_import_predict_finetune_export_round_trip(keras_file, folder, tmp_path, capsys):
     files = sorted(str(p) for p in folder.rglob("*.png"))
     theirs = kb.keras_out(keras.saving.load_model(keras_file), kb.caffe(images(folder)))
@@ -73,17 +81,7 @@ def test_import_predict_finetune_export_round_trip(keras_file, folder, tmp_path,
     config = json.loads((run / "config.json").read_text())
     phase = {"epochs": 1, "trainable": "all", "optimizer": "sgd", "learning_rate": 1e-7}
     config.update(data=str(folder), splits={"train": 1.0}, batch_size=6, augment={}, phases=[phase])
-    (tmp_path / "tune.json").write_text(json.dumps(config))
-    train = [
-        "train",
-        "--config",
-        str(tmp_path / "tune.json"),
-        "--init-from",
-        str(run),
-        "--run-dir",
-        str(tuned),
-    ]
-    assert cli.main(train) == 0
+    assert fine_tune(config, run, tuned) == 0
     assert "the whole model of" in capsys.readouterr().out
     after = predicted(tuned, folder, capsys)
     moved = np.abs(np.array([after[f] for f in files]) - theirs).max()
@@ -165,18 +163,8 @@ def test_efficientnet_round_trip_a_user_makes(folder, tmp_path_factory, tmp_path
     assert config["model"] == "efficientnetb0" and config["phases"][0]["trainable"] == "keras"
     config.update(data=str(folder), splits={"train": 0.75, "val": 0.25}, batch_size=6, augment={})
     config["phases"][0].update(epochs=1, optimizer="sgd", learning_rate=0.05, warmup_epochs=0)
-    (tmp_path / "tune.json").write_text(json.dumps(config))
     tuned = tmp_path / "tuned"
-    train = [
-        "train",
-        "--config",
-        str(tmp_path / "tune.json"),
-        "--init-from",
-        str(run),
-        "--run-dir",
-        str(tuned),
-    ]
-    assert cli.main(train) == 0
+    assert fine_tune(config, run, tuned) == 0
     capsys.readouterr()
     from imgcls_jax import load_run
 
