@@ -108,6 +108,18 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("IMGCLS_TEST_SHARED_DATA", ROOT.parent / "shared" / "data"))
 #: The embedded sample that ships with the project: the flowers5 classes, 40 photos each, 128x128.
 SAMPLE = ROOT / "examples" / "data" / "flowers_sample"
+
+
+def load_example():
+    """examples/train.py as a module (it is a script, not part of the package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 FLOWER_CLASSES = ["daisy", "dandelion", "rose", "sunflower", "tulip"]
 
 

@@ -2,7 +2,6 @@
 the parsed command uses; flags either apply with ``--config`` or are refused in one line."""
 
 import argparse
-import importlib.util
 import json
 import re
 from pathlib import Path
@@ -11,6 +10,7 @@ import pytest
 
 from imgcls_jax import TrainConfig, cli
 from imgcls_jax.cli.commands import CONFIG_OVERRIDES, TRAIN_DEFAULTS
+from tests.helpers import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = re.compile(r"\(default:? ([^;)]+?)(?:;|\))")
@@ -74,15 +74,8 @@ def test_every_flag_is_explained_and_names_every_model():
     assert "VGG" not in port.description + (port.format_help())
 
 
-def example_module():
-    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def example_parser():
-    return cli.build_parser(example_module().DEFAULTS)
+    return cli.build_parser(load_example().DEFAULTS)
 
 
 def _used(parser, argv, monkeypatch) -> TrainConfig:
@@ -102,7 +95,7 @@ def test_train_uses_the_defaults_its_help_names(which, tmp_path, monkeypatch):
     from imgcls_jax.config import SCRATCH_LR, TRANSFER_LR
 
     parser = example_parser() if which == "examples/train.py" else cli.build_parser()
-    defaults = {**TRAIN_DEFAULTS, **(example_module().DEFAULTS if which == "examples/train.py" else {})}
+    defaults = {**TRAIN_DEFAULTS, **(load_example().DEFAULTS if which == "examples/train.py" else {})}
     data = tmp_path / "photos"
     data.mkdir()
     given = [] if defaults["data"] else ["--data", str(data)]
@@ -164,7 +157,7 @@ def test_with_config_every_flag_overrides_or_is_refused_in_one_line(tmp_path, ca
 
 
 def test_the_example_help_shows_its_own_defaults(capsys):
-    module = example_module()
+    module = load_example()
     with pytest.raises(SystemExit):
         module.main(["--help"])
     text = " ".join(capsys.readouterr().out.split())

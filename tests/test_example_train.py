@@ -1,21 +1,14 @@
 """examples/train.py, the README's main job, on its embedded sample (CI-sized settings)."""
 
-import importlib.util
 import logging
 from pathlib import Path
 
 import pytest
 
 import imgcls_jax
+from tests.helpers import load_example
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def load_example():
-    spec = importlib.util.spec_from_file_location("example_train", ROOT / "examples" / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_embedded_sample_is_small_real_and_attributed():
