@@ -4,6 +4,13 @@ import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+# TensorFlow's oneDNN build hands large CPU buffers to a caching allocator that never returns them:
+# one Keras VGG16 with its top, built, run and freed (clear_session, gc, malloc_trim), leaves the
+# process 1.4 GB larger than before it was built (measured 2026-12-07; 0.03 GB with this off), and
+# Keras is the tests' reference in one module after another. Keras here runs TensorFlow's own
+# (Eigen) kernels; the benchmarks keep oneDNN, Keras's default, since there Keras's speed is what
+# is measured.
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 import pytest
 
@@ -20,6 +27,48 @@ def isolated_weight_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("IMGCLS_JAX_WEIGHTS_DIR", raising=False)
     yield root
     shutil.rmtree(root, ignore_errors=True)  # weight files of a few hundred MB each, per test
+
+
+# Modules that share a session fixture (tests/killing.py): one xdist worker runs them all
+SESSION_GROUPS = {"killing": ("test_kill_moments.py", "test_run_faults.py", "test_full_disk.py")}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (``-n``, README), each test module goes to one worker whole
+    (``--dist loadgroup``), so that its module fixtures are built once; modules that share session
+    fixtures go to the same one. Without xdist the marks are inert."""
+    group_of = {name: group for group, names in SESSION_GROUPS.items() for name in names}
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            name = item.path.name
+            item.add_marker(pytest.mark.xdist_group(group_of.get(name, name)))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_cmdline_main(config):
+    """The quick tier runs in 2 processes where pytest-xdist is installed (the ``test`` extra) and
+    ``-n`` is not given: one process kept 1.24 of the 2 cores busy (``time -v``, 2026-12-07), and 2
+    workers took 5 min 32 s for what one took 9 min 30 s. ``-n 0`` runs in this process; without
+    xdist nothing changes."""
+    if getattr(config.option, "numprocesses", "absent") is None and not os.environ.get("PYTEST_XDIST_WORKER"):
+        config.option.numprocesses = "auto"
+        if config.option.dist == "no":
+            config.option.dist = "loadgroup"
+
+
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: 2 workers where there are 2 cores and 20 GB of memory (each worker of the quick
+    tier peaks at a few GB: README), else none; none either for tests of one file (``pytest
+    tests/test_x.py``, ``tests/test_x.py::test_y``), where starting workers costs more than it saves."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        memory_gb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    except (ValueError, OSError, AttributeError):
+        memory_gb = 0
+    files = {arg.split("::")[0] for arg in config.args}
+    if len(files) == 1 and next(iter(files)).endswith(".py"):
+        return 0
+    return 2 if cores >= 2 and memory_gb >= 20 else 0
 
 
 # ``tmp_path_factory.mktemp`` prefixes of session-scoped fixtures, kept to the end (tests/killing.py)
@@ -54,16 +103,18 @@ def _memory_kb() -> tuple[int, int]:
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """``IMGCLS_TEST_MEMORY_LOG=FILE``: after each test, append ``nodeid<TAB>resident
-    MB<TAB>peak MB<TAB>seconds`` to FILE (what holds memory across a suite and what takes the
-    time, even of a run cut short: tests/test_memory.py, README). The seconds count the test's
-    setup, call and teardown, module fixtures included."""
+    MB<TAB>peak MB<TAB>seconds<TAB>process`` to FILE (what holds memory across a suite and what
+    takes the time, even of a run cut short: tests/test_memory.py, README). The seconds count the
+    test's setup, call and teardown, module fixtures included; the process is the xdist worker
+    (``gw0``, ``gw1``) or ``main``, whose memory the two MB columns are."""
     start = time.monotonic()
     result = yield
     path = os.environ.get("IMGCLS_TEST_MEMORY_LOG")
     if path:
         rss, hwm = _memory_kb()
+        seconds, worker = time.monotonic() - start, os.environ.get("PYTEST_XDIST_WORKER", "main")
         with open(path, "a") as f:
-            f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\t{time.monotonic() - start:.1f}\n")
+            f.write(f"{item.nodeid}\t{rss / 1024:.0f}\t{hwm / 1024:.0f}\t{seconds:.1f}\t{worker}\n")
     return result
 
 

@@ -62,19 +62,43 @@ def keras_pair(tmp_path_factory):
     return base, path, head
 
 
-def keras_after_steps(keras_pair, optimizer, steps, x, y):
+def keras_after_steps(keras_pair, name, steps, x, y):
+    """Keras's weights after ``steps`` ``train_on_batch`` calls with the optimizer ``name`` of
+    :data:`KERAS_OPTIMIZERS`, computed in a child process on TensorFlow's default CPU kernels
+    (oneDNN), which the tolerances below were measured against. The test process runs Keras on
+    TensorFlow's Eigen kernels (tests/conftest.py, for memory), and with those the comparison
+    failed: block1_conv1's kernel differed by up to ~1% of the update (2026-12-07; the cause was
+    not traced: a max-pooling near-tie like the one described above for 32x32 would explain it)."""
+    import multiprocessing
+    import os
+
+    base, _, head = keras_pair
+    before = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"  # read by the child's TensorFlow as it imports
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(_keras_steps, (base.get_weights(), head, name, steps, x, y))
+    finally:
+        if before is None:
+            os.environ.pop("TF_ENABLE_ONEDNN_OPTS")
+        else:
+            os.environ["TF_ENABLE_ONEDNN_OPTS"] = before
+
+
+def _keras_steps(base_weights, head, name, steps, x, y):
+    """:func:`keras_after_steps`, in the child."""
     import keras
     from keras.applications import imagenet_utils
 
-    base, _, head = keras_pair
     clone = keras.applications.VGG16(
         weights=None, include_top=False, pooling="avg", input_shape=(KERAS_SIZE, KERAS_SIZE, 3)
     )
-    clone.set_weights(base.get_weights())
+    clone.set_weights(base_weights)
     dense = keras.layers.Dense(K, name="logits")
     model = keras.Sequential([clone, dense])
     model.build((None, KERAS_SIZE, KERAS_SIZE, 3))
     dense.set_weights(head)
+    optimizer = next(theirs for n, _, theirs, _ in KERAS_OPTIMIZERS if n == name)(keras)
     model.compile(
         optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
@@ -136,9 +160,9 @@ def test_steps_equal_keras_train_on_batch(keras_pair, name, ours, theirs, tol, s
     epsilon keeps the comparison well conditioned and makes its placement (Keras adds it to the
     uncorrected root) matter more, not less.
     """
-    keras = pytest.importorskip("keras")
+    pytest.importorskip("keras")
     b = batch(size=KERAS_SIZE)
-    expected = keras_after_steps(keras_pair, theirs(keras), steps, b["image"], b["label"])
+    expected = keras_after_steps(keras_pair, name, steps, b["image"], b["label"])
     params = ours_after_steps(keras_pair, ours(), steps, b)
     base, _, head = keras_pair
     before = {layer.name: layer.get_weights() for layer in base.layers if layer.weights} | {
