@@ -68,7 +68,8 @@ def test_trials_that_share_shapes_reuse_compiled_steps(flowers, tmp_path, phases
                 plan.append(PhaseConfig(epochs=1, trainable="top:1", optimizer="sgd", learning_rate=lr / 10))
             cfg = TrainConfig(
                 data=str(flowers), run_dir=str(tmp_path / f"{mode}{i}"), image_size=32, batch_size=8,
-                head_units=(16,), augment={}, label_smoothing=smoothing, keep_checkpoints=1, phases=plan,
+                weights="random", head_units=(16,), augment={}, label_smoothing=smoothing, keep_checkpoints=1,
+                phases=plan,
             )  # fmt: skip
             before, start = len(compiles), time.perf_counter()
             fit(cfg, resume=False)
