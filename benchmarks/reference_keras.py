@@ -489,7 +489,8 @@ def main(argv=None) -> dict:
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {
         "date": datetime.date.today().isoformat(), "load_start": load(),
-        "command": "nice -n 10 python -m benchmarks.reference_keras " + " ".join(argv or sys.argv[1:]),
+        "command": (f"nice -n {os.nice(0)} " if os.nice(0) else "")  # the niceness it ran at
+        + "python -m benchmarks.reference_keras " + " ".join(argv or sys.argv[1:]),
         "machine": f"{os.cpu_count()} CPU cores ({platform.processor() or platform.machine()})",
         "versions": versions(), "model": args.model, "seed": args.seed, "split_seed": args.split_seed,
     }  # fmt: skip
