@@ -47,9 +47,9 @@ def pytest_collection_modifyitems(config, items):
 @pytest.hookimpl(tryfirst=True)
 def pytest_cmdline_main(config):
     """The quick tier runs in 2 processes where pytest-xdist is installed (the ``test`` extra) and
-    ``-n`` is not given: one process kept 1.24 of the 2 cores busy (``time -v``, 2026-12-07), and 2
-    workers took 5 min 32 s for what one took 9 min 30 s. ``-n 0`` runs in this process; without
-    xdist nothing changes."""
+    ``-n`` is not given: one process kept 1.24 of the 2 cores busy (``time -v``, 2026-12-07); six
+    heavy modules took 5 min 32 s in 2 workers, 9 min 30 s within a one-process run of the same day.
+    ``-n 0`` runs in this process; without xdist nothing changes."""
     if getattr(config.option, "numprocesses", "absent") is None and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.numprocesses = "auto"
         if config.option.dist == "no":

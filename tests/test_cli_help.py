@@ -12,7 +12,6 @@ from imgcls_jax import TrainConfig, cli
 from imgcls_jax.cli.commands import CONFIG_OVERRIDES, TRAIN_DEFAULTS
 from tests.helpers import load_example
 
-ROOT = Path(__file__).resolve().parents[1]
 DOCUMENTED = re.compile(r"\(default:? ([^;)]+?)(?:;|\))")
 
 

@@ -1,14 +1,11 @@
 """examples/train.py, the README's main job, on its embedded sample (CI-sized settings)."""
 
 import logging
-from pathlib import Path
 
 import pytest
 
 import imgcls_jax
-from tests.helpers import load_example
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, load_example
 
 
 def test_embedded_sample_is_small_real_and_attributed():
