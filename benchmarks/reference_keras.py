@@ -75,10 +75,11 @@ log = logging.getLogger("reference_keras")
 
 
 def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int = 0, size=None,
-             learning_rate: float | None = None):  # fmt: skip
+             learning_rate: float | None = None, bn_momentum: float | None = None):  # fmt: skip
     """The imgcls_jax ``TrainConfig`` of the protocol: ``CONFIG`` with ``epochs`` epochs, ``model``
     at ``size`` (default: its :data:`MODELS` size), ``seed``, reading the pre-split folder
-    ``data``, and Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4)."""
+    ``data``, Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4) and the base's BatchNorm
+    momentum ``bn_momentum`` (default: the application's own)."""
     from imgcls_jax import TrainConfig
 
     raw = json.loads(CONFIG.read_text())
@@ -87,6 +88,8 @@ def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int
     raw["phases"][0]["epochs"] = epochs
     if learning_rate is not None:
         raw["phases"][0]["learning_rate"] = learning_rate
+    if bn_momentum is not None:
+        raw["bn_momentum"] = bn_momentum
     return TrainConfig.from_json(json.dumps(raw))
 
 
@@ -245,15 +248,26 @@ def keras_datasets(records, class_names, config):
 def keras_model(config, num_classes: int, steps_per_epoch: int):
     """``keras.applications.<MODELS[model]>(include_top=False, weights=None, pooling="avg")`` +
     Dense(256, relu) + Dropout + Dense(k, softmax), its module's ``preprocess_input`` inside;
-    Adam with CosineDecay and its warmup."""
+    Adam with CosineDecay and its warmup. With ``config.bn_momentum``, every BatchNormalization
+    layer of the base gets that ``momentum`` (as imgcls_jax's ``TrainConfig.bn_momentum``), and
+    their count must equal imgcls_jax's."""
     import keras
 
     size, phase = config.image_size, config.phases[0]
     application, module, _ = MODELS[config.model]
     inputs = keras.Input((size, size, 3))
     x = keras.layers.Lambda(getattr(keras.applications, module).preprocess_input)(inputs)
-    base = getattr(keras.applications, application)
-    x = base(include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3))(x)
+    base = getattr(keras.applications, application)(
+        include_top=False, weights=None, pooling="avg", input_shape=(size, size, 3)
+    )
+    if config.bn_momentum is not None:
+        norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+        ours = imgcls_jax_bn_layers(config)
+        if len(norms) != ours:
+            raise RuntimeError(f"Keras's base has {len(norms)} BatchNormalization layers; ours {ours}")
+        for layer in norms:
+            layer.momentum = config.bn_momentum
+    x = base(x)
     for units in config.head_units:
         x = keras.layers.Dense(units, activation="relu")(x)
         x = keras.layers.Dropout(config.dropout)(x)
@@ -268,6 +282,13 @@ def keras_model(config, num_classes: int, steps_per_epoch: int):
         metrics=["accuracy"],
     )
     return model
+
+
+def imgcls_jax_bn_layers(config) -> int:
+    """How many BatchNorm layers of imgcls_jax's base ``config.bn_momentum`` sets."""
+    from imgcls_jax.models.registry import model_from_config
+
+    return model_from_config(config, 2, weights=None).set_batchnorm_momentum(config.bn_momentum)
 
 
 def run_keras(config, records, class_names, out: Path) -> dict:
@@ -386,10 +407,16 @@ def table(results: dict, meta: dict) -> str:
 
 
 def _key(run: dict) -> tuple:
-    """``(model, image side, epochs, learning rate)`` of a run's ``results.json`` (older runs:
-    VGG16 at 32, 12 epochs, 2e-4)."""
+    """``(model, image side, epochs, learning rate, BatchNorm momentum)`` of a run's
+    ``results.json`` (older runs: VGG16 at 32, 12 epochs, 2e-4; None: the application's own)."""
     m = run["meta"]
-    return m.get("model", "vgg16"), m.get("image_size", 32), m.get("epochs", 12), m.get("learning_rate", 2e-4)
+    model, size, epochs = m.get("model", "vgg16"), m.get("image_size", 32), m.get("epochs", 12)
+    return model, size, epochs, m.get("learning_rate", 2e-4), m.get("bn_momentum")
+
+
+def _schedule(key: tuple) -> str:
+    """The "epochs, Adam peak rate" cell of a :func:`_key` (and the BatchNorm momentum if set)."""
+    return f"{key[2]}, {key[3]:g}" + (f", BN momentum {key[4]:g}" if key[4] is not None else "")
 
 
 def summary(paths) -> str:
@@ -413,7 +440,7 @@ def summary(paths) -> str:
         key = _key(r)
         groups.setdefault(key, []).append(r)
         lines.append(
-            f"| {key[0]} | {key[1]} | {key[2]}, {key[3]:g} | {m.get('seed', 0)} | {pct(j['test_accuracy'])} "
+            f"| {key[0]} | {key[1]} | {_schedule(key)} | {m.get('seed', 0)} | {pct(j['test_accuracy'])} "
             f"({j['test_correct']}/"
             f"{j['test_count']}) | {pct(k['test_accuracy'])} ({k['test_correct']}/{k['test_count']}) | "
             f"{pct(j['best_val_accuracy'])} ({j['best_epoch']}) | {pct(k['best_val_accuracy'])} "
@@ -424,14 +451,14 @@ def summary(paths) -> str:
         "", "| model | size | epochs, Adam peak rate | seeds | imgcls_jax mean +- sd | Keras mean +- sd "
         "| difference of means |", "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
-    for (model, size, epochs, rate), rs in groups.items():
+    for key, rs in groups.items():
         acc = {side: [100 * r[side]["test_accuracy"] for r in rs] for side in ("imgcls_jax", "keras")}
         sd = {side: statistics.stdev(v) if len(v) > 1 else float("nan") for side, v in acc.items()}
         mean = {side: statistics.mean(v) for side, v in acc.items()}
         cells = [f"{mean[side]:.2f} +- {sd[side]:.2f}" for side in ("imgcls_jax", "keras")]
         seeds = ", ".join(str(r["meta"].get("seed", 0)) for r in rs)
         lines.append(
-            f"| {model} | {size} | {epochs}, {rate:g} | {seeds} | {cells[0]} | {cells[1]} | "
+            f"| {key[0]} | {key[1]} | {_schedule(key)} | {seeds} | {cells[0]} | {cells[1]} | "
             f"{mean['imgcls_jax'] - mean['keras']:+.2f} points |"
         )
     return "\n".join([*lines, ""])
@@ -474,6 +501,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--split-seed", default=0, type=int, help="the train/val/test split's seed")
     parser.add_argument("--epochs", default=12, type=int)
     parser.add_argument("--learning-rate", type=float, help="Adam's peak rate (default the config's, 2e-4)")
+    parser.add_argument("--bn-momentum", type=float, help="the base's BatchNorm momentum, both sides")
     parser.add_argument("--accuracy-only", action="store_true", help="skip the input/step timings")
     parser.add_argument("--results-md", type=Path, help="put the table into this markdown file")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
@@ -495,9 +523,13 @@ def main(argv=None) -> dict:
         "versions": versions(), "model": args.model, "seed": args.seed, "split_seed": args.split_seed,
     }  # fmt: skip
     data = presplit_folder(args.data, args.out, args.split_seed)
-    config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size, args.learning_rate)
+    config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size, args.learning_rate,
+                      args.bn_momentum)  # fmt: skip
     meta.update(
-        image_size=config.image_size, epochs=args.epochs, learning_rate=config.phases[0].learning_rate
+        image_size=config.image_size,
+        epochs=args.epochs,
+        learning_rate=config.phases[0].learning_rate,
+        bn_momentum=config.bn_momentum,
     )
     records, class_names = make_manifest(config, args.out)
     counts = {name: sum(r.split == name for r in records) for name in ("train", "val", "test")}

@@ -414,6 +414,12 @@ class TrainConfig:
     #: Initializer of the kernels not loaded from ``weights``, for families that take one (VGG:
     #: ``glorot_uniform``, Keras's default, ``he_normal``, ``he_uniform``). None: the family's own.
     kernel_init: str | None = None
+    #: The moving-average momentum of every BatchNorm layer of the base (``moving <- m * moving +
+    #: (1 - m) * batch``, Keras's ``BatchNormalization(momentum=)``); None: the family's own, as
+    #: Keras builds it (MobileNetV2 0.999, EfficientNet 0.99, ...). From scratch over ~1,000 steps,
+    #: 0.999 leaves the moving statistics far behind the weights (inference-mode outputs can be
+    #: constant); 0.99 is Keras's layer default. A base without BatchNorm (VGG) refuses it.
+    bn_momentum: float | None = None
     #: The input normalisation the model applies to raw pixels (``caffe``, ``tf``, ``torch``,
     #: ``unit``, ``none``); None: the one its family's weights expect (VGG: ``caffe``).
     preprocessing: str | None = None
@@ -526,6 +532,13 @@ class TrainConfig:
         _set(self, "head_units", tuple(int(u) for u in self.head_units))
         _number("TrainConfig.dropout", self.dropout, 0, 1, high_open=True)
         _choice("TrainConfig.dtype", self.dtype, DTYPES)
+        if self.bn_momentum is not None:
+            from imgcls_jax.models.registry import has_batchnorm
+
+            momentum = _number("TrainConfig.bn_momentum", self.bn_momentum, 0, 1, high_open=True)
+            _set(self, "bn_momentum", momentum)
+            _check(has_batchnorm(self.model), "TrainConfig.bn_momentum",
+                   f"None for {self.model} (its base has no BatchNorm layer)", self.bn_momentum)  # fmt: skip
         if self.kernel_init is not None:
             _check(info.accepts("kernel_init"), "TrainConfig.kernel_init", f"None for {self.model}",
                    self.kernel_init)  # fmt: skip

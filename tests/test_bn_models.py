@@ -196,3 +196,38 @@ def test_seeded_init_is_reproducible(arch):
     c = small(arch, num_classes=3, seed=4)
     name = a.base_layers[0]
     assert not np.allclose(getattr(a, name).kernel[...], getattr(c, name).kernel[...])
+
+
+def test_bn_momentum_sets_every_base_batchnorm_and_the_update_follows_it(arch):
+    """``TrainConfig.bn_momentum`` (``set_batchnorm_momentum``): every BatchNorm of the base, not
+    a BatchNorm of the transfer head; one training-mode call moves each moving statistic to
+    ``m * initial + (1 - m) * batch``: with momentum 0 it is the batch statistic itself, so a
+    model at 0.3 must hold 0.3 * (0, 1) + 0.7 * that (an independent form of Keras's update)."""
+    from imgcls_jax import ConfigError, TrainConfig
+    from imgcls_jax.models.registry import model_from_config
+
+    head = ["dense 8", "batchnorm momentum=0.5", "dense 3"]
+    x = images(n=4, size=32)
+    models = {m: small(arch, num_classes=3, head=head) for m in (0.0, 0.3)}
+    for m, model in models.items():
+        count = model.set_batchnorm_momentum(m)
+        assert count == len(model.base_batchnorms()) > 0
+        norms = [layer for _, layer in nnx.iter_modules(model) if isinstance(layer, nnx.BatchNorm)]
+        assert sorted(layer.momentum for layer in norms) == sorted([m] * count + [0.5])
+        model.train()
+        model(x, dropout_key=jax.random.key(0))
+    for a, b in zip(models[0.0].base_batchnorms(), models[0.3].base_batchnorms(), strict=True):
+        np.testing.assert_allclose(b.mean[...], 0.7 * a.mean[...], rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(b.var[...], 0.3 + 0.7 * a.var[...], rtol=1e-5, atol=1e-6)
+
+    config = TrainConfig(data="photos", model=arch, image_size=32, weights="random", bn_momentum=0.9)
+    built = model_from_config(config, 3)
+    assert {layer.momentum for layer in built.base_batchnorms()} == {0.9}
+    default = model_from_config(TrainConfig(data="photos", model=arch, image_size=32, weights="random"), 3)
+    assert {layer.momentum for layer in default.base_batchnorms()} == {0.999 if arch == "mobilenetv2" else 0.99}
+    with pytest.raises(ConfigError, match=r"bn_momentum must be a number in \[0, 1\)"):
+        TrainConfig(data="photos", model=arch, weights="random", bn_momentum=1.0)
+    with pytest.raises(ConfigError, match="bn_momentum must be None for vgg16"):
+        TrainConfig(data="photos", model="vgg16", weights="random", bn_momentum=0.9)
+    with pytest.raises(ValueError, match="vgg16 has no BatchNorm layer in its base"):
+        imgcls_jax.create_model("vgg16", input_shape=(32, 32, 3), num_classes=2).set_batchnorm_momentum(0.9)

@@ -415,9 +415,9 @@ def _apply(lines: list[str], edits) -> bytes:
             row = next(csv.reader([lines[line]]), [""])
             row = (row + [""] * 4)[:4]
             row[column] = value
-            out = io.StringIO()
-            csv.writer(out, lineterminator="").writerow(row)
-            lines[line] = out.getvalue()
+            out = io.StringIO()  # "\r\n" ends the row so that a field holding either is quoted
+            csv.writer(out, lineterminator="\r\n").writerow(row)
+            lines[line] = out.getvalue().removesuffix("\r\n")
         elif kind == "delete" and lines:
             del lines[line]
         elif kind == "duplicate" and lines:

@@ -190,6 +190,26 @@ class Classifier(TransferHead, nnx.Module):
         if output_activation is not None:
             self.output_activation = output_activation
 
+    def base_batchnorms(self) -> list[nnx.BatchNorm]:
+        """The BatchNorm layers of the base (not the transfer head's), in graph order."""
+        head = set(self.head_layers) | set(dict(getattr(self, "_head_dropouts", ())).values())
+        return [m for path, m in nnx.iter_modules(self)
+                if isinstance(m, nnx.BatchNorm) and path[:1] and str(path[0]) not in head]  # fmt: skip
+
+    def set_batchnorm_momentum(self, momentum: float) -> int:
+        """Set every BatchNorm layer of the base (not the transfer head's, which its spec sets) to
+        update its moving statistics with ``momentum`` (Keras: ``layer.momentum = momentum`` on
+        each ``BatchNormalization``) and return how many there are; ``ValueError`` where the base
+        has none (e.g. VGG), rather than nothing happening."""
+        if not 0 <= momentum < 1:
+            raise ValueError(f"BatchNorm momentum must be in [0, 1), got {momentum!r}")
+        layers = self.base_batchnorms()
+        if not layers:
+            raise ValueError(f"{self.arch} has no BatchNorm layer in its base: bn_momentum does not apply")
+        for layer in layers:
+            layer.momentum = float(momentum)
+        return len(layers)
+
     def __call__(self, images: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Logits (or features, without a head) of raw RGB ``images`` ``[N, H, W, 3]``, uint8 or
         float in [0, 255]. ``dropout_key``: a PRNG key for dropout in training mode (default: the

@@ -9,6 +9,7 @@ non-default value, is an error naming both), and loads weights.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -281,6 +282,15 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
     return given
 
 
+@functools.cache
+def has_batchnorm(name: str) -> bool:
+    """Whether registered model ``name``'s base has BatchNorm layers (built abstractly, once per
+    process: shapes only, no arrays)."""
+    side = max(model_info(name).min_size, 32)
+    model = nnx.eval_shape(lambda: create_model(name, num_classes=2, input_shape=(side, side, 3)))
+    return bool(model.base_batchnorms())
+
+
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
     """The model a :class:`~imgcls_jax.config.TrainConfig` describes, with ``num_classes``
     classes: what training builds (with ``config.weights``; ``"random"`` is the seeded random
@@ -303,7 +313,10 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
         options.pop("head_activation", None)
     if weights == "config":
         weights = None if config.weights == "random" else config.weights  # "random": seeded init
-    return create_model(
+    model = create_model(
         config.model, num_classes=num_classes, weights=weights, pooling=config.pooling, dtype=config.dtype,
         seed=config.seed, input_shape=(height, width, 3), preprocessing=config.preprocessing, **options,
     )  # fmt: skip
+    if getattr(config, "bn_momentum", None) is not None:
+        model.set_batchnorm_momentum(config.bn_momentum)
+    return model
