@@ -29,19 +29,36 @@ def isolated_weight_dirs(tmp_path_factory, monkeypatch):
     shutil.rmtree(root, ignore_errors=True)  # weight files of a few hundred MB each, per test
 
 
-# Modules that share a session fixture (tests/killing.py): one xdist worker runs them all
-SESSION_GROUPS = {"killing": ("test_kill_moments.py", "test_run_faults.py", "test_full_disk.py")}
+# Modules that go to one xdist worker together (by file name): those sharing a session fixture
+# (tests/killing.py), and those holding VGG16's 224 px top (138 M parameters) in both frameworks
+# (the quick tier's largest per-test peaks, 2026-12-07), so the two workers never hold two at once.
+# Every other module is a group of its own.
+MODULE_GROUPS = {
+    "killing": ("test_kill_moments.py", "test_run_faults.py", "test_full_disk.py"),
+    "vgg_top": ("test_parity_keras.py", "test_models.py", "test_weight_files.py"),
+}
 
 
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n``, README), each test module goes to one worker whole
-    (``--dist loadgroup``), so that its module fixtures are built once; modules that share session
-    fixtures go to the same one. Without xdist the marks are inert."""
-    group_of = {name: group for group, names in SESSION_GROUPS.items() for name in names}
-    for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            name = item.path.name
-            item.add_marker(pytest.mark.xdist_group(group_of.get(name, name)))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """Under pytest-xdist (``-n``, README), each test module goes to one worker whole, so that its
+    module fixtures are built once, and the modules of a :data:`MODULE_GROUPS` group go to the
+    same one: xdist's ``--dist loadfile`` with those groups as files. (``--dist loadgroup`` with
+    ``xdist_group`` marks, used until 2026-12-07, grouped nothing under pytest 9: xdist 3.8 writes
+    the group into ``item._nodeid``, which pytest 9 no longer reads; tests/test_metrics.py's cases
+    ran on both workers.)"""
+    if config.option.dist != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    group_of = {name: group for group, names in MODULE_GROUPS.items() for name in names}
+
+    class ModuleGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = super()._split_scope(nodeid)
+            return group_of.get(path.rsplit("/", 1)[-1], path)
+
+    return ModuleGroupScheduling(config, log)
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -53,7 +70,7 @@ def pytest_cmdline_main(config):
     if getattr(config.option, "numprocesses", "absent") is None and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.numprocesses = "auto"
         if config.option.dist == "no":
-            config.option.dist = "loadgroup"
+            config.option.dist = "loadfile"
 
 
 def pytest_xdist_auto_num_workers(config):

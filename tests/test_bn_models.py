@@ -224,10 +224,37 @@ def test_bn_momentum_sets_every_base_batchnorm_and_the_update_follows_it(arch):
     built = model_from_config(config, 3)
     assert {layer.momentum for layer in built.base_batchnorms()} == {0.9}
     default = model_from_config(TrainConfig(data="photos", model=arch, image_size=32, weights="random"), 3)
-    assert {layer.momentum for layer in default.base_batchnorms()} == {0.999 if arch == "mobilenetv2" else 0.99}
+    own = 0.999 if arch == "mobilenetv2" else 0.99  # as Keras builds them
+    assert {layer.momentum for layer in default.base_batchnorms()} == {own}
     with pytest.raises(ConfigError, match=r"bn_momentum must be a number in \[0, 1\)"):
         TrainConfig(data="photos", model=arch, weights="random", bn_momentum=1.0)
     with pytest.raises(ConfigError, match="bn_momentum must be None for vgg16"):
         TrainConfig(data="photos", model="vgg16", weights="random", bn_momentum=0.9)
     with pytest.raises(ValueError, match="vgg16 has no BatchNorm layer in its base"):
         imgcls_jax.create_model("vgg16", input_shape=(32, 32, 3), num_classes=2).set_batchnorm_momentum(0.9)
+
+
+def test_bn_restats_averages_the_batch_statistics_and_restores_the_layers(arch):
+    """benchmarks/bn_restats.py's re-estimation: each moving statistic becomes the mean over the
+    batches of that layer's batch statistic (each found alone, a fresh model at momentum 0), the
+    weights and momenta are untouched and the model is back in inference mode."""
+    from benchmarks.bn_restats import reestimate
+
+    x = images(n=6, size=32, seed=5)
+    model = small(arch, num_classes=3)
+    weights = [np.asarray(v) for v in jax.tree.leaves(nnx.state(model, nnx.Param))]
+    assert reestimate(model, x, batch_size=3) == 2
+    alone = []
+    for batch in (x[:3], x[3:]):
+        fresh = small(arch, num_classes=3)
+        fresh.set_batchnorm_momentum(0.0)
+        fresh.train()
+        fresh(batch, dropout_key=jax.random.key(0))
+        alone.append(fresh.base_batchnorms())
+    own = 0.999 if arch == "mobilenetv2" else 0.99
+    for layer, a, b in zip(model.base_batchnorms(), *alone, strict=True):
+        np.testing.assert_allclose(layer.mean[...], (a.mean[...] + b.mean[...]) / 2, rtol=1e-4, atol=1e-5)
+        np.testing.assert_allclose(layer.var[...], (a.var[...] + b.var[...]) / 2, rtol=1e-4, atol=1e-5)
+        assert layer.momentum == own and layer.use_running_average
+    after = jax.tree.leaves(nnx.state(model, nnx.Param))
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(weights, after, strict=True))
