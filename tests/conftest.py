@@ -66,11 +66,12 @@ def pytest_cmdline_main(config):
     """The quick tier runs in 2 processes where pytest-xdist is installed (the ``test`` extra) and
     ``-n`` is not given: one process kept 1.24 of the 2 cores busy (``time -v``, 2026-12-07); six
     heavy modules took 5 min 32 s in 2 workers, 9 min 30 s within a one-process run of the same day.
-    ``-n 0`` runs in this process; without xdist nothing changes."""
+    ``-n 0`` runs in this process; without xdist nothing changes. With workers (``-n auto`` or
+    ``-n N``) and no ``--dist`` given, modules are kept whole (:func:`pytest_xdist_make_scheduler`)."""
     if getattr(config.option, "numprocesses", "absent") is None and not os.environ.get("PYTEST_XDIST_WORKER"):
         config.option.numprocesses = "auto"
-        if config.option.dist == "no":
-            config.option.dist = "loadfile"
+    if getattr(config.option, "numprocesses", None) and config.option.dist == "no":  # -n N too
+        config.option.dist = "loadfile"
 
 
 def pytest_xdist_auto_num_workers(config):

@@ -288,7 +288,9 @@ def has_batchnorm(name: str) -> bool:
     process: shapes only, no arrays)."""
     side = max(model_info(name).min_size, 32)
     model = nnx.eval_shape(lambda: create_model(name, num_classes=2, input_shape=(side, side, 3)))
-    return bool(model.base_batchnorms())
+    if hasattr(model, "base_batchnorms"):
+        return bool(model.base_batchnorms())
+    return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))  # a user's own model
 
 
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
