@@ -20,7 +20,9 @@ pytest.importorskip("xdist")
 
 def test_two_workers_keep_each_module_whole():
     modules = ["tests/test_metrics.py", "tests/test_optim.py"]  # quick ones, tens of tests each
+    # not this worker's xdist variables, nor the memory log (the inner tests would write into it)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
+    env.pop("IMGCLS_TEST_MEMORY_LOG", None)
     done = subprocess.run(  # -n 2 given: -n auto picks no workers for a small machine
         [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-n", "2", "-v", *modules],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
