@@ -284,13 +284,12 @@ def _options_for(info: ModelInfo, options: dict) -> dict:
 
 @functools.cache
 def has_batchnorm(name: str) -> bool:
-    """Whether registered model ``name``'s base has BatchNorm layers (built abstractly, once per
-    process: shapes only, no arrays)."""
+    """Whether registered model ``name`` is a family model (:class:`~imgcls_jax.models.base.Classifier`)
+    whose base has BatchNorm layers (built abstractly, once per process: shapes only, no arrays)."""
     side = max(model_info(name).min_size, 32)
     model = nnx.eval_shape(lambda: create_model(name, num_classes=2, input_shape=(side, side, 3)))
-    if hasattr(model, "base_batchnorms"):
-        return bool(model.base_batchnorms())
-    return any(isinstance(m, nnx.BatchNorm) for _, m in nnx.iter_modules(model))  # a user's own model
+    # a user's own registered model without the families' base class: no "base" to set
+    return hasattr(model, "base_batchnorms") and bool(model.base_batchnorms())
 
 
 def model_from_config(config, num_classes: int, *, weights: str | None = "config", input_size=None):
