@@ -285,10 +285,13 @@ def keras_model(config, num_classes: int, steps_per_epoch: int):
 
 
 def imgcls_jax_bn_layers(config) -> int:
-    """How many BatchNorm layers of imgcls_jax's base ``config.bn_momentum`` sets."""
+    """How many BatchNorm layers of imgcls_jax's base ``config.bn_momentum`` sets (the model built
+    abstractly: shapes, no arrays)."""
+    from flax import nnx
+
     from imgcls_jax.models.registry import model_from_config
 
-    return model_from_config(config, 2, weights=None).set_batchnorm_momentum(config.bn_momentum)
+    return len(nnx.eval_shape(lambda: model_from_config(config, 2, weights=None)).base_batchnorms())
 
 
 def run_keras(config, records, class_names, out: Path) -> dict:
