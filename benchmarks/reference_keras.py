@@ -26,7 +26,10 @@ last incomplete batch dropped (as imgcls_jax does), ``RandomFlip`` / ``RandomRot
 ``RandomZoom`` / ``RandomTranslation`` in the pipeline, the application's ``preprocess_input`` in
 the model, ``CosineDecay(warmup_target=, warmup_steps=)``,
 ``CategoricalCrossentropy(label_smoothing=0.1)``, ``ModelCheckpoint(save_best_only=True)`` on
-``val_accuracy``.
+``val_accuracy``. ``--keras-augment imgcls_jax`` augments Keras's training images with
+imgcls_jax's own op instead of the ``Random*`` layers: Keras's layers resample an image once per
+layer (rotation, zoom, translation: three bilinear interpolations), imgcls_jax composes the three
+into one, so the two pipelines draw the same transformations but Keras's images come out blurrier.
 
 Where the time goes, for each: the whole epoch (wall time between the ends of consecutive
 epochs: training, validation, checkpoint), its training part, and (unless ``--accuracy-only``)
@@ -211,20 +214,41 @@ def _pipeline_seconds(epoch_batches, repeats: int) -> float:
 
 
 # ----------------------------------------------------------------------------------------- Keras
-def keras_datasets(records, class_names, config):
-    """``{split: tf.data.Dataset}`` of ``(float32[B, S, S, 3] in [0, 255], one-hot labels)``:
-    decoded and resized as ``image_dataset_from_directory`` does, cached; the training split
-    shuffled, batched without its last incomplete batch and augmented."""
+def keras_augmentation(config, kind: str = "layers"):
+    """``batch -> augmented batch`` for Keras's training split: ``"layers"``, Keras's
+    ``RandomFlip`` / ``RandomRotation`` / ``RandomZoom`` / ``RandomTranslation`` in a
+    ``Sequential`` (what a Keras user writes; each of the last three resamples the image, so a
+    training image is interpolated three times), or ``"imgcls_jax"``, imgcls_jax's own op
+    (:func:`imgcls_jax.data.augment.augment_batch`: the same transformations composed into one
+    resampling), each image with its own seed from ``tf.data.Dataset.random`` (``10 * seed +
+    5``, redrawn each epoch). Returns a function of ``(images, seeds)``; ``seeds`` is int64[B, 2]."""
     import keras
-    import tensorflow as tf
 
-    size, k, a, s = config.image_size, len(class_names), config.augment, 10 * config.seed
-    augment = keras.Sequential([
+    a, s = config.augment, 10 * config.seed
+    if kind == "imgcls_jax":
+        from imgcls_jax.data.augment import augment_batch
+
+        return lambda images, seeds: augment_batch(images, seeds, a)
+    if kind != "layers":
+        raise ValueError(f"unknown Keras augmentation {kind!r}; expected 'layers' or 'imgcls_jax'")
+    layers = keras.Sequential([
         keras.layers.RandomFlip("horizontal", seed=s + 1),
         keras.layers.RandomRotation(a.rotation, fill_mode=a.fill_mode, seed=s + 2),
         keras.layers.RandomZoom(a.zoom, fill_mode=a.fill_mode, seed=s + 3),
         keras.layers.RandomTranslation(a.translation, a.translation, fill_mode=a.fill_mode, seed=s + 4),
     ])  # fmt: skip
+    return lambda images, seeds: layers(images, training=True)
+
+
+def keras_datasets(records, class_names, config, augmentation: str = "layers"):
+    """``{split: tf.data.Dataset}`` of ``(float32[B, S, S, 3] in [0, 255], one-hot labels)``:
+    decoded and resized as ``image_dataset_from_directory`` does, cached; the training split
+    shuffled, batched without its last incomplete batch and augmented (``augmentation``: see
+    :func:`keras_augmentation`)."""
+    import tensorflow as tf
+
+    size, k = config.image_size, len(class_names)
+    augment = keras_augmentation(config, augmentation)
 
     def decode(path, label):
         image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
@@ -238,7 +262,10 @@ def keras_datasets(records, class_names, config):
         if split == "train":
             ds = ds.shuffle(len(chosen), seed=config.seed, reshuffle_each_iteration=True)
             ds = ds.batch(config.batch_size, drop_remainder=True)
-            ds = ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+            seeds = tf.data.Dataset.random(seed=10 * config.seed + 5, rerandomize_each_iteration=True)
+            ds = tf.data.Dataset.zip(ds, seeds.batch(2 * config.batch_size))
+            ds = ds.map(lambda xy, seed: (augment(xy[0], tf.reshape(seed, (-1, 2))), xy[1]),
+                        num_parallel_calls=tf.data.AUTOTUNE)  # fmt: skip
         else:
             ds = ds.batch(config.eval_batch_size or config.batch_size)
         out[split] = ds.prefetch(tf.data.AUTOTUNE)
@@ -294,13 +321,14 @@ def imgcls_jax_bn_layers(config) -> int:
     return len(nnx.eval_shape(lambda: model_from_config(config, 2, weights=None)).base_batchnorms())
 
 
-def run_keras(config, records, class_names, out: Path) -> dict:
-    """Train, keep the best epoch by val_accuracy, evaluate it on the test split."""
+def run_keras(config, records, class_names, out: Path, augmentation: str = "layers") -> dict:
+    """Train, keep the best epoch by val_accuracy, evaluate it on the test split
+    (``augmentation``: see :func:`keras_augmentation`)."""
     import keras
     from sklearn.metrics import classification_report, confusion_matrix
 
     keras.utils.set_random_seed(config.seed)
-    data = keras_datasets(records, class_names, config)
+    data = keras_datasets(records, class_names, config, augmentation)
     steps = sum(r.split == "train" for r in records) // config.batch_size
     model = keras_model(config, len(class_names), steps)
     best_path = out / "keras" / "best.weights.h5"
@@ -410,16 +438,25 @@ def table(results: dict, meta: dict) -> str:
 
 
 def _key(run: dict) -> tuple:
-    """``(model, image side, epochs, learning rate, BatchNorm momentum)`` of a run's
-    ``results.json`` (older runs: VGG16 at 32, 12 epochs, 2e-4; None: the application's own)."""
+    """``(model, image side, epochs, learning rate, BatchNorm momentum, Keras's augmentation)`` of
+    a run's ``results.json`` (older runs: VGG16 at 32, 12 epochs, 2e-4; None: the application's
+    own momentum; Keras's Random* layers)."""
     m = run["meta"]
     model, size, epochs = m.get("model", "vgg16"), m.get("image_size", 32), m.get("epochs", 12)
-    return model, size, epochs, m.get("learning_rate", 2e-4), m.get("bn_momentum")
+    return (
+        model,
+        size,
+        epochs,
+        m.get("learning_rate", 2e-4),
+        m.get("bn_momentum"),
+        m.get("keras_augment", "layers"),
+    )
 
 
 def _schedule(key: tuple) -> str:
     """The "epochs, Adam peak rate" cell of a :func:`_key` (and the BatchNorm momentum if set)."""
-    return f"{key[2]}, {key[3]:g}" + (f", BN momentum {key[4]:g}" if key[4] is not None else "")
+    out = f"{key[2]}, {key[3]:g}" + (f", BN momentum {key[4]:g}" if key[4] is not None else "")
+    return out + (", Keras augmented by imgcls_jax's op" if key[5] == "imgcls_jax" else "")
 
 
 def summary(paths) -> str:
@@ -505,6 +542,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--epochs", default=12, type=int)
     parser.add_argument("--learning-rate", type=float, help="Adam's peak rate (default the config's, 2e-4)")
     parser.add_argument("--bn-momentum", type=float, help="the base's BatchNorm momentum, both sides")
+    parser.add_argument("--keras-augment", default="layers", choices=("layers", "imgcls_jax"),
+                        help="Keras: its Random* layers (default) or imgcls_jax's op")  # fmt: skip
     parser.add_argument("--accuracy-only", action="store_true", help="skip the input/step timings")
     parser.add_argument("--results-md", type=Path, help="put the table into this markdown file")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
@@ -533,6 +572,7 @@ def main(argv=None) -> dict:
         epochs=args.epochs,
         learning_rate=config.phases[0].learning_rate,
         bn_momentum=config.bn_momentum,
+        keras_augment=args.keras_augment,
     )
     records, class_names = make_manifest(config, args.out)
     counts = {name: sum(r.split == name for r in records) for name in ("train", "val", "test")}
@@ -541,7 +581,7 @@ def main(argv=None) -> dict:
     results = {"imgcls_jax": run_imgcls_jax(config, args.out)}
     if not args.accuracy_only:
         results["imgcls_jax"].update(imgcls_jax_input_and_step(config, args.out))
-    keras_run = run_keras(config, records, class_names, args.out)
+    keras_run = run_keras(config, records, class_names, args.out, args.keras_augment)
     model, keras_data = keras_run.pop("model"), keras_run.pop("data")
     if not args.accuracy_only:
         keras_run.update(keras_input_and_step(model, keras_data, keras_run["steps_per_epoch"]))

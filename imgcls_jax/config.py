@@ -420,6 +420,12 @@ class TrainConfig:
     #: 0.999 leaves the moving statistics far behind the weights (inference-mode outputs can be
     #: constant); 0.99 is Keras's layer default. A base without BatchNorm (VGG) refuses it.
     bn_momentum: float | None = None
+    #: ConvNeXt without Keras's top: where its final LayerNormalization stands with ``pooling``
+    #: "avg" / "max": ``"pooled"`` (after the pooling: Keras's ``pooling="avg"`` base) or ``"map"``
+    #: (on the map, then the pooling: Keras's ``pooling=None`` base followed by a user's own
+    #: pooling layer, what such an imported Keras model needs). None: the family's own
+    #: (``"pooled"``); other families refuse it.
+    final_norm: str | None = None
     #: The input normalisation the model applies to raw pixels (``caffe``, ``tf``, ``torch``,
     #: ``unit``, ``none``); None: the one its family's weights expect (VGG: ``caffe``).
     preprocessing: str | None = None
@@ -539,6 +545,12 @@ class TrainConfig:
             _set(self, "bn_momentum", momentum)
             _check(has_batchnorm(self.model), "TrainConfig.bn_momentum",
                    f"None for {self.model} (its base has no BatchNorm layer)", self.bn_momentum)  # fmt: skip
+        if self.final_norm is not None:
+            from imgcls_jax.models.convnext import FINAL_NORMS
+
+            _check(info.accepts("final_norm"), "TrainConfig.final_norm", f"None for {self.model}",
+                   self.final_norm)  # fmt: skip
+            _choice("TrainConfig.final_norm", self.final_norm, FINAL_NORMS)
         if self.kernel_init is not None:
             _check(info.accepts("kernel_init"), "TrainConfig.kernel_init", f"None for {self.model}",
                    self.kernel_init)  # fmt: skip
@@ -590,8 +602,11 @@ class TrainConfig:
 
             try:
                 _set(self, "head", tuple(str(layer) for layer in parse_head(self.head)))
-            except ValueError as e:
-                raise ConfigError(f"TrainConfig.head: {e}") from None
+            except ValueError as e:  # its message quotes the value: cut as short_repr cuts
+                text = str(e)
+                raise ConfigError(
+                    f"TrainConfig.head: {text if len(text) <= 500 else text[:495] + ' ...>'}"
+                ) from None
         if self.init_from is not None:
             _check(isinstance(self.init_from, str) and bool(self.init_from), "TrainConfig.init_from",
                    "None or a run folder / Keras model file path", self.init_from)  # fmt: skip

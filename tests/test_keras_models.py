@@ -8,6 +8,7 @@ make_fixtures.py there) and filled with the weights of a Keras 3 twin, the refer
 
 import json
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import h5py
@@ -16,7 +17,9 @@ import pytest
 
 keras = pytest.importorskip("keras")
 
+from imgcls_jax.models.registry import model_from_config  # noqa: E402
 from imgcls_jax.train import write_run_folder  # noqa: E402
+from imgcls_jax.train.imported import initialize_from  # noqa: E402
 from imgcls_jax.weights import WeightFileError, from_keras, to_keras  # noqa: E402
 from imgcls_jax.weights.keras_families import NOT_YET  # noqa: E402
 from tests import keras_builders as kb  # noqa: E402
@@ -335,7 +338,9 @@ FAMILIES = {
     "efficientnetb0": dict(nested=False, preprocessing="none", head=("gap", 0.2, 24, "relu", "ln"),
                            output="sigmoid"),
     # the families added later: one model each (EfficientNetV2's and MobileNetV3's bases normalize raw
-    # pixels themselves: their preprocess_input is the identity; ConvNeXt and NASNet are refused, NOT_YET)
+    # pixels themselves: their preprocess_input is the identity; NASNet is refused, NOT_YET). ConvNeXt:
+    # the pooling=None base, a pooling layer (final_norm='map'); other forms: test_convnext_models_both_ways
+    "convnexttiny": dict(nested=True, preprocessing="none", head=("gap", 16, "gelu")),
     "efficientnetv2b0": dict(nested=False, preprocessing="none", head=("gap", "bn", 16, "swish")),
     "mobilenetv3small": dict(nested=True, preprocessing="none", head=("gmp", 16, "relu", 0.2)),
     "resnet101": dict(nested=True, preprocessing="graph", head=("gap", 16, "relu"), gamma=(0.1, 0.4)),
@@ -357,6 +362,7 @@ FAMILY_HEADS = {
     "mobilenetv2": (("dense 16", "batchnorm", "activation tanh", "dropout 0.5", "dense 3"), "graph"),
     "efficientnetb0": (("dropout 0.2", "dense 24 relu", "layernorm", "dense 3"), "assumed"),
     "efficientnetv2b0": (("batchnorm", "dense 16 silu", "dense 3"), "assumed"),
+    "convnexttiny": (("dense 16 gelu", "dense 3"), "assumed"),
     "mobilenetv3small": (("dense 16 relu", "dropout 0.2", "dense 3"), "assumed"),
     "resnet101": (("dense 16 relu", "dense 3"), "graph"),
     "resnet50v2": (("layernorm", "dense 16 tanh", "dense 3"), "graph"),
@@ -441,8 +447,9 @@ def test_every_family_out_again(family, tmp_path):
     kb.assert_probabilities_equal(kb.keras_out(back, raws[size].astype("float32")), ours)
     kb.assert_probabilities_equal(ours, expected[size])
     # MobileNetV3's hard sigmoid is Keras 3 operations on constants; InceptionResNetV2's CustomScaleLayer
-    # a class of its application's module: a legacy config cannot name them
-    if arch.startswith("mobilenetv3") or arch == "inceptionresnetv2":
+    # and ConvNeXt's LayerScale classes of their application's module, ConvNeXt's stem a Sequential:
+    # a legacy config cannot name them
+    if arch.startswith(("mobilenetv3", "convnext")) or arch == "inceptionresnetv2":
         with pytest.raises(ValueError, match=r"legacy \.h5 model config cannot name: export a \.keras"):
             to_keras(model, tmp_path / "back.h5", input_preprocessing="none")
         assert not (tmp_path / "back.h5").exists()
@@ -478,21 +485,101 @@ def test_every_family_has_a_keras_graph(name):
 
 
 def test_refused_families(valid_weights, tmp_path):
-    """A whole Keras model of a family not supported yet (ConvNeXt, NASNet) is refused both ways,
-    the error naming the family and why; nothing is loaded or written."""
+    """A whole Keras model of a family not supported yet (NASNet) is refused both ways, the error
+    naming the family and why; nothing is loaded or written."""
     from imgcls_jax.models.registry import create_model
 
     inputs = keras.Input((32, 32, 3))
-    base = keras.applications.ConvNeXtTiny(include_top=False, weights=None, input_shape=(32, 32, 3))
+    base = keras.applications.NASNetMobile(include_top=False, weights=None, input_shape=(32, 32, 3))
     outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(inputs)))
-    path = _saved(keras.Model(inputs, outputs), tmp_path, "convnext.json")
-    refused = r"convnexttiny: whole Keras models of this family are not supported yet .*LayerNormalization"
+    path = _saved(keras.Model(inputs, outputs), tmp_path, "nasnet.json")
+    refused = r"nasnetmobile: whole Keras models of this family are not supported yet .*'adjust' layers"
     _bad(valid_weights, refused, architecture=path)
-    _bad(valid_weights, refused, architecture=path, arch="convnexttiny")
+    _bad(valid_weights, refused, architecture=path, arch="nasnetmobile")
     model = create_model("nasnetmobile", include_top=False, num_classes=3, input_shape=(32, 32, 3))
     with pytest.raises(WeightFileError, match=r"nasnetmobile: whole Keras models .* not supported yet"):
         to_keras(model, tmp_path / "n.keras")
     assert not (tmp_path / "n.keras").exists()
+
+
+def _convnext(form: str):
+    """A Keras ConvNeXtTiny model of one of the three forms a user builds:
+    ``"map"`` (the ``pooling=None`` base, then the user's GlobalAveragePooling2D: its final
+    LayerNormalization on the map), ``"pooled"`` (the ``pooling="avg"`` base: that
+    LayerNormalization after the pooling), both at any size, or ``"top"`` (Keras's own top, 5
+    classes, 64 px)."""
+    app = keras.applications.ConvNeXtTiny
+    if form == "top":
+        return app(include_top=True, weights=None, classes=5, input_shape=(64, 64, 3))
+    inputs = keras.Input((None, None, 3))
+    if form == "map":
+        x = keras.layers.GlobalAveragePooling2D()(app(include_top=False, weights=None)(inputs))
+    else:
+        x = app(include_top=False, weights=None, pooling="avg")(inputs)
+    x = keras.layers.Dense(16, activation="gelu")(x)
+    return keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+
+
+@pytest.mark.parametrize("form", ["map", "pooled", "top"])
+def test_convnext_models_both_ways(form, tmp_path):
+    """ConvNeXt whole models: the three forms (see :func:`_convnext`) come over with Keras's
+    predictions (random weights, 64 px: ConvNeXt's preprocess_input is the identity, so users
+    feed raw pixels), their final LayerNormalization where Keras puts it (``final_norm``; the
+    other place gives other predictions: the comparison sees it), back to Keras as a .keras
+    file, and as a run folder whose config keeps ``final_norm``."""
+    from flax import nnx
+
+    from imgcls_jax import TrainConfig, load_run, predict
+
+    k_model = _convnext(form)
+    raw = kb.images(4, seed=21, size=64)
+    kb.randomize_all(k_model, seed=31, preprocess=lambda r: np.asarray(r, np.float32), batch=raw)
+    kb.spread_output(k_model, raw.astype(np.float32), std=2.0 if form == "top" else 0.5)
+    k_model.save(tmp_path / "m.keras")
+    expected = kb.keras_out(k_model, raw.astype(np.float32))
+    model, info = from_keras(tmp_path / "m.keras", input_shape=(64, 64, 3))
+    assert info.arch == "convnexttiny" and info.include_top == (form == "top")
+    assert info.family_options == ({"final_norm": "map"} if form == "map" else {})
+    assert getattr(model, "final_norm", "pooled") == ("map" if form == "map" else "pooled")
+    ours = kb.probabilities(model, raw)
+    kb.assert_probabilities_equal(ours, expected)
+    if form != "top":  # the other place of the final LayerNormalization: other predictions
+        other = "pooled" if form == "map" else "map"
+        graph, state = nnx.split(model)
+        nnx.update(swapped := nnx.merge(graph, state), state)
+        swapped.final_norm = other
+        assert np.abs(kb.probabilities(swapped, raw) - expected).max() > 1e-3
+    back = keras.saving.load_model(to_keras(model, tmp_path / "back.keras", input_preprocessing="none"))
+    kb.assert_probabilities_equal(kb.keras_out(back, raw.astype(np.float32)), ours)
+    if form == "top":
+        return
+    names = ["a", "b", "c"]
+    run = write_run_folder(model, info, tmp_path / "run", class_names=names)
+    config = TrainConfig.from_json(run / "config.json")
+    assert config.final_norm == info.family_options.get("final_norm")
+    got = np.array([[dict(p.top_k)[c] for c in names] for p in predict(load_run(run), raw, top_k=3)])
+    kb.assert_probabilities_equal(got, expected)
+    # a fine-tune from the Keras file or the run whose config puts the norm elsewhere: refused
+    other = "pooled" if form == "map" else "map"
+    wrong = model_from_config(replace(config, final_norm=other), 3, weights=None)
+    for source in (tmp_path / "m.keras", run):
+        with pytest.raises(ValueError, match="final_norm"):
+            initialize_from(wrong, source, names)
+
+
+def test_final_norm_is_convnexts_option():
+    """``TrainConfig.final_norm``: ConvNeXt's two places, refused for another family or value."""
+    from imgcls_jax import TrainConfig
+    from imgcls_jax.config import ConfigError
+
+    assert (
+        TrainConfig(data="photos", model="convnexttiny", final_norm="map", weights="random").final_norm
+        == "map"
+    )
+    with pytest.raises(ConfigError, match=r"TrainConfig.final_norm.*None for vgg16"):
+        TrainConfig(data="photos", model="vgg16", final_norm="map", weights="random")
+    with pytest.raises(ConfigError, match=r"TrainConfig.final_norm.*'pooled', 'map'"):
+        TrainConfig(data="photos", model="convnexttiny", final_norm="before", weights="random")
 
 
 @pytest.mark.parametrize("name", [n if n == "mobilenetv2" else pytest.param(n, marks=pytest.mark.slow)

@@ -25,7 +25,10 @@ What Keras does, and so this port does:
   Without the top Keras ends with one more LayerNormalization (named after its class,
   ``layer_normalization``) *after* pooling (``"avg"`` / ``"max"``), or on the map itself
   (``pooling=None``): here it is the last layer of the last stage, and :meth:`ConvNeXt.pool`
-  applies it, so the frozen-base path and the transfer head see what Keras's base outputs.
+  applies it, so the frozen-base path and the transfer head see what Keras's base outputs. A
+  Keras user who pools the ``pooling=None`` base's output with a layer of their own computes
+  pooling(LayerNormalization(map)) instead: ``final_norm="map"`` (what a whole Keras model of that
+  form imports as; the default ``"pooled"`` is Keras's ``pooling="avg"`` / ``"max"`` base).
 * Stochastic depth: Keras's applications build every variant with ``drop_path_rate=0`` (none);
   ``drop_path_rate`` here gives block ``b`` of ``n`` the rate ``drop_path_rate * b / (n - 1)``
   (Keras's ``linspace``), on only while the block is trained (its layer scale in training mode).
@@ -44,6 +47,7 @@ from flax import nnx
 from imgcls_jax.models.conv import check_impl
 from imgcls_jax.models.convnet import KerasConvNet
 from imgcls_jax.models.flops import NO_PADDING, ConvOp, count_flops, same_pads, square
+from imgcls_jax.models.head import HeadLayer
 from imgcls_jax.models.layers import (
     LayerNorm,
     LayerScale,
@@ -80,6 +84,9 @@ VARIANTS = {
     "convnextlarge": Variant("convnext_large", (3, 3, 27, 3), (192, 384, 768, 1536)),
     "convnextxlarge": Variant("convnext_xlarge", (3, 3, 27, 3), (256, 512, 1024, 2048)),
 }
+#: Where the final LayerNormalization of a model without top stands (see :class:`ConvNeXt`); the
+#: first is the default.
+FINAL_NORMS = ("pooled", "map")
 BLOCK_PARTS = ("depthwise_conv", "layernorm", "pointwise_conv_1", "pointwise_conv_2", "layer_scale")
 
 
@@ -95,7 +102,11 @@ class ConvNeXt(KerasConvNet):
 
     Inputs: raw RGB ``[N, H, W, 3]``, uint8 or float in [0, 255], H and W >= 32. Computation in
     ``dtype``; parameters float32; outputs float32. ``drop_path_rate``: stochastic depth (default
-    Keras's 0: none). ``conv_impl``: how every convolution computes (:mod:`imgcls_jax.models.conv`).
+    Keras's 0: none). ``final_norm``: where Keras's final LayerNormalization of a model without
+    top stands for ``pooling`` ``"avg"`` / ``"max"``: ``"pooled"`` (default, after the pooling,
+    as Keras's ``pooling=`` base) or ``"map"`` (on the map, before it: Keras's ``pooling=None``
+    base followed by a user's pooling layer). ``conv_impl``: how every convolution computes
+    (:mod:`imgcls_jax.models.conv`).
     Dropout keys: ``fold_in(dropout_key, i)``, i the head dropout's index, ``1000
     + b`` for block b's stochastic depth. See the module docstring for what Keras does.
     """
@@ -117,11 +128,17 @@ class ConvNeXt(KerasConvNet):
         preprocessing: str = "torch",
         include_preprocessing: bool = True,
         drop_path_rate: float = 0.0,
+        final_norm: str = "pooled",
         conv_impl: str = "auto",
         rngs: nnx.Rngs,
     ):
         if arch not in VARIANTS:
             raise ValueError(f"unknown ConvNeXt architecture {arch!r}; expected one of {sorted(VARIANTS)}")
+        if final_norm not in FINAL_NORMS:
+            raise ValueError(f"final_norm must be one of {FINAL_NORMS}, got {final_norm!r}")
+        if final_norm == "map" and include_top:
+            raise ValueError("final_norm='map' is for a model without Keras's top (include_top=False)")
+        self.final_norm = final_norm
         if not 0.0 <= drop_path_rate < 1.0:
             raise ValueError(f"drop_path_rate must be in [0, 1), got {drop_path_rate}")
         self._setup(
@@ -241,15 +258,27 @@ class ConvNeXt(KerasConvNet):
     def pool(self, features: jax.Array) -> jax.Array:
         """The map -> what the head reads: average-pooled for Keras's top; without it, pooled
         (``"avg"``/``"max"``) or the map itself, then Keras's final LayerNormalization (flattened
-        for a transfer head without pooling)."""
+        for a transfer head without pooling); with ``final_norm="map"`` that LayerNormalization
+        first, then the pooling."""
         if self.include_top:
             return super().pool(features)
+        if self.final_norm == "map":
+            features = self.layer_normalization(features)
         if self.pooling == "avg":
             x = jnp.mean(features.astype(jnp.float32), axis=(1, 2)).astype(self.dtype)
         else:
             x = jnp.max(features, axis=(1, 2)) if self.pooling == "max" else features
-        x = self.layer_normalization(x)
+        if self.final_norm != "map":
+            x = self.layer_normalization(x)
         return x.reshape(x.shape[0], -1) if self.pooling is None and self.num_classes is not None else x
+
+    def keras_top(self, num_classes: int) -> tuple[str | None, tuple[HeadLayer, ...], tuple[str, ...]]:
+        """Keras's own top as a head: ``(pooling, layers, Keras names)``: ``<name>_head_gap``,
+        ``<name>_head_layernorm`` (epsilon 1e-6), ``<name>_head_dense`` (its softmax is the
+        output's)."""
+        p = self.keras_name
+        layers = (HeadLayer("layernorm", epsilon=LN_EPSILON), HeadLayer("dense", units=num_classes))
+        return "avg", layers, (f"{p}_head_gap", f"{p}_head_layernorm", f"{p}_head_dense")
 
     def head(self, pooled: jax.Array, *, dropout_key: jax.Array | None = None) -> jax.Array:
         """Keras's top (head LayerNormalization and Dense) on the pooled features, or the

@@ -303,8 +303,9 @@ def model_from_config(config, num_classes: int, *, weights: str | None = "config
     else:
         height, width = (input_size, input_size) if isinstance(input_size, int) else input_size
     options = {"head_units": config.head_units, "dropout": config.dropout}
-    if config.kernel_init is not None:
-        options["kernel_init"] = config.kernel_init
+    for name in ("kernel_init", "final_norm"):  # family options: None is the family's own
+        if getattr(config, name, None) is not None:
+            options[name] = getattr(config, name)
     for name, default in (("head_activation", "relu"), ("output_activation", "softmax")):
         if getattr(config, name) != default:
             options[name] = getattr(config, name)

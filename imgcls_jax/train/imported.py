@@ -58,7 +58,7 @@ def _train_config(info, run_dir: Path, data, seed: int, batch_size: int) -> Trai
         init_from=str(Path(info.source).absolute()),
         image_size=int(height), batch_size=batch_size, model=info.arch, weights=None, pooling=info.pooling,
         seed=seed, preprocessing=info.preprocessing, output_activation=info.output_activation,
-        phases=[PhaseConfig(trainable="keras")], **head,
+        phases=[PhaseConfig(trainable="keras")], **head, **info.family_options,
     )  # fmt: skip
 
 
@@ -165,6 +165,12 @@ def initialize_from(model, source, class_names: list[str]) -> str:
     if mine != found:
         differ = sorted(set(mine.items()) ^ set(found.items()))[:4]
         raise ValueError(f"init_from {path}: its model is not this config's (first differences: {differ})")
+    theirs_norm, mine_norm = getattr(imported, "final_norm", None), getattr(model, "final_norm", None)
+    if theirs_norm != mine_norm:  # ConvNeXt's: the same weights, another function
+        raise ValueError(
+            f"init_from {path}: its final LayerNormalization stands {theirs_norm!r} ('map': before the "
+            f"pooling), the config's {mine_norm!r}; set TrainConfig.final_norm to {theirs_norm!r}"
+        )
     nnx.update(model, theirs)
     model.keras_trainable = imported.keras_trainable
     return f"Keras model {path}"
@@ -195,8 +201,13 @@ def _check_same_model(model, config: TrainConfig, path: Path, num_classes: int) 
             tuple(theirs) if isinstance(theirs, list | tuple) else theirs
         ):
             differ.append(f"{field} {theirs!r} there, {mine!r} here")
-    theirs = config.preprocessing
-    if theirs is not None and theirs != model.preprocessing:
-        differ.append(f"preprocessing {theirs!r} there, {model.preprocessing!r} here")
+    for field in ("preprocessing", "final_norm"):  # None there: the family's own
+        theirs, mine = getattr(config, field, None), getattr(model, field, None)
+        if field == "final_norm" and theirs is None and mine is not None:
+            from imgcls_jax.models.convnext import FINAL_NORMS
+
+            theirs = FINAL_NORMS[0]  # ConvNeXt's own
+        if theirs is not None and theirs != mine:
+            differ.append(f"{field} {theirs!r} there, {mine!r} here")
     if differ:
         raise ValueError(f"init_from {path}: its model is not this config's: {'; '.join(differ)}")

@@ -32,9 +32,11 @@ from imgcls_jax.models.head import ACTIVATIONS, HeadLayer, as_classic, layer_nam
 from imgcls_jax.weights.keras import WeightFileError
 from imgcls_jax.weights.keras_families import (
     BaseMatch,
+    _differences,
     activation_name,
     application,
     candidates,
+    final_norm,
     lead,
     lead_is_mode,
     match_base,
@@ -62,8 +64,9 @@ class KerasModelInfo:
     model (``preprocessing_source``: ``"given"``, ``"graph"``: the graph holds its own and takes
     raw pixels, or ``"assumed"``: the base's own ``preprocess_input``); the imported model applies
     ``preprocessing`` to raw pixels itself. ``trainable_layers``: the imported model's layers that
-    the Keras model's ``trainable`` flags train. ``notes``: whatever was mapped approximately or
-    skipped.
+    the Keras model's ``trainable`` flags train. ``family_options``: options of the family's
+    model the import sets (ConvNeXt's ``final_norm="map"`` for a ``pooling=None`` base the user
+    pools). ``notes``: whatever was mapped approximately or skipped.
     """
 
     arch: str
@@ -88,6 +91,7 @@ class KerasModelInfo:
     format: str = ""
     keras_version: str | None = None
     notes: tuple[str, ...] = ()
+    family_options: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -313,7 +317,23 @@ def resolve_preprocessing(graph, arch, prefix, graph_affine, preprocessing, wher
 
 
 # ------------------------------------------------------------------------------------ the plan
-def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, where: str) -> BaseMatch:
+def _pooled_norm(graph: KerasGraph, out: int, boundary: int, name: str, chain: list[Node]):
+    """``(base, the user's node of its final norm)`` where the user's graph is ``name``'s base up
+    to its :func:`final_norm`, then global pooling and that LayerNormalization (Keras's
+    ``pooling="avg"`` / ``"max"`` base, or Keras's top), else None."""
+    norm = final_norm(name)
+    if norm is None or len(chain) < 2 or POOLING_LAYERS.get(chain[0].class_name) is None:
+        return None
+    if chain[1].class_name != norm.class_name or _differences(norm, chain[1]):
+        return None
+    found = match_base(graph, out, boundary, name, without_final_norm=True)
+    return (found, chain[1]) if isinstance(found, BaseMatch) else None
+
+
+def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, where: str,
+               chain: list[Node]) -> tuple[BaseMatch, Node | None]:  # fmt: skip
+    """The base, and the user's node of the family's :func:`final_norm` when the graph applies it
+    after the pooling (see :func:`_pooled_norm`)."""
     from imgcls_jax.models.registry import list_models
 
     if arch is not None:
@@ -323,7 +343,10 @@ def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, whe
     for name in names:
         found = match_base(graph, out, boundary, name)
         if isinstance(found, BaseMatch):
-            return found
+            return found, None
+        pooled = _pooled_norm(graph, out, boundary, name, chain)
+        if pooled is not None:
+            return pooled
         reasons[name] = found
     if arch is not None:
         other = next((n for n in candidates(graph, list_models()) if n != arch
@@ -369,12 +392,27 @@ def match_architecture(graph: KerasGraph, where: str, weights_of, *, preprocessi
             notes.append(f"skipped {graph.nodes[i].name!r} ({graph.nodes[i].class_name}): the identity at "
                          "inference (Keras's predict)")  # fmt: skip
     out, chain = _head_chain(graph, where)
-    base = _find_base(graph, out, boundary, arch, where)
-    pooling, head, nodes, output, output_node = parse_head(chain, where, notes)
+    base, pooled_norm = _find_base(graph, out, boundary, arch, where, chain)
+    skipped: list[str] = []
+    pooling, head, nodes, output, output_node = parse_head(chain, where, skipped)
+    norm = final_norm(base.family)
+    # a family with a final norm has Keras's top only after its base without that norm
+    include_top = bool(head) and (norm is None or pooled_norm is not None)
+    include_top = include_top and _keras_top(base.family, pooling, head, nodes)
+    family_options = {}
+    if norm is not None and not include_top:
+        if pooled_norm is not None:  # Keras's pooling="avg"/"max" base: its final norm after the pooling
+            base.weights[norm.name] = pooled_norm
+            skipped, chain = [], [node for node in chain if node is not pooled_norm]
+            pooling, head, nodes, output, output_node = parse_head(chain, where, skipped)
+        elif pooling is not None:  # Keras's pooling=None base (its final norm on the map), then a pooling
+            family_options["final_norm"] = "map"
+            notes.append(f"the {pooling!r} pooling follows {base.family}'s final LayerNormalization of the "
+                         "map (final_norm='map')")  # fmt: skip
+    notes += skipped
     mode, applied, source, computed = resolve_preprocessing(
         graph, base.family, prefix, graph_affine, preprocessing, where, notes
     )
-    include_top = bool(head) and _keras_top(base.family, pooling, head, nodes)
     units = [h for h in head if h.kind == "dense"][-1].units if head else None
     binary = output == "sigmoid" and units == 1
     if binary:
@@ -400,7 +438,7 @@ def match_architecture(graph: KerasGraph, where: str, weights_of, *, preprocessi
         keras_output=output, keras_output_units=units, preprocessing=mode, input_preprocessing=applied,
         input_shape=shape, head=() if include_top else tuple(str(h) for h in head),
         classic=classic is not None, preprocessing_source=source, trainable_layers=trainable,
-        notes=tuple(notes),
+        notes=tuple(notes), family_options=family_options,
     )  # fmt: skip
     return ArchPlan(info, base, head_nodes, computed, binary)
 
@@ -408,7 +446,7 @@ def match_architecture(graph: KerasGraph, where: str, weights_of, *, preprocessi
 def _head_nodes(head, nodes, include_top: bool) -> dict[str, Node]:
     """Our head layer name -> the user's node with its weights (Keras's own top keeps its names)."""
     if include_top:
-        return {n.name: n for n in nodes if n.class_name == "Dense"}
+        return {n.name: n for n in nodes if n.class_name in ("Dense", "LayerNormalization")}
     return {name: node for name, node in zip(layer_names(head), nodes) if name is not None}
 
 

@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from imgcls_jax.weights.keras_families import family_config, lead, lead_is_mode
+from imgcls_jax.weights.keras_families import final_norm as keras_final_norm
 from imgcls_jax.weights.keras_inputs import mode_affine
 from imgcls_jax.weights.keras_layers import read_graph
 
@@ -263,8 +264,8 @@ def _head_layer_config(layer, output: str | None = None) -> dict:
 
 
 def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, keras_output="softmax",
-                 rescaling=None, reorder=None, nested=True,
-                 legacy=False) -> tuple[dict, dict[str, str]]:  # fmt: skip
+                 rescaling=None, reorder=None, nested=True, legacy=False,
+                 final_norm: str = "map") -> tuple[dict, dict[str, str]]:  # fmt: skip
     """The Keras config of ``arch``'s base with ``pooling`` and ``head`` (head layers; empty:
     features), and ``{Keras layer name: the head's layer name here}``.
 
@@ -272,7 +273,12 @@ def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, k
     Keras's automatic ones; ``keras_output``: the output's activation (on the last Dense, or an
     ``Activation`` after it when layers follow it); ``rescaling``: an optional ``(scale, offset)``
     input layer (numbers or per-channel lists), after ``reorder``: the input's channels in this
-    order first (Keras 3 operation layers, as ``preprocess_input`` records RGB -> BGR)."""
+    order first (Keras 3 operation layers, as ``preprocess_input`` records RGB -> BGR).
+    ``final_norm``: for a family whose base ends with a LayerNormalization of the map
+    (:func:`~imgcls_jax.weights.keras_families.final_norm`, ConvNeXt): ``"map"`` keeps it there (the
+    pooling follows it), ``"pooled"`` moves it after the pooling (Keras's ``pooling="avg"`` base,
+    written as the base without it, the pooling layer and it), ``"top"`` leaves it out (Keras's
+    own top follows the base)."""
     from imgcls_jax.models.head import layer_names
 
     builder = _Builder("model", legacy)
@@ -287,6 +293,9 @@ def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, k
     if rescaling is not None:
         x = builder.add("Rescaling", "input_rescaling", {"scale": rescaling[0], "offset": rescaling[1]}, [x])
     base = _base_config(arch, shape)
+    norm = None
+    if final_norm != "map" and keras_final_norm(arch) is not None:
+        base, norm = _without_final_norm(base)
     if nested and not legacy:
         entry = {**base, "name": arch}
         entry["config"] = {**base["config"], "name": arch}
@@ -301,6 +310,10 @@ def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, k
     x = builder.add(
         pool_class, next(names, None) or builder.unique(pool_name), {"data_format": "channels_last"}, [x]
     )
+    if norm is not None and final_norm == "pooled":
+        x = builder.add_entry(norm, {_refs(norm)[0]: x})
+        builder.ranks[x] = 2
+        builder.unique(x)  # a head's LayerNormalization gets another name
     last = max((i for i, h in enumerate(head) if h.kind == "dense"), default=-1)
     ours = layer_names(head) if head else []
     for i, layer in enumerate(head):
@@ -313,6 +326,20 @@ def model_config(arch: str, input_shape, *, pooling, head=(), head_names=None, k
     if head and last != len(head) - 1 and keras_output != "linear":
         x = builder.add("Activation", builder.unique("activation"), {"activation": keras_output}, [x])
     return builder.config("input_layer", x), mapping
+
+
+def _without_final_norm(base: dict) -> tuple[dict, dict]:
+    """``(base config without its last layer, that layer's entry)``: the base's output becomes the
+    final norm's input."""
+    layers = base["config"]["layers"]
+    norm = layers[-1]
+    name = base["config"]["output_layers"]
+    name = name[0] if isinstance(name[0], str) else name[0][0]
+    if norm["name"] != name:
+        raise ValueError(f"the base's last layer {norm['name']!r} is not its output {name!r}")
+    (source,) = _refs(norm)
+    config = {**base["config"], "layers": layers[:-1], "output_layers": [source, 0, 0]}
+    return {**base, "config": config}, norm
 
 
 def _inline(builder: _Builder, base: dict, x: str) -> str:
@@ -422,10 +449,19 @@ def _export_plan(model, input_preprocessing, keras_output, nested: bool, legacy:
     config, mapping = model_config(
         model.arch, model.input_shape, pooling=pooling, head=head, head_names=names,
         keras_output=keras_output, rescaling=rescaling, reorder=reorder, nested=nested, legacy=legacy,
+        final_norm=_final_norm(model, pooling),
     )  # fmt: skip
     if model.include_top:
         mapping = {n: n for n in model.head_layers}
     return config, _arrays(model, config, mapping, binary)
+
+
+def _final_norm(model, pooling) -> str:
+    """Where ``model``'s Keras base ends (see :func:`model_config`): ``"top"`` under Keras's own
+    top, ``"pooled"`` for a ConvNeXt pooled as Keras's ``pooling=`` base, else ``"map"``."""
+    if model.include_top:
+        return "top"
+    return "pooled" if pooling is not None and getattr(model, "final_norm", "map") == "pooled" else "map"
 
 
 def _arrays(model, config: dict, mapping: dict[str, str], binary: bool) -> dict[str, tuple[list, tuple]]:

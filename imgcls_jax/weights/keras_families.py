@@ -80,10 +80,6 @@ KERAS_APPLICATIONS: dict[str, KerasApplication] = {
 #: Registered families whose whole Keras models are refused (import and export), with why: their
 #: Keras base computes what the family's imgcls_jax model does not for every head a user builds.
 NOT_YET: dict[str, str] = {
-    **{f"convnext{v}": "Keras's ConvNeXt base without its top ends with a LayerNormalization of the map, "
-       "which imgcls_jax's ConvNeXt applies after the pooling (Keras's pooling='avg' base): a base(x) + "
-       "GlobalAveragePooling2D model computes another function" for v in ("tiny", "small", "base", "large",
-                                                                        "xlarge")},
     **{f"nasnet{v}": "Keras builds NASNet's 'adjust' layers from the input size it is given, so one stored "
        "graph cannot describe its bases" for v in ("mobile", "large")},
 }  # fmt: skip
@@ -253,12 +249,26 @@ class BaseMatch:
     weights: dict[str, Node]
 
 
-def match_base(user: KerasGraph, out: int, boundary: int, name: str) -> BaseMatch | str:
+def final_norm(name: str) -> Node | None:
+    """The LayerNormalization ``name``'s Keras base (no top, ``pooling=None``) ends with, on the
+    map (ConvNeXt's); None for the others. Keras's ``pooling="avg"`` / ``"max"`` base applies it
+    after the pooling instead."""
+    graph = family_graph(name)
+    node = graph.nodes[graph.output]
+    return node if node.class_name == "LayerNormalization" else None
+
+
+def match_base(user: KerasGraph, out: int, boundary: int, name: str, *, without_final_norm: bool = False
+               ) -> BaseMatch | str:  # fmt: skip
     """Match ``name``'s base (after its affine :func:`lead`) onto the user's nodes from ``out``
     (the base's output) back to ``boundary`` (the tensor its first layers take): a
-    :class:`BaseMatch`, or why not (a sentence naming the first layer that differs)."""
+    :class:`BaseMatch`, or why not (a sentence naming the first layer that differs).
+    ``without_final_norm``: the base up to its :func:`final_norm`'s input."""
     family, start = family_graph(name), lead(name).boundary
-    pairs, taken, stack = {family.output: out}, {out}, [(family.output, out)]
+    top = family.output
+    if without_final_norm:
+        (top,) = family.nodes[top].inputs
+    pairs, taken, stack = {top: out}, {out}, [(top, out)]
     while stack:
         ours, theirs = stack.pop()
         if ours == start or theirs == boundary:
@@ -290,7 +300,6 @@ def match_base(user: KerasGraph, out: int, boundary: int, name: str) -> BaseMatc
 #: A layer name by which a user's Keras graph shows a :data:`NOT_YET` family (Keras's own names; the
 #: first name that matches wins: NASNetLarge's 13th normal cell before NASNet's stem).
 _REFUSED_MARKS = {
-    **{f"convnext_{v}_stem_conv": f"convnext{v}" for v in ("tiny", "small", "base", "large", "xlarge")},
     "normal_conv_1_13": "nasnetlarge",
     "stem_conv1": "nasnetmobile",
 }

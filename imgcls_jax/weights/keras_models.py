@@ -330,7 +330,7 @@ def build_model(info: KerasModelInfo, *, dtype="float32", seed: int = 0):
 
     options = dict(include_top=info.include_top, pooling=info.pooling, num_classes=info.num_classes,
                    input_shape=tuple(info.input_shape), dtype=jnp.dtype(dtype), seed=seed,
-                   preprocessing=info.preprocessing)  # fmt: skip
+                   preprocessing=info.preprocessing, **info.family_options)  # fmt: skip
     if info.head and not info.include_top:
         if info.classic:
             options.update(head_units=info.head_units, dropout=info.dropout)
