@@ -26,7 +26,7 @@ def keras_base_config(name: str) -> dict:
     row = application(name)
     keras.backend.clear_session()
     builder = getattr(keras.applications, row.builder)
-    model = builder(include_top=False, weights=None, input_shape=(None, None, 3), **row.kwargs)
+    model = builder(**{"include_top": False, "weights": None, "input_shape": (None, None, 3), **row.kwargs})
     return json.loads(model.to_json())
 
 

@@ -259,3 +259,24 @@ def test_every_family_takes_the_head(name):
         model.trainable_layers("keras")
     with pytest.raises(ConfigError, match=r"TrainConfig.head: head layer 'dense x'"):
         TrainConfig(data="x", head=["dense x"])
+
+
+@pytest.mark.parametrize(
+    "name", ["mobilenet", "mobilenetv2", "efficientnetb0", "mobilenetv3small", "nasnetmobile"]
+)
+def test_exported_paddings_are_what_keras_builds_at_the_size(name):
+    """The base ``to_keras`` writes has the paddings Keras's own builder writes at that size: the
+    ``correct_pad`` ones follow the sizes of the maps they pad (odd sides at 76 and 97 px, even at
+    96), MobileNet's fixed ones and NASNet's shift-by-one padding stay as they are."""
+    from imgcls_jax.weights.keras_export import _base_config
+    from imgcls_jax.weights.keras_families import KERAS_APPLICATIONS
+
+    row = KERAS_APPLICATIONS[name]
+    for size in (76, 96, 97):
+        keras.backend.clear_session()
+        options = {"include_top": False, "weights": None, **row.kwargs, "input_shape": (size, size, 3)}
+        theirs = getattr(keras.applications, row.builder)(**options).get_config()["layers"]
+        ours = _base_config(name, (size, size, 3))["config"]["layers"]
+        pads = [{e["name"]: e["config"]["padding"] for e in c if e["class_name"] == "ZeroPadding2D"}
+                for c in (ours, theirs)]  # fmt: skip
+        assert pads[0] and pads[0] == {k: [list(p) for p in v] for k, v in pads[1].items()}, (name, size)

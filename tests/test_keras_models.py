@@ -21,7 +21,6 @@ from imgcls_jax.models.registry import model_from_config  # noqa: E402
 from imgcls_jax.train import write_run_folder  # noqa: E402
 from imgcls_jax.train.imported import initialize_from  # noqa: E402
 from imgcls_jax.weights import WeightFileError, from_keras, to_keras  # noqa: E402
-from imgcls_jax.weights.keras_families import NOT_YET  # noqa: E402
 from tests import keras_builders as kb  # noqa: E402
 from tests.keras_references import registry_params  # noqa: E402
 
@@ -338,8 +337,9 @@ FAMILIES = {
     "efficientnetb0": dict(nested=False, preprocessing="none", head=("gap", 0.2, 24, "relu", "ln"),
                            output="sigmoid"),
     # the families added later: one model each (EfficientNetV2's and MobileNetV3's bases normalize raw
-    # pixels themselves: their preprocess_input is the identity; NASNet is refused, NOT_YET). ConvNeXt:
-    # the pooling=None base, a pooling layer (final_norm='map'); other forms: test_convnext_models_both_ways
+    # pixels themselves: their preprocess_input is the identity). ConvNeXt: the pooling=None base, a
+    # pooling layer (final_norm='map'); other forms: test_convnext_models_both_ways. NASNet (built for
+    # a fixed size): test_nasnet_models_both_ways
     "convnexttiny": dict(nested=True, preprocessing="none", head=("gap", 16, "gelu")),
     "efficientnetv2b0": dict(nested=False, preprocessing="none", head=("gap", "bn", 16, "swish")),
     "mobilenetv3small": dict(nested=True, preprocessing="none", head=("gmp", 16, "relu", 0.2)),
@@ -465,18 +465,14 @@ def test_every_family_out_again(family, tmp_path):
 
 @pytest.mark.parametrize("name", registry_params())
 def test_every_family_has_a_keras_graph(name):
-    """Each registered model has its row in KERAS_APPLICATIONS and, unless its family is refused
-    (NOT_YET), its stored Keras graph, which holds every layer of the family's weight files (no
-    Keras needed: what import and export use)."""
+    """Each registered model has its row in KERAS_APPLICATIONS and its stored Keras graph, which
+    holds every layer of the family's weight files (no Keras needed: what import and export use)."""
     from flax import nnx
 
     from imgcls_jax.models.registry import create_model
     from imgcls_jax.weights.keras_families import KERAS_APPLICATIONS, family_graph, graph_path, lead
 
     assert name in KERAS_APPLICATIONS, f"{name}: add its row to KERAS_APPLICATIONS"
-    if name in NOT_YET:
-        assert not graph_path(name).is_file()
-        return
     assert graph_path(name).is_file(), f"{name}: run `python -m tests.keras_graphs {name}`"
     model = nnx.eval_shape(lambda: create_model(name, include_top=False, input_shape=(96, 96, 3)))
     names = {node.name for node in family_graph(name).nodes}
@@ -484,22 +480,33 @@ def test_every_family_has_a_keras_graph(name):
     assert lead(name).boundary in range(len(family_graph(name).nodes))
 
 
-def test_refused_families(valid_weights, tmp_path):
-    """A whole Keras model of a family not supported yet (NASNet) is refused both ways, the error
-    naming the family and why; nothing is loaded or written."""
-    from imgcls_jax.models.registry import create_model
-
-    inputs = keras.Input((32, 32, 3))
-    base = keras.applications.NASNetMobile(include_top=False, weights=None, input_shape=(32, 32, 3))
-    outputs = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(base(inputs)))
-    path = _saved(keras.Model(inputs, outputs), tmp_path, "nasnet.json")
-    refused = r"nasnetmobile: whole Keras models of this family are not supported yet .*'adjust' layers"
-    _bad(valid_weights, refused, architecture=path)
-    _bad(valid_weights, refused, architecture=path, arch="nasnetmobile")
-    model = create_model("nasnetmobile", include_top=False, num_classes=3, input_shape=(32, 32, 3))
-    with pytest.raises(WeightFileError, match=r"nasnetmobile: whole Keras models .* not supported yet"):
-        to_keras(model, tmp_path / "n.keras")
-    assert not (tmp_path / "n.keras").exists()
+@pytest.mark.parametrize("size", [32, pytest.param(76, marks=pytest.mark.slow)])
+def test_nasnet_models_both_ways(size, tmp_path):
+    """NASNetMobile whole models (Keras builds NASNet for a fixed size: one model per size; its
+    graph is stored for 224 px): ``preprocess_input`` in the graph, the base inline, random
+    weights and BatchNorm statistics; from .keras and .h5 with Keras's predictions, back out as
+    .keras and .h5 files Keras loads and predicts the same with (76 px: odd maps, so Keras's
+    ``correct_pad`` paddings differ from the stored graph's)."""
+    inputs = keras.Input((size, size, 3))
+    x = keras.applications.nasnet.preprocess_input(inputs)
+    base = keras.applications.NASNetMobile(include_top=False, weights=None, input_tensor=x)
+    x = keras.layers.Dense(16, activation="relu")(keras.layers.GlobalAveragePooling2D()(base.output))
+    k_model = keras.Model(inputs, keras.layers.Dense(3, activation="softmax")(x))
+    raw = kb.images(4, seed=21, size=size)
+    kb.randomize_all(k_model, seed=31, preprocess=lambda r: np.asarray(r, np.float32), batch=raw)
+    kb.spread_output(k_model, raw.astype(np.float32), std=0.25)
+    expected = kb.keras_out(k_model, raw.astype(np.float32))
+    for name in ("m.keras", "m.h5"):
+        k_model.save(tmp_path / name)
+        model, info = from_keras(tmp_path / name)
+        assert (info.arch, info.head, info.preprocessing_source) == (
+            "nasnetmobile", ("dense 16 relu", "dense 3"), "graph",
+        )  # fmt: skip
+        ours = kb.probabilities(model, raw)
+        kb.assert_probabilities_equal(ours, expected)
+    for name in ("back.keras", "back.h5"):
+        back = keras.saving.load_model(to_keras(model, tmp_path / name, input_preprocessing="none"))
+        kb.assert_probabilities_equal(kb.keras_out(back, raw.astype(np.float32)), ours)
 
 
 def _convnext(form: str):
@@ -583,8 +590,7 @@ def test_final_norm_is_convnexts_option():
 
 
 @pytest.mark.parametrize("name", [n if n == "mobilenetv2" else pytest.param(n, marks=pytest.mark.slow)
-                                  for n in sorted(__import__("imgcls_jax").list_models())
-                                  if n not in NOT_YET])  # fmt: skip
+                                  for n in sorted(__import__("imgcls_jax").list_models())])  # fmt: skip
 def test_stored_keras_graphs_are_keras_own(name):
     """The stored graph of a family is what this Keras builds (else: `python -m tests.keras_graphs`)."""
     from imgcls_jax.weights.keras_families import family_config

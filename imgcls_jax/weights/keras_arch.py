@@ -40,7 +40,6 @@ from imgcls_jax.weights.keras_families import (
     lead,
     lead_is_mode,
     match_base,
-    refused_family,
 )
 from imgcls_jax.weights.keras_inputs import IDENTITY_AT_INFERENCE, Affine, input_affine, mode_affine
 from imgcls_jax.weights.keras_layers import KerasGraph, Node
@@ -337,7 +336,7 @@ def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, whe
     from imgcls_jax.models.registry import list_models
 
     if arch is not None:
-        application(arch)  # a family refused (NOT_YET): why, before anything else
+        application(arch)  # a family without a Keras application: how to add one, before anything else
     names = [arch] if arch is not None else candidates(graph, list_models())
     reasons = {}
     for name in names:
@@ -353,9 +352,6 @@ def _find_base(graph: KerasGraph, out: int, boundary: int, arch: str | None, whe
                       and isinstance(match_base(graph, out, boundary, n), BaseMatch)), None)  # fmt: skip
         if other is not None:
             raise WeightFileError(f"{where}: this is a {other} model, but arch={arch!r} was asked for")
-    refused = refused_family(graph) if arch is None else None
-    if refused is not None:  # a registered family whose whole models do not come over yet
-        application(refused)
     if not reasons:
         raise WeightFileError(f"{where}: no registered family has a Keras graph to compare the base with")
     best, why = next(iter(reasons.items()))

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imgcls_jax.weights.keras_families import family_config, lead, lead_is_mode
+from imgcls_jax.weights.keras_families import application, family_config, lead, lead_is_mode
 from imgcls_jax.weights.keras_families import final_norm as keras_final_norm
 from imgcls_jax.weights.keras_inputs import mode_affine
 from imgcls_jax.weights.keras_layers import read_graph
@@ -187,63 +187,68 @@ def _legacy_entry(entry: dict) -> dict:
 
 def _base_config(arch: str, input_shape) -> dict:
     """The Keras config of ``arch``'s base for ``input_shape``: the stored graph with its input
-    size set and its ``correct_pad`` paddings recomputed for that size."""
+    size set and its ``correct_pad`` paddings recomputed for the sizes of the maps they pad (each
+    from the maps before it, so a corrected padding's size carries on)."""
     config = family_config(arch)
     layers = config["config"]["layers"]
     layers[0]["config"]["batch_shape"] = [None, *input_shape]
     graph = read_graph(config, arch)
-    sizes = _spatial_sizes(graph, tuple(input_shape[:2]))
+    sizes: dict[int, tuple | None] = {0: tuple(input_shape[:2])}
+    correct = application(arch).correct_pad
     for node, entry in zip(graph.nodes[1:], layers[1:]):
-        if node.class_name == "ZeroPadding2D" and node.inputs:
-            entry["config"]["padding"] = _correct_pad(entry["config"]["padding"], sizes.get(node.inputs[0]))
+        before = sizes.get(node.inputs[0]) if node.inputs else None
+        if correct and node.class_name == "ZeroPadding2D" and _pads_for_stride(graph, node):
+            entry["config"]["padding"] = _correct_pad(entry["config"]["padding"], before)
+        sizes[node.id] = _output_size(node.class_name, entry["config"], before)
     return config
+
+
+def _pads_for_stride(graph, node) -> bool:
+    """Whether a ``ZeroPadding2D`` can be a ``correct_pad``: it feeds only strided VALID
+    convolutions or poolings (NASNet's fixed ``((0, 1), (0, 1))`` before a ``Cropping2D`` is not)."""
+    consumers = [graph.nodes[i] for i in graph.consumers.get(node.id, [])]
+    strided = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D")
+    return bool(consumers) and all(
+        c.class_name in strided
+        and c.config.get("padding", "valid") == "valid"
+        and _pair(c.config.get("strides") or c.config.get("pool_size") or 1) != (1, 1)
+        for c in consumers
+    )
 
 
 def _correct_pad(padding, size):
     """A ``correct_pad`` padding (``((k//2 - 1, k//2), ...)``, as Keras writes it for unknown or
-    even sizes) for a map of ``size``: ``k//2`` on both sides of an odd side."""
+    even sizes, or ``((k//2, k//2), ...)`` for odd ones: NASNet's graphs are stored for a fixed
+    size) for a map of ``size``: ``k//2`` on both sides of an odd side, ``k//2 - 1`` before an
+    even one."""
     if size is None or not (isinstance(padding, list) and all(isinstance(p, list) for p in padding)):
         return padding
     return [
-        [p[1], p[1]] if p[0] == p[1] - 1 and n is not None and n % 2 else p for p, n in zip(padding, size)
+        ([p[1], p[1]] if n % 2 else [p[1] - 1, p[1]]) if n is not None and p[0] in (p[1], p[1] - 1) else p
+        for p, n in zip(padding, size)
     ]
 
 
-def _spatial_sizes(graph, size: tuple) -> dict[int, tuple | None]:
-    """``{node: (h, w)}`` of the maps in ``graph`` for an input of ``size`` (None where unknown)."""
-    sizes: dict[int, tuple | None] = {0: size}
-    for node in graph.nodes[1:]:
-        before = sizes.get(node.inputs[0]) if node.inputs else None
-        c = node.config
-        if before is None or None in before:
-            sizes[node.id] = None
-        elif node.class_name == "ZeroPadding2D":
-            pad = c["padding"]
-            pad = (
-                [[pad, pad]] * 2
-                if isinstance(pad, int)
-                else [p if isinstance(p, list) else [p, p] for p in pad]
-            )
-            sizes[node.id] = tuple(n + a + b for n, (a, b) in zip(before, pad))
-        elif node.class_name in (
-            "Conv2D",
-            "DepthwiseConv2D",
-            "SeparableConv2D",
-            "MaxPooling2D",
-            "AveragePooling2D",
-        ):
-            kernel = c.get("kernel_size") or c.get("pool_size")
-            strides = c.get("strides") or kernel
-            kernel, strides = (_pair(kernel), _pair(strides))
-            same = c.get("padding", "valid") == "same"
-            sizes[node.id] = tuple(
-                -(-n // s) if same else (n - k) // s + 1 for n, k, s in zip(before, kernel, strides)
-            )
-        elif node.class_name.startswith("Global"):
-            sizes[node.id] = None
-        else:
-            sizes[node.id] = before
-    return sizes
+def _output_size(class_name: str, c: dict, before: tuple | None) -> tuple | None:
+    """``(h, w)`` of a layer's output map from its input's ``before`` (None where unknown)."""
+    if before is None or None in before:
+        return None
+    if class_name == "ZeroPadding2D":
+        pad = c["padding"]
+        pad = [[pad, pad]] * 2 if isinstance(pad, int) else [[q, q] if isinstance(q, int) else q for q in pad]
+        return tuple(n + a + b for n, (a, b) in zip(before, pad))
+    if class_name == "Cropping2D":
+        crop = [p if isinstance(p, list) else [p, p] for p in _pair(c["cropping"])]
+        return tuple(n - a - b for n, (a, b) in zip(before, crop))
+    if class_name in ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "MaxPooling2D", "AveragePooling2D"):
+        kernel = c.get("kernel_size") or c.get("pool_size")
+        strides = c.get("strides") or kernel
+        kernel, strides = (_pair(kernel), _pair(strides))
+        same = c.get("padding", "valid") == "same"
+        return tuple(-(-n // s) if same else (n - k) // s + 1 for n, k, s in zip(before, kernel, strides))
+    if class_name.startswith("Global"):
+        return None
+    return before
 
 
 def _pair(value):

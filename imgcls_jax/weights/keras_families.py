@@ -48,6 +48,10 @@ class KerasApplication:
     builder: str
     module: str
     kwargs: dict = field(default_factory=dict)
+    #: Whether its ``ZeroPadding2D`` layers before strided VALID layers are Keras's
+    #: ``correct_pad`` (depending on the size of the map: export recomputes them); MobileNet (V1)
+    #: pads ``((0, 1), (0, 1))`` whatever the size.
+    correct_pad: bool = True
 
 
 #: Registry name -> how Keras builds that family. A new family adds its row here and its graph
@@ -71,29 +75,15 @@ KERAS_APPLICATIONS: dict[str, KerasApplication] = {
     "xception": KerasApplication("Xception", "xception"),
     "inceptionv3": KerasApplication("InceptionV3", "inception_v3"),
     "inceptionresnetv2": KerasApplication("InceptionResNetV2", "inception_resnet_v2"),
-    "mobilenet": KerasApplication("MobileNet", "mobilenet"),
-    "nasnetmobile": KerasApplication("NASNetMobile", "nasnet"),
-    "nasnetlarge": KerasApplication("NASNetLarge", "nasnet"),
-}  # fmt: skip
-
-
-#: Registered families whose whole Keras models are refused (import and export), with why: their
-#: Keras base computes what the family's imgcls_jax model does not for every head a user builds.
-NOT_YET: dict[str, str] = {
-    **{f"nasnet{v}": "Keras builds NASNet's 'adjust' layers from the input size it is given, so one stored "
-       "graph cannot describe its bases" for v in ("mobile", "large")},
+    "mobilenet": KerasApplication("MobileNet", "mobilenet", correct_pad=False),
+    # NASNet: built for a fixed size (its default), as Keras needs one to choose its 'adjust' layers
+    "nasnetmobile": KerasApplication("NASNetMobile", "nasnet", {"input_shape": (224, 224, 3)}),
+    "nasnetlarge": KerasApplication("NASNetLarge", "nasnet", {"input_shape": (331, 331, 3)}),
 }  # fmt: skip
 
 
 def application(name: str) -> KerasApplication:
-    """The row of ``name``; ``WeightFileError`` saying how to add one, or why the family is refused
-    (:data:`NOT_YET`)."""
-    if name in NOT_YET:
-        raise WeightFileError(
-            f"{name}: whole Keras models of this family are not supported yet (import and export): "
-            f"{NOT_YET[name]}. Its Keras weight files load (load_weights); families whose whole models "
-            f"come over: {', '.join(sorted(supported()))}"
-        )
+    """The row of ``name``; ``WeightFileError`` saying how to add one."""
     if name not in KERAS_APPLICATIONS:
         raise WeightFileError(
             f"{name}: no Keras application is known for this family, so whole Keras models of it cannot be "
@@ -101,11 +91,6 @@ def application(name: str) -> KerasApplication:
             f"write its graph with `python -m tests.keras_graphs {name}`"
         )
     return KERAS_APPLICATIONS[name]
-
-
-def supported() -> list[str]:
-    """The registry names whose whole Keras models come over (a row, and not :data:`NOT_YET`)."""
-    return [n for n in KERAS_APPLICATIONS if n not in NOT_YET]
 
 
 def graph_path(name: str) -> Path:
@@ -230,11 +215,12 @@ def _differences(ours: Node, theirs: Node) -> dict:
 
 
 def _odd_size_pad(family, user) -> bool:
-    """Keras's ``correct_pad`` for an even (or unknown) size ``((k//2 - 1, k//2), ...)`` in the
-    family's graph, the odd-size one ``((k//2, k//2), ...)`` (per side) in the user's."""
+    """Both paddings Keras's ``correct_pad`` for one kernel, each for an even (or unknown) size
+    ``((k//2 - 1, k//2), ...)`` or an odd one ``((k//2, k//2), ...)`` (per side): the family's
+    graph is stored for unknown sizes (NASNet's for a fixed one), the user's for theirs."""
     try:
         pairs = zip(family, user, strict=True)
-        return all(f[1] == u[1] and f[0] == f[1] - 1 and u[0] in (u[1], u[1] - 1) for f, u in pairs)
+        return all(f[1] == u[1] and f[0] in (f[1], f[1] - 1) and u[0] in (u[1], u[1] - 1) for f, u in pairs)
     except TypeError:
         return False
 
@@ -297,24 +283,9 @@ def match_base(user: KerasGraph, out: int, boundary: int, name: str, *, without_
     return BaseMatch(name, pairs, weighted)
 
 
-#: A layer name by which a user's Keras graph shows a :data:`NOT_YET` family (Keras's own names; the
-#: first name that matches wins: NASNetLarge's 13th normal cell before NASNet's stem).
-_REFUSED_MARKS = {
-    "normal_conv_1_13": "nasnetlarge",
-    "stem_conv1": "nasnetmobile",
-}
-
-
-def refused_family(user: KerasGraph) -> str | None:
-    """The :data:`NOT_YET` family ``user``'s graph is built on (by a layer name Keras gives only
-    it), else None: what an import that matched no supported family tells the user."""
-    mine = {n.name for n in user.nodes}
-    return next((name for mark, name in _REFUSED_MARKS.items() if mark in mine), None)
-
-
 def candidates(user: KerasGraph, names) -> list[str]:
     """``names`` with Keras graphs, those sharing more layer names with ``user`` first."""
     mine = {n.name for n in user.nodes}
-    usable = [n for n in names if n in KERAS_APPLICATIONS and n not in NOT_YET and graph_path(n).is_file()]
+    usable = [n for n in names if n in KERAS_APPLICATIONS and graph_path(n).is_file()]
     scores = {n: len(mine & {x.name for x in family_graph(n).nodes}) for n in usable}
     return sorted(usable, key=lambda n: -scores[n] / max(1, len(family_graph(n).nodes)))
