@@ -194,12 +194,13 @@ def _base_config(arch: str, input_shape) -> dict:
     layers[0]["config"]["batch_shape"] = [None, *input_shape]
     graph = read_graph(config, arch)
     sizes: dict[int, tuple | None] = {0: tuple(input_shape[:2])}
-    correct = application(arch).correct_pad
-    for node, entry in zip(graph.nodes[1:], layers[1:]):
-        before = sizes.get(node.inputs[0]) if node.inputs else None
+    correct, entries = application(arch).correct_pad, {entry["name"]: entry for entry in layers}
+    for node in graph.nodes[1:]:  # (a nested model's layers are nodes, not entries of the base)
+        before, c = sizes.get(node.inputs[0]) if node.inputs else None, node.config
         if correct and node.class_name == "ZeroPadding2D" and _pads_for_stride(graph, node):
-            entry["config"]["padding"] = _correct_pad(entry["config"]["padding"], before)
-        sizes[node.id] = _output_size(node.class_name, entry["config"], before)
+            c = {**c, "padding": _correct_pad(c["padding"], before)}
+            entries[node.name]["config"]["padding"] = c["padding"]
+        sizes[node.id] = _output_size(node.class_name, c, before)
     return config
 
 
