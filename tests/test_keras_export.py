@@ -262,12 +262,22 @@ def test_every_family_takes_the_head(name):
 
 
 @pytest.mark.parametrize(
-    "name", ["mobilenet", "mobilenetv2", "efficientnetb0", "mobilenetv3small", "nasnetmobile"]
+    "name",
+    [
+        "mobilenet",
+        "mobilenetv2",
+        "efficientnetb0",
+        "mobilenetv3small",
+        "nasnetmobile",
+        "resnet50",
+        "densenet121",
+    ],
 )
 def test_exported_paddings_are_what_keras_builds_at_the_size(name):
     """The base ``to_keras`` writes has the paddings Keras's own builder writes at that size: the
     ``correct_pad`` ones follow the sizes of the maps they pad (odd sides at 76 and 97 px, even at
-    96), MobileNet's fixed ones and NASNet's shift-by-one padding stay as they are."""
+    96), MobileNet's fixed ones, NASNet's shift-by-one padding and ResNet's and DenseNet's
+    symmetric paddings before their strided poolings stay as they are."""
     from imgcls_jax.weights.keras_export import _base_config
     from imgcls_jax.weights.keras_families import KERAS_APPLICATIONS
 

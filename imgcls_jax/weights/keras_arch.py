@@ -32,11 +32,11 @@ from imgcls_jax.models.head import ACTIVATIONS, HeadLayer, as_classic, layer_nam
 from imgcls_jax.weights.keras import WeightFileError
 from imgcls_jax.weights.keras_families import (
     BaseMatch,
-    _differences,
     activation_name,
     application,
     candidates,
     final_norm,
+    layer_differences,
     lead,
     lead_is_mode,
     match_base,
@@ -323,7 +323,7 @@ def _pooled_norm(graph: KerasGraph, out: int, boundary: int, name: str, chain: l
     norm = final_norm(name)
     if norm is None or len(chain) < 2 or POOLING_LAYERS.get(chain[0].class_name) is None:
         return None
-    if chain[1].class_name != norm.class_name or _differences(norm, chain[1]):
+    if chain[1].class_name != norm.class_name or layer_differences(norm, chain[1]):
         return None
     found = match_base(graph, out, boundary, name, without_final_norm=True)
     return (found, chain[1]) if isinstance(found, BaseMatch) else None

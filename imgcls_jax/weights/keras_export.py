@@ -191,14 +191,18 @@ def _base_config(arch: str, input_shape) -> dict:
     from the maps before it, so a corrected padding's size carries on)."""
     config = family_config(arch)
     layers = config["config"]["layers"]
+    stored = layers[0]["config"]["batch_shape"][1:3]  # None for most families; NASNet's fixed size
     layers[0]["config"]["batch_shape"] = [None, *input_shape]
     graph = read_graph(config, arch)
     sizes: dict[int, tuple | None] = {0: tuple(input_shape[:2])}
+    sizes_stored: dict[int, tuple | None] = {0: None if None in stored else tuple(stored)}
     correct, entries = application(arch).correct_pad, {entry["name"]: entry for entry in layers}
     for node in graph.nodes[1:]:  # (a nested model's layers are nodes, not entries of the base)
-        before, c = sizes.get(node.inputs[0]) if node.inputs else None, node.config
+        source = node.inputs[0] if node.inputs else None
+        before, c = sizes.get(source), dict(node.config)  # (node.config is the entry's: edited below)
+        sizes_stored[node.id] = _output_size(node.class_name, c, sizes_stored.get(source))
         if correct and node.class_name == "ZeroPadding2D" and _pads_for_stride(graph, node):
-            c = {**c, "padding": _correct_pad(c["padding"], before)}
+            c["padding"] = _correct_pad(c["padding"], sizes_stored.get(source), before)
             entries[node.name]["config"]["padding"] = c["padding"]
         sizes[node.id] = _output_size(node.class_name, c, before)
     return config
@@ -217,17 +221,21 @@ def _pads_for_stride(graph, node) -> bool:
     )
 
 
-def _correct_pad(padding, size):
-    """A ``correct_pad`` padding (``((k//2 - 1, k//2), ...)``, as Keras writes it for unknown or
-    even sizes, or ``((k//2, k//2), ...)`` for odd ones: NASNet's graphs are stored for a fixed
-    size) for a map of ``size``: ``k//2`` on both sides of an odd side, ``k//2 - 1`` before an
-    even one."""
+def _correct_pad(padding, stored, size):
+    """``padding`` as Keras's ``correct_pad`` writes it for a map of ``size`` if it is what
+    ``correct_pad`` wrote for the stored graph's map (of side ``stored``, None: unknown), else
+    ``padding`` unchanged (a fixed padding). ``correct_pad(k)`` pads ``k//2`` on both sides of an
+    odd side, ``(k//2 - 1, k//2)`` on an even or unknown one."""
     if size is None or not (isinstance(padding, list) and all(isinstance(p, list) for p in padding)):
         return padding
-    return [
-        ([p[1], p[1]] if n % 2 else [p[1] - 1, p[1]]) if n is not None and p[0] in (p[1], p[1] - 1) else p
-        for p, n in zip(padding, size)
-    ]
+    stored = stored or (None, None)
+
+    def pad(half: int, n) -> list[int]:
+        return [half, half] if n is not None and n % 2 else [half - 1, half]
+
+    if any(p != pad(p[1], n) for p, n in zip(padding, stored)):
+        return padding
+    return [pad(p[1], n) for p, n in zip(padding, size)]
 
 
 def _output_size(class_name: str, c: dict, before: tuple | None) -> tuple | None:

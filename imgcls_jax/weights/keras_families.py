@@ -20,6 +20,14 @@ The base's first layers that only map pixels affinely (EfficientNet's ``Rescalin
 preprocessing precedes them (:func:`lead`, :mod:`imgcls_jax.weights.keras_inputs`): Keras's
 ImageNet EfficientNet adds a ``Rescaling`` there that the published weights need, and users put
 ``Rescaling`` layers or ``preprocess_input`` in front.
+
+Two families need more than one graph's worth of care. ConvNeXt's base ends with a
+LayerNormalization of the map (:func:`final_norm`); Keras's ``pooling="avg"`` base and its top
+apply that normalization after the pooling instead, so the import also matches the base without
+it, followed by the pooling and it. NASNet's graph depends on the input size (its ``adjust``
+layers), so Keras needs a fixed size to build it: its graph is stored for its default size, and
+any fixed size a user builds gives the same layers (``correct_pad`` paddings aside, which match
+for either parity).
 """
 
 from __future__ import annotations
@@ -205,7 +213,7 @@ def semantic_config(node: Node) -> dict:
     return out
 
 
-def _differences(ours: Node, theirs: Node) -> dict:
+def layer_differences(ours: Node, theirs: Node) -> dict:
     """``{key: (family's, user's)}`` of the semantic configs' shared keys that differ."""
     a, b = semantic_config(ours), semantic_config(theirs)
     differ = {k: (a[k], b[k]) for k in a.keys() & b.keys() if a[k] != b[k] and a[k] is not None}
@@ -265,7 +273,7 @@ def match_base(user: KerasGraph, out: int, boundary: int, name: str, *, without_
         a, b = family.nodes[ours], user.nodes[theirs]
         if a.class_name != b.class_name or len(a.inputs) != len(b.inputs):
             return f"{user.describe(theirs)} stands where {name} has {family.describe(ours)}"
-        differ = _differences(a, b)
+        differ = layer_differences(a, b)
         if differ:
             shown = {k: f"{v[1]!r} (Keras's {v[0]!r})" for k, v in sorted(differ.items())}
             return f"{user.describe(theirs)} differs from {name}'s {a.name!r}: {shown}"
