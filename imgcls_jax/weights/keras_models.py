@@ -130,7 +130,8 @@ def from_keras(
 def _summary(info: KerasModelInfo) -> str:
     if info.include_top:
         return f"Keras top, {info.num_classes} classes"
-    return f"pooling {info.pooling}, head {list(info.head)}, {info.num_classes} classes"
+    options = "".join(f", {k}={v!r}" for k, v in info.family_options.items())
+    return f"pooling {info.pooling}, head {list(info.head)}, {info.num_classes} classes{options}"
 
 
 # --------------------------------------------------------------------------------- the file
