@@ -263,16 +263,10 @@ def test_every_family_takes_the_head(name):
 
 @pytest.mark.parametrize(
     "name",
-    [
-        "mobilenet",
-        "mobilenetv2",
-        "efficientnetb0",
-        "mobilenetv3small",
-        "nasnetmobile",
-        "resnet50",
-        "densenet121",
-    ],
-)
+    ["mobilenetv2", "nasnetmobile", "resnet50"]
+    + [pytest.param(n, marks=pytest.mark.slow) for n in ("mobilenet", "efficientnetb0", "mobilenetv3small",
+                                                        "densenet121")],
+)  # fmt: skip
 def test_exported_paddings_are_what_keras_builds_at_the_size(name):
     """The base ``to_keras`` writes has the paddings Keras's own builder writes at that size: the
     ``correct_pad`` ones follow the sizes of the maps they pad (odd sides at 76 and 97 px, even at
