@@ -559,7 +559,7 @@ def test_convnext_models_both_ways(form, tmp_path):
     if form != "top":  # the other place of the final LayerNormalization: other predictions
         other = "pooled" if form == "map" else "map"
         graph, state = nnx.split(model)
-        nnx.update(swapped := nnx.merge(graph, state), state)
+        swapped = nnx.merge(graph, state)  # a second model object on the same weights
         swapped.final_norm = other
         assert np.abs(kb.probabilities(swapped, raw) - expected).max() > 1e-3
     back = keras.saving.load_model(to_keras(model, tmp_path / "back.keras", input_preprocessing="none"))
