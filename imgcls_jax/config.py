@@ -808,15 +808,31 @@ def check_trainable(config: TrainConfig) -> None:
 RESULT_NEUTRAL_FIELDS = ("run_dir", "eval_batch_size", "keep_checkpoints", "cache")
 
 
+def _plain(value):
+    """A config value as JSON gives it back (dataclasses, also inside lists, as dicts; tuples as
+    lists)."""
+    return json.loads(json.dumps(value, default=asdict))
+
+
+def appended_phases(stored: TrainConfig, given: TrainConfig) -> int:
+    """How many phases ``given`` adds after all of ``stored``'s, when its first phases are
+    ``stored``'s unchanged (0 otherwise). Such a config trains its first phases exactly as
+    ``stored`` does (each phase's schedule, keys and inputs depend on that phase alone), so a run
+    of ``stored`` resumed with ``given`` ends as a run of ``given`` from the start would: "10 more
+    epochs at 96x96" after a finished run is a resume, not another run."""
+    old, new = stored.phases, given.phases
+    if len(new) <= len(old) or any(_plain(a) != _plain(b) for a, b in zip(old, new)):
+        return 0
+    return len(new) - len(old)
+
+
 def resume_differences(stored: TrainConfig, given: TrainConfig) -> list[tuple[str, object, object]]:
     """The fields that change results (all but :data:`RESULT_NEUTRAL_FIELDS`) in which ``given``
     differs from ``stored``, as ``(field, stored value, given value)`` with JSON-like values
-    (``phases`` compared phase by phase: ``phases[1].learning_rate``; ``data`` as the folder it
-    resolves to)."""
-
-    def plain(value):
-        return json.loads(json.dumps(asdict(value) if is_dataclass(value) else value))
-
+    (``phases`` compared phase by phase: ``phases[1].learning_rate``; phases appended after all of
+    ``stored``'s are no difference, :func:`appended_phases`; ``data`` as the folder it resolves
+    to)."""
+    plain = _plain
     found = []
     for f in fields(TrainConfig):
         if f.name in RESULT_NEUTRAL_FIELDS:
@@ -826,6 +842,8 @@ def resume_differences(stored: TrainConfig, given: TrainConfig) -> list[tuple[st
             same = old == new or Path(old).expanduser().resolve() == Path(new).expanduser().resolve()
             if not same:
                 found.append((f.name, old, new))
+        elif f.name == "phases" and appended_phases(stored, given):
+            continue
         elif f.name == "phases" and len(old) == len(new):
             for i, (a, b) in enumerate(zip(old, new)):
                 found += [

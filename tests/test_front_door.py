@@ -177,6 +177,39 @@ def test_a_changed_config_without_a_checkpoint_starts_afresh(tmp_path, caplog):
     assert TrainConfig.from_json(run.config).seed == 1 and run.manifest.read_text().count("\n") > 20
 
 
+def test_phases_appended_to_a_finished_run_end_as_the_longer_config_from_the_start(tmp_path, caplog):
+    import jax
+    from flax import nnx
+
+    from imgcls_jax import fit
+
+    data = make_images(tmp_path / "data", per_class=6)
+    head = PhaseConfig(epochs=2, trainable="head", learning_rate=3e-2)
+    first = small(data, tmp_path / "run", phases=[head])
+    more = PhaseConfig(epochs=2, trainable="top:1", optimizer="sgd", learning_rate=1e-3, image_size=40)
+    longer = replace(first, phases=[*first.phases, more])
+    fit(first)
+    with caplog.at_level(logging.INFO, logger="imgcls_jax.train"):
+        extended = fit(longer)
+    assert "1 phase(s) appended" in caplog.text and "resuming" in caplog.text
+    assert TrainConfig.from_json(tmp_path / "run" / "config.json") == longer
+    straight = fit(replace(longer, run_dir=str(tmp_path / "straight")))
+
+    def rows(history):
+        return [{k: v for k, v in h.items() if k != "images_per_s"} for h in history]
+
+    assert [h["phase"] for h in extended.history] == [0, 0, 1, 1]
+    assert rows(extended.history) == rows(straight.history)
+    for a, b in zip(*(jax.tree.leaves(nnx.state(r.model, nnx.Param)) for r in (extended, straight))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    changed_first = replace(longer, phases=[replace(first.phases[0], learning_rate=1e-2), more, more])
+    for refused in (first, changed_first):  # a phase dropped, or a stored phase changed
+        before = _files(tmp_path / "run")
+        with pytest.raises(RunMismatchError, match="phases"):
+            fit(refused)
+        assert _files(tmp_path / "run") == before
+
+
 # --------------------------------------------------------------------- evaluation, prediction
 @pytest.fixture(scope="module")
 def trained(colors, tmp_path_factory):

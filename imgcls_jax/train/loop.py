@@ -49,6 +49,7 @@ from imgcls_jax.config import (
     RESULT_NEUTRAL_FIELDS,
     PhaseConfig,
     TrainConfig,
+    appended_phases,
     check_devices,
     check_trainable,
     resume_differences,
@@ -119,16 +120,19 @@ def refuse_used_run_dir(run: RunDir) -> None:
         )
 
 
-def check_resume(config: TrainConfig, run: RunDir) -> bool:
-    """Whether ``fit`` resumes from ``run``'s folder, reading its ``manifest.csv`` rather than
-    rescanning the data (True when the folder holds a ``config.json`` and a manifest, written by an
-    earlier start of this same run). The folder is the truth: a ``config.json`` that differs from
-    ``config`` in a field that changes results (:func:`~imgcls_jax.config.resume_differences`) is a
-    :class:`RunMismatchError` listing each field, when the folder holds checkpoints; without one
-    (nothing trained yet) the run starts afresh, with a warning. Fields that cannot change results
-    (:data:`~imgcls_jax.config.RESULT_NEUTRAL_FIELDS`) may differ (logged)."""
+def check_resume(config: TrainConfig, run: RunDir) -> TrainConfig | None:
+    """The config stored in ``run``'s folder when ``fit`` resumes from it, reading its
+    ``manifest.csv`` rather than rescanning the data (the folder holds a ``config.json`` and a
+    manifest, written by an earlier start of this same run); None when it starts afresh. The folder
+    is the truth: a ``config.json`` that differs from ``config`` in a field that changes results
+    (:func:`~imgcls_jax.config.resume_differences`) is a :class:`RunMismatchError` listing each
+    field, when the folder holds checkpoints; without one (nothing trained yet) the run starts
+    afresh, with a warning. Fields that cannot change results
+    (:data:`~imgcls_jax.config.RESULT_NEUTRAL_FIELDS`) may differ (logged), and phases may be
+    appended after the stored ones (:func:`~imgcls_jax.config.appended_phases`: the run goes on
+    into them, and its ``config.json`` becomes ``config``)."""
     if not (run.config.is_file() and run.manifest.is_file()):
-        return False
+        return None
     stored = TrainConfig.from_json(run.config)
     differences = resume_differences(stored, config)
     trained = any(finished_steps(d) for d in (run.checkpoints, run.best))
@@ -145,14 +149,17 @@ def check_resume(config: TrainConfig, run: RunDir) -> bool:
             "%s: config.json differs from this run's (%s) and nothing was trained yet: starting afresh",
             run.root, ", ".join(name for name, _, _ in differences),
         )  # fmt: skip
-        return False
+        return None
     neutral = [
         f for f in RESULT_NEUTRAL_FIELDS if f != "run_dir" and getattr(stored, f) != getattr(config, f)
     ]
     if neutral:
         log.info("%s: resuming with other %s than its config.json (they do not change results)",
                  run.root, ", ".join(neutral))  # fmt: skip
-    return True
+    if added := appended_phases(stored, config):
+        log.info("%s: %d phase(s) appended after the run's %d: it goes on into them (config.json updated)",
+                 run.root, added, len(stored.phases))  # fmt: skip
+    return stored
 
 
 class Trainer:
@@ -176,9 +183,10 @@ class Trainer:
         config, run = self.config, self.run_dir
         if not self.resume:
             refuse_used_run_dir(run)
-        reuse = self.resume and check_resume(config, run)  # before anything is written
+        stored = check_resume(config, run) if self.resume else None  # before anything is written
+        reuse = stored is not None
         run.root.mkdir(parents=True, exist_ok=True)
-        if self.main and not reuse:
+        if self.main and (not reuse or appended_phases(stored, config)):
             run.write_config(config)
         records, self.class_names = run_records(config, run.root, reuse=reuse, write=self.main)
         self.train, self.evals = run_inputs(config, records, self.class_names)
