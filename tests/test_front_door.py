@@ -210,6 +210,18 @@ def test_phases_appended_to_a_finished_run_end_as_the_longer_config_from_the_sta
         assert _files(tmp_path / "run") == before
 
 
+def test_the_readme_progressive_config_appends_to_the_48_epoch_run():
+    from pathlib import Path
+
+    from imgcls_jax.config import appended_phases, resume_differences
+
+    configs = Path(__file__).resolve().parents[1] / "examples" / "configs"
+    run48 = TrainConfig.from_json(configs / "flowers5_scratch_cpu64_48ep.json")
+    prog = TrainConfig.from_json(configs / "flowers5_scratch_prog64_96.json")
+    assert resume_differences(run48, prog) == [] and appended_phases(run48, prog) == 1
+    assert prog.phases[1].image_size == 96 and appended_phases(prog, run48) == 0
+
+
 # --------------------------------------------------------------------- evaluation, prediction
 @pytest.fixture(scope="module")
 def trained(colors, tmp_path_factory):
