@@ -28,7 +28,7 @@ import re
 import types
 import typing
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
