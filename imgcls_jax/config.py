@@ -832,7 +832,6 @@ def resume_differences(stored: TrainConfig, given: TrainConfig) -> list[tuple[st
     (``phases`` compared phase by phase: ``phases[1].learning_rate``; phases appended after all of
     ``stored``'s are no difference, :func:`appended_phases`; ``data`` as the folder it resolves
     to)."""
-    plain = _plain
     found = []
     for f in fields(TrainConfig):
         if f.name in RESULT_NEUTRAL_FIELDS:
@@ -847,12 +846,12 @@ def resume_differences(stored: TrainConfig, given: TrainConfig) -> list[tuple[st
         elif f.name == "phases" and len(old) == len(new):
             for i, (a, b) in enumerate(zip(old, new)):
                 found += [
-                    (f"phases[{i}].{g.name}", plain(getattr(a, g.name)), plain(getattr(b, g.name)))
+                    (f"phases[{i}].{g.name}", _plain(getattr(a, g.name)), _plain(getattr(b, g.name)))
                     for g in fields(PhaseConfig)
-                    if plain(getattr(a, g.name)) != plain(getattr(b, g.name))
+                    if _plain(getattr(a, g.name)) != _plain(getattr(b, g.name))
                 ]
-        elif plain(old) != plain(new):
-            found.append((f.name, plain(old), plain(new)))
+        elif _plain(old) != _plain(new):
+            found.append((f.name, _plain(old), _plain(new)))
     return found
 
 
