@@ -394,10 +394,12 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
     return lambda: np.asarray(model.train_on_batch(x, y))
 
 
-def keras_jax_times(mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16") -> list[float]:
+def keras_jax_times(
+    mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16", warmup: int = 1
+) -> list[float]:
     """Seconds per step of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
-    subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): one
-    warm-up step, then ``rounds`` timed ones. Skips if Keras is not installed."""
+    subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): ``warmup``
+    untimed steps, then ``rounds`` timed ones. Skips if Keras is not installed."""
     import json
     import os
     import subprocess
@@ -417,6 +419,7 @@ def keras_jax_times(mode: str, size: int, batch: int, rounds: int, *, arch: str 
         str(size),
         str(batch),
         str(rounds),
+        str(warmup),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=root)
     if done.returncode != 0:
@@ -425,15 +428,17 @@ def keras_jax_times(mode: str, size: int, batch: int, rounds: int, *, arch: str 
 
 
 def _main(argv=None) -> None:
-    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS``: time Keras's step on the
-    backend ``KERAS_BACKEND`` names, print ``{"times": [s, ...]}`` as the last line."""
+    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP]``: time Keras's step
+    on the backend ``KERAS_BACKEND`` names after ``WARMUP`` (default 1) untimed ones, print
+    ``{"times": [s, ...]}`` as the last line."""
     import json
     import sys
     import time
 
-    _, mode, arch, size, batch, rounds = argv or sys.argv[1:]
+    _, mode, arch, size, batch, rounds, *warmup = argv or sys.argv[1:]
     run = keras_runner(mode, int(size), int(batch), arch=arch)
-    run()
+    for _ in range(int(warmup[0]) if warmup else 1):
+        run()
     times = []
     for _ in range(int(rounds)):
         start = time.perf_counter()

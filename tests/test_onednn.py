@@ -115,6 +115,28 @@ def test_onednn_equals_xla_on_a_sample_of_family_shapes():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+#: Kernels whose reorder into oneDNN's layout is split into output-channel pieces (O > 64: 3 pieces
+#: of 64; 4 pieces, the last of 8 channels), at batches that split into uneven chunks.
+PIECES = [
+    (call_of((5, 8, 8, 128), (3, 3, 128, 192)), 5),
+    (call_of((3, 6, 6, 64), (3, 3, 64, 200)), 3),
+    (call_of((7, 4, 4, 256), (1, 1, 256, 320), pads=((0, 0), (0, 0))), 7),
+]
+
+
+def test_reused_buffers_and_split_reorders_give_the_same_bits_after_other_shapes():
+    """The kernels keep their temporaries (kernels in oneDNN's layout, partial weight gradients)
+    between calls without zeroing them, and reorder kernels in output-channel pieces on the pool's
+    threads: each call must equal XLA's, and repeat itself bit for bit after other shapes have
+    written over those buffers (a result that read a stale or unwritten byte would differ)."""
+    need_kernels()
+    first = [check_against_xla(call, batch) for call, batch in PIECES]
+    for (call, batch), before in zip(reversed(PIECES), reversed(first)):
+        again = conv_and_grads("onednn", call.strides, call.pads, call.groups, *case(call, 0, batch))
+        for a, b in zip(before, again):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_onednn_bfloat16_close_to_float32():
     status = need_kernels()
     if "bfloat16" not in status.dtypes:

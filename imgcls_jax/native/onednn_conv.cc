@@ -12,8 +12,10 @@
 //   imgcls_onednn_conv_bwd_weights  (x, dy) -> dw   (dw's shape from the result buffer)
 //
 // oneDNN picks its own weight layout for speed (format_tag::any); the kernel is reordered from
-// HWIO into it (and a weight gradient back to HWIO) on each call, as PyTorch and TensorFlow do.
-// Primitives are built once per shape and cached.
+// HWIO into it (and a weight gradient back to HWIO) on each call, as PyTorch and TensorFlow do,
+// in pieces of output channels run side by side on the pool's threads. Primitives are built once
+// per shape and cached; temporaries (reordered kernels, partial weight gradients) are per-thread
+// buffers kept from call to call, so a training step does not fault in fresh pages for them.
 //
 // Threads: oneDNN runs single-threaded in each thread (its OpenMP runtime never starts a team),
 // and the parallelism is XLA's own: the batch is split into as many chunks as XLA's intra-op
@@ -22,8 +24,9 @@
 // shared with XLA's other work through one pool (no oversubscription), and a chunk waits for no
 // particular thread (an OpenMP team's barrier waits for every member: on a loaded machine a
 // preempted member stalls the whole convolution). The weight gradient is the sum of the chunks'
-// partial gradients, in chunk order, in float32: the same numbers on every run with the same
-// number of threads (the same machine and settings).
+// partial gradients, in chunk order, in float32 (each output-channel piece adds its chunks in
+// that order): the same numbers on every run with the same number of threads (the same machine
+// and settings).
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -86,11 +89,21 @@ dnnl::engine& cpu_engine() {
   return engine;
 }
 
+// One piece of a kernel reorder: a range of output channels, reordered on its own so that the
+// pieces of one kernel run side by side on the pool's threads (a whole-kernel reorder is
+// single-threaded: on VGG16's and ResNet50's kernels, a tenth of a training step with one core
+// idle).
+struct Piece {
+  memory::desc from, to;
+  dnnl::primitive reorder;
+  dnnl::primitive reorder_sum;  // the weight gradient's: adds into its destination (dst = src + dst)
+};
+
 // One cached primitive: the convolution, and the reorder between the HWIO kernel and the
-// primitive's weight layout when they differ.
+// primitive's weight layout when they differ (in pieces).
 struct Entry {
   dnnl::primitive conv;
-  dnnl::primitive reorder;  // empty when the primitive takes HWIO as it is
+  std::vector<Piece> pieces;  // empty when the primitive takes HWIO as it is
   memory::desc weights_md;  // the primitive's weight (or weight-gradient) layout
   memory::desc user_weights_md;
   memory::desc src_md, dst_md;  // x / dx and y / dy (NHWC)
@@ -110,6 +123,49 @@ dnnl::convolution_forward::primitive_desc forward_pd(const Geometry& q) {
       activation_md(q.n, q.c, q.h, q.w, q.dt), any_weights_md(q),
       activation_md(q.n, q.o, q.oh, q.ow, q.dt), {q.sh, q.sw}, {q.pt, q.pl}, {q.pb, q.pr},
       user_scratchpad());
+}
+
+// The reorder of one range of output channels [o0, o0 + len) (the whole kernel when len = O), from
+// HWIO into the primitive's layout (the weight gradient: back).
+Piece make_piece(Kind kind, const Geometry& q, const Entry& e, int64_t o0, int64_t len) {
+  auto& eng = cpu_engine();
+  Piece p;
+  const memory::desc& blocked = e.weights_md;
+  const memory::desc& hwio = e.user_weights_md;
+  if (len == q.o) {
+    p.from = kind == kBwdWeights ? blocked : hwio;
+    p.to = kind == kBwdWeights ? hwio : blocked;
+  } else {
+    memory::dims dims = {len, q.c, q.kh, q.kw}, offsets = {o0, 0, 0, 0};
+    p.from = (kind == kBwdWeights ? blocked : hwio).submemory_desc(dims, offsets);
+    p.to = (kind == kBwdWeights ? hwio : blocked).submemory_desc(dims, offsets);
+  }
+  p.reorder = dnnl::reorder(dnnl::reorder::primitive_desc(eng, p.from, eng, p.to));
+  if (kind == kBwdWeights) {
+    dnnl::post_ops sum;
+    sum.append_sum(1.f);
+    dnnl::primitive_attr attr;
+    attr.set_post_ops(sum);
+    p.reorder_sum = dnnl::reorder(dnnl::reorder::primitive_desc(eng, p.from, eng, p.to, attr));
+  }
+  return p;
+}
+
+// The reorder's pieces: ranges of a multiple of 64 output channels (a multiple of every blocked
+// layout's channel block), at most 16; one piece (the whole kernel) for grouped convolutions or
+// where a range cannot be cut out of the blocked layout.
+void add_pieces(Kind kind, const Geometry& q, Entry* e) {
+  int64_t step = std::max<int64_t>(64, (q.o + 16 * 64 - 1) / (16 * 64) * 64);
+  if (q.g == 1 && q.o > step) {
+    try {
+      for (int64_t o0 = 0; o0 < q.o; o0 += step)
+        e->pieces.push_back(make_piece(kind, q, *e, o0, std::min(step, q.o - o0)));
+      return;
+    } catch (const dnnl::error&) {
+      e->pieces.clear();
+    }
+  }
+  e->pieces.push_back(make_piece(kind, q, *e, 0, q.o));
 }
 
 std::unique_ptr<Entry> make_entry(Kind kind, const Geometry& q) {
@@ -145,12 +201,7 @@ std::unique_ptr<Entry> make_entry(Kind kind, const Geometry& q) {
     impl = pd.impl_info_str();
   }
   e->impl = impl ? impl : "?";
-  if (e->weights_md != e->user_weights_md) {
-    auto& eng = cpu_engine();
-    e->reorder = kind == kBwdWeights
-                     ? dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->weights_md, eng, e->user_weights_md))
-                     : dnnl::reorder(dnnl::reorder::primitive_desc(eng, e->user_weights_md, eng, e->weights_md));
-  }
+  if (e->weights_md != e->user_weights_md) add_pieces(kind, q, e.get());
   return e;
 }
 
@@ -188,11 +239,38 @@ Entry& entry(Kind kind, const Geometry& q) {
   return *it->second;
 }
 
+char* align64(char* p) { return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64); }
+
+// A reusable buffer, kept between calls and never zeroed: a convolution's temporaries (kernels in
+// oneDNN's layout, partial weight gradients) reuse the memory of the step before instead of
+// asking for fresh pages (each fresh page costs a fault and the kernel's zeroing: measured ~6% of
+// a VGG16 training step's CPU time when they and XLA's own buffers were fresh every step).
+class Buffer {
+ public:
+  char* get(size_t bytes) {
+    if (size_ < bytes) {
+      data_.reset(new char[bytes + 64]);  // default-initialized: not written here
+      size_ = bytes;
+    }
+    return align64(data_.get());
+  }
+
+ private:
+  std::unique_ptr<char[]> data_;
+  size_t size_ = 0;
+};
+
+// The calling thread's buffers, `count` of them (grown as needed; held until the thread ends).
+std::vector<Buffer>& thread_buffers(size_t count) {
+  thread_local std::vector<Buffer> buffers;
+  if (buffers.size() < count) buffers.resize(count);
+  return buffers;
+}
+
 // A 64-byte aligned buffer of at least `bytes` for this thread (oneDNN's scratchpad).
 char* thread_scratch(size_t bytes) {
-  thread_local std::vector<char> buf;
-  if (buf.size() < bytes + 64) buf.resize(bytes + 64);
-  return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(buf.data()) + 63) / 64 * 64);
+  thread_local Buffer buf;
+  return buf.get(bytes);
 }
 
 memory scratchpad(const Entry& e) {
@@ -258,6 +336,13 @@ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
+// Writes the float32 `total` of `k` elements into `out` as bfloat16; returns "" (no error).
+std::string to_bf16_into(void* out, const float* total, size_t k) {
+  auto* o = static_cast<uint16_t*>(out);
+  for (size_t i = 0; i < k; ++i) o[i] = to_bf16(total[i]);
+  return "";
+}
+
 // Runs one convolution over `chunks` batch chunks: `a` is x (fwd, bwd_weights) or dy (bwd_data);
 // `b` is w (fwd, bwd_data) or dy (bwd_weights); `out` is y, dx or dw.
 std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
@@ -281,7 +366,7 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
   char* dst = static_cast<char*>(kind == kBwdData ? a : kind == kFwd ? out : b);  // y / dy
   if (kind != kBwdWeights) {
     // the kernel in each distinct layout the chunks' primitives want (one, unless they differ)
-    std::vector<std::vector<char>> held;
+    std::vector<Buffer>& held = thread_buffers(chunks);
     std::vector<memory> weights(chunks);
     memory user_w(entries[0]->user_weights_md, eng, b);
     for (int c = 0; c < chunks; ++c) {
@@ -289,16 +374,19 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
       for (int d = 0; d < c && !weights[c]; ++d)
         if (entries[d]->weights_md == e.weights_md) weights[c] = weights[d];
       if (weights[c]) continue;
-      if (!e.reorder) {
+      if (e.pieces.empty()) {
         weights[c] = user_w;
         continue;
       }
-      held.emplace_back(e.weights_md.get_size() + 64);
-      char* p = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(held.back().data()) + 63) / 64 * 64);
-      weights[c] = memory(e.weights_md, eng, p);
-      dnnl::stream stream(eng);
-      e.reorder.execute(stream, {{DNNL_ARG_FROM, user_w}, {DNNL_ARG_TO, weights[c]}});
-      stream.wait();
+      char* w = held[c].get(e.weights_md.get_size());
+      weights[c] = memory(e.weights_md, eng, w);
+      std::string error = run_chunks(static_cast<int>(e.pieces.size()), pool, [&](int i) {
+        const Piece& p = e.pieces[i];
+        dnnl::stream stream(eng);
+        p.reorder.execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, b)}, {DNNL_ARG_TO, memory(p.to, eng, w)}});
+        stream.wait();
+      });
+      if (!error.empty()) return error;
     }
     return run_chunks(chunks, pool, [&](int c) {
       int64_t n0;
@@ -315,38 +403,64 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
       stream.wait();
     });
   }
-  // weight gradient: each chunk's partial sum, float32 HWIO, then added in chunk order
+  // The weight gradient: each chunk's partial gradient (in the primitive's layout), added into
+  // `total` (float32 HWIO: `out` itself for float32) in chunk order. With a layout reorder, the
+  // reorders do the adding (chunk 0's plain, the others' with a sum post-op: dst = src + dst),
+  // piece by piece on the pool's threads, each piece's chunks in order; without one, chunk 0
+  // writes `total` directly and the others are added to it after.
   size_t k = elements(q);
-  std::vector<float> partial(k * chunks);
+  bool f32 = q.dt == memory::data_type::f32;
+  std::vector<Buffer>& bufs = thread_buffers(chunks + 1);
+  float* total = f32 ? static_cast<float*>(out) : reinterpret_cast<float*>(bufs[chunks].get(k * sizeof(float)));
+  std::vector<char*> parts(chunks);
+  for (int c = 0; c < chunks; ++c)
+    parts[c] = entries[c]->pieces.empty() && c == 0 ? reinterpret_cast<char*>(total)
+                                              : bufs[c].get(entries[c]->weights_md.get_size());
   std::string error = run_chunks(chunks, pool, [&](int c) {
     int64_t n0;
     chunk_geometry(c, &n0);
     Entry& e = *entries[c];
     dnnl::stream stream(eng);
-    memory user_dw(e.user_weights_md, eng, partial.data() + k * c);
-    std::vector<char> blocked;
-    memory dw = user_dw;
-    if (e.reorder) {
-      blocked.resize(e.weights_md.get_size() + 64);
-      dw = memory(e.weights_md, eng, reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(blocked.data()) + 63) / 64 * 64));
-    }
     e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, src + n0 * in_step)},
                             {DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, dst + n0 * out_step)},
-                            {DNNL_ARG_DIFF_WEIGHTS, dw},
+                            {DNNL_ARG_DIFF_WEIGHTS, memory(e.weights_md, eng, parts[c])},
                             {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
-    if (e.reorder) e.reorder.execute(stream, {{DNNL_ARG_FROM, dw}, {DNNL_ARG_TO, user_dw}});
     stream.wait();
   });
   if (!error.empty()) return error;
-  for (int c = 1; c < chunks; ++c)
-    for (size_t i = 0; i < k; ++i) partial[i] += partial[k * c + i];
-  if (q.dt == memory::data_type::f32) {
-    std::memcpy(out, partial.data(), k * sizeof(float));
-  } else {
-    auto* o = static_cast<uint16_t*>(out);
-    for (size_t i = 0; i < k; ++i) o[i] = to_bf16(partial[i]);
+  // pieces are the same output-channel ranges in every chunk's entry (they depend on O alone)
+  int pieces = static_cast<int>(entries[0]->pieces.size());
+  bool all_reorder = std::all_of(entries.begin(), entries.end(), [&](Entry* e) {
+    return static_cast<int>(e->pieces.size()) == pieces;
+  });
+  if (pieces > 1 && all_reorder) {
+    error = run_chunks(pieces, pool, [&](int i) {
+      dnnl::stream stream(eng);
+      for (int c = 0; c < chunks; ++c) {
+        const Piece& p = entries[c]->pieces[i];
+        (c == 0 ? p.reorder : p.reorder_sum)
+            .execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, parts[c])}, {DNNL_ARG_TO, memory(p.to, eng, total)}});
+        stream.wait();
+      }
+    });
+    if (!error.empty()) return error;
+    return f32 ? "" : to_bf16_into(out, total, k);
   }
-  return "";
+  dnnl::stream stream(eng);
+  for (int c = 0; c < chunks; ++c) {
+    Entry& e = *entries[c];
+    if (!e.pieces.empty()) {
+      for (const Piece& p : e.pieces) {
+        (c == 0 ? p.reorder : p.reorder_sum)
+            .execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, parts[c])}, {DNNL_ARG_TO, memory(p.to, eng, total)}});
+        stream.wait();
+      }
+    } else if (c > 0) {
+      const float* p = reinterpret_cast<const float*>(parts[c]);
+      for (size_t i = 0; i < k; ++i) total[i] += p[i];
+    }
+  }
+  return f32 ? "" : to_bf16_into(out, total, k);
 }
 
 bool data_type_of(ffi::DataType t, memory::data_type* out) {
@@ -481,7 +595,7 @@ IMGCLS_EXPORT const char* imgcls_onednn_impl(int kind, int dtype, int64_t n, int
   single_threaded();
   try {
     auto e = make_entry(static_cast<Kind>(kind), q);
-    out = e->impl + (e->reorder ? " (+weight reorder)" : "");
+    out = e->impl + (e->pieces.empty() ? "" : " (+weight reorder)");
   } catch (const std::exception&) {
     out.clear();
   }
