@@ -431,6 +431,7 @@ def _main(argv=None) -> None:
     """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP]``: time Keras's step
     on the backend ``KERAS_BACKEND`` names after ``WARMUP`` (default 1) untimed ones, print
     ``{"times": [s, ...]}`` as the last line."""
+    import gc
     import json
     import sys
     import time
@@ -440,10 +441,13 @@ def _main(argv=None) -> None:
     for _ in range(int(warmup[0]) if warmup else 1):
         run()
     times = []
+    gc.collect()
+    gc.disable()  # as test_cpu_speed.py times the frameworks in its own process
     for _ in range(int(rounds)):
         start = time.perf_counter()
         run()
         times.append(time.perf_counter() - start)
+    gc.enable()
     print(json.dumps({"times": times}))
 
 

@@ -16,7 +16,8 @@ imgcls_jax: its eval step) and ``train`` (one full step: forward, cross-entropy,
 through all layers, Adam update). Images in [0, 255] are made once per shape and already on
 the framework's side (imgcls_jax: uint8, as its pipeline delivers them, with the caffe
 preprocessing inside the step; the peers: float32). Compile/trace time is excluded (one warm-up
-round); medians of warm rounds.
+round; :data:`FAMILY_WARMUP` for the family steps, which also time with Python's garbage
+collector off, every framework alike); medians of warm rounds.
 
 Cases run grouped by shape, the frameworks one after another, so load from other processes
 hits them alike; rerun (``--benchmark-...`` options as usual) to see the spread.
@@ -32,6 +33,8 @@ Peers that are not installed are skipped with the reason. PyTorch: ``pip install
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import os
 
 import pytest
@@ -119,11 +122,25 @@ FAMILY_CASES = [
     ("efficientnetb0", 64, 16, 4),
     ("vgg16", 224, 8, 2),
 ]
-#: Untimed steps before the timed ones, every framework alike: the first steps after a model's
-#: compilation also pay first-touch costs (fresh memory, caches growing), which an epoch of
-#: hundreds of steps does not see (2026-12-07, this CPU: imgcls_jax's EfficientNetB0 took 338 ms
-#: on its fourth step and a median of 157 ms after; Keras's steps stayed within 10% of theirs).
+#: Untimed steps before the timed ones of ``test_family_train_step``, every framework alike: the
+#: first steps after a model's compilation also pay first-touch costs (fresh memory, caches and
+#: allocator pools growing), which an epoch of hundreds of steps does not see.
 FAMILY_WARMUP = 2
+
+
+@contextlib.contextmanager
+def _no_gc():
+    """Python's garbage collector collected, then off while a framework's steps are timed (as
+    ``timeit`` does): this process holds every framework's objects, and a full collection took up
+    to 1.2 s by the last cases (2026-12-07), landing in whichever framework's round it fell."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 FAMILY_FRAMEWORKS = ("jax-auto", "jax-xla", "keras-tf", "torch", "keras-jax")
 FAMILY_PEERS = ("keras-tf", "torch", "keras-jax")
 FAMILY_MS: dict[tuple[str, int, int, str], float] = {}  # (arch, size, batch, framework) -> ms per step
@@ -148,14 +165,15 @@ def test_family_train_step(benchmark, arch, size, batch, rounds, framework):
     benchmark.group = f"train {arch} {size}px batch {batch}"
     rounds = max(2, round(rounds * ROUNDS))
     _RUNNERS.clear()
-    if framework == "keras-jax":  # its own process: one warm-up step, then the timed ones
+    if framework == "keras-jax":  # its own process: warm-up steps, then the timed ones
         times = peers.keras_jax_times("train", size, batch, rounds, arch=arch, warmup=FAMILY_WARMUP)
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         benchmark.extra_info["subprocess_step_s"] = times
         median = sorted(times)[len(times) // 2]
     else:
         run = _family_runner(framework, arch, size, batch)
-        benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=FAMILY_WARMUP)
+        with _no_gc():
+            benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=FAMILY_WARMUP)
         median = benchmark.stats.stats.median
         run = None
     FAMILY_MS[(arch, size, batch, framework)] = 1e3 * median

@@ -14,8 +14,9 @@
 // oneDNN picks its own weight layout for speed (format_tag::any); the kernel is reordered from
 // HWIO into it (and a weight gradient back to HWIO) on each call, as PyTorch and TensorFlow do,
 // in pieces of output channels run side by side on the pool's threads. Primitives are built once
-// per shape and cached; temporaries (reordered kernels, partial weight gradients) are per-thread
-// buffers kept from call to call, so a training step does not fault in fresh pages for them.
+// per shape and cached; temporaries (reordered kernels, partial weight gradients, scratchpads)
+// come from a pool of buffers kept from call to call, so a training step does not fault in fresh
+// pages for them.
 //
 // Threads: oneDNN runs single-threaded in each thread (its OpenMP runtime never starts a team),
 // and the parallelism is XLA's own: the batch is split into as many chunks as XLA's intra-op
@@ -242,9 +243,10 @@ Entry& entry(Kind kind, const Geometry& q) {
 char* align64(char* p) { return reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(p) + 63) / 64 * 64); }
 
 // A reusable buffer, kept between calls and never zeroed: a convolution's temporaries (kernels in
-// oneDNN's layout, partial weight gradients) reuse the memory of the step before instead of
-// asking for fresh pages (each fresh page costs a fault and the kernel's zeroing: measured ~6% of
-// a VGG16 training step's CPU time when they and XLA's own buffers were fresh every step).
+// oneDNN's layout, partial weight gradients, oneDNN's scratchpads) reuse the memory of the step
+// before instead of asking for fresh pages (each fresh page costs a fault and the kernel's
+// zeroing: measured ~6% of a VGG16 training step's CPU time when they and XLA's own buffers were
+// fresh every step).
 class Buffer {
  public:
   char* get(size_t bytes) {
@@ -254,29 +256,54 @@ class Buffer {
     }
     return align64(data_.get());
   }
+  size_t size() const { return size_; }
 
  private:
   std::unique_ptr<char[]> data_;
   size_t size_ = 0;
 };
 
-// The calling thread's buffers, `count` of them (grown as needed; held until the thread ends).
-std::vector<Buffer>& thread_buffers(size_t count) {
-  thread_local std::vector<Buffer> buffers;
-  if (buffers.size() < count) buffers.resize(count);
-  return buffers;
-}
+// The buffers of every call, shared by all threads (XLA runs a custom call on whichever of its
+// threads is free: per-thread buffers would be allocated again on each new thread for many steps).
+// A call leases as many as it needs, largest first, and gives them back when it returns.
+class Lease {
+ public:
+  explicit Lease(size_t count) {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& free = pool();
+    for (size_t i = 0; i < count; ++i) {
+      if (free.empty()) {
+        held_.push_back(std::make_unique<Buffer>());
+      } else {
+        held_.push_back(std::move(free.back()));  // the pool is kept sorted by size: largest last
+        free.pop_back();
+      }
+    }
+  }
+  ~Lease() {
+    std::lock_guard<std::mutex> lock(mutex());
+    auto& free = pool();
+    for (auto& b : held_) free.push_back(std::move(b));
+    std::sort(free.begin(), free.end(), [](const auto& a, const auto& b) { return a->size() < b->size(); });
+  }
+  Buffer& operator[](size_t i) { return *held_[i]; }
 
-// A 64-byte aligned buffer of at least `bytes` for this thread (oneDNN's scratchpad).
-char* thread_scratch(size_t bytes) {
-  thread_local Buffer buf;
-  return buf.get(bytes);
-}
+ private:
+  static std::mutex& mutex() {
+    static std::mutex m;
+    return m;
+  }
+  static std::vector<std::unique_ptr<Buffer>>& pool() {
+    static std::vector<std::unique_ptr<Buffer>> p;
+    return p;
+  }
+  std::vector<std::unique_ptr<Buffer>> held_;
+};
 
-memory scratchpad(const Entry& e) {
+memory scratchpad(const Entry& e, Buffer& buffer) {
   return memory(memory::desc({static_cast<int64_t>(e.scratchpad_bytes)}, memory::data_type::u8,
                              memory::format_tag::a),
-                cpu_engine(), thread_scratch(e.scratchpad_bytes));
+                cpu_engine(), buffer.get(e.scratchpad_bytes));
 }
 
 int pool_threads(ffi::ThreadPool* pool) {
@@ -366,7 +393,7 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
   char* dst = static_cast<char*>(kind == kBwdData ? a : kind == kFwd ? out : b);  // y / dy
   if (kind != kBwdWeights) {
     // the kernel in each distinct layout the chunks' primitives want (one, unless they differ)
-    std::vector<Buffer>& held = thread_buffers(chunks);
+    Lease held(2 * chunks);  // [0, chunks): kernels in the primitives' layouts; then scratchpads
     std::vector<memory> weights(chunks);
     memory user_w(entries[0]->user_weights_md, eng, b);
     for (int c = 0; c < chunks; ++c) {
@@ -396,10 +423,10 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
       memory s(e.src_md, eng, src + n0 * in_step), d(e.dst_md, eng, dst + n0 * out_step);
       if (kind == kFwd)
         e.conv.execute(stream, {{DNNL_ARG_SRC, s}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DST, d},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e, held[chunks + c])}});
       else
         e.conv.execute(stream, {{DNNL_ARG_DIFF_DST, d}, {DNNL_ARG_WEIGHTS, weights[c]}, {DNNL_ARG_DIFF_SRC, s},
-                                {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+                                {DNNL_ARG_SCRATCHPAD, scratchpad(e, held[chunks + c])}});
       stream.wait();
     });
   }
@@ -410,7 +437,7 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
   // writes `total` directly and the others are added to it after.
   size_t k = elements(q);
   bool f32 = q.dt == memory::data_type::f32;
-  std::vector<Buffer>& bufs = thread_buffers(chunks + 1);
+  Lease bufs(2 * chunks + 1);  // [0, chunks): partial gradients; chunks: total; then scratchpads
   float* total = f32 ? static_cast<float*>(out) : reinterpret_cast<float*>(bufs[chunks].get(k * sizeof(float)));
   std::vector<char*> parts(chunks);
   for (int c = 0; c < chunks; ++c)
@@ -424,7 +451,7 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
     e.conv.execute(stream, {{DNNL_ARG_SRC, memory(e.src_md, eng, src + n0 * in_step)},
                             {DNNL_ARG_DIFF_DST, memory(e.dst_md, eng, dst + n0 * out_step)},
                             {DNNL_ARG_DIFF_WEIGHTS, memory(e.weights_md, eng, parts[c])},
-                            {DNNL_ARG_SCRATCHPAD, scratchpad(e)}});
+                            {DNNL_ARG_SCRATCHPAD, scratchpad(e, bufs[chunks + 1 + c])}});
     stream.wait();
   });
   if (!error.empty()) return error;
