@@ -115,8 +115,8 @@ def test_onednn_equals_xla_on_a_sample_of_family_shapes():
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-#: Kernels whose reorder into oneDNN's layout is split into output-channel pieces (O > 64: 3 pieces
-#: of 64; 4 pieces, the last of 8 channels), at batches that split into uneven chunks.
+#: Kernels whose reorder into oneDNN's layout is split into output-channel pieces (3 pieces of 64;
+#: 4, the last of 8 channels; 5 of a 1x1 kernel), at odd batches (uneven chunks over 2 threads).
 PIECES = [
     (call_of((5, 8, 8, 128), (3, 3, 128, 192)), 5),
     (call_of((3, 6, 6, 64), (3, 3, 64, 200)), 3),
