@@ -28,6 +28,8 @@ compiles). Each runner's ``run.settings`` says what it ran.
 
 from __future__ import annotations
 
+import contextlib
+import gc
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -394,6 +396,19 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
     return lambda: np.asarray(model.train_on_batch(x, y))
 
 
+@contextlib.contextmanager
+def no_gc():
+    """Python's garbage collector collected, then off within the block (as ``timeit`` does), for
+    timed steps: the suite's process holds every framework's objects, and a full collection took
+    up to 1.2 s by its last cases (2026-12-07), landing in whichever framework's step it fell."""
+    gc.collect()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+
+
 def keras_jax_times(
     mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16", warmup: int = 1
 ) -> list[float]:
@@ -431,7 +446,6 @@ def _main(argv=None) -> None:
     """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP]``: time Keras's step
     on the backend ``KERAS_BACKEND`` names after ``WARMUP`` (default 1) untimed ones, print
     ``{"times": [s, ...]}`` as the last line."""
-    import gc
     import json
     import sys
     import time
@@ -441,13 +455,11 @@ def _main(argv=None) -> None:
     for _ in range(int(warmup[0]) if warmup else 1):
         run()
     times = []
-    gc.collect()
-    gc.disable()  # as test_cpu_speed.py times the frameworks in its own process
-    for _ in range(int(rounds)):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    gc.enable()
+    with no_gc():  # as test_cpu_speed.py times the frameworks in its own process
+        for _ in range(int(rounds)):
+            start = time.perf_counter()
+            run()
+            times.append(time.perf_counter() - start)
     print(json.dumps({"times": times}))
 
 

@@ -33,8 +33,6 @@ Peers that are not installed are skipped with the reason. PyTorch: ``pip install
 
 from __future__ import annotations
 
-import contextlib
-import gc
 import os
 
 import pytest
@@ -127,20 +125,6 @@ FAMILY_CASES = [
 #: allocator pools growing), which an epoch of hundreds of steps does not see.
 FAMILY_WARMUP = 2
 
-
-@contextlib.contextmanager
-def _no_gc():
-    """Python's garbage collector collected, then off while a framework's steps are timed (as
-    ``timeit`` does): this process holds every framework's objects, and a full collection took up
-    to 1.2 s by the last cases (2026-12-07), landing in whichever framework's round it fell."""
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.enable()
-
-
 FAMILY_FRAMEWORKS = ("jax-auto", "jax-xla", "keras-tf", "torch", "keras-jax")
 FAMILY_PEERS = ("keras-tf", "torch", "keras-jax")
 FAMILY_MS: dict[tuple[str, int, int, str], float] = {}  # (arch, size, batch, framework) -> ms per step
@@ -172,7 +156,7 @@ def test_family_train_step(benchmark, arch, size, batch, rounds, framework):
         median = sorted(times)[len(times) // 2]
     else:
         run = _family_runner(framework, arch, size, batch)
-        with _no_gc():
+        with peers.no_gc():
             benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=FAMILY_WARMUP)
         median = benchmark.stats.stats.median
         run = None

@@ -363,13 +363,6 @@ uint16_t to_bf16(float f) {
   return static_cast<uint16_t>(u >> 16);
 }
 
-// Writes the float32 `total` of `k` elements into `out` as bfloat16; returns "" (no error).
-std::string to_bf16_into(void* out, const float* total, size_t k) {
-  auto* o = static_cast<uint16_t*>(out);
-  for (size_t i = 0; i < k; ++i) o[i] = to_bf16(total[i]);
-  return "";
-}
-
 // Runs one convolution over `chunks` batch chunks: `a` is x (fwd, bwd_weights) or dy (bwd_data);
 // `b` is w (fwd, bwd_data) or dy (bwd_weights); `out` is y, dx or dw.
 std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
@@ -455,39 +448,40 @@ std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::
     stream.wait();
   });
   if (!error.empty()) return error;
+  // chunk c's partial gradient, piece i of its reorder, into `total` (added unless c is 0)
+  auto add_piece = [&](int c, int i, dnnl::stream& stream) {
+    const Piece& p = entries[c]->pieces[i];
+    (c == 0 ? p.reorder : p.reorder_sum)
+        .execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, parts[c])}, {DNNL_ARG_TO, memory(p.to, eng, total)}});
+    stream.wait();
+  };
   // pieces are the same output-channel ranges in every chunk's entry (they depend on O alone)
   int pieces = static_cast<int>(entries[0]->pieces.size());
-  bool all_reorder = std::all_of(entries.begin(), entries.end(), [&](Entry* e) {
-    return static_cast<int>(e->pieces.size()) == pieces;
-  });
-  if (pieces > 1 && all_reorder) {
+  bool all_reorder = pieces > 0 && std::all_of(entries.begin(), entries.end(), [&](Entry* e) {
+                       return static_cast<int>(e->pieces.size()) == pieces;
+                     });
+  if (all_reorder) {  // each piece on a pool thread, its chunks in order
     error = run_chunks(pieces, pool, [&](int i) {
       dnnl::stream stream(eng);
-      for (int c = 0; c < chunks; ++c) {
-        const Piece& p = entries[c]->pieces[i];
-        (c == 0 ? p.reorder : p.reorder_sum)
-            .execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, parts[c])}, {DNNL_ARG_TO, memory(p.to, eng, total)}});
-        stream.wait();
-      }
+      for (int c = 0; c < chunks; ++c) add_piece(c, i, stream);
     });
     if (!error.empty()) return error;
-    return f32 ? "" : to_bf16_into(out, total, k);
-  }
-  dnnl::stream stream(eng);
-  for (int c = 0; c < chunks; ++c) {
-    Entry& e = *entries[c];
-    if (!e.pieces.empty()) {
-      for (const Piece& p : e.pieces) {
-        (c == 0 ? p.reorder : p.reorder_sum)
-            .execute(stream, {{DNNL_ARG_FROM, memory(p.from, eng, parts[c])}, {DNNL_ARG_TO, memory(p.to, eng, total)}});
-        stream.wait();
+  } else {  // chunks whose layouts differ (some HWIO as it is): one after another
+    dnnl::stream stream(eng);
+    for (int c = 0; c < chunks; ++c) {
+      int n = static_cast<int>(entries[c]->pieces.size());
+      for (int i = 0; i < n; ++i) add_piece(c, i, stream);
+      if (n == 0 && c > 0) {
+        const float* part = reinterpret_cast<const float*>(parts[c]);
+        for (size_t i = 0; i < k; ++i) total[i] += part[i];
       }
-    } else if (c > 0) {
-      const float* p = reinterpret_cast<const float*>(parts[c]);
-      for (size_t i = 0; i < k; ++i) total[i] += p[i];
     }
   }
-  return f32 ? "" : to_bf16_into(out, total, k);
+  if (!f32) {
+    auto* o = static_cast<uint16_t*>(out);
+    for (size_t i = 0; i < k; ++i) o[i] = to_bf16(total[i]);
+  }
+  return "";
 }
 
 bool data_type_of(ffi::DataType t, memory::data_type* out) {
