@@ -53,12 +53,21 @@ def synthetic_batch(size: int, batch: int):
 
 
 def jax_runner(
-    mode: str, size: int, batch: int, *, impl: str = "auto", dtype: str = "float32", arch: str = "vgg16"
+    mode: str,
+    size: int,
+    batch: int,
+    *,
+    impl: str = "auto",
+    dtype: str = "float32",
+    arch: str = "vgg16",
+    steps_per_execution: int = 1,
 ):
     """``(run, step, args)``: ``run()`` does one step; ``step(*args)`` is the jitted function it
     calls (for XLA's cost analysis). Images are uint8 on the default device, as the pipeline
     delivers them; the model's preprocessing runs inside the step. ``impl``: ``conv_impl`` (and
-    ``depthwise_impl`` unless ``"auto"``) for the families that take them."""
+    ``depthwise_impl`` unless ``"auto"``) for the families that take them.
+    ``steps_per_execution`` k (train modes): ``run()`` does k steps in one execution, on k
+    references to the batch (``make_train_step(..., steps_per_execution=k)``)."""
     import jax
     import jax.numpy as jnp
 
@@ -91,9 +100,11 @@ def jax_runner(
         return forward, step, args
     split = split_model(model, trainable_layers(model, "all" if mode == "train" else "head"))
     optimizer = make_optimizer("adam", LR)
-    step = make_train_step(split, optimizer)
+    step = make_train_step(split, optimizer, steps_per_execution=steps_per_execution)
     holder = {"state": init_state(split, optimizer)}
     data = {"image": x, "label": y}
+    if steps_per_execution > 1:
+        data = [data] * steps_per_execution
 
     def run():
         holder["state"], metrics = step(holder["state"], split.frozen, data)
@@ -360,11 +371,16 @@ def _torch_train(torch, mode, base, head, model, compiled, x, y, autocast, sync)
 # ---------------------------------------------------------------- Keras 3
 
 
-def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: str = "vgg16"):
+def keras_runner(
+    mode: str, size: int, batch: int, *, bf16: bool = False, arch: str = "vgg16", steps_per_execution: int = 1
+):
     """Keras 3 ``applications.<arch>`` (VGG16 by default) + Dense on the configured backend
     (``KERAS_BACKEND``; the benchmarks' conftest picks tensorflow when TF is installed, else jax). TF backend:
     ``jit_compile=False`` (TF's oneDNN kernels, Keras's default on CPU); JAX backend: jitted.
-    ``bf16``: the ``mixed_bfloat16`` policy."""
+    ``bf16``: the ``mixed_bfloat16`` policy. ``steps_per_execution`` k > 1 (train): ``run()`` does
+    k steps as ``fit`` does with ``compile(steps_per_execution=k)``: on TensorFlow one call of
+    the train function (a ``tf.while_loop`` over k steps) on an iterator repeating the batch; on
+    JAX, whose Keras trainer loops over its jitted step in Python, k ``train_on_batch`` calls."""
     keras = pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
     backend = keras.backend.backend()
     images, labels = synthetic_batch(size, batch)
@@ -384,6 +400,7 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
         optimizer=keras.optimizers.Adam(LR),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         jit_compile=backend != "tensorflow",
+        steps_per_execution=steps_per_execution if backend == "tensorflow" else 1,
     )
     if backend == "tensorflow":
         import tensorflow as tf
@@ -393,7 +410,13 @@ def keras_runner(mode: str, size: int, batch: int, *, bf16: bool = False, arch: 
         x, y = keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)
     if mode == "forward":
         return lambda: np.asarray(model.predict_on_batch(x))
-    return lambda: np.asarray(model.train_on_batch(x, y))
+    if steps_per_execution == 1:
+        return lambda: np.asarray(model.train_on_batch(x, y))
+    if backend != "tensorflow":
+        return lambda: [np.asarray(model.train_on_batch(x, y)) for _ in range(steps_per_execution)]
+    model.make_train_function()
+    batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
+    return lambda: np.asarray(model.train_function(batches)["loss"])
 
 
 @contextlib.contextmanager
@@ -410,11 +433,19 @@ def no_gc():
 
 
 def keras_jax_times(
-    mode: str, size: int, batch: int, rounds: int, *, arch: str = "vgg16", warmup: int = 1
+    mode: str,
+    size: int,
+    batch: int,
+    rounds: int,
+    *,
+    arch: str = "vgg16",
+    warmup: int = 1,
+    steps_per_execution: int = 1,
 ) -> list[float]:
-    """Seconds per step of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
+    """Seconds per round of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
     subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): ``warmup``
-    untimed steps, then ``rounds`` timed ones. Skips if Keras is not installed."""
+    untimed rounds, then ``rounds`` timed ones, each of ``steps_per_execution`` steps
+    (:func:`keras_runner`). Skips if Keras is not installed."""
     import json
     import os
     import subprocess
@@ -435,6 +466,7 @@ def keras_jax_times(
         str(batch),
         str(rounds),
         str(warmup),
+        str(steps_per_execution),
     ]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=root)
     if done.returncode != 0:
@@ -443,16 +475,17 @@ def keras_jax_times(
 
 
 def _main(argv=None) -> None:
-    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP]``: time Keras's step
-    on the backend ``KERAS_BACKEND`` names after ``WARMUP`` (default 1) untimed ones, print
-    ``{"times": [s, ...]}`` as the last line."""
+    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP [STEPS]]``: time
+    Keras's round of ``STEPS`` (default 1) steps on the backend ``KERAS_BACKEND`` names after
+    ``WARMUP`` (default 1) untimed ones, print ``{"times": [s, ...]}`` as the last line."""
     import json
     import sys
     import time
 
-    _, mode, arch, size, batch, rounds, *warmup = argv or sys.argv[1:]
-    run = keras_runner(mode, int(size), int(batch), arch=arch)
-    for _ in range(int(warmup[0]) if warmup else 1):
+    _, mode, arch, size, batch, rounds, *more = argv or sys.argv[1:]
+    warmup, steps = (int(v) for v in [*more, 1, 1][:2])
+    run = keras_runner(mode, int(size), int(batch), arch=arch, steps_per_execution=steps)
+    for _ in range(warmup):
         run()
     times = []
     with no_gc():  # as test_cpu_speed.py times the frameworks in its own process

@@ -7,6 +7,10 @@ backward through every layer, Adam) of VGG16, ResNet50, MobileNetV2 and Efficien
 batch 16 and VGG16 at 224x224 batch 8 (:data:`FAMILY_CASES`), every framework at the same shape in
 turn; Keras on JAX runs in a subprocess (Keras picks one backend per process). The table it prints
 gives each framework's ms per step and imgcls_jax's (auto) speed over the fastest peer.
+``IMGCLS_BENCH_SPE=k`` times rounds of k steps instead (ms per step = a round's time / k), each
+framework as its ``fit`` runs with ``steps_per_execution=k``: imgcls_jax and Keras on TensorFlow
+in one execution of k steps (an XLA while loop; a ``tf.while_loop``), Keras on JAX and PyTorch
+as k steps from Python (what Keras's JAX trainer does with it; PyTorch has no such setting).
 
 ``test_vgg16_speed``: VGG16 at 32 and 64 px, forward and train, the ``conv_impl`` choices.
 
@@ -26,6 +30,7 @@ hits them alike; rerun (``--benchmark-...`` options as usual) to see the spread.
 
     .venv/bin/pytest benchmarks/test_cpu_speed.py -q -p no:cacheprovider
     .venv/bin/pytest benchmarks/test_cpu_speed.py -q -p no:cacheprovider -k family
+    IMGCLS_BENCH_SPE=4 .venv/bin/pytest benchmarks/test_cpu_speed.py -q -p no:cacheprovider -k family
 
 Peers that are not installed are skipped with the reason. PyTorch: ``pip install torch==2.13.0``
 (a CPU wheel); it is never a dependency of imgcls_jax.
@@ -125,19 +130,25 @@ FAMILY_CASES = [
 #: allocator pools growing), which an epoch of hundreds of steps does not see.
 FAMILY_WARMUP = 2
 
+#: Steps per timed round of ``test_family_train_step`` (``IMGCLS_BENCH_SPE``; see the docstring).
+FAMILY_STEPS = int(os.environ.get("IMGCLS_BENCH_SPE", "1"))
+
 FAMILY_FRAMEWORKS = ("jax-auto", "jax-xla", "keras-tf", "torch", "keras-jax")
 FAMILY_PEERS = ("keras-tf", "torch", "keras-jax")
 FAMILY_MS: dict[tuple[str, int, int, str], float] = {}  # (arch, size, batch, framework) -> ms per step
 
 
 def _family_runner(framework: str, arch: str, size: int, batch: int):
+    """A round of :data:`FAMILY_STEPS` training steps of ``framework``."""
+    k = FAMILY_STEPS
     if framework.startswith("jax-"):
-        return peers.jax_runner("train", size, batch, impl=framework[4:], arch=arch)[0]
+        return peers.jax_runner("train", size, batch, impl=framework[4:], arch=arch, steps_per_execution=k)[0]
     if framework == "keras-tf":
         if os.environ.get("KERAS_BACKEND") != "tensorflow":
             pytest.skip("the Keras-TF peer needs TensorFlow")
-        return peers.keras_runner("train", size, batch, arch=arch)
-    return peers.torch_runner("train", size, batch, arch=arch)
+        return peers.keras_runner("train", size, batch, arch=arch, steps_per_execution=k)
+    step = peers.torch_runner("train", size, batch, arch=arch)
+    return step if k == 1 else lambda: [step() for _ in range(k)]
 
 
 @pytest.mark.parametrize(
@@ -150,7 +161,9 @@ def test_family_train_step(benchmark, arch, size, batch, rounds, framework):
     rounds = max(2, round(rounds * ROUNDS))
     _RUNNERS.clear()
     if framework == "keras-jax":  # its own process: warm-up steps, then the timed ones
-        times = peers.keras_jax_times("train", size, batch, rounds, arch=arch, warmup=FAMILY_WARMUP)
+        times = peers.keras_jax_times(
+            "train", size, batch, rounds, arch=arch, warmup=FAMILY_WARMUP, steps_per_execution=FAMILY_STEPS
+        )
         benchmark.pedantic(lambda: None, rounds=1, iterations=1)
         benchmark.extra_info["subprocess_step_s"] = times
         median = sorted(times)[len(times) // 2]
@@ -160,8 +173,11 @@ def test_family_train_step(benchmark, arch, size, batch, rounds, framework):
             benchmark.pedantic(run, rounds=rounds, iterations=1, warmup_rounds=FAMILY_WARMUP)
         median = benchmark.stats.stats.median
         run = None
-    FAMILY_MS[(arch, size, batch, framework)] = 1e3 * median
-    benchmark.extra_info.update(step_ms=round(1e3 * median, 1), load_average=os.getloadavg()[0])
+    FAMILY_MS[(arch, size, batch, framework)] = 1e3 * median / FAMILY_STEPS
+    benchmark.extra_info.update(
+        step_ms=round(1e3 * median / FAMILY_STEPS, 1), steps_per_round=FAMILY_STEPS,
+        load_average=os.getloadavg()[0],
+    )  # fmt: skip
 
 
 def test_print_family_table(capsys):
@@ -181,7 +197,10 @@ def test_print_family_table(capsys):
         cells = " | ".join(f"{row[fw]:.0f}" if row[fw] else "-" for fw in FAMILY_FRAMEWORKS)
         lines.append(f"| {arch} | {size} | {batch} | {cells} | {ratio} |")
     with capsys.disabled():
-        print(f"\nms per full training step (median of warm rounds); load average {os.getloadavg()[0]:.1f}")
+        print(
+            f"\nms per full training step (median of warm rounds of {FAMILY_STEPS} step(s), "
+            f"steps_per_execution={FAMILY_STEPS}); load average {os.getloadavg()[0]:.1f}"
+        )
         print("\n".join(lines))
     if os.environ.get("IMGCLS_BENCH_TABLE"):
         with open(os.environ["IMGCLS_BENCH_TABLE"], "a") as f:

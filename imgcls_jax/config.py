@@ -402,6 +402,12 @@ class TrainConfig:
     image_size: int | tuple[int, int] = 224
     batch_size: int = 32
     eval_batch_size: int | None = None
+    #: Train steps run in one XLA execution (Keras's ``compile(steps_per_execution=)``): fewer
+    #: dispatches, and on the CPU the step's temporary memory is allocated once per execution
+    #: instead of once per step (VGG16 64x64 batch 16: 36,765 page faults a step at 1, 10,489 at
+    #: 4; benchmarks/RESULTS.md). The same steps and data; the numbers may differ from 1's by
+    #: float rounding (XLA fuses the loop's body on its own), so a run resumes with its own value.
+    steps_per_execution: int = 1
     model: str = "vgg16"
     #: The base's starting weights: None (seeded random init; then the first phase must train
     #: every layer), ``"imagenet"`` (Keras's published file), a Keras weight file or a folder of
@@ -502,6 +508,7 @@ class TrainConfig:
         _integer("TrainConfig.batch_size", self.batch_size, 1)
         if self.eval_batch_size is not None:
             _integer("TrainConfig.eval_batch_size", self.eval_batch_size, 1)
+        _integer("TrainConfig.steps_per_execution", self.steps_per_execution, 1)
         _choice("TrainConfig.augment_on", self.augment_on, AUGMENT_PLACES)
         _choice("TrainConfig.data_backend", self.data_backend, DATA_BACKENDS)
         if self.data_backend == "numpy" and self.augment_on == "host":
@@ -662,6 +669,7 @@ class TrainConfig:
         seed: int = 0,
         dtype: str = "float32",
         init_from: str | None = None,
+        steps_per_execution: int = 1,
     ) -> TrainConfig:
         """The transfer-learning recipe for an image folder (what ``imgcls-jax train --data DIR``
         and ``examples/train.py`` run).
@@ -695,7 +703,7 @@ class TrainConfig:
         return cls(
             data=str(data), run_dir=str(run_dir or Path("runs") / Path(data).expanduser().resolve().name),
             model=model, weights=resolved, image_size=image_size, batch_size=batch_size, seed=seed,
-            dtype=dtype,
+            dtype=dtype, steps_per_execution=steps_per_execution,
             pooling="avg", head_units=(256,), dropout=0.5, monitor="val_accuracy", init_from=init_from,
             augment=AugmentConfig(flip="horizontal", rotation=0.05, zoom=0.1, translation=0.1),
             phases=recipe_phases(resolved is not None or init_from is not None, epochs, learning_rate),

@@ -40,6 +40,7 @@ def documented_defaults(parser=None):
 RESOLVED = {
     ("train", "data"), ("train", "run_dir"), ("train", "model"), ("train", "weights"), ("train", "epochs"),
     ("train", "lr"), ("train", "image_size"), ("train", "batch_size"), ("train", "dtype"), ("train", "seed"),
+    ("train", "steps_per_execution"),
     ("evaluate", "split"), ("evaluate", "checkpoint"), ("predict", "checkpoint"),
     # the Keras commands' (tests/test_keras_cli.py checks what they use)
     ("import-keras", "preprocessing"), ("import-keras", "class_names"),
@@ -105,6 +106,8 @@ def test_train_uses_the_defaults_its_help_names(which, tmp_path, monkeypatch):
     assert config.batch_size == int(documented["batch_size"]) == defaults["batch_size"]
     assert str(config.image_size) == documented["image_size"] == str(defaults["image_size"])
     assert config.dtype == documented["dtype"] and config.seed == int(documented["seed"])
+    per_execution = config.steps_per_execution
+    assert per_execution == int(documented["steps_per_execution"]) == defaults["steps_per_execution"]
     assert config.weights is None and documented["weights"] == "auto"  # auto: unavailable -> scratch
     assert config.phases[0].learning_rate == SCRATCH_LR and f"{SCRATCH_LR:g} from scratch" in documented["lr"]
     if defaults["run_dir"]:
@@ -132,6 +135,7 @@ def test_with_config_every_flag_overrides_or_is_refused_in_one_line(tmp_path, ca
     values = {
         "data": str(data), "run_dir": str(tmp_path / "r"), "model": "vgg19", "image_size": "48",
         "batch_size": "4", "dtype": "bfloat16", "seed": "5", "init_from": "runs/other",
+        "steps_per_execution": "3",
     }  # fmt: skip
     assert set(values) | {"weights"} == set(CONFIG_OVERRIDES)
     argv = ["--config", str(file)] + [x for k, v in values.items() for x in ("--" + k.replace("_", "-"), v)]

@@ -288,25 +288,37 @@ def test_state_item_written_before_ema_still_restores(tmp_path):
         np.testing.assert_array_equal(a, b)
 
 
-def test_device_augmentation_in_the_step_resumes_exactly(tiny_data, tmp_path, caplog):
-    """augment_on="device": the train step augments (and mixes) the uint8 batch with a key folded
-    with the step, so a run stopped after an epoch and resumed ends bit-equal to an uninterrupted
-    one; without augmentation the weights end elsewhere (the augmentation did act)."""
+def test_device_augmentation_and_grouped_steps_resume_exactly(tiny_data, tmp_path, caplog):
+    """augment_on="device" with ``steps_per_execution=2`` (24 train images in batches of 8: a
+    group of two steps and a short group of one each epoch): the train step augments (and mixes)
+    the uint8 batch with a key folded with the step, so a run stopped after an epoch and resumed
+    ends bit-equal to an uninterrupted one; one step per execution ends at the same weights but
+    for float rounding, with the same per-epoch losses; without augmentation the weights end
+    elsewhere (the augmentation did act). A resume with another ``steps_per_execution`` is refused."""
     from imgcls_jax.train.loop import fit
 
     augment = {"flip": "horizontal", "translation": 0.1, "rotation": 0.05, "mixup_alpha": 0.4}
     phases = [PhaseConfig(epochs=2, trainable="top:1", learning_rate=1e-3)]
-    kw = dict(phases=phases, augment=augment, augment_on="device")
+    kw = dict(phases=phases, augment=augment, augment_on="device", steps_per_execution=2)
     with caplog.at_level("INFO", logger="imgcls_jax.train"):
         straight = fit(config(tiny_data, tmp_path / "straight", **kw))
     assert "augmentation on the device" in caplog.text
+    assert [h["step"] for h in straight.history] == [3, 6]
     stopped = config(tiny_data, tmp_path / "stopped", **kw)
     with pytest.raises(_Stop):
         fit(stopped, callbacks=[_stop_after(0)])
+    with pytest.raises(RunMismatchError, match=r"steps_per_execution: 2 in the run, 1 now"):
+        fit(replace(stopped, steps_per_execution=1))
     resumed = fit(stopped)
     for a, b in zip(_params(straight.model), _params(resumed.model)):
         np.testing.assert_array_equal(a, b)
-    plain = fit(config(tiny_data, tmp_path / "plain", phases=phases, augment={}))
+    single = fit(config(tiny_data, tmp_path / "single", **{**kw, "steps_per_execution": 1}))
+    for a, b in zip(_params(straight.model), _params(single.model)):
+        np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(
+        [h["train_loss"] for h in single.history], [h["train_loss"] for h in straight.history], rtol=1e-4
+    )
+    plain = fit(config(tiny_data, tmp_path / "plain", **{**kw, "augment": {}}))
     assert any(not np.array_equal(a, b) for a, b in zip(_params(straight.model), _params(plain.model)))
 
 

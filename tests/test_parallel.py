@@ -78,7 +78,7 @@ class Steps(NamedTuple):
     state_sharding: object
 
 
-def _setup(mesh_devices=None, fsdp_min_size=None):
+def _setup(mesh_devices=None, fsdp_min_size=None, steps_per_execution=1):
     """The model, optimizer, steps and placed state and frozen parameters, as ``fit`` makes them
     (``make_train_step(..., placement=(mesh, fsdp_min_size))`` on a state placed with
     ``tree_shardings``)."""
@@ -103,7 +103,10 @@ def _setup(mesh_devices=None, fsdp_min_size=None):
     mesh = parallel.make_mesh(mesh_devices)
     state = init_state(split, opt)
     state_sharding = parallel.tree_shardings(state, mesh, fsdp_min_size=fsdp_min_size)
-    train = make_train_step(split, opt, dropout_key=jax.random.key(7), placement=(mesh, fsdp_min_size))
+    train = make_train_step(
+        split, opt, dropout_key=jax.random.key(7), placement=(mesh, fsdp_min_size),
+        steps_per_execution=steps_per_execution,
+    )  # fmt: skip
     steps = Steps(mesh, train, make_eval_step(split), state_sharding)
     frozen = parallel.place(split.frozen, parallel.replicated(mesh))
     return split, opt, steps, parallel.place(state, state_sharding), frozen
@@ -150,7 +153,8 @@ def _eval_sums(steps, params, frozen) -> dict:
 
 
 def child_train(out: str, mode: str) -> None:
-    """Train STEPS steps from the same start; save a checkpoint after SAVE_AT (mode 'ckpt')."""
+    """Train STEPS steps from the same start; save a checkpoint after SAVE_AT (mode 'ckpt');
+    mode 'grouped': two steps per execution (groups of 2, 2 and 1)."""
     import jax
     import orbax.checkpoint as ocp
 
@@ -160,7 +164,9 @@ def child_train(out: str, mode: str) -> None:
         from imgcls_jax.parallel import initialize_distributed
 
         assert initialize_distributed() is False
-    split, _, steps, state, frozen = _setup(fsdp_min_size=4096 if mode == "fsdp" else None)
+    split, _, steps, state, frozen = _setup(
+        fsdp_min_size=4096 if mode == "fsdp" else None, steps_per_execution=2 if mode == "grouped" else 1
+    )
     if mode == "ckpt":  # 4 devices: batches that do not divide are refused, naming the value
         with pytest.raises(ValueError, match="global batch size 6 does not divide over 4 devices"):
             parallel.process_batch_size(6, steps.mesh)
@@ -172,7 +178,13 @@ def child_train(out: str, mode: str) -> None:
         specs = [x.sharding.spec for x in jax.tree.leaves(state.params)]
         result["sharded_leaves"] = sum(any(p is not None for p in spec) for spec in specs)
         result["replicated_leaves"] = sum(all(p is None for p in spec) for spec in specs)
-    for i in range(STEPS):
+    if mode == "grouped":
+        for first in range(0, STEPS, 2):
+            group = [to_global(synthetic_batch(i), steps.mesh) for i in range(first, min(first + 2, STEPS))]
+            state, metrics = steps.train(state, frozen, group)
+            assert metrics["loss"].shape == (len(group),)
+        metrics = {"loss": metrics["loss"][-1]}
+    for i in range(STEPS if mode != "grouped" else 0):
         state, metrics = steps.train(state, frozen, to_global(synthetic_batch(i), steps.mesh))
         if i + 1 == SAVE_AT and mode == "ckpt":
             with ocp.CheckpointManager(Path(out) / "ckpt") as manager:
@@ -389,7 +401,11 @@ def cache(tmp_path_factory):
 def runs(tmp_path_factory, cache):
     """4 devices (replicated + checkpoint, FSDP), then 1 and 2 devices (reference + restores)."""
     out = tmp_path_factory.mktemp("parallel")
-    run_children([["train", str(out), "ckpt", "--", "train", str(out), "fsdp"]], [devices_env(4)], cache)
+    run_children(
+        [["train", str(out), "ckpt", "--", "train", str(out), "fsdp", "--", "train", str(out), "grouped"]],
+        [devices_env(4)],
+        cache,
+    )
     ckpt = str(out / "ckpt")
     run_children(
         [["train", str(out), "single", "--", "restore", str(out), ckpt], ["restore", str(out), ckpt]],
@@ -415,14 +431,16 @@ def tiny_folder(tmp_path_factory):
 # --------------------------------------------------------------------------------------- tests
 def test_sharded_training_equals_single_device(runs):
     start, single = load(runs / "start.npz"), load(runs / "single.npz")
-    four, fsdp = load(runs / "ckpt.npz"), load(runs / "fsdp.npz")
+    four, fsdp, grouped = (load(runs / f"{m}.npz") for m in ("ckpt", "fsdp", "grouped"))
     d4, dfsdp = max_rel_diff(four, single, start), max_rel_diff(fsdp, single, start)
+    dgrouped = max_rel_diff(grouped, single, start)
     print(f"\nrelative parameter difference after {STEPS} steps vs 1 device: 4 devices {d4:.2e}, ", end="")
-    print(f"FSDP {dfsdp:.2e}")
-    assert d4 < TOL and dfsdp < TOL
-    info = {m: json.loads((runs / f"{m}.json").read_text()) for m in ("single", "ckpt", "fsdp")}
-    assert [info[m]["devices"] for m in ("single", "ckpt", "fsdp")] == [1, 4, 4]
-    assert abs(info["ckpt"]["loss"] - info["single"]["loss"]) < 1e-4 * abs(info["single"]["loss"])
+    print(f"FSDP {dfsdp:.2e}, 4 devices 2 steps per execution {dgrouped:.2e}")
+    assert d4 < TOL and dfsdp < TOL and dgrouped < TOL
+    info = {m: json.loads((runs / f"{m}.json").read_text()) for m in ("single", "ckpt", "fsdp", "grouped")}
+    assert [info[m]["devices"] for m in ("single", "ckpt", "fsdp", "grouped")] == [1, 4, 4, 4]
+    for m in ("ckpt", "grouped"):
+        assert abs(info[m]["loss"] - info["single"]["loss"]) < 1e-4 * abs(info["single"]["loss"]), m
     # FSDP really split something (block5 kernels over 4 devices) and left small leaves whole
     assert info["fsdp"]["sharded_leaves"] > 0 and info["fsdp"]["replicated_leaves"] > 0, info["fsdp"]
 

@@ -112,14 +112,17 @@ def _keras_steps(base_weights, head, name, steps, x, y):
     return weights
 
 
-def ours_after_steps(keras_pair, optimizer, steps, b):
+def ours_after_steps(keras_pair, optimizer, steps, b, steps_per_execution=1):
     _, path, head = keras_pair
     model = small_model(size=KERAS_SIZE, weights=path)
     model.head_logits.kernel.set_value(jnp.asarray(head[0]))
     model.head_logits.bias.set_value(jnp.asarray(head[1]))
     split = split_model(model, trainable_layers(model, "all"))
     state = init_state(split, optimizer)
-    step = make_train_step(split, optimizer)
+    step = make_train_step(split, optimizer, steps_per_execution=steps_per_execution)
+    if steps_per_execution > 1:  # every step in one execution
+        state, _ = step(state, split.frozen, [b] * steps)
+        return state.params
     for _ in range(steps):
         state, _ = step(state, split.frozen, b)
     return state.params
@@ -149,7 +152,8 @@ def test_steps_equal_keras_train_on_batch(keras_pair, name, ours, theirs, tol, s
     """Same initial weights, same batch, dropout off: the weights after one and two steps
     (Adam: one step; two Adam steps through a random VGG amplify float32 gradient noise, see
     below, and multi-step Adam arithmetic is checked exactly in
-    test_adam_equals_keras_on_given_gradients).
+    test_adam_equals_keras_on_given_gradients). Two steps are also run in one execution
+    (``steps_per_execution=2``), against the same Keras weights.
 
     Tolerance per weight tensor: |ours - keras| <= 1e-3 * max |keras update| + 4 ulp of
     max |weight| (measured: SGD ~1e-5 of the update, Adam one step ~6e-4). Adam runs with
@@ -163,25 +167,29 @@ def test_steps_equal_keras_train_on_batch(keras_pair, name, ours, theirs, tol, s
     pytest.importorskip("keras")
     b = batch(size=KERAS_SIZE)
     expected = keras_after_steps(keras_pair, name, steps, b["image"], b["label"])
-    params = ours_after_steps(keras_pair, ours(), steps, b)
     base, _, head = keras_pair
     before = {layer.name: layer.get_weights() for layer in base.layers if layer.weights} | {
         "head_logits": head
     }
     eps = np.finfo(np.float32).eps
-    worst = 0.0
-    for layer, (kernel, bias) in expected.items():
-        for what, theirs_w, start in (("kernel", kernel, before[layer][0]), ("bias", bias, before[layer][1])):
-            mine = np.asarray(params[layer][what][...])
-            update = np.abs(theirs_w - start).max()
-            assert update > 0, f"{layer} {what} did not move in Keras"
-            allowed = tol * update + 4 * eps * np.abs(theirs_w).max()
-            err = np.abs(mine - theirs_w).max()
-            worst = max(worst, err / allowed)
-            assert err <= allowed, (
-                f"{layer} {what}: |diff| {err:.2e} > {allowed:.2e} (max |update| {update:.2e})"
-            )
-    print(f"{name} x{steps}: worst |diff| / allowed = {worst:.2f}")
+    for per_execution in (1, steps) if steps > 1 else (1,):
+        params = ours_after_steps(keras_pair, ours(), steps, b, steps_per_execution=per_execution)
+        worst = 0.0
+        for layer, (kernel, bias) in expected.items():
+            for what, theirs_w, start in (
+                ("kernel", kernel, before[layer][0]), ("bias", bias, before[layer][1])
+            ):  # fmt: skip
+                mine = np.asarray(params[layer][what][...])
+                update = np.abs(theirs_w - start).max()
+                assert update > 0, f"{layer} {what} did not move in Keras"
+                allowed = tol * update + 4 * eps * np.abs(theirs_w).max()
+                err = np.abs(mine - theirs_w).max()
+                worst = max(worst, err / allowed)
+                assert err <= allowed, (
+                    f"{layer} {what} ({per_execution} step(s) per execution): |diff| {err:.2e} > "
+                    f"{allowed:.2e} (max |update| {update:.2e})"
+                )
+        print(f"{name} x{steps}, {per_execution} per execution: worst |diff| / allowed = {worst:.2f}")
 
 
 @pytest.mark.parametrize("eps", [1e-7, 1e-3])
@@ -301,3 +309,33 @@ def test_ema_follows_its_recurrence_and_is_what_evaluates():
         np.testing.assert_array_equal(raw, other)  # the average does not touch the raw weights
     moved = [not np.allclose(a, b) for a, b in zip(jax.tree.leaves(state.ema), jax.tree.leaves(state.params))]
     assert any(moved)
+
+
+def test_steps_per_execution_trains_each_batch_of_a_group_as_single_steps_do():
+    """``steps_per_execution=3`` over five batches (a group of 3, then a short group of 2, one
+    program): the same per-step losses and final weights as five single steps, dropout's masks
+    following the step number; the step count is 5 (the padding of the short group is not
+    trained on). Wrong groups are refused."""
+    model = small_model(head_units=(16,), dropout=0.5)
+    split = split_model(model, trainable_layers(model, "top:1"))
+    optimizer = make_optimizer("sgd", 0.01, momentum=0.9)
+    one = make_train_step(split, optimizer, dropout_key=jax.random.key(7))
+    three = make_train_step(split, optimizer, dropout_key=jax.random.key(7), steps_per_execution=3)
+    batches = [{k: v for k, v in batch(seed=s).items() if k != "mask"} for s in range(5)]
+    single, grouped = init_state(split, optimizer), init_state(split, optimizer)
+    losses = []
+    for b in batches:
+        single, m = one(single, split.frozen, b)
+        losses.append(float(m["loss"]))
+    grouped, m1 = three(grouped, split.frozen, batches[:3])
+    grouped, m2 = three(grouped, split.frozen, batches[3:])
+    assert m1["loss"].shape == (3,) and m2["accuracy"].shape == (2,)
+    np.testing.assert_allclose(np.concatenate([m1["loss"], m2["loss"]]), losses, rtol=1e-5)
+    assert int(grouped.step) == int(single.step) == 5
+    for a, b in zip(jax.tree.leaves(single.params), jax.tree.leaves(grouped.params)):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-7)
+    for wrong, what in ((batches[0], "one batch"), ([], "0"), (batches[:4], "4")):
+        with pytest.raises(ValueError, match=f"1 to 3 batches, got {what}"):
+            three(grouped, split.frozen, wrong)
+    with pytest.raises(ValueError, match="steps_per_execution must be an int >= 1"):
+        make_train_step(split, optimizer, steps_per_execution=0)

@@ -18,7 +18,7 @@ log = logging.getLogger("imgcls_jax.cli")
 #: ``examples/train.py`` passes its own (smaller, for a CPU) to the parser.
 TRAIN_DEFAULTS = {
     "data": None, "run_dir": None, "model": "vgg16", "weights": "auto", "epochs": 12, "lr": None,
-    "image_size": 224, "batch_size": 32, "seed": 0, "dtype": "float32",
+    "image_size": 224, "batch_size": 32, "seed": 0, "dtype": "float32", "steps_per_execution": 1,
 }  # fmt: skip
 #: The flags that override a ``--config`` file's fields (the run's config.json shows them).
 CONFIG_OVERRIDES = (
@@ -31,6 +31,7 @@ CONFIG_OVERRIDES = (
     "batch_size",
     "dtype",
     "seed",
+    "steps_per_execution",
 )
 
 
@@ -102,6 +103,7 @@ def train_config(args) -> tuple[TrainConfig, str]:
         batch_size=args.batch_size or defaults["batch_size"], run_dir=args.run_dir or defaults["run_dir"],
         seed=defaults["seed"] if args.seed is None else args.seed, dtype=args.dtype or defaults["dtype"],
         init_from=args.init_from,
+        steps_per_execution=args.steps_per_execution or defaults["steps_per_execution"],
     )  # fmt: skip
     return config, describe_start(config, weights)
 

@@ -49,6 +49,11 @@ def _add_recipe_flags(p, d: dict) -> None:
         type=int,
         help=f"seed for the split, init, shuffling, augmentation, dropout (default {d['seed']})",
     )
+    p.add_argument(
+        "--steps-per-execution", type=_positive_int,
+        help="train steps per XLA execution, as Keras's compile(steps_per_execution=): fewer dispatches and "
+        f"memory allocations; rounding may differ from 1 (default {d['steps_per_execution']})",
+    )  # fmt: skip
 
 
 def add_train_parser(sub, models: list[str], defaults: dict | None = None, prog: str | None = None):

@@ -11,7 +11,8 @@ Stages (where :func:`kill_point` is called):
     after each batch of the frozen base's outputs is computed (the feature cache build,
     :func:`imgcls_jax.train.features.compute_features`).
 ``train_step``
-    after each train step is dispatched (mid-epoch), with the epoch.
+    after each train step is dispatched (mid-epoch; with ``steps_per_execution`` k, after each
+    group of k steps), with the epoch.
 ``validate``
     before each validation batch of an epoch, with the epoch.
 ``eval_batch``

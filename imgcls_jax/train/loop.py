@@ -34,7 +34,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,18 @@ def check_resume(config: TrainConfig, run: RunDir) -> TrainConfig | None:
         log.info("%s: %d phase(s) appended after the run's %d: it goes on into them (config.json updated)",
                  run.root, added, len(stored.phases))  # fmt: skip
     return stored
+
+
+def _groups(items: Iterable, size: int) -> Iterator[list]:
+    """``items`` in lists of ``size`` (the last one shorter when they run out)."""
+    group = []
+    for item in items:
+        group.append(item)
+        if len(group) == size:
+            yield group
+            group = []
+    if group:
+        yield group
 
 
 class Trainer:
@@ -302,6 +314,7 @@ class Trainer:
             dropout_key=jax.random.fold_in(seed_key, index), forward=forward, placement=placement,
             augment=augment, num_classes=len(self.class_names),
             augment_key=jax.random.fold_in(jax.random.fold_in(seed_key, 1_000_003), index),
+            steps_per_execution=config.steps_per_execution,
         )  # fmt: skip
         log.info(
             "phase %d: %s trainable (%d layers), %d epochs, %s lr %g (%s), %dx%d images", index,
@@ -353,21 +366,26 @@ class Trainer:
 
     # ------------------------------------------------------------------------------ one epoch
     def train_epoch(self, phase: Phase, epoch: int) -> dict:
-        """Train ``phase`` for one epoch; the epoch's ``metrics.csv`` row (no validation yet)."""
-        steps, batch_size = len(phase.train), self.config.batch_size
-        start, losses, accs, norms = time.perf_counter(), [], [], []
+        """Train ``phase`` for one epoch; the epoch's ``metrics.csv`` row (no validation yet).
+        With ``steps_per_execution`` k > 1 the batches go to the step k at a time (the last group
+        may be shorter)."""
+        steps, batch_size, k = len(phase.train), self.config.batch_size, self.config.steps_per_execution
+        start, metrics = time.perf_counter(), []
         bar = progress(steps * batch_size, f"epoch {epoch}") if self.main else None
         first_step = int(phase.state.step)
-        for batch in parallel.prefetch_to_device(phase.train.epoch(epoch), mesh=self.mesh):
-            phase.state, m = phase.train_step(phase.state, phase.split.frozen, batch)
+        batches = parallel.prefetch_to_device(phase.train.epoch(epoch), size=max(2, k), mesh=self.mesh)
+        for group in _groups(batches, k):
+            phase.state, m = phase.train_step(phase.state, phase.split.frozen, group if k > 1 else group[0])
             kill_point("train_step", epoch)
-            losses.append(m["loss"])
-            accs.append(m["accuracy"])
-            norms.append(m["grad_norm"])
+            metrics.append({name: m[name] for name in ("loss", "accuracy", "grad_norm")})
             if bar is not None:
-                bar.update(batch_size)
-        losses = np.asarray(jax.device_get(jnp.stack(losses)))
-        norms = np.asarray(jax.device_get(jnp.stack(norms)))
+                bar.update(batch_size * len(group))
+        join = jnp.stack if k == 1 else jnp.concatenate  # scalars, or one array per group
+        metrics = {  # one float per step, in one transfer each
+            name: np.asarray(jax.device_get(join([m[name] for m in metrics])))
+            for name in ("loss", "accuracy", "grad_norm")
+        }
+        losses, norms = metrics["loss"], metrics["grad_norm"]
         elapsed = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -382,7 +400,7 @@ class Trainer:
             )
         return {
             "epoch": epoch, "phase": phase.index, "step": int(phase.state.step),
-            "train_loss": float(losses.mean()), "train_accuracy": float(np.mean(jax.device_get(accs))),
+            "train_loss": float(losses.mean()), "train_accuracy": float(metrics["accuracy"].mean()),
             "val_loss": "", "val_accuracy": "", "learning_rate": lrs[-1],
             "images_per_s": steps * batch_size / elapsed, "grad_norm": float(norms.mean()),
         }  # fmt: skip

@@ -23,6 +23,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 
@@ -105,11 +106,16 @@ def _constrain(tree, placement):
     return jax.lax.with_sharding_constraint(tree, tree_shardings(tree, mesh, fsdp_min_size=fsdp_min_size))
 
 
-def _train_program(split: SplitModel, optimizer, forward, placement, augment) -> Callable:
+def _train_program(split: SplitModel, optimizer, forward, placement, augment, steps: int = 1) -> Callable:
     """The jitted ``(state, frozen, rest, batch, hyper, keys) -> (state, metrics)``; ``keys``:
     the dropout key and the augmentation key, each folded with the step number. It keeps the
     graph and the trained layers' names of ``split``, never ``split`` itself: the cache of
-    compiled steps must not hold a model's arrays alive (tests/test_memory.py)."""
+    compiled steps must not hold a model's arrays alive (tests/test_memory.py).
+
+    ``steps > 1``: ``(state, frozen, rest, batches, count, hyper, keys)`` instead, ``batches`` a
+    tuple of ``steps`` batches of which the first ``count`` (a traced int32, so one program serves
+    a shorter last group) are trained on, one step each, in an XLA while loop; ``metrics`` then
+    have a leading axis of ``steps`` (entries past ``count`` are zeros)."""
     graph, trained = split.train_graph, split.trained
 
     def step(state: TrainState, frozen, rest, batch, hyper, keys):
@@ -140,7 +146,23 @@ def _train_program(split: SplitModel, optimizer, forward, placement, augment) ->
             metrics["learning_rate"] = jnp.asarray(lr, jnp.float32)
         return new, metrics
 
-    return jax.jit(step, donate_argnums=0)
+    if steps == 1:
+        return jax.jit(step, donate_argnums=0)
+
+    def execution(state: TrainState, frozen, rest, batches, count, hyper, keys):
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *batches)
+        shapes = jax.eval_shape(step, state, frozen, rest, batches[0], hyper, keys)[1]
+        metrics = jax.tree.map(lambda s: jnp.zeros((steps, *s.shape), s.dtype), shapes)
+
+        def body(i, carry):
+            state, metrics = carry
+            batch = jax.tree.map(lambda x: jax.lax.dynamic_index_in_dim(x, i, keepdims=False), stacked)
+            state, m = step(state, frozen, rest, batch, hyper, keys)
+            return state, jax.tree.map(lambda all_, one: all_.at[i].set(one), metrics, m)
+
+        return jax.lax.fori_loop(0, count, body, (state, metrics))
+
+    return jax.jit(execution, donate_argnums=0)
 
 
 def make_train_step(
@@ -157,9 +179,11 @@ def make_train_step(
     augment: AugmentConfig | None = None,
     num_classes: int | None = None,
     augment_key=None,
+    steps_per_execution: int = 1,
 ) -> Callable:
     """A train step ``(state, frozen, batch) -> (state, metrics)``, compiled once per process for
-    each (train graph, optimizer structure, ``forward``, ``placement``) and input shape.
+    each (train graph, optimizer structure, ``forward``, ``placement``, ``steps_per_execution``)
+    and input shape.
 
     Args:
       split: the model split (:func:`~imgcls_jax.train.state.split_model`).
@@ -179,6 +203,13 @@ def make_train_step(
         (:func:`imgcls_jax.data.device_augment.augment_train_batch`, ``num_classes`` for mixup and
         cutmix), with ``fold_in(augment_key, step)`` (default key: ``key(1)``): the same pixels
         for the same step, so a resumed run replays them.
+      steps_per_execution: with ``k > 1``, the function takes a sequence of 1 to ``k`` batches
+        instead of one and trains one step on each, in order, in one XLA execution (Keras's
+        ``compile(steps_per_execution=k)``); each metric then has a leading axis, one entry per
+        batch. A step is the same computation as with ``k = 1``; XLA may fuse it differently
+        inside the loop, so the numbers can differ by float rounding. Fewer dispatches, and on
+        the CPU the program's temporary buffers are allocated (and their pages first touched)
+        once per ``k`` steps (benchmarks/RESULTS.md).
 
     ``batch``: ``{"image": uint8[B, H, W, 3], "label": int[B] or float[B, K]}``. ``metrics``:
     float32 ``loss``, ``accuracy`` (against the argmax of soft labels), ``grad_norm`` and
@@ -200,9 +231,12 @@ def make_train_step(
     if augment is not None and (forward is not image_forward or num_classes is None):
         raise ValueError("make_train_step: device augmentation needs image batches and num_classes")
     aug = None if augment is None else (augment, num_classes)
+    k = steps_per_execution
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise ValueError(f"make_train_step: steps_per_execution must be an int >= 1, got {k!r}")
     jitted = cached_jit(
-        ("train", split.train_graph, opt, forward, placement, aug),
-        lambda: _train_program(split, opt, forward, placement, aug),
+        ("train", split.train_graph, opt, forward, placement, aug, k),
+        lambda: _train_program(split, opt, forward, placement, aug, k),
     )
     numbers = {k: jnp.asarray(v, jnp.float32) for k, v in numbers.items()}
     keys = (
@@ -210,12 +244,35 @@ def make_train_step(
         jax.random.key(1) if augment_key is None else augment_key,
     )
     rest = split.rest
+    if k == 1:
 
-    def train_step(state, frozen, batch):
-        return jitted(state, frozen, rest, batch, numbers, keys)
+        def train_step(state, frozen, batch):
+            return jitted(state, frozen, rest, batch, numbers, keys)
 
-    train_step.lower = lambda state, frozen, batch: jitted.lower(state, frozen, rest, batch, numbers, keys)
-    return train_step
+        train_step.lower = lambda state, frozen, batch: jitted.lower(
+            state, frozen, rest, batch, numbers, keys
+        )
+        return train_step
+
+    def padded(batches):
+        if isinstance(batches, dict) or not 1 <= len(batches) <= k:
+            raise ValueError(
+                f"a train step with steps_per_execution={k} takes a sequence of 1 to {k} batches, got "
+                + ("one batch (a dict)" if isinstance(batches, dict) else f"{len(batches)}")
+            )
+        return (*batches, *[batches[-1]] * (k - len(batches))), np.int32(len(batches))
+
+    def train_steps(state, frozen, batches):
+        group, count = padded(batches)
+        state, metrics = jitted(state, frozen, rest, group, count, numbers, keys)
+        if count < k:
+            metrics = jax.tree.map(lambda v: v[:count], metrics)
+        return state, metrics
+
+    train_steps.lower = lambda state, frozen, batches: jitted.lower(
+        state, frozen, rest, *padded(batches), numbers, keys
+    )
+    return train_steps
 
 
 def eval_outputs(logits: jax.Array, batch) -> dict:
