@@ -404,7 +404,7 @@ class TrainConfig:
     eval_batch_size: int | None = None
     #: Train steps run in one XLA execution (Keras's ``compile(steps_per_execution=)``): fewer
     #: dispatches, and on the CPU the step's temporary memory is allocated once per execution
-    #: instead of once per step (VGG16 64x64 batch 16: 36,765 page faults a step at 1, 10,489 at
+    #: instead of once per step (VGG16 64x64 batch 16: ~37,000 page faults a step at 1, ~10,700 at
     #: 4; benchmarks/RESULTS.md). The same steps and data; the numbers may differ from 1's by
     #: float rounding (XLA fuses the loop's body on its own), so a run resumes with its own value.
     steps_per_execution: int = 1
