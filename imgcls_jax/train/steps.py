@@ -231,12 +231,12 @@ def make_train_step(
     if augment is not None and (forward is not image_forward or num_classes is None):
         raise ValueError("make_train_step: device augmentation needs image batches and num_classes")
     aug = None if augment is None else (augment, num_classes)
-    k = steps_per_execution
-    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
-        raise ValueError(f"make_train_step: steps_per_execution must be an int >= 1, got {k!r}")
+    spe = steps_per_execution
+    if not isinstance(spe, int) or isinstance(spe, bool) or spe < 1:
+        raise ValueError(f"make_train_step: steps_per_execution must be an int >= 1, got {spe!r}")
     jitted = cached_jit(
-        ("train", split.train_graph, opt, forward, placement, aug, k),
-        lambda: _train_program(split, opt, forward, placement, aug, k),
+        ("train", split.train_graph, opt, forward, placement, aug, spe),
+        lambda: _train_program(split, opt, forward, placement, aug, spe),
     )
     numbers = {k: jnp.asarray(v, jnp.float32) for k, v in numbers.items()}
     keys = (
@@ -244,7 +244,7 @@ def make_train_step(
         jax.random.key(1) if augment_key is None else augment_key,
     )
     rest = split.rest
-    if k == 1:
+    if spe == 1:
 
         def train_step(state, frozen, batch):
             return jitted(state, frozen, rest, batch, numbers, keys)
@@ -255,17 +255,17 @@ def make_train_step(
         return train_step
 
     def padded(batches):
-        if isinstance(batches, dict) or not 1 <= len(batches) <= k:
+        if isinstance(batches, dict) or not 1 <= len(batches) <= spe:
             raise ValueError(
-                f"a train step with steps_per_execution={k} takes a sequence of 1 to {k} batches, got "
+                f"a train step with steps_per_execution={spe} takes a sequence of 1 to {spe} batches, got "
                 + ("one batch (a dict)" if isinstance(batches, dict) else f"{len(batches)}")
             )
-        return (*batches, *[batches[-1]] * (k - len(batches))), np.int32(len(batches))
+        return (*batches, *[batches[-1]] * (spe - len(batches))), np.int32(len(batches))
 
     def train_steps(state, frozen, batches):
         group, count = padded(batches)
         state, metrics = jitted(state, frozen, rest, group, count, numbers, keys)
-        if count < k:
+        if count < spe:
             metrics = jax.tree.map(lambda v: v[:count], metrics)
         return state, metrics
 
