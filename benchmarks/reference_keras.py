@@ -78,11 +78,13 @@ log = logging.getLogger("reference_keras")
 
 
 def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int = 0, size=None,
-             learning_rate: float | None = None, bn_momentum: float | None = None):  # fmt: skip
+             learning_rate: float | None = None, bn_momentum: float | None = None,
+             steps_per_execution: int = 1):  # fmt: skip
     """The imgcls_jax ``TrainConfig`` of the protocol: ``CONFIG`` with ``epochs`` epochs, ``model``
     at ``size`` (default: its :data:`MODELS` size), ``seed``, reading the pre-split folder
-    ``data``, Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4) and the base's BatchNorm
-    momentum ``bn_momentum`` (default: the application's own)."""
+    ``data``, Adam's peak ``learning_rate`` (default ``CONFIG``'s, 2e-4), the base's BatchNorm
+    momentum ``bn_momentum`` (default: the application's own) and ``steps_per_execution`` (Keras
+    compiles with the same)."""
     from imgcls_jax import TrainConfig
 
     raw = json.loads(CONFIG.read_text())
@@ -93,6 +95,7 @@ def protocol(data: Path, out: Path, epochs: int, model: str = "vgg16", seed: int
         raw["phases"][0]["learning_rate"] = learning_rate
     if bn_momentum is not None:
         raw["bn_momentum"] = bn_momentum
+    raw["steps_per_execution"] = steps_per_execution
     return TrainConfig.from_json(json.dumps(raw))
 
 
@@ -307,6 +310,7 @@ def keras_model(config, num_classes: int, steps_per_epoch: int):
         optimizer=keras.optimizers.Adam(schedule),
         loss=keras.losses.CategoricalCrossentropy(label_smoothing=config.label_smoothing),
         metrics=["accuracy"],
+        steps_per_execution=config.steps_per_execution,
     )
     return model
 
@@ -545,6 +549,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--keras-augment", default="layers", choices=("layers", "imgcls_jax"),
                         help="Keras: its Random* layers (default) or imgcls_jax's op")  # fmt: skip
     parser.add_argument("--accuracy-only", action="store_true", help="skip the input/step timings")
+    parser.add_argument(
+        "--steps-per-execution", default=1, type=int,
+        help="train steps per execution, both sides (Keras: compile(steps_per_execution=))",
+    )  # fmt: skip
     parser.add_argument("--results-md", type=Path, help="put the table into this markdown file")
     parser.add_argument("--summarize", nargs="+", type=Path, metavar="RESULTS_JSON",
                         help="only print (or put into --results-md) the table of these runs")  # fmt: skip
@@ -566,13 +574,14 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     data = presplit_folder(args.data, args.out, args.split_seed)
     config = protocol(data, args.out, args.epochs, args.model, args.seed, args.image_size, args.learning_rate,
-                      args.bn_momentum)  # fmt: skip
+                      args.bn_momentum, args.steps_per_execution)  # fmt: skip
     meta.update(
         image_size=config.image_size,
         epochs=args.epochs,
         learning_rate=config.phases[0].learning_rate,
         bn_momentum=config.bn_momentum,
         keras_augment=args.keras_augment,
+        steps_per_execution=config.steps_per_execution,
     )
     records, class_names = make_manifest(config, args.out)
     counts = {name: sum(r.split == name for r in records) for name in ("train", "val", "test")}
