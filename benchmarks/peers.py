@@ -41,6 +41,12 @@ ADAM_EPS = 1e-7  #: Keras's and imgcls_jax's make_optimizer default (PyTorch's i
 MODES = ("forward", "train", "frozen")
 
 
+def repeated(run, times: int):
+    """``run`` itself, or a callable that calls it ``times`` times: k steps from Python, for a
+    framework without one execution of several steps (Keras on JAX, PyTorch)."""
+    return run if times == 1 else lambda: [run() for _ in range(times)]
+
+
 def synthetic_batch(size: int, batch: int):
     """``(images float32[B, size, size, 3] in [0, 255], labels int32[B])``, the same every call."""
     rng = np.random.default_rng(0)
@@ -410,10 +416,8 @@ def keras_runner(
         x, y = keras.ops.convert_to_tensor(images), keras.ops.convert_to_tensor(labels)
     if mode == "forward":
         return lambda: np.asarray(model.predict_on_batch(x))
-    if steps_per_execution == 1:
-        return lambda: np.asarray(model.train_on_batch(x, y))
-    if backend != "tensorflow":
-        return lambda: [np.asarray(model.train_on_batch(x, y)) for _ in range(steps_per_execution)]
+    if steps_per_execution == 1 or backend != "tensorflow":
+        return repeated(lambda: np.asarray(model.train_on_batch(x, y)), steps_per_execution)
     model.make_train_function()
     batches = iter(tf.data.Dataset.from_tensors((x, y)).repeat())
     return lambda: np.asarray(model.train_function(batches)["loss"])
@@ -432,7 +436,8 @@ def no_gc():
         gc.enable()
 
 
-def keras_jax_times(
+def subprocess_times(
+    framework: str,
     mode: str,
     size: int,
     batch: int,
@@ -442,49 +447,49 @@ def keras_jax_times(
     warmup: int = 1,
     steps_per_execution: int = 1,
 ) -> list[float]:
-    """Seconds per round of Keras 3 on its JAX backend (``jit_compile=True``), measured in a
-    subprocess (Keras picks its backend once per process, and the suite's is TensorFlow): ``warmup``
-    untimed rounds, then ``rounds`` timed ones, each of ``steps_per_execution`` steps
-    (:func:`keras_runner`). Skips if Keras is not installed."""
+    """Seconds per round of ``framework`` measured in a process of its own: ``"keras-jax"``
+    (Keras 3 on its JAX backend, ``jit_compile=True``: Keras picks its backend once per process,
+    and the suite's is TensorFlow) or ``"torch"`` (PyTorch: in the suite's process, after
+    imgcls_jax's oneDNN library has been loaded, its steps took 1.3-2x as long as alone, measured
+    2026-12-07; benchmarks/RESULTS.md). ``warmup`` untimed rounds, then ``rounds`` timed ones,
+    each of ``steps_per_execution`` steps (:func:`keras_runner`, :func:`repeated`). Skips if the
+    framework is not installed."""
     import json
     import os
     import subprocess
     import sys
     from pathlib import Path
 
-    pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
+    if framework == "keras-jax":
+        pytest.importorskip("keras", reason="Keras not installed (pip install keras)")
+    else:
+        pytest.importorskip("torch", reason="PyTorch not installed (pip install torch)")
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": str(root)}
-    command = [
-        sys.executable,
-        "-m",
-        "benchmarks.peers",
-        "keras",
-        mode,
-        arch,
-        str(size),
-        str(batch),
-        str(rounds),
-        str(warmup),
-        str(steps_per_execution),
-    ]
+    path = os.pathsep.join(p for p in (str(root), os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "KERAS_BACKEND": "jax", "PYTHONPATH": path}
+    command = [sys.executable, "-m", "benchmarks.peers", framework, mode, arch]
+    command += [str(v) for v in (size, batch, rounds, warmup, steps_per_execution)]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=1800, cwd=root)
     if done.returncode != 0:
-        raise RuntimeError(f"Keras on JAX failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{framework} failed ({' '.join(command)}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])["times"]
 
 
 def _main(argv=None) -> None:
-    """``python -m benchmarks.peers keras MODE ARCH SIZE BATCH ROUNDS [WARMUP [STEPS]]``: time
-    Keras's round of ``STEPS`` (default 1) steps on the backend ``KERAS_BACKEND`` names after
-    ``WARMUP`` (default 1) untimed ones, print ``{"times": [s, ...]}`` as the last line."""
+    """``python -m benchmarks.peers FRAMEWORK MODE ARCH SIZE BATCH ROUNDS [WARMUP [STEPS]]``
+    (``FRAMEWORK``: ``keras-jax``, Keras on the backend ``KERAS_BACKEND`` names, or ``torch``):
+    time its round of ``STEPS`` (default 1) steps after ``WARMUP`` (default 1) untimed ones, print
+    ``{"times": [s, ...]}`` as the last line."""
     import json
     import sys
     import time
 
-    _, mode, arch, size, batch, rounds, *more = argv or sys.argv[1:]
+    framework, mode, arch, size, batch, rounds, *more = argv or sys.argv[1:]
     warmup, steps = (int(v) for v in [*more, 1, 1][:2])
-    run = keras_runner(mode, int(size), int(batch), arch=arch, steps_per_execution=steps)
+    if framework == "torch":
+        run = repeated(torch_runner(mode, int(size), int(batch), arch=arch), steps)
+    else:
+        run = keras_runner(mode, int(size), int(batch), arch=arch, steps_per_execution=steps)
     for _ in range(warmup):
         run()
     times = []
