@@ -249,6 +249,40 @@ def test_auto_falls_back_to_xla_without_the_kernels(tmp_path, how):
     assert not (tmp_path / "cache").exists() or not list((tmp_path / "cache").glob("*.so"))
 
 
+OPENMP = """
+import ctypes, json
+import jax, jax.numpy as jnp, numpy as np
+gomp = ctypes.CDLL("libgomp.so.1")  # the process's OpenMP runtime, loaded first as PyTorch does
+seen = {"start": gomp.omp_get_max_threads()}
+from imgcls_jax.models import conv
+from imgcls_jax.native import onednn
+assert onednn.status().available, onednn.status().reason
+seen["after loading"] = gomp.omp_get_max_threads()
+x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 8, 8, 16)), jnp.float32)
+k = jnp.asarray(np.random.default_rng(1).normal(size=(3, 3, 16, 8)), jnp.float32)
+loss = lambda x, k: jnp.sum(conv.conv_nhwc(x, k, (1, 1), "SAME", impl="onednn") ** 2)
+jax.block_until_ready(jax.jit(jax.grad(loss, argnums=(0, 1)))(x, k))
+onednn.impl_name("fwd", (2, 8, 8, 16), (3, 3, 16, 8), (1, 1), ((1, 1), (1, 1)))
+seen["after convolutions"] = gomp.omp_get_max_threads()
+print(json.dumps(seen))
+"""
+
+
+def test_kernels_leave_the_process_openmp_setting_alone():
+    """oneDNN runs single-threaded inside the kernels, but the calling thread's OpenMP setting is
+    the process's (PyTorch shares the same ``libgomp.so.1``): loading the kernels, running them and
+    asking for an implementation must leave it as it was (it was left at one thread, which made
+    PyTorch's operators on the main thread run on one core)."""
+    need_kernels()
+    env = {**os.environ, "OMP_NUM_THREADS": "3", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(
+        [sys.executable, "-c", OPENMP], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen == {"start": 3, "after loading": 3, "after convolutions": 3}
+
+
 SHARDED = """
 import json, os
 import jax, jax.numpy as jnp, numpy as np

@@ -214,11 +214,30 @@ std::string key_of(Kind kind, const Geometry& q) {
   return s.str();
 }
 
-void single_threaded() {
+// While alive, this thread's OpenMP setting is one thread (oneDNN then runs without a team); the
+// thread's own setting comes back when it goes. The OpenMP runtime is the process's (PyTorch, for
+// one, loads a libgomp.so.1 that this library then shares): leaving the setting at one made
+// every later OpenMP parallel region started from that thread (PyTorch's operators on Python's
+// main thread, after the Python side called imgcls_onednn_supports) run on one core.
+class SingleThreaded {
+ public:
+  SingleThreaded() {
 #ifdef _OPENMP
-  omp_set_num_threads(1);  // this thread's OpenMP setting: oneDNN then runs without a team
+    previous_ = omp_get_max_threads();
+    omp_set_num_threads(1);
 #endif
-}
+  }
+  ~SingleThreaded() {
+#ifdef _OPENMP
+    omp_set_num_threads(previous_);
+#endif
+  }
+  SingleThreaded(const SingleThreaded&) = delete;
+  SingleThreaded& operator=(const SingleThreaded&) = delete;
+
+ private:
+  int previous_ = 1;
+};
 
 std::mutex& cache_mutex() {
   static std::mutex m;
@@ -331,7 +350,7 @@ std::string run_chunks(int chunks, ffi::ThreadPool* pool, const std::function<vo
   state->chunks = chunks;
   state->work = &work;
   auto loop = [](const std::shared_ptr<State>& st) {
-    single_threaded();
+    SingleThreaded one_thread;
     for (int c; (c = st->next.fetch_add(1)) < st->chunks;) {
       std::string error;
       try {
@@ -366,7 +385,7 @@ uint16_t to_bf16(float f) {
 // Runs one convolution over `chunks` batch chunks: `a` is x (fwd, bwd_weights) or dy (bwd_data);
 // `b` is w (fwd, bwd_data) or dy (bwd_weights); `out` is y, dx or dw.
 std::string run(Kind kind, const Geometry& q, void* a, void* b, void* out, ffi::ThreadPool* pool) {
-  single_threaded();
+  SingleThreaded one_thread;
   int chunks = static_cast<int>(std::min<int64_t>(q.n, pool_threads(pool)));
   size_t esize = q.dt == memory::data_type::bf16 ? 2 : 4;
   auto chunk_geometry = [&](int c, int64_t* n0) {
@@ -596,7 +615,7 @@ IMGCLS_EXPORT const char* imgcls_onednn_version() {
 IMGCLS_EXPORT int imgcls_onednn_supports(int dtype) {
   Geometry q{2, 8, 8, 16, 3, 3, 16, 8, 8, 1, 1, 1, 1, 1, 1, 1,
              dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
-  single_threaded();
+  SingleThreaded one_thread;
   try {
     for (Kind k : {kFwd, kBwdData, kBwdWeights}) make_entry(k, q);
   } catch (const std::exception&) {
@@ -613,7 +632,7 @@ IMGCLS_EXPORT const char* imgcls_onednn_impl(int kind, int dtype, int64_t n, int
   static thread_local std::string out;
   Geometry q{n, h, w, c, kh, kw, o, (h + pt + pb - kh) / sh + 1, (w + pl + pr - kw) / sw + 1, g, sh, sw,
              pt, pb, pl, pr, dtype == 1 ? memory::data_type::bf16 : memory::data_type::f32};
-  single_threaded();
+  SingleThreaded one_thread;
   try {
     auto e = make_entry(static_cast<Kind>(kind), q);
     out = e->impl + (e->pieces.empty() ? "" : " (+weight reorder)");
