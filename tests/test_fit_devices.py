@@ -20,8 +20,12 @@ leaves = jax.tree_util.tree_leaves_with_path(nnx.to_pure_dict(nnx.state(start, n
 np.savez(sys.argv[2] + ".start.npz", **{jax.tree_util.keystr(p): np.asarray(v) for p, v in leaves})
 """
 #: max |4 devices - 1 device| / max |parameter change| (only the float32 summation order differs:
-#: the gradient all-reduce adds per-device partial sums in another order).
-TOL = 1e-4
+#: the gradient all-reduce adds per-device partial sums in another order, and two epochs of
+#: training carry the rounding on). Measured below 1e-4 on an AVX-512 Xeon, 1.1e-3 on an AVX2-only
+#: AMD EPYC (5.2e-4 there with XLA's convolutions only, IMGCLS_JAX_ONEDNN=0): the CPU's kernels
+#: set the rounding. A fault (a device's gradient left out of the sum, the batch split wrongly)
+#: differs by the order of the change itself.
+TOL = 3e-3
 
 
 def run_fit_on(devices: int, cfg, out: Path) -> dict:
@@ -42,7 +46,10 @@ def run_fit_on(devices: int, cfg, out: Path) -> dict:
     return dict(np.load(out)), dict(np.load(str(out) + ".start.npz"))
 
 
+@pytest.mark.slow  # two whole runs (2 min); the quick tier has the sharded step
 def test_fit_on_four_devices_equals_one_device(tiny_data, tmp_path):  # noqa: F811
+    """(tests/test_parallel.py: 4 devices equal 1 for the train step; tests/test_fit_hosts.py: fit
+    on two processes.)"""
     from imgcls_jax.config import PhaseConfig
 
     phases = [

@@ -19,7 +19,7 @@ pytest.importorskip("xdist")
 
 
 def test_two_workers_keep_each_module_whole():
-    modules = ["tests/test_metrics.py", "tests/test_optim.py"]  # quick ones, tens of tests each
+    modules = ["tests/test_folders.py", "tests/test_optim.py"]  # quick ones (15-20 s), 10 tests or more
     # not this worker's xdist variables, nor the memory log (the inner tests would write into it)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTEST_XDIST")}
     env.pop("IMGCLS_TEST_MEMORY_LOG", None)
