@@ -449,9 +449,10 @@ def subprocess_times(
 ) -> list[float]:
     """Seconds per round of ``framework`` measured in a process of its own: ``"keras-jax"``
     (Keras 3 on its JAX backend, ``jit_compile=True``: Keras picks its backend once per process,
-    and the suite's is TensorFlow) or ``"torch"`` (PyTorch: in the suite's process, after
-    imgcls_jax's oneDNN library has been loaded, its steps took 1.3-2x as long as alone, measured
-    2026-12-07; benchmarks/RESULTS.md). ``warmup`` untimed rounds, then ``rounds`` timed ones,
+    and the suite's is TensorFlow) or ``"torch"`` (PyTorch: alone, it shares no OpenMP runtime or
+    threads with imgcls_jax; until commit 54d8e25 imgcls_jax's oneDNN kernels left that runtime at
+    one thread, and PyTorch's steps in the suite's process took 1.3-2x as long: benchmarks/RESULTS.md).
+    ``warmup`` untimed rounds, then ``rounds`` timed ones,
     each of ``steps_per_execution`` steps (:func:`keras_runner`, :func:`repeated`). Skips if the
     framework is not installed."""
     import json

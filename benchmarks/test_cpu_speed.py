@@ -6,8 +6,8 @@ wheel, channels_last) and Keras 3 on the JAX backend.
 backward through every layer, Adam) of VGG16, ResNet50, MobileNetV2 and EfficientNetB0 at 64x64
 batch 16 and VGG16 at 224x224 batch 8 (:data:`FAMILY_CASES`), every framework at the same shape in
 turn; Keras on JAX and PyTorch run in a subprocess each (Keras picks one backend per process;
-PyTorch's steps took 1.3-2x as long in this process once imgcls_jax's oneDNN library was
-loaded). The table it prints gives each framework's ms per step and imgcls_jax's (auto) speed
+PyTorch then shares no OpenMP runtime with imgcls_jax, whose kernels slowed it 1.3-2x here until
+commit 54d8e25). The table it prints gives each framework's ms per step and imgcls_jax's (auto) speed
 over the fastest peer.
 ``IMGCLS_BENCH_SPE=k`` times rounds of k steps instead (ms per step = a round's time / k), each
 framework as its ``fit`` runs with ``steps_per_execution=k``: imgcls_jax and Keras on TensorFlow
